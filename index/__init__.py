@@ -1,0 +1,1 @@
+"""Choosing which past tokens a decode query attends to (retrievers and ANN indexes)."""

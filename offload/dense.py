@@ -1,0 +1,65 @@
+"""DenseKV: the exact reference policy. All past K, V in one preallocated cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .policy import AttnStep
+
+
+class DenseKV:
+    """Full KV cache [L, B, Hkv, N, D] on the model's device; exact causal attention."""
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_tokens: int,
+                 head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (num_layers, batch, num_kv_heads, max_tokens, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.slots = torch.arange(max_tokens, device=device)  # [N]
+        self.max_tokens = max_tokens
+
+    def memory_bytes(self) -> dict[str, int]:
+        nbytes = 2 * self.k.numel() * self.k.element_size()
+        return {"gpu" if self.k.is_cuda else "host": nbytes}
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               step: AttnStep) -> torch.Tensor:
+        if step.start is None:
+            return self._attend_static(layer, q, k, v, step.positions)
+        T = q.shape[2]
+        start, end = step.start, step.start + T
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # [B, Hkv, end, D]
+        if T == 1:
+            mask, causal = None, False
+        elif start == 0:
+            mask, causal = None, True
+        else:  # a later prefill chunk: query i sees keys 0 .. start + i
+            mask, causal = step.positions[:, None] >= self.slots[None, :end], False
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                              is_causal=causal, enable_gqa=True)
+
+    def _attend_static(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       positions: torch.Tensor) -> torch.Tensor:
+        # Shapes fixed at N = max_tokens so that the step can be captured in a CUDA graph.
+        self.k[layer].index_copy_(2, positions, k)
+        self.v[layer].index_copy_(2, positions, v)
+        valid = self.slots <= positions[-1]  # [N]
+        return dense_decode_attention(q, self.k[layer], self.v[layer], valid)
+
+
+def dense_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           valid: torch.Tensor) -> torch.Tensor:
+    """Exact attention of one new token over the masked cache.
+
+    q [B, H, 1, D]; k, v [B, Hkv, N, D]; valid [N] bool -> out [B, H, 1, D].
+    """
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv, D)  # the G query heads of each kv head, side by side
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * D**-0.5  # [B, Hkv, G, N]
+    scores = scores.masked_fill(~valid, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(B, H, 1, D)

@@ -1,0 +1,34 @@
+"""The one narrow interface between the model and the KV state.
+
+The model computes q, k, v (post-RoPE) for each layer and hands them to a KVPolicy; the
+policy stores k, v and returns the attention output. Swapping dense attention for
+retrieval attention is swapping the policy object; the model code never changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class AttnStep:
+    """Where the tokens of one forward call sit in the sequence."""
+
+    positions: torch.Tensor  # [T] int64 absolute positions, on the model's device
+    # positions[0] as a Python int in eager mode; None inside a CUDA graph, where the
+    # position lives only on the device and the policy must not branch on it.
+    start: int | None
+
+
+class KVPolicy(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               step: AttnStep) -> torch.Tensor:
+        """Store k, v and attend. q [B, H, T, D]; k, v [B, Hkv, T, D] -> out [B, H, T, D]."""
+        ...
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held, by place: {"gpu": ..., "host": ...}."""
+        ...

@@ -1,0 +1,156 @@
+"""LLM: the public entry point, shaped like vLLM's."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from .config import EngineConfig
+from .engine import Engine, GenerationStats, TextAssembler
+from .errors import ConfigError, RequestError
+from .model.loader import load_model
+from .sampling import SamplingParams
+
+LOG = logging.getLogger(__name__)
+
+ChatMessages = list[dict[str, str]]
+# A prompt is text, chat messages, or {"prompt_token_ids": [...]} (pre-tokenized).
+Prompt = Union[str, ChatMessages, dict[str, list[int]]]
+
+
+@dataclass
+class Timings:
+    prefill_s: float
+    decode_s: float
+    prompt_tokens: int
+    generated_tokens: int
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # the first new token comes from prefill; decode steps make the rest
+        steps = self.generated_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s else 0.0
+
+
+@dataclass
+class RequestOutput:
+    prompt: Prompt
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop": EOS or a stop string; "length": max_tokens or context full
+    timings: Timings = field(repr=False)
+
+
+class LLM:
+    """A Llama-family model behind a KV policy, loaded once, serving many requests.
+
+    model: HF checkpoint dir, .gguf file, "random:<shape>", or None for the embedded
+    SmolLM2. config: preset name, YAML path, dict or EngineConfig.
+    """
+
+    def __init__(self, model: str | Path | None = None,
+                 config: str | Path | dict | EngineConfig = "default") -> None:
+        cfg = EngineConfig.load(config)
+        if model is not None:
+            cfg = cfg.replace(model={"path": str(model)})
+        self.config = cfg
+        self.device, self.dtype = _resolve_device(cfg.runtime.device, cfg.runtime.dtype)
+        self.loaded = load_model(cfg.model.path, self.device, self.dtype, cfg.model.cache_dir)
+        self.tokenizer = self.loaded.tokenizer
+        self.engine = Engine(self.loaded, cfg)
+
+    def generate(self, prompts: Prompt | list[Prompt],
+                 params: SamplingParams | None = None) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order (prompts run one after another)."""
+        params = params or SamplingParams()
+        batch = _as_batch(prompts)
+        ids = [self._encode(p) for p in batch]  # every prompt is checked before any runs
+        for one in ids:
+            self.engine.check_prompt(one)
+        return [self._run(p, i, params) for p, i in zip(batch, ids)]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text pieces of one prompt's answer as they are decoded."""
+        params = params or SamplingParams()
+        ids = self._encode(prompt)
+        out = yield from self._pieces(ids, params, GenerationStats(), [])
+        return out
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt exactly as generate() would feed them."""
+        return self._encode(prompt)
+
+    def _run(self, prompt: Prompt, ids: list[int], params: SamplingParams) -> RequestOutput:
+        stats, new_ids = GenerationStats(), []
+        text = "".join(self._pieces(ids, params, stats, new_ids))
+        timings = Timings(stats.prefill_s, stats.decode_s, stats.prompt_tokens,
+                          stats.generated_tokens)
+        return RequestOutput(prompt, ids, text, new_ids, stats.finish_reason or "stop", timings)
+
+    def _pieces(self, ids: list[int], params: SamplingParams, stats: GenerationStats,
+                new_ids: list[int]) -> Iterator[str]:
+        decode = self.tokenizer.decode if self.tokenizer else _no_text
+        text = TextAssembler(decode, params.stop)
+        gen = self.engine.generate_ids(ids, params, stats)
+        for token in gen:
+            new_ids.append(token)
+            piece = text.add(token)
+            if piece:
+                yield piece
+            if text.stopped:
+                gen.close()
+                stats.finish_reason = "stop"
+                break
+        rest = text.flush()
+        if rest:
+            yield rest
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return [int(i) for i in prompt["prompt_token_ids"]]
+        if self.tokenizer is None:
+            raise RequestError(f"{self.loaded.source} has no tokenizer: pass prompts as "
+                               "{'prompt_token_ids': [...]}")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("the prompt is empty: give at least one character of text")
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list):
+            return self.tokenizer.encode_chat(prompt)
+        raise RequestError(f"a prompt must be a string, a list of chat messages or "
+                           f"{{'prompt_token_ids': [...]}}, not {type(prompt).__name__}")
+
+
+def _no_text(ids: list[int]) -> str:
+    return ""
+
+
+def _as_batch(prompts: Any) -> list[Prompt]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if not isinstance(prompts, list) or not prompts:
+        raise RequestError("prompts must be a prompt or a non-empty list of prompts")
+    if all(isinstance(m, dict) and "role" in m for m in prompts):
+        return [prompts]  # one chat, not a batch of dicts
+    return list(prompts)
+
+
+def _resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device is {device!r} but no CUDA device is available: "
+                          "set runtime.device to cpu or auto")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return torch.device(device), getattr(torch, dtype)

