@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -20,7 +20,7 @@ LOG = logging.getLogger(__name__)
 
 ChatMessages = list[dict[str, str]]
 # A prompt is text, chat messages, or {"prompt_token_ids": [...]} (pre-tokenized).
-Prompt = Union[str, ChatMessages, dict[str, list[int]]]
+Prompt = str | ChatMessages | dict[str, list[int]]
 
 
 @dataclass
@@ -77,7 +77,7 @@ class LLM:
         ids = [self._encode(p) for p in batch]  # every prompt is checked before any runs
         for one in ids:
             self.engine.check_prompt(one)
-        return [self._run(p, i, params) for p, i in zip(batch, ids)]
+        return [self._run(p, i, params) for p, i in zip(batch, ids, strict=True)]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text pieces of one prompt's answer as they are decoded."""

@@ -53,8 +53,8 @@ class RuntimeConfig:
     progress_bar_min_tokens: int = 2048  # prompts shorter than this prefill silently
 
     def __post_init__(self) -> None:
-        dev = self.device.split(":")[0]
-        if dev not in DEVICES or (self.device.count(":") and not self.device[5:].isdigit()):
+        kind, sep, index = self.device.partition(":")
+        if kind not in DEVICES or (sep and (kind != "cuda" or not index.isdigit())):
             raise ConfigError(f"runtime.device is {self.device!r}: use one of "
                               f"{', '.join(DEVICES)} or 'cuda:N'")
         if self.dtype not in DTYPES:

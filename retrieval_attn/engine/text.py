@@ -32,8 +32,8 @@ class TextAssembler:
             return self._take(len(self.text))
         hold = max((len(s) - 1 for s in self.stop), default=0)
         safe = len(self.text) - hold
-        if self.text.endswith("\ufffd"):
-            safe = min(safe, len(self.text) - 1)
+        # byte-fallback tokenizers show one U+FFFD per byte of an unfinished character
+        safe = min(safe, len(self.text.rstrip("\ufffd")))
         return self._take(safe)
 
     def flush(self) -> str:

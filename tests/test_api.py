@@ -1,0 +1,95 @@
+"""The public API on the embedded model: answers, batching, streaming, stops, errors."""
+
+import pytest
+
+from retrieval_attn import LLM, SamplingParams
+from retrieval_attn.errors import ConfigError, ModelLoadError, RequestError
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_chat_answer_names_paris(cpu_llm):
+    out = cpu_llm.generate(CAPITAL, SamplingParams(max_tokens=20))
+    assert len(out) == 1
+    assert "Paris" in out[0].text
+    assert out[0].finish_reason == "stop"
+    assert out[0].timings.prompt_tokens == len(out[0].prompt_token_ids)
+
+
+def test_batch_keeps_order_and_matches_single_runs(cpu_llm):
+    prompts = ["The capital of Germany is", CAPITAL]
+    params = SamplingParams(max_tokens=6)
+    batch = cpu_llm.generate(prompts, params)
+    singles = [cpu_llm.generate(p, params)[0] for p in prompts]
+    assert [o.token_ids for o in batch] == [o.token_ids for o in singles]
+    assert batch[0].prompt == prompts[0]
+
+
+def test_stream_pieces_join_to_generate_text(cpu_llm):
+    params = SamplingParams(max_tokens=12)
+    pieces = list(cpu_llm.stream(CAPITAL, params))
+    assert len(pieces) > 1
+    assert "".join(pieces) == cpu_llm.generate(CAPITAL, params)[0].text
+
+
+def test_stop_string_cuts_text(cpu_llm):
+    full = cpu_llm.generate(CAPITAL, SamplingParams(max_tokens=20))[0].text
+    assert "Paris" in full
+    out = cpu_llm.generate(CAPITAL, SamplingParams(max_tokens=20, stop=["Paris"]))[0]
+    assert out.text == full[:full.index("Paris")]
+    assert out.finish_reason == "stop"
+
+
+def test_max_tokens_gives_length_finish(cpu_llm):
+    out = cpu_llm.generate("Once upon a time", SamplingParams(max_tokens=5, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5
+    assert out.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible(cpu_llm):
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    a = cpu_llm.generate("Once upon a time", params)[0].token_ids
+    b = cpu_llm.generate("Once upon a time", params)[0].token_ids
+    assert a == b
+
+
+def test_prompt_over_max_context_is_refused_before_running(cpu_llm):
+    limit = cpu_llm.config.runtime.max_context_tokens
+    with pytest.raises(RequestError, match="max_context_tokens") as e:
+        cpu_llm.generate(["hello", {"prompt_token_ids": [1] * limit}])
+    assert str(limit) in str(e.value)
+
+
+@pytest.mark.parametrize("prompt", ["", {"prompt_token_ids": []}, []], ids=["text", "ids", "list"])
+def test_empty_prompt_is_refused(cpu_llm, prompt):
+    with pytest.raises(RequestError, match="empty"):
+        cpu_llm.generate(prompt)
+
+
+def test_token_ids_outside_vocabulary_are_refused(cpu_llm):
+    with pytest.raises(RequestError, match="vocabulary"):
+        cpu_llm.generate({"prompt_token_ids": [1, 10**9]})
+
+
+def test_bad_chat_message_is_refused(cpu_llm):
+    with pytest.raises(RequestError, match="role"):
+        cpu_llm.generate([[{"content": "no role"}]])
+
+
+def test_unknown_config_key_is_refused():
+    with pytest.raises(ConfigError, match="unknown key 'max_ctx' in section 'runtime'"):
+        LLM(config={"runtime": {"max_ctx": 10}})
+
+
+def test_missing_model_is_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        LLM(tmp_path / "nope")
+
+
+def test_cuda_requested_without_cuda_is_refused():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        LLM(config={"runtime": {"device": "cuda"}})

@@ -1,0 +1,336 @@
+"""EngineConfig: presets, YAML loading, and the errors a user sees for a bad config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from retrieval_attn.config import (
+    DEVICES,
+    DTYPES,
+    KV_POLICIES,
+    EngineConfig,
+    KVConfig,
+    ModelConfig,
+    RuntimeConfig,
+    _build,
+    _check_type,
+    preset_names,
+)
+from retrieval_attn.errors import ConfigError
+
+
+def write_yaml(tmp_path, text: str, name: str = "engine.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------- presets
+
+
+def test_preset_names_include_shipped_presets():
+    names = preset_names()
+    assert "default" in names
+    assert "cpu-small" in names
+
+
+def test_default_preset_matches_dataclass_defaults():
+    # default.yaml documents every key with its default value: the two must agree.
+    assert EngineConfig.load("default") == EngineConfig()
+
+
+def test_cpu_small_preset_values():
+    cfg = EngineConfig.load("cpu-small")
+    assert cfg.runtime.device == "cpu"
+    assert cfg.runtime.dtype == "float32"
+    assert cfg.runtime.max_context_tokens == 4608
+    assert cfg.runtime.prefill_chunk_tokens == 512
+    assert cfg.runtime.cuda_graphs is False
+    assert cfg.kv.policy == "dense"
+    assert cfg.model.path is None
+    # keys the preset leaves out keep their defaults
+    assert cfg.model.cache_dir == ModelConfig().cache_dir
+    assert cfg.runtime.progress_bar_min_tokens == RuntimeConfig().progress_bar_min_tokens
+
+
+@pytest.mark.parametrize("given", [
+    pytest.param(None, id="none"),
+    pytest.param({}, id="empty-dict"),
+])
+def test_load_empty_gives_defaults(given):
+    assert EngineConfig.load(given) == EngineConfig()
+
+
+def test_load_passes_config_through():
+    cfg = EngineConfig(runtime=RuntimeConfig(device="cpu"))
+    assert EngineConfig.load(cfg) is cfg
+
+
+def test_load_dict():
+    cfg = EngineConfig.load({"runtime": {"max_context_tokens": 100}, "kv": {"policy": "dense"}})
+    assert cfg.runtime.max_context_tokens == 100
+    assert cfg.runtime.device == "auto"
+
+
+# ---------------------------------------------------------------- YAML files
+
+
+@pytest.mark.parametrize("as_str", [pytest.param(False, id="path"), pytest.param(True, id="str")])
+def test_yaml_round_trip(tmp_path, as_str):
+    cfg = EngineConfig(
+        model=ModelConfig(path="/models/llama", cache_dir="/tmp/cache"),
+        runtime=RuntimeConfig(device="cuda:1", dtype="float16", max_context_tokens=65536,
+                              prefill_chunk_tokens=256, cuda_graphs=False, progress_bar=False,
+                              progress_bar_min_tokens=0),
+        kv=KVConfig(policy="dense"),
+    )
+    path = write_yaml(tmp_path, yaml.safe_dump(dataclasses.asdict(cfg)))
+    loaded = EngineConfig.load(str(path) if as_str else path)
+    assert loaded == cfg
+    assert loaded != EngineConfig()
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path):
+    path = write_yaml(tmp_path, "# nothing set\n")
+    assert EngineConfig.from_yaml(path) == EngineConfig()
+
+
+def test_missing_yaml_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as e:
+        EngineConfig.load(missing)
+    msg = str(e.value)
+    assert "nope.yaml" in msg
+    assert "does not exist" in msg
+    for name in preset_names():  # tells the user which presets exist
+        assert name in msg
+
+
+def test_unknown_preset_name_is_reported_as_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        EngineConfig.load("no-such-preset")
+
+
+def test_invalid_yaml(tmp_path):
+    path = write_yaml(tmp_path, "runtime:\n  device: [cpu\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        EngineConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize("text, kind", [
+    pytest.param("- runtime\n- kv\n", "list", id="list"),
+    pytest.param("just a string\n", "str", id="scalar"),
+])
+def test_yaml_top_level_must_be_mapping(tmp_path, text, kind):
+    path = write_yaml(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        EngineConfig.from_yaml(path)
+    assert "mapping" in str(e.value)
+    assert kind in str(e.value)
+
+
+def test_error_names_the_yaml_file(tmp_path):
+    path = write_yaml(tmp_path, "runtime:\n  dtype: int8\n", name="mine.yaml")
+    with pytest.raises(ConfigError, match="mine.yaml"):
+        EngineConfig.from_yaml(path)
+
+
+# ---------------------------------------------------------------- unknown keys
+
+
+def test_unknown_top_level_key():
+    with pytest.raises(ConfigError) as e:
+        EngineConfig.from_dict({"runtme": {"device": "cpu"}})
+    msg = str(e.value)
+    assert "'runtme'" in msg
+    assert "top level" in msg
+    assert "valid keys are: model, runtime, kv" in msg
+
+
+@pytest.mark.parametrize("section, key, valid", [
+    pytest.param("runtime", "max_context", [f.name for f in dataclasses.fields(RuntimeConfig)],
+                 id="runtime"),
+    pytest.param("model", "weights", [f.name for f in dataclasses.fields(ModelConfig)],
+                 id="model"),
+    pytest.param("kv", "budget", [f.name for f in dataclasses.fields(KVConfig)], id="kv"),
+])
+def test_unknown_key_in_section(tmp_path, section, key, valid):
+    path = write_yaml(tmp_path, yaml.safe_dump({section: {key: 1}}))
+    with pytest.raises(ConfigError) as e:
+        EngineConfig.from_yaml(path)
+    msg = str(e.value)
+    assert repr(key) in msg
+    assert f"section {section!r}" in msg
+    assert "valid keys are: " + ", ".join(valid) in msg
+
+
+def test_section_must_be_mapping():
+    with pytest.raises(ConfigError) as e:
+        EngineConfig.from_dict({"runtime": "cpu"})
+    msg = str(e.value)
+    assert "runtime must be a mapping" in msg
+    assert "max_context_tokens" in msg  # lists the keys the section takes
+
+
+# ---------------------------------------------------------------- wrong types
+
+
+@pytest.mark.parametrize("section, key, value, must_be", [
+    pytest.param("runtime", "max_context_tokens", "big", "int", id="str-for-int"),
+    pytest.param("runtime", "max_context_tokens", True, "int", id="bool-for-int"),
+    pytest.param("runtime", "prefill_chunk_tokens", 512.0, "int", id="float-for-int"),
+    pytest.param("runtime", "progress_bar_min_tokens", None, "int", id="null-for-int"),
+    pytest.param("runtime", "cuda_graphs", 3, "bool", id="int-for-bool"),
+    pytest.param("runtime", "progress_bar", "yes please", "bool", id="str-for-bool"),
+    pytest.param("runtime", "device", 0, "str", id="int-for-str"),
+    pytest.param("model", "path", 3, "str or null", id="int-for-optional-str"),
+    pytest.param("model", "cache_dir", None, "str", id="null-for-str"),
+    pytest.param("kv", "policy", ["dense"], "str", id="list-for-str"),
+])
+def test_wrong_type(section, key, value, must_be):
+    with pytest.raises(ConfigError) as e:
+        EngineConfig.from_dict({section: {key: value}})
+    msg = str(e.value)
+    assert f"{section}.{key}" in msg
+    assert f"it must be {must_be}" in msg
+    assert type(value).__name__ in msg
+
+
+def test_model_path_null_is_allowed():
+    assert EngineConfig.from_dict({"model": {"path": None}}).model.path is None
+
+
+def test_check_type_accepts_int_for_float():
+    # No config field is a float today; the type check still promises int -> float.
+    out = _check_type(3, float, "x.y", "test")
+    assert out == 3.0 and type(out) is float
+    assert _check_type(None, float | None, "x.y", "test") is None
+    with pytest.raises(ConfigError, match="it must be float"):
+        _check_type(True, float, "x.y", "test")
+    with pytest.raises(ConfigError, match="it must be float"):
+        _check_type("1.5", float, "x.y", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithFloat:
+    ratio: float = 0.5
+
+
+def test_build_accepts_int_for_float_field():
+    # The loader path (_build) that every section goes through converts ints for float fields.
+    out = _build(_WithFloat, {"ratio": 2}, section="demo", source="test")
+    assert out.ratio == 2.0 and type(out.ratio) is float
+    with pytest.raises(ConfigError, match="demo.ratio"):
+        _build(_WithFloat, {"ratio": False}, section="demo", source="test")
+
+
+# ---------------------------------------------------------------- impossible values
+
+
+@pytest.mark.parametrize("section, key, value, expect", [
+    pytest.param("runtime", "max_context_tokens", 1, ["max_context_tokens is 1", "at least 2"],
+                 id="context-1"),
+    pytest.param("runtime", "max_context_tokens", -5, ["at least 2"], id="context-negative"),
+    pytest.param("runtime", "prefill_chunk_tokens", 0, ["prefill_chunk_tokens is 0", "positive"],
+                 id="chunk-0"),
+    pytest.param("runtime", "progress_bar_min_tokens", -1, [">= 0"], id="bar-min-negative"),
+    pytest.param("runtime", "device", "tpu", ["'tpu'", *DEVICES, "cuda:N"], id="device-tpu"),
+    pytest.param("runtime", "device", "cuda:x", ["'cuda:x'", "cuda:N"], id="device-cuda-x"),
+    pytest.param("runtime", "device", "cuda:", ["'cuda:'"], id="device-cuda-colon"),
+    pytest.param("runtime", "device", "cuda:0:1", ["'cuda:0:1'"], id="device-two-colons"),
+    pytest.param("runtime", "device", "cpu:1", ["'cpu:1'"], id="device-cpu-1"),
+    pytest.param("runtime", "dtype", "int8", ["'int8'", *DTYPES], id="dtype-int8"),
+    pytest.param("kv", "policy", "magic", ["'magic'", *KV_POLICIES], id="policy-magic"),
+    pytest.param("model", "path", "  ", ["model.path is empty", "null"], id="path-blank"),
+])
+def test_impossible_value(section, key, value, expect):
+    with pytest.raises(ConfigError) as e:
+        EngineConfig.from_dict({section: {key: value}})
+    msg = str(e.value)
+    for part in expect:
+        assert part in msg
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("auto:1", id="auto-1"),
+    pytest.param("cpu:12", id="cpu-12"),
+])
+def test_device_index_only_for_cuda(device):
+    # Only 'cuda:N' takes an index (so says the error message). The check slices the
+    # index at len("cuda:"), so for other 5-char-or-longer prefixes it looks at the
+    # wrong characters: "cpu:1" is rejected but "cpu:12" and "auto:1" pass.
+    with pytest.raises(ConfigError, match="cuda:N"):
+        RuntimeConfig(device=device)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_valid_devices(device):
+    assert RuntimeConfig(device=device).device == device
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_valid_dtypes(dtype):
+    assert EngineConfig.from_dict({"runtime": {"dtype": dtype}}).runtime.dtype == dtype
+
+
+def test_smallest_possible_values_are_accepted():
+    cfg = EngineConfig.from_dict({"runtime": {"max_context_tokens": 2, "prefill_chunk_tokens": 1,
+                                              "progress_bar_min_tokens": 0}})
+    assert cfg.runtime.max_context_tokens == 2
+    assert cfg.runtime.prefill_chunk_tokens == 1
+
+
+# ---------------------------------------------------------------- replace
+
+
+def test_replace_changes_only_given_fields():
+    base = EngineConfig.load("cpu-small")
+    new = base.replace(runtime={"max_context_tokens": 1000, "cuda_graphs": True})
+    assert new.runtime.max_context_tokens == 1000
+    assert new.runtime.cuda_graphs is True
+    assert new.runtime.device == "cpu"  # kept from base
+    assert new.runtime.prefill_chunk_tokens == 512  # kept from base
+    assert new.model == base.model and new.kv == base.kv
+    # the original is untouched
+    assert base.runtime.max_context_tokens == 4608
+    assert base.runtime.cuda_graphs is False
+
+
+def test_replace_several_sections():
+    new = EngineConfig().replace(model={"path": "/x"}, runtime={"device": "cpu"})
+    assert new.model.path == "/x"
+    assert new.runtime.device == "cpu"
+
+
+def test_replace_unknown_section():
+    with pytest.raises(ConfigError) as e:
+        EngineConfig().replace(runtim={"device": "cpu"})
+    msg = str(e.value)
+    assert "'runtim'" in msg
+    assert "model, runtime, kv" in msg
+
+
+def test_replace_unknown_key():
+    with pytest.raises(ConfigError) as e:
+        EngineConfig().replace(runtime={"devise": "cpu"})
+    msg = str(e.value)
+    assert "'devise'" in msg
+    assert "section 'runtime'" in msg
+    assert "device" in msg
+
+
+@pytest.mark.parametrize("values, part", [
+    pytest.param({"max_context_tokens": 1}, "at least 2", id="impossible"),
+    pytest.param({"cuda_graphs": "no"}, "must be bool", id="wrong-type"),
+])
+def test_replace_validates(values, part):
+    with pytest.raises(ConfigError, match=part):
+        EngineConfig().replace(runtime=values)
+
+
+def test_config_errors_are_value_errors():
+    with pytest.raises(ValueError):
+        EngineConfig.from_dict({"runtime": {"dtype": "int8"}})
