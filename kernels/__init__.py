@@ -1,1 +1,13 @@
-"""Triton kernels, each beside its plain-PyTorch reference."""
+"""Triton kernels, each beside its plain-PyTorch reference.
+
+Each kernel is a folder: `__init__.py` (public function: checks shapes, dtypes, strides and
+picks the grid), `kernel.py` (@triton.jit code), `ref.py` (readable float32 PyTorch, same
+signature and layout). Triton is imported only when a kernel first runs, so importing this
+package needs torch alone; without CUDA and without TRITON_INTERPRET=1 the public functions
+fall back to their references.
+"""
+
+from .gather_kv import gather_kv, gather_kv_ref
+from .sparse_attention import sparse_attention, sparse_attention_ref
+
+__all__ = ["gather_kv", "gather_kv_ref", "sparse_attention", "sparse_attention_ref"]

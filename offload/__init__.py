@@ -1,6 +1,25 @@
 """KV state: where past keys and values live and how decode attention reads them."""
 
-from .dense import DenseKV, dense_decode_attention
-from .policy import AttnStep, KVPolicy
+from __future__ import annotations
 
-__all__ = ["AttnStep", "DenseKV", "KVPolicy", "dense_decode_attention"]
+import torch
+
+from ..config import KVConfig
+from .dense import DenseKV, dense_decode_attention
+from .host_store import HostKVStore
+from .lowrank import LowRankKeys
+from .policy import AttnStep, KVPolicy
+from .sparse import SparseKV
+from .window import WindowCache
+
+__all__ = ["AttnStep", "DenseKV", "HostKVStore", "KVPolicy", "LowRankKeys", "SparseKV",
+           "WindowCache", "dense_decode_attention", "make_kv_policy"]
+
+
+def make_kv_policy(cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads: int,
+                   head_dim: int, max_tokens: int, device: torch.device,
+                   dtype: torch.dtype) -> DenseKV | SparseKV:
+    if cfg.policy == "dense":
+        return DenseKV(num_layers, 1, num_kv_heads, max_tokens, head_dim, device, dtype)
+    return SparseKV(cfg, num_layers, num_heads, num_kv_heads, head_dim, max_tokens, device,
+                    dtype)

@@ -11,6 +11,8 @@ from .policy import AttnStep
 class DenseKV:
     """Full KV cache [L, B, Hkv, N, D] on the model's device; exact causal attention."""
 
+    graph_safe = True  # fixed shapes: the decode step can be captured in a CUDA graph
+
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_tokens: int,
                  head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (num_layers, batch, num_kv_heads, max_tokens, head_dim)
@@ -18,6 +20,12 @@ class DenseKV:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.slots = torch.arange(max_tokens, device=device)  # [N]
         self.max_tokens = max_tokens
+
+    def start_request(self) -> None:
+        """Nothing to reset: every slot a request reads is written first."""
+
+    def finish_prefill(self, n: int) -> None:
+        """Dense attention keeps the prompt's K, V where prefill wrote them."""
 
     def memory_bytes(self) -> dict[str, int]:
         nbytes = 2 * self.k.numel() * self.k.element_size()

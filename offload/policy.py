@@ -24,6 +24,16 @@ class AttnStep:
 
 
 class KVPolicy(Protocol):
+    graph_safe: bool  # decode step has static shapes (may be captured in a CUDA graph)
+
+    def start_request(self) -> None:
+        """Prepare for a new prompt (prefill comes next)."""
+        ...
+
+    def finish_prefill(self, n: int) -> None:
+        """The prompt's n tokens are in; decode steps come next."""
+        ...
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                step: AttnStep) -> torch.Tensor:
         """Store k, v and attend. q [B, H, T, D]; k, v [B, Hkv, T, D] -> out [B, H, T, D]."""

@@ -22,7 +22,7 @@ import yaml
 
 from .errors import ConfigError
 
-KV_POLICIES = ("dense",)
+KV_POLICIES = ("dense", "streaming", "quest", "retrieval")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -71,12 +71,41 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class KVConfig:
-    policy: str = "dense"  # how decode attention sees past tokens; only exact dense for now
+    # How decode attention sees past tokens (prefill is always exact):
+    #   dense      every past token (exact; the reference)
+    #   streaming  sinks + the most recent tokens (window_tokens + the top_k budget)
+    #   quest      sinks + window + the top_k tokens of the pages with the best key bounds
+    #   retrieval  sinks + window + the top_k tokens by low-rank key scores (ours)
+    policy: str = "dense"
+    sink_tokens: int = 4  # first tokens always attended (attention sinks)
+    window_tokens: int = 512  # most recent tokens always attended, kept exact on the device
+    top_k: int | float = 0.05  # tokens retrieved per kv head: int = count, float = share of prompt
+    rank: int = 16  # retrieval: PCA dimensions per kv head of the low-rank key sketch
+    rerank_factor: int = 4  # retrieval: re-score top_k * factor candidates exactly; 1 = off
+    page_tokens: int = 16  # quest: tokens per page
 
     def __post_init__(self) -> None:
         if self.policy not in KV_POLICIES:
             raise ConfigError(f"kv.policy is {self.policy!r}: valid policies are "
                               f"{', '.join(KV_POLICIES)}")
+        for name in ("sink_tokens", "window_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"kv.{name} is {getattr(self, name)}: it must be >= 0")
+        if self.window_tokens < 1 and self.policy != "dense":
+            raise ConfigError("kv.window_tokens must be >= 1: the newest token is in the window")
+        if isinstance(self.top_k, float) and not 0.0 < self.top_k < 1.0:
+            raise ConfigError(f"kv.top_k is {self.top_k}: a float is a share of the prompt "
+                              "and must be in (0, 1); use an integer for a token count")
+        if isinstance(self.top_k, int) and self.top_k < 1:
+            raise ConfigError(f"kv.top_k is {self.top_k}: it must be >= 1 tokens")
+        if self.rank < 1 or self.rerank_factor < 1 or self.page_tokens < 1:
+            raise ConfigError("kv.rank, kv.rerank_factor and kv.page_tokens must be >= 1")
+
+    def budget(self, prompt_tokens: int) -> int:
+        """top_k as a token count for a prompt of this length."""
+        if isinstance(self.top_k, int):
+            return self.top_k
+        return max(1, round(self.top_k * prompt_tokens))
 
 
 @dataclass(frozen=True)

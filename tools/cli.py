@@ -11,6 +11,11 @@ from retrieval_attn.errors import RetrievalAttnError
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:  # its own argument parser: long-context evaluation
+        from .eval_longctx import main as eval_main
+
+        return _guarded(lambda: eval_main(argv[1:]))
     parser = argparse.ArgumentParser(prog="retrieval-attn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -33,12 +38,22 @@ def main(argv: list[str] | None = None) -> int:
     niah.add_argument("--depth", type=float, nargs="+", default=[0.5],
                       help="needle depth(s), 0 = start of the text, 1 = end")
     niah.add_argument("--seed", type=int, default=0)
+    sub.add_parser("eval", help="long-context accuracy of every KV policy (see eval --help)")
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def run() -> int:
         llm = LLM(model=args.model, config=args.config)
         return _generate(llm, args) if args.command == "generate" else _niah(llm, args)
+
+    return _guarded(run)
+
+
+def _guarded(run) -> int:
+    """Run a command; user errors become one line on stderr and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run()
     except RetrievalAttnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

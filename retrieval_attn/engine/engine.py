@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import EngineConfig
+from ..config import EngineConfig, KVConfig
 from ..errors import ConfigError, RequestError
 from ..model.loader import LoadedModel
-from ..offload.dense import DenseKV
+from ..offload import make_kv_policy
+from ..offload.policy import KVPolicy
 from ..sampling import SamplingParams, sample
 from .runner import ModelRunner
 
@@ -43,10 +44,14 @@ class Engine:
                         "trained for: expect degraded output past that length",
                         self.max_tokens, spec.max_position_embeddings, loaded.source)
         weight = loaded.model.embed.weight
-        self.kv = DenseKV(spec.num_layers, 1, spec.num_kv_heads, self.max_tokens,
-                          spec.head_dim, weight.device, weight.dtype)
+        self.kv = self.make_policy(config.kv)
         self.runner = ModelRunner(loaded.model, self.kv, self.max_tokens,
-                                  rt.prefill_chunk_tokens, rt.cuda_graphs)
+                                  rt.prefill_chunk_tokens, rt.cuda_graphs and self.kv.graph_safe)
+
+    def make_policy(self, kv: KVConfig) -> KVPolicy:
+        spec, weight = self.loaded.spec, self.loaded.model.embed.weight
+        return make_kv_policy(kv, spec.num_layers, spec.num_heads, spec.num_kv_heads,
+                              spec.head_dim, self.max_tokens, weight.device, weight.dtype)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -66,26 +71,43 @@ class Engine:
         """Yield new token ids; stats is filled in as the request runs."""
         self.check_prompt(prompt_ids)
         rt = self.config.runtime
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         stats.prompt_tokens = len(prompt_ids)
         progress = rt.progress_bar and len(prompt_ids) >= rt.progress_bar_min_tokens
         t0 = time.perf_counter()
+        self.kv.start_request()
         logits = self.runner.prefill(prompt_ids, progress=progress)
-        token = sample(logits, params, gen)
+        self.kv.finish_prefill(len(prompt_ids))
         stats.prefill_s = time.perf_counter() - t0
+        yield from self.decode(logits, len(prompt_ids), params, stats)
+
+    def decode(self, logits: torch.Tensor, pos: int, params: SamplingParams,
+               stats: GenerationStats, kv: KVPolicy | None = None) -> Iterator[int]:
+        """Sample from the prompt's last logits [V], then decode until a stop.
+
+        pos is the prompt length; kv, if given, replaces the engine's policy for these
+        steps (used to compare policies on one prefill).
+        """
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         eos = set() if params.ignore_eos or self.loaded.tokenizer is None \
             else self.loaded.tokenizer.eos_token_ids
-        pos, t1 = len(prompt_ids), time.perf_counter()
-        while True:
-            if token in eos:
-                stats.finish_reason = "stop"
-                break
-            stats.generated_tokens += 1
-            yield token
-            if stats.generated_tokens >= params.max_tokens or pos + 1 >= self.max_tokens:
-                stats.finish_reason = "length"
-                break
-            token = sample(self.runner.decode(token, pos), params, gen)
-            pos += 1
+        own_kv = self.runner.kv
+        if kv is not None:
+            self.runner.kv = kv
+        t1 = time.perf_counter()
+        try:
+            token = sample(logits, params, gen)
+            while True:
+                if token in eos:
+                    stats.finish_reason = "stop"
+                    break
+                stats.generated_tokens += 1
+                yield token
+                if stats.generated_tokens >= params.max_tokens or pos + 1 >= self.max_tokens:
+                    stats.finish_reason = "length"
+                    break
+                token = sample(self.runner.decode(token, pos), params, gen)
+                pos += 1
+                stats.decode_s = time.perf_counter() - t1
+        finally:
+            self.runner.kv = own_kv
             stats.decode_s = time.perf_counter() - t1
-        stats.decode_s = time.perf_counter() - t1

@@ -22,6 +22,7 @@ class ModelRunner:
         self.chunk = prefill_chunk_tokens
         self.use_graph = use_cuda_graph and self.device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_kv: KVPolicy | None = None  # the policy the graph was captured with
         self.static_ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)  # [B, 1]
         self.static_pos = torch.zeros(1, dtype=torch.long, device=self.device)  # [1]
         self.static_logits: torch.Tensor | None = None
@@ -48,7 +49,7 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, token: int, pos: int) -> torch.Tensor:
         """Feed one token at position pos; logits [V] for the next one."""
-        if not self.use_graph:
+        if not (self.use_graph and self.kv.graph_safe) or self.graph_kv not in (None, self.kv):
             ids = torch.tensor([[token]], device=self.device)
             step = AttnStep(torch.tensor([pos], device=self.device), pos)
             return self.model(ids, self.kv, step)[0, -1].float()
@@ -69,6 +70,6 @@ class ModelRunner:
             for _ in range(2):
                 self.model(self.static_ids, self.kv, step)
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
+        self.graph, self.graph_kv = torch.cuda.CUDAGraph(), self.kv
         with torch.cuda.graph(self.graph):
             self.static_logits = self.model(self.static_ids, self.kv, step)

@@ -1,0 +1,99 @@
+"""gather_kv: bring the K and V rows of selected tokens, per kv head, to the output device.
+
+The sources are one layer of a host KV store. In pinned host memory (`is_pinned()`) the
+kernel reads them in place over PCIe (zero-copy, unified virtual addressing): no CPU gather,
+no staging buffer, no host thread on the decode path. In device memory the same kernel is
+an ordinary device gather (the fallback when a layer's KV is resident).
+
+Where it runs: CUDA when idx is on a CUDA device; the Triton interpreter when idx is on the
+CPU and TRITON_INTERPRET=1 (tests); otherwise (CPU without the interpreter) the reference
+`gather_kv_ref`, which gives the same result.
+"""
+
+import torch
+
+from .._launch import cdiv, next_power_of_2, use_triton
+from .ref import gather_kv_ref
+
+__all__ = ["gather_kv", "gather_kv_ref"]
+
+# Rows per program: small tiles give many independent loads in flight, which is what a
+# PCIe read of scattered 2*D-byte rows needs.
+BLOCK_K = 16
+NUM_WARPS = 4
+
+
+def gather_kv(
+    k_src: torch.Tensor,
+    v_src: torch.Tensor,
+    idx: torch.Tensor,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather k_src[h, idx[h, j]] and v_src[h, idx[h, j]] into [Hkv, K, D] outputs.
+
+    Args:
+        k_src, v_src: [Hkv, N, D], same shape and dtype. Last dim contiguous; other strides
+            arbitrary (a slice of a [layers, Hkv, N, D] store is fine). Either pinned host
+            memory (read zero-copy) or on idx's device.
+        idx: [Hkv, K] int32 or int64 token indices per kv head, on the output device.
+            Range is the caller's job: every index must lie in [0, N); an index out of
+            range reads arbitrary memory (or faults), it is not checked here, since
+            checking would need a device-to-host sync per call.
+        out: optional preallocated (k_out, v_out), each [Hkv, K, D] on idx's device in the
+            sources' dtype with last dim contiguous, reused across decode steps.
+
+    Returns:
+        (k_out, v_out): [Hkv, K, D] on idx's device, dtype of the sources.
+    """
+    if k_src.dim() != 3 or k_src.shape != v_src.shape:
+        raise ValueError(f"k_src, v_src must both be [Hkv, N, D]; got {tuple(k_src.shape)} "
+                         f"and {tuple(v_src.shape)}")
+    if k_src.dtype != v_src.dtype or k_src.device != v_src.device:
+        raise ValueError("k_src and v_src must share dtype and device")
+    hkv, _, d = k_src.shape
+    if idx.dim() != 2 or idx.shape[0] != hkv:
+        raise ValueError(f"idx must be [Hkv={hkv}, K]; got {tuple(idx.shape)}")
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"idx must be int32 or int64; got {idx.dtype}")
+    if k_src.stride(-1) != 1 or v_src.stride(-1) != 1:
+        raise ValueError("k_src and v_src need a contiguous last dim")
+    device = idx.device
+    src_ok = k_src.device == device or (
+        device.type == "cuda" and k_src.device.type == "cpu" and k_src.is_pinned()
+        and v_src.is_pinned())
+    if not src_ok:
+        raise ValueError(f"sources on {k_src.device} cannot be read from {device}: host "
+                         "sources must be pinned (tensor.pin_memory())")
+    k = idx.shape[1]
+    if out is None:
+        k_out = torch.empty(hkv, k, d, dtype=k_src.dtype, device=device)
+        v_out = torch.empty(hkv, k, d, dtype=k_src.dtype, device=device)
+    else:
+        k_out, v_out = out
+        for o in (k_out, v_out):
+            if o.shape != (hkv, k, d) or o.dtype != k_src.dtype or o.device != device:
+                raise ValueError(f"out tensors must be [{hkv}, {k}, {d}] {k_src.dtype} on "
+                                 f"{device}; got {tuple(o.shape)} {o.dtype} on {o.device}")
+            if o.stride(-1) != 1:
+                raise ValueError("out tensors need a contiguous last dim")
+    if k == 0 or hkv == 0:
+        return k_out, v_out
+    if not use_triton(device):
+        return gather_kv_ref(k_src, v_src, idx, out=(k_out, v_out))
+
+    from .kernel import gather_kv_kernel
+
+    # A pinned CPU tensor is passed as is: Triton's CUDA launcher turns every pointer
+    # argument into a device address with cuPointerGetAttribute(DEVICE_POINTER), which for
+    # page-locked host memory returns its mapped (under UVA: identical) address. Pageable
+    # host memory fails there ("cannot be accessed from Triton (cpu tensor?)"), hence the
+    # is_pinned() check above.
+    grid = (hkv, cdiv(k, BLOCK_K))
+    gather_kv_kernel[grid](
+        k_src, v_src, idx, k_out, v_out, k,
+        *k_src.stride()[:2], *v_src.stride()[:2], *idx.stride(),
+        *k_out.stride()[:2], *v_out.stride()[:2],
+        D=d, BLOCK_K=BLOCK_K, BLOCK_D=next_power_of_2(d),
+        num_warps=NUM_WARPS,
+    )
+    return k_out, v_out

@@ -1,0 +1,135 @@
+"""Triton kernels: split-K decode attention over two KV sources, then a log-sum-exp merge.
+
+`sparse_attention_split_kernel`: program (b*Hkv + kv head, split) attends the G query heads of
+one kv head over one chunk of one source (splits [0, SPLITS_A) cover source a, the rest
+source b), so every K/V row is read once for all G heads. It writes a partial
+(max, sum, unnormalised acc) per query head, in log2 units, into one float32 buffer `Part`
+of R = B*H*S rows: acc at Part[r*D : r*D + D], max at Part[R*D + r], sum at Part[R*D + R + r],
+with r = (b*H + h)*S + split.
+
+`sparse_attention_merge_kernel`: program (b*H + head) rescales the partials of all splits by
+their maxima (one softmax over both sources) and writes out and the natural-log lse.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def sparse_attention_split_kernel(
+    Q,  # [B, H, D]
+    KA, VA, LenA,  # [B, Hkv, Na, D] x2, [B]
+    KB, VB, LenB,  # [B, Hkv, Nb, D] x2, [B]
+    Part,  # float32 partials, layout above
+    sm_scale,
+    Na, Nb, HKV, B_H,  # B_H = B*H
+    SPLITS_A, SPLITS,  # splits over source a; splits in all
+    stride_qb, stride_qh,
+    stride_kab, stride_kah, stride_kan,
+    stride_vab, stride_vah, stride_van,
+    stride_kbb, stride_kbh, stride_kbn,
+    stride_vbb, stride_vbh, stride_vbn,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    CHUNK: tl.constexpr,  # tokens per split, a multiple of BLOCK_N
+    BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr,  # dots in float32 ("ieee"), else in the input dtype
+    DOT_PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    kvh = (bh % HKV).to(tl.int64)
+
+    # Which source and which token range [lo, hi) of it this program covers.
+    if split < SPLITS_A:
+        k_base = KA + b * stride_kab + kvh * stride_kah
+        v_base = VA + b * stride_vab + kvh * stride_vah
+        stride_kn = stride_kan
+        stride_vn = stride_van
+        n_valid = tl.minimum(tl.load(LenA + b).to(tl.int32), Na)
+        lo = split * CHUNK
+    else:
+        k_base = KB + b * stride_kbb + kvh * stride_kbh
+        v_base = VB + b * stride_vbb + kvh * stride_vbh
+        stride_kn = stride_kbn
+        stride_vn = stride_vbn
+        n_valid = tl.minimum(tl.load(LenB + b).to(tl.int32), Nb)
+        lo = (split - SPLITS_A) * CHUNK
+    hi = tl.minimum(lo + CHUNK, n_valid)
+
+    g = tl.arange(0, G_PAD)
+    g_ok = g < G
+    cols = tl.arange(0, D)
+    q = tl.load(Q + b * stride_qb + (kvh * G + g)[:, None] * stride_qh + cols[None, :],
+                mask=g_ok[:, None], other=0.0)  # [G_PAD, D]; padded heads are zero
+    if DOT_F32:
+        q = q.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e): softmax in base 2
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    # A fixed trip count (CHUNK is constexpr) rather than range(lo, hi): it pipelines, and
+    # Triton's interpreter cannot use run-time loop bounds. Tiles at or past `hi` load
+    # nothing (masked) and add nothing (p = 0); the max is guarded against -inf.
+    for start in range(0, CHUNK, BLOCK_N):
+        n = lo + start + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        # Masked loads read nothing past the valid length: garbage (NaN, huge) never enters.
+        k = tl.load(k_base + n[:, None] * stride_kn + cols[None, :], mask=n_ok[:, None],
+                    other=0.0)  # [BLOCK_N, D]
+        v = tl.load(v_base + n[:, None] * stride_vn + cols[None, :], mask=n_ok[:, None],
+                    other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G_PAD, BLOCK_N]
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid token seen yet
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Partials of query head kvh*G + g, split `split`; an empty split leaves (-inf, 0, 0).
+    rows = B_H * SPLITS
+    r = ((b * HKV + kvh) * G + g) * SPLITS + split
+    tl.store(Part + r[:, None] * D + cols[None, :], acc, mask=g_ok[:, None])
+    tl.store(Part + rows * D + r, m_i, mask=g_ok)
+    tl.store(Part + rows * D + rows + r, l_i, mask=g_ok)
+
+
+@triton.jit
+def sparse_attention_merge_kernel(
+    Part,  # float32 partials, layout above
+    Out, Lse,  # [B, H, D], [B, H]
+    H, B_H, SPLITS,
+    stride_ob, stride_oh,
+    stride_lb, stride_lh,
+    D: tl.constexpr,
+    S_PAD: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b = row // H
+    h = row % H
+    s = tl.arange(0, S_PAD)
+    s_ok = s < SPLITS
+    cols = tl.arange(0, D)
+    rows = B_H * SPLITS
+    r = row * SPLITS + s
+    acc = tl.load(Part + r[:, None] * D + cols[None, :], mask=s_ok[:, None], other=0.0)
+    m = tl.load(Part + rows * D + r, mask=s_ok, other=float("-inf"))
+    l_part = tl.load(Part + rows * D + rows + r, mask=s_ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    # Both lengths 0 for this row: every split is empty; give out = 0, lse = -inf.
+    m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_ref)  # 0 for empty splits
+    l_sum = tl.sum(l_part * w, axis=0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum > 0, l_sum, 1.0)
+    lse = (m_ref + tl.log2(l_sum)) * 0.6931471805599453  # back to natural log
+    tl.store(Out + b * stride_ob + h * stride_oh + cols, out.to(Out.dtype.element_ty))
+    tl.store(Lse + b * stride_lb + h * stride_lh, lse)

@@ -1,0 +1,49 @@
+"""LowRankKeys: a per-kv-head PCA sketch of the post-RoPE keys, for cheap scoring on the GPU.
+
+Why PCA of post-RoPE keys (Loki-style) rather than SVD of pre-RoPE keys (ShadowKV): the
+sketch scores q·k directly, with no per-position rotation work and no chunk landmarks.
+Keys are centred first: q·k = q·mean + q·(k - mean), and the first term is the same for
+every key, so the ranking only needs the centred part, which PCA captures best.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LowRankKeys:
+    """mean [L, Hkv, D], basis [L, Hkv, D, r], projected keys [L, Hkv, N, r] on the device."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, max_tokens: int, head_dim: int,
+                 rank: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.rank = rank
+        self.mean = torch.zeros(num_layers, num_kv_heads, head_dim, device=device, dtype=dtype)
+        self.basis = torch.zeros(num_layers, num_kv_heads, head_dim, rank, device=device,
+                                 dtype=dtype)
+        self.keys = torch.zeros(num_layers, num_kv_heads, max_tokens, rank, device=device,
+                                dtype=dtype)
+
+    def build(self, layer: int, k: torch.Tensor) -> None:
+        """Fit the basis on a prompt's keys k [Hkv, n, D] and project them all."""
+        kf = k.to(self.keys.device, torch.float32)
+        mean = kf.mean(dim=1, keepdim=True)  # [Hkv, 1, D]
+        centred = kf - mean
+        cov = centred.transpose(1, 2) @ centred  # [Hkv, D, D]
+        _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+        basis = vecs[..., -self.rank:]  # [Hkv, D, r]
+        self.mean[layer] = mean[:, 0].to(self.mean.dtype)
+        self.basis[layer] = basis.to(self.basis.dtype)
+        self.keys[layer, :, :k.shape[1]] = (centred @ basis).to(self.keys.dtype)
+
+    def append(self, layer: int, pos: int, k: torch.Tensor) -> None:
+        """k [Hkv, 1, D] of the token at position pos."""
+        self.keys[layer, :, pos:pos + 1] = (k - self.mean[layer, :, None]) @ self.basis[layer]
+
+    def scores(self, layer: int, q: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Approximate q·k (minus a per-query constant). q [Hkv, G, D] -> [Hkv, G, hi - lo]."""
+        qr = q @ self.basis[layer]  # [Hkv, G, r]
+        return qr @ self.keys[layer, :, lo:hi].transpose(1, 2)
+
+    def memory_bytes(self) -> dict[str, int]:
+        n = sum(t.numel() * t.element_size() for t in (self.mean, self.basis, self.keys))
+        return {"gpu" if self.keys.is_cuda else "host": n}

@@ -1,0 +1,145 @@
+"""SparseKV: decode attention over sinks + window + selected past tokens, one softmax.
+
+Prefill is exact (a transient dense cache on the device). When the prompt is done, its
+K, V move to the host store, the window keeps sinks and recent tokens on the device, and
+the selector (low-rank retriever, Quest pages, or none for streaming) indexes the keys.
+Each decode step then attends over window ∪ selected with one kernel call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import KVConfig
+from ..errors import ConfigError
+from ..index.retriever import LowRankRetriever, QuestRetriever
+from .dense import DenseKV
+from .host_store import HostKVStore
+from .lowrank import LowRankKeys
+from .policy import AttnStep
+from .window import WindowCache
+
+
+@dataclass
+class TraceEntry:
+    """One layer of one decode step, kept for diagnostics against dense attention."""
+
+    layer: int
+    n: int  # tokens seen, including this one
+    q: torch.Tensor  # [H, D]
+    out: torch.Tensor  # [H, D]
+    selected: torch.Tensor  # [Hkv, K] positions attended besides the window
+
+
+class SparseKV:
+    graph_safe = False  # per-step selection has data-dependent sizes; eager decode
+
+    def __init__(self, cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads: int,
+                 head_dim: int, max_tokens: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        if cfg.policy == "retrieval" and cfg.rank > head_dim:
+            raise ConfigError(f"kv.rank is {cfg.rank} but the model's head_dim is {head_dim}: "
+                              f"use a rank <= {head_dim}")
+        self.cfg = cfg
+        self.L, self.H, self.Hkv, self.D = num_layers, num_heads, num_kv_heads, head_dim
+        self.max_tokens, self.device, self.dtype = max_tokens, device, dtype
+        self.store = HostKVStore(num_layers, num_kv_heads, max_tokens, head_dim, dtype,
+                                 pin=device.type == "cuda")
+        self.sketch: LowRankKeys | None = None
+        self.selector: LowRankRetriever | QuestRetriever | None = None
+        if cfg.policy == "retrieval":
+            self.sketch = LowRankKeys(num_layers, num_kv_heads, max_tokens, head_dim,
+                                      cfg.rank, device, dtype)
+            self.selector = LowRankRetriever(self.sketch, head_dim, cfg.rerank_factor,
+                                             self._exact_keys)
+        elif cfg.policy == "quest":
+            self.selector = QuestRetriever(num_layers, num_kv_heads, max_tokens, head_dim,
+                                           cfg.page_tokens, device, dtype)
+        self.window: WindowCache | None = None
+        self.prefill_kv: DenseKV | None = None
+        self.budget = 0
+        self.trace: list[TraceEntry] | None = None  # set to [] to record decode steps
+        self._gather, self._attention = _ops(device)
+
+    # -- request lifecycle -------------------------------------------------------------
+    def start_request(self) -> None:
+        self.prefill_kv = DenseKV(self.L, 1, self.Hkv, self.max_tokens, self.D, self.device,
+                                  self.dtype)
+
+    def finish_prefill(self, n: int) -> None:
+        kv, self.prefill_kv = self.prefill_kv, None  # the dense scratch is freed here
+        self.ingest(kv.k[:, 0, :, :n], kv.v[:, 0, :, :n])
+
+    def ingest(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Take a prompt's K, V [L, Hkv, n, D] (post-RoPE) as this policy's state."""
+        n = k.shape[2]
+        self.budget = self.cfg.budget(n)
+        window = self.cfg.window_tokens + (self.budget if self.cfg.policy == "streaming" else 0)
+        self.window = WindowCache(self.L, self.Hkv, self.cfg.sink_tokens, window, self.D,
+                                  self.device, self.dtype)
+        for layer in range(self.L):
+            self.store.write(layer, 0, k[layer], v[layer])
+            self.window.load(layer, k[layer], v[layer])
+            if self.sketch is not None:
+                self.sketch.build(layer, k[layer])
+            elif isinstance(self.selector, QuestRetriever):
+                self.selector.build(layer, k[layer])
+
+    # -- attention ---------------------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               step: AttnStep) -> torch.Tensor:
+        if self.prefill_kv is not None:
+            return self.prefill_kv.attend(layer, q, k, v, step)
+        if q.shape[0] != 1 or q.shape[2] != 1 or step.start is None:
+            raise NotImplementedError("sparse decode serves one sequence, one token per step")
+        pos, n = step.start, step.start + 1
+        k1, v1 = k[0], v[0]  # [Hkv, 1, D]
+        self.store.write(layer, pos, k1, v1)
+        self.window.append(layer, pos, k1, v1)
+        if self.sketch is not None:
+            self.sketch.append(layer, pos, k1)
+        elif isinstance(self.selector, QuestRetriever):
+            self.selector.append(layer, pos, k1)
+        lo, hi = self.window.offloaded_range(n)
+        qg = q[0, :, 0].reshape(self.Hkv, self.H // self.Hkv, self.D)  # [Hkv, G, D]
+        if self.selector is None:
+            sel = torch.empty(self.Hkv, 0, dtype=torch.long, device=q.device)
+        else:
+            sel = self.selector.select(layer, qg, lo, hi, self.budget)  # [Hkv, K]
+        k_sel, v_sel = self._gather(self.store.k[layer], self.store.v[layer], sel)
+        lengths = torch.tensor([self.window.valid(n), sel.shape[1]], dtype=torch.int32,
+                               device=q.device)
+        out, _ = self._attention(q[:, :, 0], self.window.k[layer][None],
+                                 self.window.v[layer][None], lengths[:1], k_sel[None],
+                                 v_sel[None], lengths[1:])  # out [1, H, D]
+        if self.trace is not None:
+            self.trace.append(TraceEntry(layer, n, q[0, :, 0].clone(), out[0].clone(), sel))
+        return out[:, :, None]  # [1, H, 1, D]
+
+    def _exact_keys(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
+        k, _ = self._gather(self.store.k[layer], self.store.k[layer], positions)
+        return k
+
+    def memory_bytes(self) -> dict[str, int]:
+        parts = [self.store.memory_bytes()]
+        for part in (self.window, self.sketch, self.selector if self.sketch is None else None):
+            if part is not None and hasattr(part, "memory_bytes"):
+                parts.append(part.memory_bytes())
+        if self.prefill_kv is not None:
+            parts.append(self.prefill_kv.memory_bytes())
+        total: dict[str, int] = {}
+        for p in parts:
+            for place, nbytes in p.items():
+                total[place] = total.get(place, 0) + nbytes
+        return total
+
+
+def _ops(device: torch.device):
+    """The Triton kernels on a GPU; their PyTorch references elsewhere."""
+    from .. import kernels
+
+    if device.type == "cuda":
+        return kernels.gather_kv, kernels.sparse_attention
+    return kernels.gather_kv_ref, kernels.sparse_attention_ref

@@ -1,0 +1,164 @@
+"""Long-context accuracy of every KV policy on the same prompts, in one run.
+
+Each prompt is prefilled once with exact attention; then every policy decodes from that
+same prefill state, so differences come from decode-time attention alone. Prints one
+table (policy x task accuracy, %), saves a NIAH heat-map (length x depth) per policy, and
+per-layer diagnostics against dense attention for one prompt.
+
+    retrieval-attn eval --lengths 4096 8100 --budgets 0.05 0.02
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from retrieval_attn import LLM, SamplingParams
+from retrieval_attn.config import KVConfig
+from retrieval_attn.engine import GenerationStats
+
+from .longctx_diagnostics import layer_diagnostics, rank_recall
+from .longctx_tasks import Sample, make_samples, render
+
+TASKS = ["niah", "multikey", "multivalue", "vartrack", "cwe"]
+
+
+def policy_grid(base: KVConfig, budgets: list[float]) -> list[tuple[str, KVConfig]]:
+    grid = [("dense", dataclasses.replace(base, policy="dense"))]
+    for b in budgets:
+        top_k: int | float = int(b) if b >= 1 else b
+        for name in ("streaming", "quest", "retrieval"):
+            grid.append((f"{name}@{b:g}", dataclasses.replace(base, policy=name, top_k=top_k)))
+    return grid
+
+
+def evaluate(llm: LLM, samples: list[Sample], grid: list[tuple[str, KVConfig]],
+             max_tokens: int, diagnose: Sample | None) -> tuple[list[dict], dict]:
+    engine, tok = llm.engine, llm.tokenizer
+    params = SamplingParams(max_tokens=max_tokens)
+    overhead = len(llm.encode([{"role": "user", "content": "x"}])) + 8
+    rows, diagnostics = [], {}
+    for i, sample in enumerate(samples):
+        rng = random.Random(i)
+        text = render(sample, tok.encode, tok.decode, rng, overhead)
+        ids = llm.encode([{"role": "user", "content": text}])
+        engine.check_prompt(ids)
+        engine.kv.start_request()
+        logits = engine.runner.prefill(ids, progress=len(ids) >= 2048)
+        dense_k = engine.kv.k[:, 0, :, :len(ids)].clone()  # [L, Hkv, n, D]
+        dense_v = engine.kv.v[:, 0, :, :len(ids)].clone()
+        for name, cfg in grid:
+            kv = None
+            if cfg.policy != "dense":
+                kv = engine.make_policy(cfg)
+                kv.ingest(dense_k, dense_v)
+                if sample is diagnose:
+                    kv.trace = []
+            tokens = list(engine.decode(logits, len(ids), params, GenerationStats(), kv=kv))
+            answer = tok.decode(tokens)
+            rows.append({"policy": name, "task": sample.task, "length": sample.length,
+                         "prompt_tokens": len(ids), "depth": sample.depth,
+                         "score": sample.score(answer), "answer": answer.strip()[:200]})
+            if kv is not None and kv.trace:
+                first_step = [t for t in kv.trace if t.n == len(ids) + 1]
+                diagnostics[name] = layer_diagnostics(first_step, kv, cfg)
+                if cfg.policy == "retrieval":
+                    diagnostics[f"rank-recall {name}"] = rank_recall(first_step, kv, cfg)
+        print(f"[{i + 1}/{len(samples)}] {sample.task} {len(ids)} tok: " + " ".join(
+            f"{r['policy']}={r['score']:.2f}" for r in rows[-len(grid):]), flush=True)
+    return rows, diagnostics
+
+
+def accuracy_table(rows: list[dict], grid: list[tuple[str, KVConfig]]) -> list[str]:
+    lengths = sorted({r["length"] for r in rows})
+    lines = [f"{'policy':<18}{'length':>7}" + "".join(f"{t:>11}" for t in TASKS) + f"{'avg':>8}"]
+    for name, _ in grid:
+        for length in lengths + ["all"]:
+            mine = [r for r in rows if r["policy"] == name and length in ("all", r["length"])]
+            accs = [_mean([r["score"] for r in mine if r["task"] == t]) for t in TASKS]
+            lines.append(f"{name:<18}{length!s:>7}" + "".join(f"{100 * a:>11.1f}" for a in accs)
+                         + f"{100 * _mean(accs):>8.1f}")
+    return lines
+
+
+def heatmaps(rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    niah = [r for r in rows if r["task"] == "niah"]
+    lengths, depths = sorted({r["length"] for r in niah}), sorted({r["depth"] for r in niah})
+    for policy in dict.fromkeys(r["policy"] for r in niah):
+        grid = torch.full((len(depths), len(lengths)), float("nan"))
+        for r in niah:
+            if r["policy"] == policy:
+                grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["score"]
+        fig, ax = plt.subplots(figsize=(2 + len(lengths), 1 + 0.5 * len(depths)))
+        ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"NIAH, {policy}")
+        path = out / f"niah_{policy.replace('@', '_')}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="retrieval-attn eval", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="default")
+    p.add_argument("--model", default=None)
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8100])
+    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--per-task", type=int, default=2, help="samples per task and length")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.02],
+                   help="top_k per policy: share of the prompt (<1) or tokens (>=1)")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out/eval", help="folder for PNGs and results.json")
+    args = p.parse_args(argv)
+
+    llm = LLM(args.model, config=args.config)
+    if llm.config.kv.policy != "dense":  # prefill state is shared: the engine runs dense
+        llm = LLM(args.model, config=llm.config.replace(kv={"policy": "dense"}))
+    need = max(args.lengths) + args.max_tokens + 1
+    if llm.config.runtime.max_context_tokens < need:
+        llm = LLM(args.model, config=llm.config.replace(runtime={"max_context_tokens": need}))
+    grid = policy_grid(llm.config.kv, args.budgets)
+    samples = make_samples(args.lengths, args.depths, args.per_task, args.seed)
+    diagnose = next(s for s in reversed(samples) if s.task == "niah")
+    rows, diagnostics = evaluate(llm, samples, grid, args.max_tokens, diagnose)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "diagnostics": diagnostics},
+                                                 indent=1))
+    pngs = heatmaps(rows, out)
+    for name, table in diagnostics.items():
+        print(f"\n{name} (one {diagnose.length}-token NIAH prompt, first decode step)")
+        print("\n".join(table["lines"]))
+    print(f"\nheat-maps: {', '.join(str(p) for p in pngs)}")
+    kv = llm.config.kv
+    print(f"\naccuracy (%), {llm.loaded.source}, window {kv.window_tokens} + {kv.sink_tokens} "
+          f"sinks, rank {kv.rank}, rerank x{kv.rerank_factor}, {len(samples)} prompts")
+    print("\n".join(accuracy_table(rows, grid)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""Per-layer diagnostics of a sparse KV policy against exact dense attention.
+
+For one decode step: attention-output relative error, share of the true softmax mass on
+the attended tokens, and recall of the true top-k (by the group's summed attention
+probability, within the offloaded region). Also recall vs rank of the low-rank sketch.
+"""
+
+from __future__ import annotations
+
+import torch
+from retrieval_attn.index import LowRankRetriever
+from retrieval_attn.offload import LowRankKeys, SparseKV
+from retrieval_attn.offload.sparse import TraceEntry
+
+from retrieval_attn.config import KVConfig
+
+
+def _dense(entry: TraceEntry, kv: SparseKV) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact probs [Hkv, G, n] and output [H, D] from the host store's full K, V."""
+    Hkv, D = kv.Hkv, kv.D
+    k = kv.store.k[entry.layer, :, :entry.n].float()
+    v = kv.store.v[entry.layer, :, :entry.n].float()
+    q = entry.q.float().reshape(Hkv, -1, D).cpu()
+    probs = torch.softmax(q @ k.transpose(1, 2) * D**-0.5, dim=-1)
+    return probs, (probs @ v).reshape(-1, D)
+
+
+def _true_topk(probs: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tensor:
+    mass = probs.sum(dim=1)[:, lo:hi]  # [Hkv, M]
+    return mass.topk(min(k, hi - lo), dim=-1).indices + lo
+
+
+def _recall(selected: torch.Tensor, truth: torch.Tensor) -> float:
+    if truth.shape[1] == 0:
+        return float("nan")
+    hits = [len(set(s.tolist()) & set(t.tolist())) for s, t in zip(selected, truth, strict=True)]
+    return sum(hits) / truth.numel()
+
+
+def layer_diagnostics(entries: list[TraceEntry], kv: SparseKV, cfg: KVConfig) -> dict:
+    per_layer = []
+    for e in entries:
+        probs, ref = _dense(e, kv)
+        rel = ((e.out.float().cpu() - ref).norm() / ref.norm()).item()
+        attended = torch.zeros(kv.Hkv, e.n, dtype=torch.bool)
+        attended[:, :min(kv.window.S, e.n)] = True
+        attended[:, max(0, e.n - kv.window.W):] = True
+        attended.scatter_(1, e.selected.cpu(), True)
+        mass = (probs * attended[:, None]).sum(-1).mean().item()
+        lo, hi = kv.window.offloaded_range(e.n)
+        recall = _recall(e.selected.cpu(), _true_topk(probs, lo, hi, kv.budget))
+        per_layer.append({"layer": e.layer, "rel_err": rel, "mass": mass, "recall": recall})
+    lines = [f"{'layer':>6}{'rel err':>10}{'mass':>8}{'recall':>8}"]
+    for r in per_layer:
+        lines.append(f"{r['layer']:>6}{r['rel_err']:>10.4f}{r['mass']:>8.3f}{r['recall']:>8.3f}")
+    mean = {m: sum(r[m] for r in per_layer) / len(per_layer) for m in ("rel_err", "mass",
+                                                                        "recall")}
+    worst = max(per_layer, key=lambda r: r["rel_err"])
+    lines = lines[:1] + [f"{'mean':>6}{mean['rel_err']:>10.4f}{mean['mass']:>8.3f}"
+                         f"{mean['recall']:>8.3f}   (worst rel err {worst['rel_err']:.4f} "
+                         f"in layer {worst['layer']})"] + lines[1:]
+    return {"per_layer": per_layer, "mean": mean, "lines": lines[:2]}
+
+
+def rank_recall(entries: list[TraceEntry], kv: SparseKV, cfg: KVConfig,
+                ranks: tuple[int, ...] = (2, 4, 8, 16, 32, 64)) -> dict:
+    """Recall of the true top-k vs sketch rank, sketch alone and with re-ranking."""
+    ranks = tuple(r for r in ranks if r <= kv.D)
+    n0 = entries[0].n - 1  # prompt length: the sketch is fitted on the prompt's keys
+    rows = []
+    for rank in ranks:
+        sketch = LowRankKeys(kv.L, kv.Hkv, entries[0].n, kv.D, rank, torch.device("cpu"),
+                             torch.float32)
+        plain = LowRankRetriever(sketch, kv.D)
+        rerank = LowRankRetriever(sketch, kv.D, cfg.rerank_factor,
+                                  lambda layer, pos: kv.store.k[layer].float().gather(
+                                      1, pos[..., None].expand(-1, -1, kv.D)))
+        got = {"plain": [], "rerank": []}
+        for e in entries:
+            k = kv.store.k[e.layer, :, :e.n].float()
+            sketch.build(e.layer, k)
+            probs, _ = _dense(e, kv)
+            lo, hi = kv.window.offloaded_range(e.n)
+            truth = _true_topk(probs, lo, hi, kv.budget)
+            q = e.q.float().cpu().reshape(kv.Hkv, -1, kv.D)
+            got["plain"].append(_recall(plain.select(e.layer, q, lo, hi, kv.budget), truth))
+            got["rerank"].append(_recall(rerank.select(e.layer, q, lo, hi, kv.budget), truth))
+        rows.append({"rank": rank, **{m: sum(v) / len(v) for m, v in got.items()}})
+    lines = [f"{'rank':>6}{'recall':>9}{f'rerank x{cfg.rerank_factor}':>12}   "
+             f"(top-{kv.budget} of {n0} prompt tokens, mean over layers)"]
+    lines += [f"{r['rank']:>6}{r['plain']:>9.3f}{r['rerank']:>12.3f}" for r in rows]
+    return {"rows": rows, "lines": lines}
