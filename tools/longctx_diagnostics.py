@@ -8,11 +8,11 @@ probability, within the offloaded region). Also recall vs rank of the low-rank s
 from __future__ import annotations
 
 import torch
+
+from retrieval_attn.config import KVConfig
 from retrieval_attn.index import LowRankRetriever
 from retrieval_attn.offload import LowRankKeys, SparseKV
 from retrieval_attn.offload.sparse import TraceEntry
-
-from retrieval_attn.config import KVConfig
 
 
 def _dense(entry: TraceEntry, kv: SparseKV) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,7 +43,6 @@ class Engine:
             LOG.warning("runtime.max_context_tokens %d exceeds the %d positions %s was "
                         "trained for: expect degraded output past that length",
                         self.max_tokens, spec.max_position_embeddings, loaded.source)
-        weight = loaded.model.embed.weight
         self.kv = self.make_policy(config.kv)
         self.runner = ModelRunner(loaded.model, self.kv, self.max_tokens,
                                   rt.prefill_chunk_tokens, rt.cuda_graphs and self.kv.graph_safe)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from retrieval_attn.kernels import gather_kv, gather_kv_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

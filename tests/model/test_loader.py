@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from retrieval_attn.offload import DenseKV
-from retrieval_attn.offload.policy import AttnStep
 
 from retrieval_attn.errors import ModelLoadError
 from retrieval_attn.model import embedded_model_path, load_model, random_model
+from retrieval_attn.offload import DenseKV
+from retrieval_attn.offload.policy import AttnStep
 
 
 def test_missing_path(tmp_path):

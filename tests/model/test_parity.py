@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from retrieval_attn.tools.niah import haystack_text
 
 from retrieval_attn import LLM, SamplingParams
+from retrieval_attn.tools.niah import haystack_text
 
 CPU_FP32 = {"runtime": {"device": "cpu", "dtype": "float32", "max_context_tokens": 256,
                         "prefill_chunk_tokens": 7}}  # odd chunk: exercises chunked prefill

@@ -1,6 +1,7 @@
 """The NIAH demo finds the needle with exact dense attention on the CPU."""
 
 import pytest
+
 from retrieval_attn.tools.niah import build_prompt, run_niah
 
 

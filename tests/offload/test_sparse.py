@@ -1,0 +1,90 @@
+"""SparseKV policies against exact dense attention on the same K, V."""
+
+import pytest
+import torch
+
+from retrieval_attn.config import KVConfig
+from retrieval_attn.offload import DenseKV, SparseKV, make_kv_policy
+from retrieval_attn.offload.policy import AttnStep
+
+L, H, HKV, D, N = 2, 6, 2, 16, 96
+
+
+def run_policy(kv, q, k, v, prompt):
+    """Prefill `prompt` tokens in one chunk, then decode the rest one by one."""
+    kv.start_request()
+    outs = [kv.attend(layer, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt],
+                      AttnStep(torch.arange(prompt), 0)) for layer in range(L)]
+    kv.finish_prefill(prompt)
+    for t in range(prompt, q.shape[2]):
+        step = AttnStep(torch.tensor([t]), t)
+        outs += [kv.attend(layer, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], step)
+                 for layer in range(L)]
+    return outs
+
+
+def qkv(T):
+    return torch.randn(1, H, T, D), torch.randn(1, HKV, T, D), torch.randn(1, HKV, T, D)
+
+
+@pytest.mark.parametrize("policy", ["streaming", "quest", "retrieval"])
+def test_budget_covering_everything_is_exact(policy):
+    # top_k >= every offloaded token: sparse attention must equal dense attention exactly
+    cfg = KVConfig(policy=policy, sink_tokens=3, window_tokens=10, top_k=N, page_tokens=1,
+                   rank=4, rerank_factor=2)
+    q, k, v = qkv(70)
+    dense = run_policy(DenseKV(L, 1, HKV, N, D, torch.device("cpu"), torch.float32),
+                       q, k, v, 50)
+    sparse = run_policy(make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"),
+                                       torch.float32), q, k, v, 50)
+    for a, b in zip(sparse, dense, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_streaming_attends_sinks_and_window_only():
+    cfg = KVConfig(policy="streaming", sink_tokens=2, window_tokens=5, top_k=3)
+    kv = SparseKV(cfg, 1, 2, 1, 4, 64, torch.device("cpu"), torch.float32)
+    T = 40
+    q, k, v = torch.randn(1, 2, T, 4), torch.randn(1, 1, T, 4), torch.randn(1, 1, T, 4)
+    kv.start_request()
+    kv.attend(0, q[:, :, :30], k[:, :, :30], v[:, :, :30], AttnStep(torch.arange(30), 0))
+    kv.finish_prefill(30)
+    out = kv.attend(0, q[:, :, 30:31], k[:, :, 30:31], v[:, :, 30:31],
+                    AttnStep(torch.tensor([30]), 30))
+    keep = [0, 1] + list(range(31 - 8, 31))  # sinks + window of 5 + 3 budget tokens
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, 30:31], k[:, :, keep], v[:, :, keep], enable_gqa=True)
+    torch.testing.assert_close(out, ref)
+
+
+def test_retrieval_finds_a_planted_key():
+    # one key far outside the window is aligned with the query: retrieval must attend it
+    cfg = KVConfig(policy="retrieval", sink_tokens=1, window_tokens=4, top_k=2, rank=4)
+    kv = SparseKV(cfg, 1, 2, 1, 16, 64, torch.device("cpu"), torch.float32)
+    q, k, v = torch.randn(1, 2, 41, 16), torch.randn(1, 1, 41, 16) * 0.1, torch.randn(1, 1, 41, 16)
+    k[0, 0, 13] = q[0, 0, 40] * 3
+    kv.start_request()
+    kv.attend(0, q[:, :, :40], k[:, :, :40], v[:, :, :40], AttnStep(torch.arange(40), 0))
+    kv.finish_prefill(40)
+    kv.trace = []
+    kv.attend(0, q[:, :, 40:], k[:, :, 40:], v[:, :, 40:], AttnStep(torch.tensor([40]), 40))
+    assert 13 in kv.trace[0].selected[0].tolist()
+
+
+def test_memory_accounting_splits_gpu_state_from_host_store():
+    cfg = KVConfig(policy="retrieval", sink_tokens=4, window_tokens=8, top_k=4, rank=4)
+    kv = SparseKV(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
+    q, k, v = qkv(40)
+    run_policy(kv, q, k, v, 40)
+    store = 2 * L * HKV * N * D * 4
+    window = 2 * L * HKV * (4 + 8) * D * 4
+    sketch = (L * HKV * D + L * HKV * D * 4 + L * HKV * N * 4) * 4
+    assert kv.memory_bytes() == {"host": store + window + sketch}
+
+
+def test_rank_above_head_dim_is_refused():
+    from retrieval_attn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="head_dim"):
+        SparseKV(KVConfig(policy="retrieval", rank=32), 1, 2, 1, 16, 64,
+                 torch.device("cpu"), torch.float32)
