@@ -24,6 +24,9 @@ class DenseKV:
     def start_request(self) -> None:
         """Nothing to reset: every slot a request reads is written first."""
 
+    def finish_layer(self, layer: int, n: int) -> None:
+        """The layer's K, V stay where prefill wrote them."""
+
     def finish_prefill(self, n: int) -> None:
         """Dense attention keeps the prompt's K, V where prefill wrote them."""
 

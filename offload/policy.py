@@ -30,6 +30,10 @@ class KVPolicy(Protocol):
         """Prepare for a new prompt (prefill comes next)."""
         ...
 
+    def finish_layer(self, layer: int, n: int) -> None:
+        """Prefill of this layer is done for all n prompt tokens (layer-major prefill)."""
+        ...
+
     def finish_prefill(self, n: int) -> None:
         """The prompt's n tokens are in; decode steps come next."""
         ...

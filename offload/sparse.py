@@ -65,33 +65,50 @@ class SparseKV:
 
     # -- request lifecycle -------------------------------------------------------------
     def start_request(self) -> None:
-        self.prefill_kv = DenseKV(self.L, 1, self.Hkv, self.max_tokens, self.D, self.device,
+        # Exact attention during prefill needs one layer's full K, V on the device (prefill
+        # runs layer-major); each layer's is handed over to the host store when it is done.
+        self.prefill_kv = DenseKV(1, 1, self.Hkv, self.max_tokens, self.D, self.device,
                                   self.dtype)
 
+    def finish_layer(self, layer: int, n: int) -> None:
+        if n > 0 and layer == 0:
+            self.budget = self.cfg.budget(n)
+            self._new_window()
+        kv = self.prefill_kv
+        self.ingest_layer(layer, kv.k[0, 0, :, :n], kv.v[0, 0, :, :n])
+
     def finish_prefill(self, n: int) -> None:
-        kv, self.prefill_kv = self.prefill_kv, None  # the dense scratch is freed here
-        self.ingest(kv.k[:, 0, :, :n], kv.v[:, 0, :, :n])
+        self.prefill_kv = None  # the dense scratch is freed here
 
     def ingest(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Take a prompt's K, V [L, Hkv, n, D] (post-RoPE) as this policy's state."""
-        n = k.shape[2]
-        self.budget = self.cfg.budget(n)
-        window = self.cfg.window_tokens + (self.budget if self.cfg.policy == "streaming" else 0)
-        self.window = WindowCache(self.L, self.Hkv, self.cfg.sink_tokens, window, self.D,
-                                  self.device, self.dtype)
+        self.budget = self.cfg.budget(k.shape[2])
+        self._new_window()
         for layer in range(self.L):
-            self.store.write(layer, 0, k[layer], v[layer])
-            self.window.load(layer, k[layer], v[layer])
-            if self.sketch is not None:
-                self.sketch.build(layer, k[layer])
-            elif isinstance(self.selector, QuestRetriever):
-                self.selector.build(layer, k[layer])
+            self.ingest_layer(layer, k[layer], v[layer])
+
+    def ingest_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One layer's prompt K, V [Hkv, n, D]: host store, window, selector index."""
+        self.store.write(layer, 0, k, v)
+        self.window.load(layer, k, v)
+        if self.sketch is not None:
+            self.sketch.build(layer, k)
+        elif isinstance(self.selector, QuestRetriever):
+            self.selector.build(layer, k)
+
+    def _new_window(self) -> None:
+        # streaming spends the top_k budget on a longer window, so all policies attend
+        # the same number of tokens
+        extra = self.budget if self.cfg.policy == "streaming" else 0
+        self.window = WindowCache(self.L, self.Hkv, self.cfg.sink_tokens,
+                                  self.cfg.window_tokens + extra, self.D, self.device,
+                                  self.dtype)
 
     # -- attention ---------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                step: AttnStep) -> torch.Tensor:
-        if self.prefill_kv is not None:
-            return self.prefill_kv.attend(layer, q, k, v, step)
+        if self.prefill_kv is not None:  # prefill: exact, one layer at a time
+            return self.prefill_kv.attend(0, q, k, v, step)
         if q.shape[0] != 1 or q.shape[2] != 1 or step.start is None:
             raise NotImplementedError("sparse decode serves one sequence, one token per step")
         pos, n = step.start, step.start + 1

@@ -31,20 +31,29 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, ids: list[int], all_logits: bool = False,
                 progress: bool = False) -> torch.Tensor:
-        """Run the prompt in chunks; logits [V] of the last token, or [T, V] if all_logits."""
-        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
-        outs = []
-        bar = tqdm(total=len(ids), unit="tok", desc="prefill", disable=not progress,
-                   leave=False, dynamic_ncols=True)
+        """Run the prompt layer by layer, each layer in chunks of tokens.
+
+        Layer-major order means only one layer's full K, V need to exist at a time: the
+        policy gets each layer's K, V (finish_layer) as soon as the layer is done, so a
+        million-token prompt never holds every layer's KV on the device. Hidden states of
+        all tokens [1, n, C] stay on the device between layers.
+        Returns logits [V] of the last token, or [n, V] if all_logits.
+        """
+        model, n = self.model, len(ids)
+        x = model.embed(torch.tensor([ids], dtype=torch.long, device=self.device))  # [1, n, C]
+        chunks = [(s, min(s + self.chunk, n)) for s in range(0, n, self.chunk)]
+        steps = [AttnStep(torch.arange(s, e, device=self.device), s) for s, e in chunks]
+        bar = tqdm(total=n * len(model.layers), unit="tok", unit_scale=True, desc="prefill",
+                   disable=not progress, leave=False, dynamic_ncols=True)
         with bar:
-            for start in range(0, len(ids), self.chunk):
-                chunk = tokens[start:start + self.chunk]
-                pos = torch.arange(start, start + len(chunk), device=self.device)
-                logits = self.model(chunk[None], self.kv, AttnStep(pos, start),
-                                    last_only=not all_logits)
-                outs.append(logits[0])
-                bar.update(len(chunk))
-        return torch.cat(outs).float() if all_logits else outs[-1][-1].float()
+            for i, block in enumerate(model.layers):
+                for (s, e), step in zip(chunks, steps, strict=True):
+                    cos, sin = model.cos[s:e], model.sin[s:e]
+                    x[:, s:e] = block(x[:, s:e], cos, sin, self.kv, step)
+                    bar.update(e - s)
+                self.kv.finish_layer(i, n)
+        logits = model.logits(x if all_logits else x[:, -1:])[0].float()  # [n or 1, V]
+        return logits if all_logits else logits[-1]
 
     @torch.inference_mode()
     def decode(self, token: int, pos: int) -> torch.Tensor:

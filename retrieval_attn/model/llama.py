@@ -74,8 +74,9 @@ class Llama(nn.Module):
         x = self.embed(ids)
         for block in self.layers:
             x = block(x, cos, sin, kv, step)
-        if last_only:
-            x = x[:, -1:]
-        x = self.norm(x)
+        return self.logits(x[:, -1:] if last_only else x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, T, C] -> logits [B, T, V]."""
         head = self.embed.weight if self.spec.tie_word_embeddings else self.lm_head.weight
-        return x @ head.t()
+        return self.norm(x) @ head.t()

@@ -13,8 +13,11 @@ L, H, HKV, D, N = 2, 6, 2, 16, 96
 def run_policy(kv, q, k, v, prompt):
     """Prefill `prompt` tokens in one chunk, then decode the rest one by one."""
     kv.start_request()
-    outs = [kv.attend(layer, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt],
-                      AttnStep(torch.arange(prompt), 0)) for layer in range(L)]
+    outs = []
+    for layer in range(L):  # layer-major prefill, as the runner does it
+        outs.append(kv.attend(layer, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt],
+                              AttnStep(torch.arange(prompt), 0)))
+        kv.finish_layer(layer, prompt)
     kv.finish_prefill(prompt)
     for t in range(prompt, q.shape[2]):
         step = AttnStep(torch.tensor([t]), t)
@@ -48,6 +51,7 @@ def test_streaming_attends_sinks_and_window_only():
     q, k, v = torch.randn(1, 2, T, 4), torch.randn(1, 1, T, 4), torch.randn(1, 1, T, 4)
     kv.start_request()
     kv.attend(0, q[:, :, :30], k[:, :, :30], v[:, :, :30], AttnStep(torch.arange(30), 0))
+    kv.finish_layer(0, 30)
     kv.finish_prefill(30)
     out = kv.attend(0, q[:, :, 30:31], k[:, :, 30:31], v[:, :, 30:31],
                     AttnStep(torch.tensor([30]), 30))
@@ -65,6 +69,7 @@ def test_retrieval_finds_a_planted_key():
     k[0, 0, 13] = q[0, 0, 40] * 3
     kv.start_request()
     kv.attend(0, q[:, :, :40], k[:, :, :40], v[:, :, :40], AttnStep(torch.arange(40), 0))
+    kv.finish_layer(0, 40)
     kv.finish_prefill(40)
     kv.trace = []
     kv.attend(0, q[:, :, 40:], k[:, :, 40:], v[:, :, 40:], AttnStep(torch.tensor([40]), 40))
