@@ -1,9 +1,13 @@
 """Retrievers: given a decode query, pick the top-k past tokens of each kv head.
 
-A retriever sees only positions [lo, hi) (the offloaded region: not sinks, not window)
-and returns absolute positions [Hkv, k]. Selection per kv head covers all G query heads
-of its GQA group: each head's scores become a softmax distribution and the group's
-distributions are summed, so every head's favourite tokens count equally.
+A retriever sees positions [lo, hi): the offloaded region, neither sinks nor window. lo is
+fixed (the sink count); hi is a device tensor, because it grows every step and a CUDA
+graph must not bake it in. So scores cover the whole capacity [lo, N) with positions
+>= hi masked out, and `select` returns fixed-size outputs plus a device-side count:
+positions [Hkv, k] (best first) and count [1], the number of leading entries that are
+real. Selection per kv head covers all G query heads of its GQA group: each head's scores
+become a softmax distribution and the group's distributions are summed, so every head's
+favourite tokens count equally.
 """
 
 from __future__ import annotations
@@ -15,18 +19,36 @@ import torch
 
 
 class KeySketch(Protocol):
+    capacity: int
+
     def scores(self, layer: int, q: torch.Tensor, lo: int, hi: int) -> torch.Tensor: ...
 
 
 class Retriever(Protocol):
-    def select(self, layer: int, q: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tensor:
-        """q [Hkv, G, D] -> positions [Hkv, min(k, hi - lo)] in [lo, hi), int64."""
+    def select(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
+               other_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [Hkv, G, D] -> (positions [Hkv, k] int64 in [lo, N), count [1] int32)."""
         ...
 
 
-def group_scores(scores: torch.Tensor, scale: float) -> torch.Tensor:
-    """scores [Hkv, G, M] (q·k estimates) -> [Hkv, M] summed attention probabilities."""
-    return torch.softmax(scores.float() * scale, dim=-1).sum(dim=1)
+def group_scores(scores: torch.Tensor, scale: float,
+                 other_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """scores [Hkv, G, M] (q·k estimates, -inf = excluded) -> [Hkv, M] summed probabilities.
+
+    other_lse [Hkv, G]: log-sum-exp of the scaled scores of tokens attended anyway (sinks +
+    window). With it, each head's probabilities are shares of its whole attention, so a
+    head that looks mostly at the window does not get to pick as many tokens as a head
+    that looks far back.
+    """
+    logits = scores.float() * scale
+    lse = torch.logsumexp(logits, dim=-1)  # [Hkv, G]
+    if other_lse is not None:
+        lse = torch.logaddexp(lse, other_lse.float())
+    return torch.exp(logits - lse[..., None]).nan_to_num_(0.0).sum(dim=1)
+
+
+def _mask_from(hi: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return positions >= hi  # True where a position is not (yet) in the offloaded region
 
 
 class LowRankRetriever:
@@ -43,20 +65,35 @@ class LowRankRetriever:
             raise ValueError("re-ranking needs exact_keys(layer, positions) -> keys")
         self.sketch, self.scale = sketch, head_dim**-0.5
         self.rerank_factor, self.exact_keys = rerank_factor, exact_keys
+        self.positions: torch.Tensor | None = None  # [N] arange on the sketch's device
 
-    def select(self, layer: int, q: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tensor:
-        m = hi - lo
-        if m <= 0 or k <= 0:
-            return torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
-        approx = group_scores(self.sketch.scores(layer, q, lo, hi), self.scale)  # [Hkv, M]
-        n_cand = min(m, k * self.rerank_factor)
-        cand = approx.topk(n_cand, dim=-1).indices + lo  # [Hkv, C] absolute positions
+    def select(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
+               other_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.sketch.capacity
+        if self.positions is None:
+            self.positions = torch.arange(n, device=q.device)
+        k = min(k, n - lo)
+        count = torch.clamp(hi - lo, 0, k).to(torch.int32)
+        if k <= 0:
+            return torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device), count
+        excluded = _mask_from(hi, self.positions[lo:])  # [N - lo]
+        approx = self.sketch.scores(layer, q, lo, n).masked_fill(excluded, float("-inf"))
+        n_cand = min(n - lo, k * self.rerank_factor)
+        cand = group_scores(approx, self.scale, other_lse).topk(n_cand, dim=-1).indices + lo
         if n_cand <= k or self.rerank_factor == 1:
-            return cand[:, :k]
-        keys = self.exact_keys(layer, cand)  # [Hkv, C, D]
-        exact = group_scores(q @ keys.transpose(1, 2).to(q.dtype), self.scale)  # [Hkv, C]
-        best = exact.topk(k, dim=-1).indices
-        return cand.gather(1, best)
+            return cand[:, :k], count
+        keys = self.exact_keys(layer, cand).to(q.dtype)  # [Hkv, C, D]
+        exact = (q @ keys.transpose(1, 2)).masked_fill(_mask_from(hi, cand)[:, None],
+                                                       float("-inf"))
+        if other_lse is None:
+            shares = group_scores(exact, self.scale)
+        else:  # shares of each head's whole attention: window + the region as sketched
+            total = torch.logaddexp(other_lse.float(),
+                                    torch.logsumexp(approx.float() * self.scale, dim=-1))
+            logits = exact.float() * self.scale - total[..., None]
+            shares = torch.exp(logits).nan_to_num_(0.0).sum(dim=1)
+        best = shares.topk(k, dim=-1).indices
+        return cand.gather(1, best), count
 
 
 class QuestRetriever:
@@ -74,36 +111,45 @@ class QuestRetriever:
         shape = (num_layers, num_kv_heads, pages, head_dim)
         self.kmin = torch.full(shape, float("inf"), device=device, dtype=dtype)
         self.kmax = torch.full(shape, float("-inf"), device=device, dtype=dtype)
+        self.page_ids = torch.arange(pages, device=device)
 
     def build(self, layer: int, k: torch.Tensor) -> None:
         """k [Hkv, n, D]: bounds of every page the prompt touches."""
         Hkv, n, D = k.shape
         full = n // self.P * self.P
         k = k.to(self.kmin.device)
+        self.kmin[layer].fill_(float("inf"))
+        self.kmax[layer].fill_(float("-inf"))
         if full:
             pages = k[:, :full].reshape(Hkv, full // self.P, self.P, D)
             self.kmin[layer, :, :full // self.P] = pages.amin(dim=2)
             self.kmax[layer, :, :full // self.P] = pages.amax(dim=2)
         for pos in range(full, n):
-            self.append(layer, pos, k[:, pos:pos + 1])
+            self.append(layer, torch.tensor([pos], device=k.device), k[:, pos:pos + 1])
 
-    def append(self, layer: int, pos: int, k: torch.Tensor) -> None:
-        p = pos // self.P
-        self.kmin[layer, :, p] = torch.minimum(self.kmin[layer, :, p], k[:, 0])
-        self.kmax[layer, :, p] = torch.maximum(self.kmax[layer, :, p], k[:, 0])
+    def append(self, layer: int, pos: torch.Tensor, k: torch.Tensor) -> None:
+        """k [Hkv, 1, D] of the token at position pos ([1] on the device; no sync)."""
+        page = pos // self.P
+        self.kmin[layer].index_copy_(1, page, torch.minimum(
+            self.kmin[layer].index_select(1, page), k))
+        self.kmax[layer].index_copy_(1, page, torch.maximum(
+            self.kmax[layer].index_select(1, page), k))
 
-    def select(self, layer: int, q: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tensor:
-        first, last = -(-lo // self.P), hi // self.P  # pages wholly inside [lo, hi)
-        n_pages = min(max(last - first, 0), k // self.P)
+    def select(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
+               other_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        first, pages = -(-lo // self.P), self.kmin.shape[2]  # first page wholly past lo
+        n_pages = min(max(pages - first, 0), k // self.P)
+        last = hi // self.P  # pages before this one end by hi
+        count = (torch.clamp(last - first, 0, n_pages) * self.P).to(torch.int32)
         if n_pages <= 0:
-            return torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
-        kmin = self.kmin[layer, :, first:last]  # [Hkv, pages, D]
-        kmax = self.kmax[layer, :, first:last]
+            return torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device), count
+        kmin, kmax = self.kmin[layer, :, first:], self.kmax[layer, :, first:]  # [Hkv, P', D]
         qe = q[:, :, None, :]  # [Hkv, G, 1, D]
-        bound = torch.maximum(qe * kmin[:, None], qe * kmax[:, None]).sum(-1)  # [Hkv, G, pages]
-        top = bound.amax(dim=1).topk(n_pages, dim=-1).indices + first  # [Hkv, pages]
+        bound = torch.maximum(qe * kmin[:, None], qe * kmax[:, None]).sum(-1).amax(dim=1)
+        bound = bound.masked_fill(self.page_ids[first:] >= last, float("-inf"))
+        top = bound.topk(n_pages, dim=-1).indices + first  # [Hkv, pages]
         offsets = torch.arange(self.P, device=q.device)
-        return (top[:, :, None] * self.P + offsets).reshape(q.shape[0], -1)
+        return (top[:, :, None] * self.P + offsets).reshape(q.shape[0], -1), count
 
     def memory_bytes(self) -> dict[str, int]:
         n = 2 * self.kmin.numel() * self.kmin.element_size()

@@ -9,5 +9,7 @@ fall back to their references.
 
 from .gather_kv import gather_kv, gather_kv_ref
 from .sparse_attention import sparse_attention, sparse_attention_ref
+from .store_kv import store_kv, store_kv_ref
 
-__all__ = ["gather_kv", "gather_kv_ref", "sparse_attention", "sparse_attention_ref"]
+__all__ = ["gather_kv", "gather_kv_ref", "sparse_attention", "sparse_attention_ref",
+           "store_kv", "store_kv_ref"]

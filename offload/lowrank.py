@@ -2,8 +2,8 @@
 
 Why PCA of post-RoPE keys (Loki-style) rather than SVD of pre-RoPE keys (ShadowKV): the
 sketch scores q·k directly, with no per-position rotation work and no chunk landmarks.
-Keys are centred first: q·k = q·mean + q·(k - mean), and the first term is the same for
-every key, so the ranking only needs the centred part, which PCA captures best.
+Keys are centred first: q·k = q·mean + q·(k - mean); the first term is exact and the same
+for every key, so the sketch spends its rank on the centred part, which PCA captures best.
 """
 
 from __future__ import annotations
@@ -35,14 +35,20 @@ class LowRankKeys:
         self.basis[layer] = basis.to(self.basis.dtype)
         self.keys[layer, :, :k.shape[1]] = (centred @ basis).to(self.keys.dtype)
 
-    def append(self, layer: int, pos: int, k: torch.Tensor) -> None:
-        """k [Hkv, 1, D] of the token at position pos."""
-        self.keys[layer, :, pos:pos + 1] = (k - self.mean[layer, :, None]) @ self.basis[layer]
+    def append(self, layer: int, pos: torch.Tensor, k: torch.Tensor) -> None:
+        """k [Hkv, 1, D] of the token at position pos ([1] on the device; no sync)."""
+        projected = (k - self.mean[layer, :, None]) @ self.basis[layer]  # [Hkv, 1, r]
+        self.keys[layer].index_copy_(1, pos, projected)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
 
     def scores(self, layer: int, q: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """Approximate q·k (minus a per-query constant). q [Hkv, G, D] -> [Hkv, G, hi - lo]."""
+        """Approximate q·k. q [Hkv, G, D] -> [Hkv, G, hi - lo]."""
         qr = q @ self.basis[layer]  # [Hkv, G, r]
-        return qr @ self.keys[layer, :, lo:hi].transpose(1, 2)
+        constant = q @ self.mean[layer, :, :, None]  # [Hkv, G, 1]: q·mean, same for all keys
+        return qr @ self.keys[layer, :, lo:hi].transpose(1, 2) + constant
 
     def memory_bytes(self) -> dict[str, int]:
         n = sum(t.numel() * t.element_size() for t in (self.mean, self.basis, self.keys))

@@ -34,7 +34,7 @@ class TraceEntry:
 
 
 class SparseKV:
-    graph_safe = False  # per-step selection has data-dependent sizes; eager decode
+    graph_safe = True  # decode has fixed shapes and no host sync: CUDA graphs may capture it
 
     def __init__(self, cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, max_tokens: int, device: torch.device,
@@ -61,7 +61,7 @@ class SparseKV:
         self.prefill_kv: DenseKV | None = None
         self.budget = 0
         self.trace: list[TraceEntry] | None = None  # set to [] to record decode steps
-        self._gather, self._attention = _ops(device)
+        self._gather, self._attention, self._store = _ops(device)
 
     # -- request lifecycle -------------------------------------------------------------
     def start_request(self) -> None:
@@ -103,37 +103,51 @@ class SparseKV:
         self.window = WindowCache(self.L, self.Hkv, self.cfg.sink_tokens,
                                   self.cfg.window_tokens + extra, self.D, self.device,
                                   self.dtype)
+        self.window_slots = torch.arange(self.window.k.shape[2], device=self.device)
 
     # -- attention ---------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                step: AttnStep) -> torch.Tensor:
         if self.prefill_kv is not None:  # prefill: exact, one layer at a time
             return self.prefill_kv.attend(0, q, k, v, step)
-        if q.shape[0] != 1 or q.shape[2] != 1 or step.start is None:
+        if q.shape[0] != 1 or q.shape[2] != 1:
             raise NotImplementedError("sparse decode serves one sequence, one token per step")
-        pos, n = step.start, step.start + 1
+        # Everything below stays on the device with fixed shapes (no host sync), so the
+        # same code runs eagerly and inside a captured CUDA graph.
+        pos = step.positions  # [1]
         k1, v1 = k[0], v[0]  # [Hkv, 1, D]
-        self.store.write(layer, pos, k1, v1)
+        self._store(self.store.k[layer], self.store.v[layer], pos, k1, v1)
         self.window.append(layer, pos, k1, v1)
         if self.sketch is not None:
             self.sketch.append(layer, pos, k1)
         elif isinstance(self.selector, QuestRetriever):
             self.selector.append(layer, pos, k1)
-        lo, hi = self.window.offloaded_range(n)
+        lo, hi = self.cfg.sink_tokens, torch.clamp(pos + 1 - self.window.W,
+                                                   min=self.cfg.sink_tokens)
         qg = q[0, :, 0].reshape(self.Hkv, self.H // self.Hkv, self.D)  # [Hkv, G, D]
         if self.selector is None:
-            sel = torch.empty(self.Hkv, 0, dtype=torch.long, device=q.device)
+            sel = torch.zeros(self.Hkv, 0, dtype=torch.long, device=q.device)
+            count = torch.zeros(1, dtype=torch.int32, device=q.device)
         else:
-            sel = self.selector.select(layer, qg, lo, hi, self.budget)  # [Hkv, K]
+            window_lse = self._window_lse(layer, qg, pos)
+            sel, count = self.selector.select(layer, qg, lo, hi, self.budget,
+                                              window_lse)  # [Hkv, K], [1]
         k_sel, v_sel = self._gather(self.store.k[layer], self.store.v[layer], sel)
-        lengths = torch.tensor([self.window.valid(n), sel.shape[1]], dtype=torch.int32,
-                               device=q.device)
         out, _ = self._attention(q[:, :, 0], self.window.k[layer][None],
-                                 self.window.v[layer][None], lengths[:1], k_sel[None],
-                                 v_sel[None], lengths[1:])  # out [1, H, D]
+                                 self.window.v[layer][None], self.window.valid_slots(pos),
+                                 k_sel[None], v_sel[None], count)  # out [1, H, D]
         if self.trace is not None:
-            self.trace.append(TraceEntry(layer, n, q[0, :, 0].clone(), out[0].clone(), sel))
+            n = int(pos[0]) + 1
+            self.trace.append(TraceEntry(layer, n, q[0, :, 0].clone(), out[0].clone(),
+                                         sel[:, :int(count[0])]))
         return out[:, :, None]  # [1, H, 1, D]
+
+    def _window_lse(self, layer: int, qg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Log-sum-exp [Hkv, G] of the scaled scores over the filled window slots."""
+        scores = qg @ self.window.k[layer].transpose(1, 2)  # [Hkv, G, S + W]
+        empty = self.window_slots >= self.window.valid_slots(pos)
+        return torch.logsumexp(scores.float().masked_fill(empty, float("-inf"))
+                               * self.D**-0.5, dim=-1)
 
     def _exact_keys(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
         k, _ = self._gather(self.store.k[layer], self.store.k[layer], positions)
@@ -158,5 +172,5 @@ def _ops(device: torch.device):
     from .. import kernels
 
     if device.type == "cuda":
-        return kernels.gather_kv, kernels.sparse_attention
-    return kernels.gather_kv_ref, kernels.sparse_attention_ref
+        return kernels.gather_kv, kernels.sparse_attention, kernels.store_kv
+    return kernels.gather_kv_ref, kernels.sparse_attention_ref, kernels.store_kv_ref

@@ -23,10 +23,6 @@ class WindowCache:
     def slot(self, pos: int) -> int:
         return pos if pos < self.S else self.S + (pos - self.S) % self.W
 
-    def valid(self, n: int) -> int:
-        """Filled slots when n tokens have been seen."""
-        return min(n, self.S + self.W)
-
     def load(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Fill from a whole prompt: k, v [Hkv, n, D]."""
         n = k.shape[1]
@@ -36,11 +32,16 @@ class WindowCache:
         self.k[layer, :, slots] = k[:, pos].to(self.k.device)
         self.v[layer, :, slots] = v[:, pos].to(self.v.device)
 
-    def append(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v [Hkv, 1, D] of the token at position pos."""
-        s = self.slot(pos)
-        self.k[layer, :, s:s + 1] = k
-        self.v[layer, :, s:s + 1] = v
+    def append(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [Hkv, 1, D] of the token at position pos ([1] on the device; no sync)."""
+        ring = self.S + (pos - self.S) % self.W
+        slot = torch.where(pos < self.S, pos, ring)
+        self.k[layer].index_copy_(1, slot, k)
+        self.v[layer].index_copy_(1, slot, v)
+
+    def valid_slots(self, pos: torch.Tensor) -> torch.Tensor:
+        """Filled slots once the token at pos is in: [1] int32 on the device."""
+        return torch.clamp(pos + 1, max=self.S + self.W).to(torch.int32)
 
     def offloaded_range(self, n: int) -> tuple[int, int]:
         """Positions [lo, hi) not in the window when n tokens have been seen (maybe empty)."""

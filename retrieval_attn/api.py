@@ -14,6 +14,7 @@ from .config import EngineConfig
 from .engine import Engine, GenerationStats, TextAssembler
 from .errors import ConfigError, RequestError
 from .model.loader import load_model
+from .planner import available_memory, check_budget, plan_memory, spec_for
 from .sampling import SamplingParams
 
 LOG = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class LLM:
             cfg = cfg.replace(model={"path": str(model)})
         self.config = cfg
         self.device, self.dtype = _resolve_device(cfg.runtime.device, cfg.runtime.dtype)
+        # Refuse now, with numbers, rather than run out of memory halfway through a prompt.
+        spec = spec_for(cfg.model.path, cfg.model.cache_dir)
+        check_budget(plan_memory(spec, cfg, self.device.type), *available_memory(self.device))
         self.loaded = load_model(cfg.model.path, self.device, self.dtype, cfg.model.cache_dir)
         self.tokenizer = self.loaded.tokenizer
         self.engine = Engine(self.loaded, cfg)

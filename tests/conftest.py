@@ -22,6 +22,9 @@ def _seed_and_poison_empty(monkeypatch):
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()  # cache the real factories so `with torch.device("meta")` works
     real_empty = torch.empty
 
     def nan_empty(*args, **kwargs):

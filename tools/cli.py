@@ -1,4 +1,4 @@
-"""retrieval-attn: command-line entry point (generate, niah)."""
+"""retrieval-attn: command-line entry point (generate, niah, eval, plan)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
         from .eval_longctx import main as eval_main
 
         return _guarded(lambda: eval_main(argv[1:]))
+    if argv[:1] == ["plan"]:  # its own argument parser: the memory planner
+        from .plan import main as plan_main
+
+        return _guarded(lambda: plan_main(argv[1:]))
     parser = argparse.ArgumentParser(prog="retrieval-attn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -39,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="needle depth(s), 0 = start of the text, 1 = end")
     niah.add_argument("--seed", type=int, default=0)
     sub.add_parser("eval", help="long-context accuracy of every KV policy (see eval --help)")
+    sub.add_parser("plan", help="memory of every part of a run and the best config that fits "
+                   "(see plan --help)")
 
     args = parser.parse_args(argv)
 

@@ -83,8 +83,12 @@ def rank_recall(entries: list[TraceEntry], kv: SparseKV, cfg: KVConfig,
             lo, hi = kv.window.offloaded_range(e.n)
             truth = _true_topk(probs, lo, hi, kv.budget)
             q = e.q.float().cpu().reshape(kv.Hkv, -1, kv.D)
-            got["plain"].append(_recall(plain.select(e.layer, q, lo, hi, kv.budget), truth))
-            got["rerank"].append(_recall(rerank.select(e.layer, q, lo, hi, kv.budget), truth))
+            wlse = kv._window_lse(e.layer, e.q.reshape(kv.Hkv, -1, kv.D),
+                                  torch.tensor([e.n - 1], device=e.q.device)).cpu()
+            for name, retriever in (("plain", plain), ("rerank", rerank)):
+                sel, count = retriever.select(e.layer, q, lo, torch.tensor([hi]), kv.budget,
+                                              wlse)
+                got[name].append(_recall(sel[:, :int(count)], truth))
         rows.append({"rank": rank, **{m: sum(v) / len(v) for m, v in got.items()}})
     lines = [f"{'rank':>6}{'recall':>9}{f'rerank x{cfg.rerank_factor}':>12}   "
              f"(top-{kv.budget} of {n0} prompt tokens, mean over layers)"]

@@ -17,8 +17,9 @@ def test_full_rank_sketch_selects_the_exact_topk():
     k, q = torch.randn(HKV, N, D), torch.randn(HKV, G, D)
     sketch = LowRankKeys(1, HKV, N, D, D, torch.device("cpu"), torch.float32)
     sketch.build(0, k)
-    got = LowRankRetriever(sketch, D).select(0, q, 10, 150, 20)
+    got, count = LowRankRetriever(sketch, D).select(0, q, 10, torch.tensor([150]), 20)
     want = exact_topk(q, k, 10, 150, 20)
+    assert count.tolist() == [20]
     assert [set(r.tolist()) for r in got] == [set(r.tolist()) for r in want]
     assert got.min() >= 10 and got.max() < 150
 
@@ -33,10 +34,11 @@ def test_rerank_recovers_recall_lost_by_a_small_rank():
         pairs = zip(sel, want, strict=True)
         return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in pairs) / 20
 
-    plain = recall(LowRankRetriever(sketch, D).select(0, q, 0, N, 10))
+    hi = torch.tensor([N])
+    plain = recall(LowRankRetriever(sketch, D).select(0, q, 0, hi, 10)[0])
     exact = LowRankRetriever(sketch, D, N, lambda layer, pos: k.gather(
         1, pos[..., None].expand(-1, -1, D)))
-    assert recall(exact.select(0, q, 0, N, 10)) == 1.0  # candidates = everything
+    assert recall(exact.select(0, q, 0, hi, 10)[0]) == 1.0  # candidates = everything
     assert plain < 1.0
 
 
@@ -49,7 +51,7 @@ def test_sketch_append_matches_build():
     b.basis.copy_(a.basis)
     b.mean.copy_(a.mean)
     for pos in range(N):
-        b.append(0, pos, k[:, pos:pos + 1])
+        b.append(0, torch.tensor([pos]), k[:, pos:pos + 1])
     torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
 
 
@@ -58,12 +60,25 @@ def test_quest_bounds_are_upper_bounds_and_pages_stay_inside_the_region():
     quest = QuestRetriever(1, HKV, N, D, 8, torch.device("cpu"), torch.float32)
     quest.build(0, k[:, :190])
     for pos in range(190, N):
-        quest.append(0, pos, k[:, pos:pos + 1])
+        quest.append(0, torch.tensor([pos]), k[:, pos:pos + 1])
     pages = k.reshape(HKV, N // 8, 8, D)
     true_max = (q[:, :, None, None] * pages[:, None]).sum(-1).amax(-1)  # [Hkv, G, pages]
     bound = torch.maximum(q[:, :, None] * quest.kmin[0][:, None],
                           q[:, :, None] * quest.kmax[0][:, None]).sum(-1)
     assert (bound >= true_max - 1e-5).all()
-    sel = quest.select(0, q, 13, 187, 40)  # whole pages inside [13, 187): pages 2 .. 22
-    assert sel.shape == (HKV, 40)
+    # whole pages inside [13, 187): pages 2 .. 22
+    sel, count = quest.select(0, q, 13, torch.tensor([187]), 40)
+    assert sel.shape == (HKV, 40) and count.tolist() == [40]
     assert sel.min() >= 16 and sel.max() < 184
+    sel, count = quest.select(0, q, 13, torch.tensor([40]), 40)  # only pages 2 .. 4 exist
+    assert count.tolist() == [24]
+    assert sel[:, :24].min() >= 16 and sel[:, :24].max() < 40
+
+
+def test_low_rank_selection_never_counts_positions_past_hi():
+    k, q = torch.randn(HKV, N, D), torch.randn(HKV, G, D)
+    sketch = LowRankKeys(1, HKV, N, D, 4, torch.device("cpu"), torch.float32)
+    sketch.build(0, k)
+    sel, count = LowRankRetriever(sketch, D).select(0, q, 5, torch.tensor([12]), 20)
+    assert count.tolist() == [7]
+    assert sorted(sel[0, :7].tolist()) == list(range(5, 12))

@@ -1,0 +1,473 @@
+"""Memory planner: the bytes every part of a run holds, by place, before anything is allocated.
+
+plan_memory mirrors what the code allocates (model/loader.py, engine/runner.py, offload/,
+index/retriever.py) part by part; check_budget refuses a config that would not fit, with
+numbers and the change that would make it fit; search_config picks the best config that fits.
+Letters as in config.py, plus: I MLP intermediate size, T prefill chunk tokens, n prompt
+tokens, r low-rank dims, P quest page tokens, S sinks, W window, k top_k, b dtype bytes.
+
+Phases (a part lives only in its phase; MemoryPlan.peak adds up what coexists):
+  held         allocated when the engine starts, kept for the whole run
+  setup        transient while the engine starts (rotary tables built in float64)
+  prefill      kept through the prefill of one prompt
+  chunk        one prefill chunk of one layer (on top of prefill)
+  layer-end    the end of one prefill layer: index build (on top of prefill, not with chunk)
+  decode       one decode step
+  runtime      outside torch's allocator (CUDA context, libraries): estimates
+
+search_config prefers, in order: (1) kv.policy dense, exact, if it fits at any prefill chunk;
+(2) kv.policy retrieval with the largest rank (multiples of RANK_STEP, up to max_rank:
+head_dim // 2 unless raised, at most head_dim) that fits at any chunk; (3) at that rank,
+the largest prefill chunk that fits.
+top_k, window and sinks barely move memory; they are inputs (default: the issue's headline
+2048 tokens + window 512 + 4 sinks), checked, not searched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import yaml
+
+from .config import EngineConfig
+from .errors import ConfigError
+from .model.spec import ModelSpec
+
+GiB = 1 << 30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+PHASES = ("held", "setup", "prefill", "chunk", "layer-end", "decode", "runtime")
+# Memory outside torch's allocator: not in torch.cuda.max_memory_allocated, but in the budget.
+# Estimates for torch 2.x with lazy CUDA module loading; measure and update.
+CUDA_CONTEXT_BYTES = 1 * GiB  # CUDA context, cuBLAS/cuDNN handles and kernel images on the GPU
+HOST_RUNTIME_BYTES = {"cuda": 2 * GiB, "cpu": GiB // 2}  # Python, torch, CUDA libraries (RSS)
+RANK_STEP = 8  # search_config tries ranks in these steps
+CHUNK_CHOICES = (8192, 4096, 2048, 1024, 512, 256, 128)  # prefill_chunk_tokens tried, largest first
+# Search default for the largest chunk: beyond it the GEMMs gain little, while a later chunk's
+# attention mask [T, n] grows with T (T·n·(1 + 2·b) bytes: 6 GiB at T = 2048, n = 1M, bf16).
+SEARCH_CHUNK_TOKENS = 2048
+SEARCH_HEADROOM = 0.05  # share of each budget search_config leaves free
+SDPA_ALIGN = 16  # the CUDA memory-efficient kernel pads a mask whose last dim isn't a multiple
+
+
+class Part(NamedTuple):
+    name: str  # parts named "kv: ..." are the KV state, as KVPolicy.memory_bytes() counts it
+    place: str  # "gpu" or "host"
+    nbytes: int
+    formula: str
+    phase: str  # one of PHASES
+
+
+@dataclass
+class MemoryPlan:
+    spec: ModelSpec
+    config: EngineConfig
+    device_type: str  # "cuda" or "cpu"
+    prompt_tokens: int  # the prompt length planned for (top_k shares, masks, hidden states)
+    parts: list[Part] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def phase_bytes(self, place: str, phase: str) -> int:
+        return sum(p.nbytes for p in self.parts if p.place == place and p.phase == phase)
+
+    def peak(self, place: str, runtime: bool = True) -> int:
+        """Most bytes in use at once. runtime=False is what torch.cuda.max_memory_allocated
+        sees on the GPU; runtime=True is the budget (and peak RSS on the host)."""
+        b = lambda phase: self.phase_bytes(place, phase)  # noqa: E731
+        prefill = b("prefill") + max(b("chunk"), b("layer-end"))
+        return b("held") + max(b("setup"), prefill, b("decode")) + (b("runtime") if runtime else 0)
+
+    @property
+    def totals(self) -> dict[str, int]:
+        return {place: self.peak(place) for place in ("gpu", "host")}
+
+    def kv_bytes(self, place: str) -> int:
+        """The KV state held for decode (parts named 'kv: ...'), as memory_bytes() counts it."""
+        return sum(p.nbytes for p in self.parts
+                   if p.place == place and p.phase == "held" and p.name.startswith("kv:"))
+
+    def breakdown(self) -> dict[str, dict[str, int]]:
+        """{place: {part name: bytes}}, to set beside measured memory."""
+        out: dict[str, dict[str, int]] = {"gpu": {}, "host": {}}
+        for p in self.parts:
+            out[p.place][p.name] = out[p.place].get(p.name, 0) + p.nbytes
+        return out
+
+    def fits(self, gpu_bytes: int, host_bytes: int) -> bool:
+        return self.peak("gpu") <= gpu_bytes and self.peak("host") <= host_bytes
+
+    def table(self) -> str:
+        s, rt, kv = self.spec, self.config.runtime, self.config.kv
+        rows = [("part", "place", "phase", "bytes", "formula")]
+        rows += [(p.name, p.place, p.phase, format_bytes(p.nbytes), p.formula)
+                 for p in self.parts if p.nbytes]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
+                 for r in rows]
+        legend = (f"L={s.num_layers} H={s.num_heads} Hkv={s.num_kv_heads} D={s.head_dim} "
+                  f"C={s.hidden_size} I={s.intermediate_size} V={s.vocab_size} "
+                  f"N={rt.max_context_tokens} n={self.prompt_tokens} "
+                  f"T={min(rt.prefill_chunk_tokens, self.prompt_tokens)} "
+                  f"b={dtype_bytes(rt.dtype, self.device_type)}")
+        if kv.policy != "dense":
+            legend += (f" S={kv.sink_tokens} W={kv.window_tokens} k={kv.budget(self.prompt_tokens)}"
+                       + (f" r={kv.rank}" if kv.policy == "retrieval" else "")
+                       + (f" P={kv.page_tokens}" if kv.policy == "quest" else ""))
+        lines += ["", legend]
+        for place in ("gpu", "host"):
+            lines.append(f"{place}: peak {format_bytes(self.peak(place))} "
+                         f"(allocated by torch {format_bytes(self.peak(place, runtime=False))}, "
+                         f"KV state {format_bytes(self.kv_bytes(place))})")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def dtype_bytes(dtype: str, device_type: str) -> int:
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" else "float32"
+    return DTYPE_BYTES[dtype]
+
+
+def param_count(spec: ModelSpec) -> int:
+    """Parameters of model/llama.py's Llama for this spec (tied head counted once)."""
+    C, inter, V, D = spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.head_dim
+    qkv_out = (spec.num_heads + 2 * spec.num_kv_heads) * D
+    layer = (C * qkv_out + (qkv_out if spec.qkv_bias else 0)  # qkv (+ bias)
+             + spec.num_heads * D * C  # o_proj
+             + 3 * C * inter  # gate_up, down
+             + 2 * C)  # attn_norm, mlp_norm
+    return V * C * (1 if spec.tie_word_embeddings else 2) + spec.num_layers * layer + C
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """torch's pinned host allocator rounds every allocation up to a power of two."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
+def plan_memory(spec: ModelSpec, config: EngineConfig, device_type: str,
+                prompt_tokens: int | None = None) -> MemoryPlan:
+    """Every part's bytes for this model and config on device_type ("cuda" or "cpu").
+
+    prompt_tokens (default: max_context_tokens, the upper bound) sizes what depends on the
+    prompt: a float top_k, prefill hidden states, masks and index builds.
+    """
+    if device_type not in ("cuda", "cpu"):
+        raise ConfigError(f"device type {device_type!r}: plan for 'cuda' or 'cpu'")
+    rt, kv = config.runtime, config.kv
+    if kv.policy == "retrieval" and kv.rank > spec.head_dim:
+        raise ConfigError(f"kv.rank is {kv.rank} but the model's head_dim is {spec.head_dim}: "
+                          f"use a rank <= {spec.head_dim}")
+    N = rt.max_context_tokens
+    n = min(prompt_tokens or N, N)
+    L, H, Hkv, D = spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    C, inter, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
+    b, T = dtype_bytes(rt.dtype, device_type), min(rt.prefill_chunk_tokens, n)
+    dev = "gpu" if device_type == "cuda" else "host"
+    plan = MemoryPlan(spec, config, device_type, n)
+    add = lambda *a: plan.parts.append(Part(*a))  # noqa: E731
+
+    add("weights", dev, param_count(spec) * b,
+        "b·(V·C·(1 if tied else 2) + L·(C·(H+2Hkv)·D [+bias] + H·D·C + 3·C·I + 2·C) + C)", "held")
+    add("rotary tables cos, sin", dev, 2 * N * D * b, "2·N·D·b  [N, D] ×2", "held")
+    build = N * (8 + 20 * D) + (N * D * b if dev == "gpu" else 0)
+    add("rotary tables, float64 build", "host", build,
+        "N·(8 + 4·D + 8·D + 8·D) [+ N·D·b cast before the copy to the GPU]: positions, "
+        "angles, emb, emb.cos() in float64", "setup")
+
+    if kv.policy == "dense":
+        add("kv: dense K,V", dev, 2 * L * Hkv * N * D * b, "2·L·Hkv·N·D·b  [L, 1, Hkv, N, D] ×2",
+            "held")
+        add("dense slot index", dev, 8 * N, "8·N  int64 [N]", "held")
+    else:
+        _plan_sparse(plan, spec, n, b, dev)
+
+    # prefill (engine/runner.py): layer-major, every token's hidden state stays on the device
+    add("prefill: hidden states", dev, n * C * b, "n·C·b  x [1, n, C] of every prompt token",
+        "prefill")
+    add("prefill: token ids, positions", dev, 16 * n, "8·n + 8·n  int64", "prefill")
+    attn = C + (H + 2 * Hkv) * D + 3 * H * D + Hkv * D
+    mlp = 2 * C + 4 * inter
+    add("prefill: chunk activations", dev, T * max(b * attn, b * mlp, 8 * C + b * C),
+        "T·max(b·(C + (H+2Hkv)·D + 3·H·D + Hkv·D), b·(2·C + 4·I), 8·C + b·C): "
+        "qkv + RoPE temporaries, SwiGLU [T, 4·I], RMSNorm float32", "chunk")
+    if n > T:  # later chunks pass a bool mask [T, end]; SDPA turns it into an additive one
+        add("prefill: chunk attention mask", dev, T * n * (1 + b),
+            "T·n·(1 + b)  bool [T, n] + SDPA's additive copy [T, n] in the model dtype", "chunk")
+        if dev == "gpu" and n % SDPA_ALIGN:
+            add("prefill: mask padded for SDPA", dev, T * n * b,
+                f"T·n·b  the memory-efficient kernel pads a mask with n % {SDPA_ALIGN} != 0",
+                "chunk")
+    plan.notes.append(
+        f"SDPA kernels (flash, memory-efficient, cuDNN) do not materialise scores; if SDPA "
+        f"fell back to its math kernel, one chunk's scores [H, T, n] would take H·T·n·b = "
+        f"{format_bytes(H * T * n * b)} (not counted)")
+    add("logits of the last token", dev, V * (b + 4), "V·(b + 4)  [1, V] and its float32 copy",
+        "decode")
+    if kv.policy == "dense" and dev == "gpu" and rt.cuda_graphs:
+        add("decode: dense scores (graphed step)", dev, H * N * (8 + b),
+            "H·N·(8 + b)  [Hkv, G, N] scores in float32 ×2 + probabilities", "decode")
+
+    if dev == "gpu":
+        add("CUDA context, kernels (estimate)", "gpu", CUDA_CONTEXT_BYTES,
+            "not in max_memory_allocated", "runtime")
+    add("Python, torch, libraries (estimate)", "host", HOST_RUNTIME_BYTES[device_type],
+        "process RSS before the model", "runtime")
+    return plan
+
+
+def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) -> None:
+    kv, N = plan.config.kv, plan.config.runtime.max_context_tokens
+    L, H, Hkv, D = spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    add = lambda *a: plan.parts.append(Part(*a))  # noqa: E731
+    one = L * Hkv * N * D * b
+    pinned = dev == "gpu"
+    add("kv: host K,V store", "host", 2 * one,
+        "2·L·Hkv·N·D·b  K, V [L, Hkv, N, D]" + (", pinned" if pinned else ""), "held")
+    if pinned and pinned_bytes(one) > one:
+        add("host store: pinned rounding", "host", 2 * (pinned_bytes(one) - one),
+            "2·(2^ceil(log2(L·Hkv·N·D·b)) − L·Hkv·N·D·b)", "held")
+        fill = pinned_bytes(one) // (L * Hkv * D * b)
+        plan.notes.append(
+            f"torch's pinned allocator rounds K and V of the host store up to "
+            f"{format_bytes(pinned_bytes(one))} each: runtime.max_context_tokens up to {fill} "
+            f"costs the same host memory; registering exact-size memory would save "
+            f"{format_bytes(2 * (pinned_bytes(one) - one))}")
+    extra = kv.budget(n) if kv.policy == "streaming" else 0
+    add("kv: window + sinks K,V", dev, 2 * L * Hkv * (kv.sink_tokens + kv.window_tokens + extra)
+        * D * b, "2·L·Hkv·(S + W" + (" + k" if extra else "") + ")·D·b", "held")
+    r, G = kv.rank, H // Hkv
+    if kv.policy == "retrieval":
+        add("kv: low-rank keys", dev, L * Hkv * (D + D * r + N * r) * b,
+            "L·Hkv·(D + D·r + N·r)·b  mean, basis [L, Hkv, D, r], keys [L, Hkv, N, r]", "held")
+        f32 = b != 4  # a float32 model's keys are used in place, not copied
+        add("layer end: low-rank fit", dev, Hkv * n * (4 * D * (1 + f32) + r * (4 + b * f32)),
+            "Hkv·n·(4·D·2 + r·(4 + b))  keys and centred keys in float32, projection "
+            "(float32 model: Hkv·n·(4·D + 4·r))", "layer-end")
+        add("decode: low-rank selection scores", dev, H * N * (b + 8) + Hkv * N * 4,
+            "H·N·(b + 8) + Hkv·N·4  scores [Hkv, G, N], two float32 copies, group sum", "decode")
+    elif kv.policy == "quest":
+        pages = -(-N // kv.page_tokens)
+        add("kv: quest page bounds", dev, 2 * L * Hkv * pages * D * b,
+            "2·L·Hkv·ceil(N/P)·D·b  kmin, kmax [L, Hkv, pages, D]", "held")
+        add("decode: quest page bounds of the query", dev, 3 * Hkv * G * pages * D * b,
+            "3·H·ceil(N/P)·D·b  q·kmin, q·kmax, max [Hkv, G, pages, D]", "decode")
+    add("prefill: one-layer K,V scratch", dev, 2 * Hkv * N * D * b,
+        "2·Hkv·N·D·b  DenseKV [1, 1, Hkv, N, D] ×2 (layer-major prefill)", "prefill")
+    add("prefill: scratch slot index", dev, 8 * N, "8·N  int64 [N]", "prefill")
+
+
+def check_budget(plan: MemoryPlan, gpu_bytes: int, host_bytes: int) -> None:
+    """Raise ConfigError naming what the plan needs, what is available and what would fit."""
+    over = [(place, plan.peak(place), have)
+            for place, have in (("gpu", gpu_bytes), ("host", host_bytes))
+            if plan.peak(place) > have]
+    if not over:
+        return
+    problems = []
+    for place, need, have in over:
+        big = sorted((p for p in plan.parts if p.place == place), key=lambda p: -p.nbytes)[:3]
+        problems.append(f"{place} memory: needs {format_bytes(need)} at its peak, "
+                        f"{format_bytes(have)} available (largest: "
+                        + ", ".join(f"{p.name} {format_bytes(p.nbytes)}" for p in big) + ")")
+    fixes = _fixes(plan, gpu_bytes, host_bytes)
+    if not fixes:
+        least = _replan(plan, runtime={"max_context_tokens": 2})
+        fixes = [f"use a machine with more memory: the model alone (2 tokens of context) "
+                 f"needs gpu {format_bytes(least.peak('gpu'))}, host "
+                 f"{format_bytes(least.peak('host'))}"]
+    raise ConfigError(f"{_describe(plan)} does not fit: " + "; ".join(problems) + ". To fit: "
+                      + ", or ".join(fixes))
+
+
+def _describe(plan: MemoryPlan) -> str:
+    rt, kv = plan.config.runtime, plan.config.kv
+    what = f"kv.policy {kv.policy}" + (f", kv.rank {kv.rank}" if kv.policy == "retrieval" else "")
+    return (f"{plan.config.model.path or 'the model'} at runtime.max_context_tokens "
+            f"{rt.max_context_tokens} ({what}, prefill_chunk_tokens {rt.prefill_chunk_tokens}, "
+            f"{plan.device_type})")
+
+
+def _replan(plan: MemoryPlan, **sections: dict) -> MemoryPlan:
+    prompt = None if plan.prompt_tokens == plan.config.runtime.max_context_tokens \
+        else plan.prompt_tokens
+    return plan_memory(plan.spec, plan.config.replace(**sections), plan.device_type, prompt)
+
+
+def _fixes(plan: MemoryPlan, gpu: int, host: int) -> list[str]:
+    rt, kv = plan.config.runtime, plan.config.kv
+    fixes = []
+    fits = lambda **s: _replan(plan, **s).fits(gpu, host)  # noqa: E731
+    lo, hi = 1, rt.max_context_tokens  # largest max_context_tokens that fits: binary search
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(runtime={"max_context_tokens": mid}) else (lo, mid)
+    if lo >= 2 and fits(runtime={"max_context_tokens": lo}):
+        fixes.append(f"lower runtime.max_context_tokens to {lo}")
+    if kv.policy == "retrieval":
+        rank = next((r for r in _ranks(kv.rank - 1) if fits(kv={"rank": r})), None)
+        if rank:
+            fixes.append(f"lower kv.rank to {rank}")
+    if kv.policy == "dense" and plan.device_type == "cuda":
+        rank = next((r for r in _ranks(max(1, plan.spec.head_dim // 2))
+                     if fits(kv={"policy": "retrieval", "rank": r})), None)
+        if rank:
+            fixes.append(f"use kv.policy retrieval (with kv.rank {rank})")
+    chunk = next((c for c in CHUNK_CHOICES if c < rt.prefill_chunk_tokens
+                  and fits(runtime={"prefill_chunk_tokens": c})), None)
+    if chunk:
+        fixes.append(f"lower runtime.prefill_chunk_tokens to {chunk}")
+    return fixes
+
+
+def _ranks(top: int) -> list[int]:
+    """top, then the multiples of RANK_STEP below it, down to 1."""
+    steps = range(top // RANK_STEP * RANK_STEP, 0, -RANK_STEP)
+    return sorted({top, *steps, 1} - {0}, reverse=True) if top >= 1 else []
+
+
+def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_bytes: int, *,
+                  device_type: str = "cuda", model_path: str | None = None,
+                  policy: str | None = None, dtype: str = "auto", top_k: int | float = 2048,
+                  window_tokens: int = 512, sink_tokens: int = 4, max_rank: int | None = None,
+                  max_kv_gpu_bytes: int | None = None,
+                  prefill_chunk_tokens: int = SEARCH_CHUNK_TOKENS,
+                  headroom: float = SEARCH_HEADROOM) -> EngineConfig:
+    """The config of best expected quality that fits (preference order: module docstring).
+
+    context_tokens is runtime.max_context_tokens (prompt + new tokens); policy restricts the
+    search to one kv.policy; max_kv_gpu_bytes caps the KV state on the GPU; headroom is the
+    share of each budget the search leaves free (allocator fragmentation, what no plan sees).
+    max_rank defaults to head_dim // 2: a sketch of more than half the head dim reads more
+    than half the dense keys every decode step, and is no longer cheap to score.
+    """
+    gpu_bytes, host_bytes = int(gpu_bytes * (1 - headroom)), int(host_bytes * (1 - headroom))
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" else "float32"
+    base = EngineConfig.from_dict({
+        "model": {"path": model_path},
+        "runtime": {"device": device_type, "dtype": dtype, "max_context_tokens": context_tokens,
+                    "cuda_graphs": device_type == "cuda"},
+        "kv": {"policy": "dense", "sink_tokens": sink_tokens, "window_tokens": window_tokens,
+               "top_k": top_k}})
+    chunks = [c for c in CHUNK_CHOICES if c <= prefill_chunk_tokens] or [CHUNK_CHOICES[-1]]
+    kv_cap = max_kv_gpu_bytes if max_kv_gpu_bytes is not None else math.inf
+
+    def first_fit(kv: dict) -> EngineConfig | None:
+        for chunk in chunks:
+            cfg = base.replace(runtime={"prefill_chunk_tokens": chunk}, kv=kv)
+            plan = plan_memory(spec, cfg, device_type)
+            if plan.fits(gpu_bytes, host_bytes) and plan.kv_bytes("gpu") <= kv_cap:
+                return cfg
+        return None
+
+    order = [policy] if policy else ["dense", "retrieval"]
+    for pol in order:
+        if pol == "retrieval":
+            for rank in _ranks(min(max_rank or max(1, spec.head_dim // 2), spec.head_dim)):
+                if cfg := first_fit({"policy": pol, "rank": rank}):
+                    return cfg
+        elif cfg := first_fit({"policy": pol}):
+            return cfg
+    smallest = base.replace(runtime={"prefill_chunk_tokens": chunks[-1]},
+                            kv={"policy": order[-1], "rank": 1})
+    plan = plan_memory(spec, smallest, device_type)
+    if plan.fits(gpu_bytes, host_bytes):  # only the KV cap was in the way
+        raise ConfigError(f"no config keeps the GPU KV state under {format_bytes(kv_cap)}: "
+                          f"even kv.rank 1 needs {format_bytes(plan.kv_bytes('gpu'))}; raise the "
+                          "cap or lower the context")
+    try:
+        check_budget(plan, gpu_bytes, host_bytes)
+    except ConfigError as e:
+        raise ConfigError(f"no config fits (the search keeps {headroom:.0%} of each budget "
+                          f"free); the smallest, {e}") from None
+    raise AssertionError("unreachable: check_budget raises for a plan that does not fit")
+
+
+def to_yaml(config: EngineConfig, header: str | None = None) -> str:
+    """YAML that EngineConfig.from_yaml loads back equal to config; header lines become comments."""
+    text = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, default_flow_style=False)
+    if header:
+        text = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines()) + text
+    return text
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'80GiB' (2^30), '128GB' (10^9), '1.5TiB', '1073741824' (bytes) -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m and unit not in _UNITS and unit in ("k", "m", "g", "t"):
+        raise ConfigError(f"memory size {text!r}: unit {m.group(2)!r} is ambiguous; write "
+                          f"{m.group(2).upper()}B (powers of 10) or {m.group(2).upper()}iB "
+                          "(powers of 2)")
+    if not m or unit not in _UNITS:
+        raise ConfigError(f"{text!r} is not a memory size: write a number and a unit, e.g. "
+                          "80GiB (2^30 bytes), 128GB (10^9 bytes) or 1073741824 (bytes)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def format_bytes(n: int | float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def spec_for(path: str | None, cache_dir: str = "~/.cache/retrieval-attn") -> ModelSpec:
+    """A model's spec without loading weights: 'random:<shape>' or a shape name, a HF
+    checkpoint directory (config.json), a .gguf file (its export), or None (embedded)."""
+    import json
+
+    from .errors import ModelLoadError
+    from .model.gguf import exported_dir
+    from .model.loader import embedded_model_path
+    from .model.spec import NAMED_SHAPES, named_shape
+
+    if path is not None and (path.startswith("random:") or path in NAMED_SHAPES):
+        return named_shape(path.removeprefix("random:"))
+    src = embedded_model_path() if path is None else Path(path).expanduser()
+    if not src.exists():
+        raise ModelLoadError(f"model path {src} does not exist: pass a HF checkpoint "
+                             "directory, a .gguf file, or leave the path out for the "
+                             "embedded SmolLM2 model")
+    if src.is_file() and src.suffix != ".gguf":
+        raise ModelLoadError(f"{src} is a file but not a .gguf: pass a .gguf file or a "
+                             "directory holding config.json and *.safetensors")
+    if src.is_file():
+        src = exported_dir(src, Path(cache_dir).expanduser())  # seconds once exported
+    config = src / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{src} has no config.json: pass a HF checkpoint directory, a "
+                             f".gguf file or a shape ({', '.join(NAMED_SHAPES)})")
+    return ModelSpec.from_hf_config(json.loads(config.read_text()))
+
+
+def available_memory(device) -> tuple[int, int]:
+    """(GPU bytes, host bytes) this process can use on `device` (a torch.device): what is
+    free plus what this process already holds (a plan counts the weights already loaded)."""
+    import os
+
+    import torch
+
+    gpu = 0
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        gpu = free + torch.cuda.memory_reserved(device)
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        host = int(info["MemAvailable"].split()[0]) * 1024
+        rss_pages = int(Path("/proc/self/statm").read_text().split()[1])
+        host += rss_pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, KeyError, ValueError):
+        pass
+    return gpu, host

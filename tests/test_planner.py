@@ -1,0 +1,214 @@
+"""Memory planner: arithmetic on known shapes, equality with what the policies allocate,
+refusals with numbers, the presets validated without allocating, search and YAML."""
+
+import pytest
+import torch
+
+from retrieval_attn.config import EngineConfig, preset_path
+from retrieval_attn.errors import ConfigError
+from retrieval_attn.model.llama import Llama
+from retrieval_attn.model.spec import NAMED_SHAPES, ModelSpec
+from retrieval_attn.offload import make_kv_policy
+from retrieval_attn.planner import (
+    check_budget,
+    param_count,
+    parse_bytes,
+    pinned_bytes,
+    plan_memory,
+    search_config,
+    to_yaml,
+)
+from retrieval_attn.tools.plan import main as plan_main
+
+GiB = 1 << 30
+QWEN, LLAMA = NAMED_SHAPES["qwen2.5-7b-1m"], NAMED_SHAPES["llama-3-8b"]
+TINY = ModelSpec(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
+                 num_heads=6, num_kv_heads=2, head_dim=8)
+
+
+def config(policy="dense", tokens=1 << 20, device="cuda", dtype="bfloat16", **kv):
+    return EngineConfig.from_dict({
+        "runtime": {"device": device, "dtype": dtype, "max_context_tokens": tokens,
+                    "prefill_chunk_tokens": 2048},
+        "kv": {"policy": policy, **kv}})
+
+
+def part(plan, name):
+    return next(p.nbytes for p in plan.parts if p.name == name)
+
+
+def test_dense_kv_of_known_shapes():
+    qwen = plan_memory(QWEN, config(), "cuda")
+    assert part(qwen, "kv: dense K,V") == 28 * 4 * 128 * 2 * 2 * (1 << 20)  # 56 GiB
+    assert QWEN.kv_bytes_per_token == 57344  # "57 KB"
+    llama = plan_memory(LLAMA, config(tokens=1 << 19), "cuda")
+    assert part(llama, "kv: dense K,V") == 131072 * (1 << 19)  # 131 KB/token, 64 GiB
+    assert qwen.kv_bytes("gpu") == part(qwen, "kv: dense K,V")
+
+
+@pytest.fixture
+def meta_device(monkeypatch):
+    """Make `with torch.device("meta")` allocate nothing again. conftest's NaN-filling
+    torch.empty is not in torch's cached list of factory functions, so under it the device
+    context is skipped and a model is really built on the CPU (32 GB for Llama-3-8B)."""
+    from torch.utils import _device
+
+    monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
+    _device._device_constructors.cache_clear()
+    _device._device_constructors()  # cached with the real torch.empty, for later tests too
+
+
+@pytest.mark.parametrize("shape", list(NAMED_SHAPES))
+def test_param_count_equals_the_model(meta_device, shape):
+    spec = NAMED_SHAPES[shape]
+    with torch.device("meta"):
+        model = Llama(spec)
+    assert param_count(spec) == sum(p.numel() for p in model.parameters())
+
+
+def test_smollm2_weights():
+    spec = NAMED_SHAPES["smollm2-135m"]
+    assert abs(param_count(spec) - 134.5e6) < 0.1e6
+    plan = plan_memory(spec, config(tokens=8192, device="cpu", dtype="auto"), "cpu")
+    assert part(plan, "weights") == param_count(spec) * 4  # fp32 on the CPU
+
+
+def test_low_rank_and_window_arithmetic():
+    plan = plan_memory(QWEN, config("retrieval", rank=32, window_tokens=512, sink_tokens=4),
+                       "cuda")
+    N, L, Hkv, D = 1 << 20, 28, 4, 128
+    assert part(plan, "kv: low-rank keys") == L * Hkv * (D + D * 32 + N * 32) * 2
+    assert part(plan, "kv: window + sinks K,V") == 2 * L * Hkv * 516 * D * 2
+    assert part(plan, "kv: host K,V store") == 2 * L * Hkv * N * D * 2
+    assert part(plan, "prefill: one-layer K,V scratch") == 2 * Hkv * N * D * 2
+    # 28 GiB per K is rounded up to 32 GiB by the pinned allocator
+    assert part(plan, "host store: pinned rounding") == 2 * 4 * GiB
+    assert pinned_bytes(28 * GiB) == 32 * GiB and pinned_bytes(32 * GiB) == 32 * GiB
+
+
+@pytest.mark.parametrize("policy,top_k", [("dense", 8), ("streaming", 0.25), ("quest", 12),
+                                          ("retrieval", 0.1)])
+def test_kv_parts_equal_what_the_policy_allocates(policy, top_k):
+    N, n = 100, 77
+    cfg = config(policy, tokens=N, device="cpu", dtype="float32", top_k=top_k, rank=4,
+                 window_tokens=9, sink_tokens=2, page_tokens=16)
+    plan = plan_memory(TINY, cfg, "cpu", prompt_tokens=n)
+    assert plan.kv_bytes("gpu") == 0
+    kv = make_kv_policy(cfg.kv, TINY.num_layers, TINY.num_heads, TINY.num_kv_heads,
+                        TINY.head_dim, N, torch.device("cpu"), torch.float32)
+    if policy == "dense":
+        assert kv.memory_bytes() == {"host": plan.kv_bytes("host")}
+        return
+    scratch = part(plan, "prefill: one-layer K,V scratch")
+    kv.start_request()
+    shape = (TINY.num_layers, TINY.num_kv_heads, n, TINY.head_dim)
+    kv.ingest(torch.randn(shape), torch.randn(shape))  # a prompt of n tokens: window, index
+    assert kv.memory_bytes() == {"host": plan.kv_bytes("host") + scratch}
+    kv.finish_prefill(n)
+    assert kv.memory_bytes() == {"host": plan.kv_bytes("host")}
+
+
+def test_weights_equal_allocated_bytes(meta_device):
+    with torch.device("meta"):
+        model = Llama(TINY).to(torch.bfloat16)
+    allocated = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert part(plan_memory(TINY, config(tokens=64), "cuda"), "weights") == allocated
+
+
+def test_dense_1m_refused_with_numbers_and_fixes():
+    plan = plan_memory(QWEN, config(), "cuda")
+    with pytest.raises(ConfigError) as err:
+        check_budget(plan, 64 * GiB, 128 * GiB)
+    msg = str(err.value)
+    assert "gpu memory: needs" in msg and "64.00 GiB available" in msg
+    assert "kv: dense K,V 56.00 GiB" in msg
+    assert "lower runtime.max_context_tokens to" in msg
+    assert "use kv.policy retrieval (with kv.rank" in msg
+
+
+def test_host_overflow_refused_with_pinned_rounding():
+    # one token over 512K: K and V each round up to 64 GiB of pinned host memory
+    plan = plan_memory(LLAMA, config("retrieval", tokens=(1 << 19) + 1, rank=32), "cuda")
+    assert plan.peak("host") > 128 * GiB
+    with pytest.raises(ConfigError) as err:
+        check_budget(plan, 80 * GiB, 128 * GiB)
+    msg = str(err.value)
+    assert "host memory: needs" in msg and "128.00 GiB available" in msg
+    assert "lower runtime.max_context_tokens to 524288" in msg
+
+
+def test_impossible_search_names_the_smallest_config():
+    with pytest.raises(ConfigError) as err:
+        search_config(QWEN, 1 << 20, 12 * GiB, 128 * GiB)  # the weights alone are 14.2 GiB
+    msg = str(err.value)
+    assert "no config fits" in msg and "weights 14.19 GiB" in msg and "kv.rank 1" in msg
+
+
+@pytest.mark.parametrize("name,shape,kv_cap", [("1m-single-gpu", "qwen2.5-7b-1m", 12e9),
+                                               ("512k-llama3-8b", "llama-3-8b", 12e9)])
+def test_presets_fit_without_allocating(monkeypatch, name, shape, kv_cap):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the planner allocated a tensor")
+
+    for fn in ("zeros", "empty", "full", "ones", "randn"):
+        monkeypatch.setattr(torch, fn, refuse)
+    cfg = EngineConfig.load(name)
+    assert cfg.model.path == f"random:{shape}"
+    plan = plan_memory(NAMED_SHAPES[shape], cfg, "cuda")
+    check_budget(plan, 80 * GiB, 128 * GiB)
+    assert plan.kv_bytes("gpu") <= kv_cap
+
+
+def test_search_prefers_dense_when_it_fits():
+    cfg = search_config(NAMED_SHAPES["smollm2-135m"], 8192, 80 * GiB, 128 * GiB)
+    assert cfg.kv.policy == "dense"
+
+
+def test_search_falls_back_to_retrieval_with_largest_rank():
+    cfg = search_config(QWEN, 1 << 20, 80 * GiB, 128 * GiB)
+    assert cfg.kv.policy == "retrieval" and cfg.kv.rank == QWEN.head_dim // 2
+    capped = search_config(QWEN, (1 << 20) + 4096, 80 * GiB, 128 * GiB, max_kv_gpu_bytes=12e9)
+    assert capped.kv.rank == 48  # 56 would need 13.2 GB
+    assert plan_memory(QWEN, capped, "cuda").kv_bytes("gpu") <= 12e9
+    cfg = search_config(QWEN, 1 << 20, 40 * GiB, 128 * GiB)  # a smaller GPU: a smaller rank
+    plan = plan_memory(QWEN, cfg, "cuda")
+    assert 8 <= cfg.kv.rank < 64 and plan.peak("gpu") <= 40 * GiB * 0.95
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = search_config(QWEN, 1 << 20, 80 * GiB, 128 * GiB, model_path="random:qwen2.5-7b-1m")
+    for one in (cfg, EngineConfig(), EngineConfig.load(preset_path("1m-single-gpu"))):
+        path = tmp_path / "preset.yaml"
+        path.write_text(to_yaml(one, header="a header\nover two lines"))
+        assert EngineConfig.from_yaml(path) == one
+
+
+@pytest.mark.parametrize("text,expected", [("80GiB", 80 * GiB), ("128GB", 128 * 10**9),
+                                           ("1.5 TiB", 3 * 2**39), ("4096", 4096),
+                                           ("512mib", 512 * 2**20), (7, 7)])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text,words", [("80G", "ambiguous"), ("lots", "not a memory size"),
+                                        ("12 parsecs", "not a memory size")])
+def test_parse_bytes_errors(text, words):
+    with pytest.raises(ConfigError, match=words):
+        parse_bytes(text)
+
+
+def test_cli_prints_plan_and_writes_preset(tmp_path, capsys):
+    out = tmp_path / "plan.yaml"
+    rc = plan_main(["--model", "qwen2.5-7b-1m", "--context", "1052672", "--gpu-mem", "80GiB",
+                    "--host-mem", "128GiB", "--max-kv-gpu-mem", "12GB", "--write", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "kv: low-rank keys" in text and "host store: pinned rounding" in text
+    cfg = EngineConfig.from_yaml(out)
+    assert cfg.kv.policy == "retrieval" and cfg.kv.rank == 48
+    assert cfg == EngineConfig.load("1m-single-gpu")  # the preset is what the planner chose
+
+
+def test_cli_check_mode_refuses_over_budget(capsys):
+    with pytest.raises(ConfigError, match="gpu memory: needs"):
+        plan_main(["--config", "1m-single-gpu", "--gpu-mem", "24GiB", "--host-mem", "128GiB"])
