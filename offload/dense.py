@@ -12,6 +12,7 @@ class DenseKV:
     """Full KV cache [L, B, Hkv, N, D] on the model's device; exact causal attention."""
 
     graph_safe = True  # fixed shapes: the decode step can be captured in a CUDA graph
+    state_version = 0  # the cache is allocated once
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_tokens: int,
                  head_dim: int, device: torch.device, dtype: torch.dtype) -> None:

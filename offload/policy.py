@@ -25,6 +25,7 @@ class AttnStep:
 
 class KVPolicy(Protocol):
     graph_safe: bool  # decode step has static shapes (may be captured in a CUDA graph)
+    state_version: int  # changes whenever the decode state is reallocated (graphs go stale)
 
     def start_request(self) -> None:
         """Prepare for a new prompt (prefill comes next)."""

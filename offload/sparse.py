@@ -34,7 +34,6 @@ class TraceEntry:
 
 
 class SparseKV:
-    graph_safe = True  # decode has fixed shapes and no host sync: CUDA graphs may capture it
 
     def __init__(self, cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, max_tokens: int, device: torch.device,
@@ -60,8 +59,15 @@ class SparseKV:
         self.window: WindowCache | None = None
         self.prefill_kv: DenseKV | None = None
         self.budget = 0
+        self.state_version = 0
         self.trace: list[TraceEntry] | None = None  # set to [] to record decode steps
         self._gather, self._attention, self._store = _ops(device)
+
+    @property
+    def graph_safe(self) -> bool:
+        """Decode has fixed shapes and no host sync, so a CUDA graph may capture it; not
+        while tracing, which reads positions on the host."""
+        return self.trace is None
 
     # -- request lifecycle -------------------------------------------------------------
     def start_request(self) -> None:
@@ -104,6 +110,7 @@ class SparseKV:
                                   self.cfg.window_tokens + extra, self.D, self.device,
                                   self.dtype)
         self.window_slots = torch.arange(self.window.k.shape[2], device=self.device)
+        self.state_version += 1
 
     # -- attention ---------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

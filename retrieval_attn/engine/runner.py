@@ -22,7 +22,7 @@ class ModelRunner:
         self.chunk = prefill_chunk_tokens
         self.use_graph = use_cuda_graph and self.device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.graph_kv: KVPolicy | None = None  # the policy the graph was captured with
+        self.graph_key: tuple[int, int] | None = None  # (policy id, its state version)
         self.static_ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)  # [B, 1]
         self.static_pos = torch.zeros(1, dtype=torch.long, device=self.device)  # [1]
         self.static_logits: torch.Tensor | None = None
@@ -58,14 +58,19 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, token: int, pos: int) -> torch.Tensor:
         """Feed one token at position pos; logits [V] for the next one."""
-        if not (self.use_graph and self.kv.graph_safe) or self.graph_kv not in (None, self.kv):
+        if not (self.use_graph and self.kv.graph_safe):
             ids = torch.tensor([[token]], device=self.device)
             step = AttnStep(torch.tensor([pos], device=self.device), pos)
             return self.model(ids, self.kv, step)[0, -1].float()
         self.static_ids.fill_(token)
         self.static_pos.fill_(pos)
-        if self.graph is None:
+        # A graph replays fixed tensor addresses: capture again for another policy, or when
+        # the policy reallocated its state (a new request).
+        key = (id(self.kv), self.kv.state_version)
+        if self.graph is None or self.graph_key != key:
+            self.graph = None
             self._capture()
+            self.graph_key = key
         self.graph.replay()
         return self.static_logits[0, -1].float()
 
@@ -79,6 +84,6 @@ class ModelRunner:
             for _ in range(2):
                 self.model(self.static_ids, self.kv, step)
         torch.cuda.current_stream().wait_stream(side)
-        self.graph, self.graph_kv = torch.cuda.CUDAGraph(), self.kv
+        self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_logits = self.model(self.static_ids, self.kv, step)
