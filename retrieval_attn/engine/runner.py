@@ -22,7 +22,8 @@ class ModelRunner:
         self.chunk = prefill_chunk_tokens
         self.use_graph = use_cuda_graph and self.device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.graph_key: tuple[int, int] | None = None  # (policy id, its state version)
+        self.graph_kv: KVPolicy | None = None  # the policy the graph was captured with
+        self.graph_version = -1  # and the version of its state then
         self.static_ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)  # [B, 1]
         self.static_pos = torch.zeros(1, dtype=torch.long, device=self.device)  # [1]
         self.static_logits: torch.Tensor | None = None
@@ -66,11 +67,13 @@ class ModelRunner:
         self.static_pos.fill_(pos)
         # A graph replays fixed tensor addresses: capture again for another policy, or when
         # the policy reallocated its state (a new request).
-        key = (id(self.kv), self.kv.state_version)
-        if self.graph is None or self.graph_key != key:
+        # The captured policy is held (not just its id) so that it cannot be freed and a
+        # new policy take its address.
+        if (self.graph is None or self.graph_kv is not self.kv
+                or self.graph_version != self.kv.state_version):
             self.graph = None
             self._capture()
-            self.graph_key = key
+            self.graph_kv, self.graph_version = self.kv, self.kv.state_version
         self.graph.replay()
         return self.static_logits[0, -1].float()
 
