@@ -58,8 +58,8 @@ def haystack_ids(llm: LLM, n: int) -> list[int]:
 
 
 def capture(n: int, layers: list[int], decode_tokens: int, out: Path,
-            chunk_tokens: int) -> Path:
-    cfg = {"runtime": {"device": "cpu", "dtype": "float32", "cuda_graphs": False,
+            chunk_tokens: int, device: str = "cpu") -> Path:
+    cfg = {"runtime": {"device": device, "dtype": "float32", "cuda_graphs": False,
                        "max_context_tokens": n + decode_tokens + 1,
                        "prefill_chunk_tokens": chunk_tokens, "progress_bar": True},
            "kv": {"policy": "dense"}}
@@ -102,10 +102,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decode-tokens", type=int, default=64, help="held-out decode queries")
     p.add_argument("--chunk-tokens", type=int, default=1024, help="prefill chunk")
     p.add_argument("--out", type=Path, default=Path("out/qk"))
+    p.add_argument("--device", default="cpu", help="cpu or cuda (float32 either way)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for n in args.tokens:
-        folder = capture(n, args.layers, args.decode_tokens, args.out, args.chunk_tokens)
+        folder = capture(n, args.layers, args.decode_tokens, args.out, args.chunk_tokens,
+                         args.device)
         LOG.info("wrote %s", folder)
 
 
