@@ -82,7 +82,7 @@ def capture(n: int, layers: list[int], decode_tokens: int, out: Path,
     for layer in layers:
         q_pre = torch.cat(rec.prefill[layer], dim=1)  # [H, N, D]
         q_dec = torch.cat(rec.decode[layer], dim=1)  # [H, S, D]
-        k = dense.k[layer, 0, :, :n].to(torch.float16)  # [Hkv, N, D]
+        k = dense.k[layer, 0, :, :n].to("cpu", torch.float16)  # [Hkv, N, D]
         assert q_pre.shape[1] == n and k.shape[1] == n, (q_pre.shape, k.shape)
         np.savez(folder / f"layer{layer}.npz", q_prefill=q_pre.numpy(),
                  q_decode=q_dec.numpy(), k=k.numpy())
