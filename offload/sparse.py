@@ -88,10 +88,15 @@ class SparseKV:
 
     def ingest(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Take a prompt's K, V [L, Hkv, n, D] (post-RoPE) as this policy's state."""
-        self.budget = self.cfg.budget(k.shape[2])
+        self.ingest_layers(((k[layer], v[layer]) for layer in range(self.L)), k.shape[2])
+
+    def ingest_layers(self, layers, n: int) -> None:
+        """Like ingest, from an iterable of per-layer (k, v) [Hkv, n, D]: one layer at a
+        time, so a caller never needs every layer's K, V at once."""
+        self.budget = self.cfg.budget(n)
         self._new_window()
-        for layer in range(self.L):
-            self.ingest_layer(layer, k[layer], v[layer])
+        for layer, (k, v) in enumerate(layers):
+            self.ingest_layer(layer, k, v)
 
     def ingest_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """One layer's prompt K, V [Hkv, n, D]: host store, window, selector index."""

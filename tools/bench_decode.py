@@ -1,0 +1,149 @@
+"""Decode ms/token at long contexts: retrieval vs dense in HBM vs full offload, same run.
+
+Random weights of a real shape (speed does not depend on weight values). The prompt's K, V
+are synthetic (random, written layer by layer into each policy's state, as prefill would),
+so 512K-1M contexts are measured without a 10-minute prefill; the output says so. Each
+policy runs alone (the previous one freed) and decodes with the engine's CUDA graph where
+the policy allows it.
+
+    python -m retrieval_attn.tools.bench_decode --shape qwen2.5-7b-1m --contexts 131072 1048576
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+from retrieval_attn import LLM, EngineConfig
+from retrieval_attn.engine import GenerationStats
+from retrieval_attn.errors import RetrievalAttnError
+from retrieval_attn.offload import DenseKV, SparseKV
+from retrieval_attn.offload.full_offload import FullOffloadKV
+from retrieval_attn.planner import plan_memory
+from retrieval_attn.sampling import SamplingParams
+
+GiB = 1 << 30
+
+
+def fill(llm: LLM, n: int, seed: int = 0) -> None:
+    """Synthetic prompt K, V for n tokens into the engine's policy, one layer at a time."""
+    spec, kv = llm.loaded.spec, llm.engine.kv
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dtype = llm.dtype
+
+    def layers():
+        for _ in range(spec.num_layers):
+            shape = (spec.num_kv_heads, n, spec.head_dim)
+            yield (torch.randn(shape, generator=gen, device="cuda", dtype=dtype),
+                   torch.randn(shape, generator=gen, device="cuda", dtype=dtype))
+
+    if isinstance(kv, SparseKV):
+        kv.ingest_layers(layers(), n)
+    elif isinstance(kv, DenseKV):
+        for layer, (k, v) in enumerate(layers()):
+            kv.k[layer, 0, :, :n] = k
+            kv.v[layer, 0, :, :n] = v
+    else:
+        for layer, (k, v) in enumerate(layers()):
+            kv.fill(layer, k, v)
+
+
+def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: int) -> dict:
+    cfg = EngineConfig.load("default").replace(
+        model={"path": f"random:{shape}"},
+        runtime={"device": "cuda", "dtype": "bfloat16", "max_context_tokens": n + new_tokens + 8,
+                 "prefill_chunk_tokens": 2048, "progress_bar": False},
+        kv={"policy": "dense" if policy == "full-offload" else policy, "top_k": top_k,
+            "rank": rank})
+    predicted = plan_memory(LLM_spec(shape), cfg, "cuda", prompt_tokens=n)
+    torch.cuda.reset_peak_memory_stats()
+    llm = LLM(config=cfg) if policy != "full-offload" else _full_offload_llm(cfg)
+    fill(llm, n)
+    engine, params = llm.engine, SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    logits = torch.zeros(llm.loaded.spec.vocab_size, device="cuda")
+    list(engine.decode(logits, n, SamplingParams(max_tokens=3, ignore_eos=True),
+                       GenerationStats()))  # warm-up + graph capture
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    list(engine.decode(logits, n, params, GenerationStats()))
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t) / (new_tokens - 1) * 1e3
+    mem = engine.kv.memory_bytes()
+    row = {"policy": policy, "context": n, "ms_per_token": ms,
+           "kv_gpu_gib": mem.get("gpu", 0) / GiB, "kv_host_gib": mem.get("host", 0) / GiB,
+           "peak_gpu_gib": torch.cuda.max_memory_allocated() / GiB,
+           "planned_peak_gpu_gib": predicted.peak("gpu", runtime=False) / GiB}
+    del llm, engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._C._host_emptyCache()
+    return row
+
+
+def LLM_spec(shape: str):  # noqa: N802
+    from retrieval_attn.model.spec import named_shape
+
+    return named_shape(shape)
+
+
+def _full_offload_llm(cfg: EngineConfig) -> LLM:
+    """An engine whose policy streams the whole cache from pinned host memory each step."""
+    small = cfg.replace(runtime={"max_context_tokens": 16})
+    llm = LLM(config=small)
+    spec = llm.loaded.spec
+    n = cfg.runtime.max_context_tokens
+    kv = FullOffloadKV(spec.num_layers, spec.num_kv_heads, n, spec.head_dim,
+                       llm.device, llm.dtype)
+    llm.engine.kv = llm.engine.runner.kv = kv
+    llm.engine.max_tokens = n
+    llm.loaded.model.setup_rope(n)
+    return llm
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="qwen2.5-7b-1m")
+    p.add_argument("--contexts", type=int, nargs="+", default=[131072, 1048576])
+    p.add_argument("--policies", nargs="+", default=["retrieval", "dense", "full-offload"])
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--top-k", type=int, default=2048)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    rows = []
+    for n in args.contexts:
+        for policy in args.policies:
+            try:
+                rows.append(run_one(args.shape, policy, n, args.new_tokens, args.top_k,
+                                    args.rank))
+            except (torch.OutOfMemoryError, RuntimeError, RetrievalAttnError) as e:
+                rows.append({"policy": policy, "context": n, "error": str(e).splitlines()[0]})
+                gc.collect()
+                torch.cuda.empty_cache()
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{args.shape}, random weights, synthetic prompt K/V, top_k {args.top_k}, "
+          f"window 512 + 4 sinks, rank {args.rank}, {torch.cuda.get_device_name()}")
+    print(f"{'context':>9} {'policy':<13}{'ms/token':>9}{'vs dense':>9}{'vs offload':>11}"
+          f"{'KV GPU GiB':>11}{'peak GPU':>9}{'planned':>8}")
+    for r in rows:
+        same = {x["policy"]: x for x in rows if x["context"] == r["context"] and "error" not in x}
+        if "error" in r:
+            print(f"{r['context']:>9} {r['policy']:<13}  {r['error'][:70]}")
+            continue
+        ratio = {b: (f"{r['ms_per_token'] / same[b]['ms_per_token']:.2f}" if b in same else "-")
+                 for b in ("dense", "full-offload")}
+        print(f"{r['context']:>9} {r['policy']:<13}{r['ms_per_token']:>9.2f}{ratio['dense']:>9}"
+              f"{ratio['full-offload']:>11}{r['kv_gpu_gib']:>11.2f}{r['peak_gpu_gib']:>9.1f}"
+              f"{r['planned_peak_gpu_gib']:>8.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
