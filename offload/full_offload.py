@@ -49,8 +49,10 @@ class FullOffloadKV:
         buf = self.buffers[layer % 2]
         stream = self.copy_stream or torch.cuda.current_stream()
         with torch.cuda.stream(stream):
-            buf[0, :, :n].copy_(self.store.k[layer, :, :n], non_blocking=True)
-            buf[1, :, :n].copy_(self.store.v[layer, :, :n], non_blocking=True)
+            # one contiguous block per head: a strided host slice would not go by DMA
+            for h in range(buf.shape[2]):
+                buf[0, h, :n].copy_(self.store.k[layer, h, :n], non_blocking=True)
+                buf[1, h, :n].copy_(self.store.v[layer, h, :n], non_blocking=True)
             event = torch.cuda.Event()
             event.record(stream)
         self.ready[layer % 2] = event

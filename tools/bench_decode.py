@@ -52,13 +52,14 @@ def fill(llm: LLM, n: int, seed: int = 0) -> None:
             kv.fill(layer, k, v)
 
 
-def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: int) -> dict:
+def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: int,
+            profile: bool = False, rerank_factor: int = 4) -> dict:
     cfg = EngineConfig.load("default").replace(
         model={"path": f"random:{shape}"},
         runtime={"device": "cuda", "dtype": "bfloat16", "max_context_tokens": n + new_tokens + 8,
                  "prefill_chunk_tokens": 2048, "progress_bar": False},
         kv={"policy": "dense" if policy == "full-offload" else policy, "top_k": top_k,
-            "rank": rank})
+            "rank": rank, "rerank_factor": rerank_factor})
     predicted = plan_memory(LLM_spec(shape), cfg, "cuda", prompt_tokens=n)
     torch.cuda.reset_peak_memory_stats()
     llm = LLM(config=cfg) if policy != "full-offload" else _full_offload_llm(cfg)
@@ -72,6 +73,8 @@ def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: 
     list(engine.decode(logits, n, params, GenerationStats()))
     torch.cuda.synchronize()
     ms = (time.perf_counter() - t) / (new_tokens - 1) * 1e3
+    if profile:
+        print(profile_table(engine, logits, n), flush=True)
     mem = engine.kv.memory_bytes()
     row = {"policy": policy, "context": n, "ms_per_token": ms,
            "kv_gpu_gib": mem.get("gpu", 0) / GiB, "kv_host_gib": mem.get("host", 0) / GiB,
@@ -82,6 +85,19 @@ def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: 
     torch.cuda.empty_cache()
     torch._C._host_emptyCache()
     return row
+
+
+def profile_table(engine, logits: torch.Tensor, n: int, rows: int = 18) -> str:
+    """GPU time by kernel over 3 eager decode steps: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    use_graph, engine.runner.use_graph = engine.runner.use_graph, False
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        list(engine.decode(logits, n, params, GenerationStats()))
+        torch.cuda.synchronize()
+    engine.runner.use_graph = use_graph
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
 
 
 def LLM_spec(shape: str):  # noqa: N802
@@ -112,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--top-k", type=int, default=2048)
     p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--profile", nargs="*", default=[], help="policies to profile (per kernel)")
+    p.add_argument("--rerank-factor", type=int, default=4)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     rows = []
@@ -119,14 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         for policy in args.policies:
             try:
                 rows.append(run_one(args.shape, policy, n, args.new_tokens, args.top_k,
-                                    args.rank))
+                                    args.rank, policy in args.profile, args.rerank_factor))
             except (torch.OutOfMemoryError, RuntimeError, RetrievalAttnError) as e:
                 rows.append({"policy": policy, "context": n, "error": str(e).splitlines()[0]})
                 gc.collect()
                 torch.cuda.empty_cache()
             print(json.dumps(rows[-1]), flush=True)
     print(f"\n{args.shape}, random weights, synthetic prompt K/V, top_k {args.top_k}, "
-          f"window 512 + 4 sinks, rank {args.rank}, {torch.cuda.get_device_name()}")
+          f"window 512 + 4 sinks, rank {args.rank}, rerank x{args.rerank_factor}, "
+          f"{torch.cuda.get_device_name()}")
     print(f"{'context':>9} {'policy':<13}{'ms/token':>9}{'vs dense':>9}{'vs offload':>11}"
           f"{'KV GPU GiB':>11}{'peak GPU':>9}{'planned':>8}")
     for r in rows:
