@@ -50,7 +50,7 @@ class FullOffloadKV:
         stream = self.copy_stream or torch.cuda.current_stream()
         with torch.cuda.stream(stream):
             # one contiguous block per head: a strided host slice would not go by DMA
-            for h in range(buf.shape[2]):
+            for h in range(buf.shape[1]):
                 buf[0, h, :n].copy_(self.store.k[layer, h, :n], non_blocking=True)
                 buf[1, h, :n].copy_(self.store.v[layer, h, :n], non_blocking=True)
             event = torch.cuda.Event()

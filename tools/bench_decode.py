@@ -53,7 +53,8 @@ def fill(llm: LLM, n: int, seed: int = 0) -> None:
 
 
 def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: int,
-            profile: bool = False, rerank_factor: int = 4) -> dict:
+            profile: bool = False, rerank_factor: int = 4,
+            profile_path: str | None = None) -> dict:
     cfg = EngineConfig.load("default").replace(
         model={"path": f"random:{shape}"},
         runtime={"device": "cuda", "dtype": "bfloat16", "max_context_tokens": n + new_tokens + 8,
@@ -74,7 +75,11 @@ def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: 
     torch.cuda.synchronize()
     ms = (time.perf_counter() - t) / (new_tokens - 1) * 1e3
     if profile:
-        print(profile_table(engine, logits, n), flush=True)
+        table = profile_table(engine, logits, n)
+        print(table, flush=True)
+        if profile_path:
+            with open(profile_path, "a") as f:
+                f.write(f"{policy} at {n} tokens\n{table}\n")
     mem = engine.kv.memory_bytes()
     row = {"policy": policy, "context": n, "ms_per_token": ms,
            "kv_gpu_gib": mem.get("gpu", 0) / GiB, "kv_host_gib": mem.get("host", 0) / GiB,
@@ -129,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=2048)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--profile", nargs="*", default=[], help="policies to profile (per kernel)")
+    p.add_argument("--profile-out", default=None, help="append profile tables to this file")
     p.add_argument("--rerank-factor", type=int, default=4)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -137,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         for policy in args.policies:
             try:
                 rows.append(run_one(args.shape, policy, n, args.new_tokens, args.top_k,
-                                    args.rank, policy in args.profile, args.rerank_factor))
+                                    args.rank, policy in args.profile, args.rerank_factor,
+                                    args.profile_out))
             except (torch.OutOfMemoryError, RuntimeError, RetrievalAttnError) as e:
                 rows.append({"policy": policy, "context": n, "error": str(e).splitlines()[0]})
                 gc.collect()
