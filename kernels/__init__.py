@@ -7,9 +7,9 @@ package needs torch alone; without CUDA and without TRITON_INTERPRET=1 the publi
 fall back to their references.
 """
 
-from .gather_kv import gather_kv, gather_kv_ref
+from .gather_kv import gather_k, gather_kv, gather_kv_ref
 from .sparse_attention import sparse_attention, sparse_attention_ref
 from .store_kv import store_kv, store_kv_ref
 
-__all__ = ["gather_kv", "gather_kv_ref", "sparse_attention", "sparse_attention_ref",
+__all__ = ["gather_k", "gather_kv", "gather_kv_ref", "sparse_attention", "sparse_attention_ref",
            "store_kv", "store_kv_ref"]

@@ -162,8 +162,9 @@ class SparseKV:
                                * self.D**-0.5, dim=-1)
 
     def _exact_keys(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
-        k, _ = self._gather(self.store.k[layer], self.store.k[layer], positions)
-        return k
+        from .. import kernels
+
+        return kernels.gather_k(self.store.k[layer], positions)  # [Hkv, C, D], K only
 
     def memory_bytes(self) -> dict[str, int]:
         parts = [self.store.memory_bytes()]

@@ -15,7 +15,7 @@ import torch
 from .._launch import cdiv, next_power_of_2, use_triton
 from .ref import gather_kv_ref
 
-__all__ = ["gather_kv", "gather_kv_ref"]
+__all__ = ["gather_k", "gather_kv", "gather_kv_ref"]
 
 # Rows per program: small tiles give many independent loads in flight, which is what a
 # PCIe read of scattered 2*D-byte rows needs.
@@ -93,7 +93,38 @@ def gather_kv(
         k_src, v_src, idx, k_out, v_out, k,
         *k_src.stride()[:2], *v_src.stride()[:2], *idx.stride(),
         *k_out.stride()[:2], *v_out.stride()[:2],
-        D=d, BLOCK_K=BLOCK_K, BLOCK_D=next_power_of_2(d),
+        D=d, BLOCK_K=BLOCK_K, BLOCK_D=next_power_of_2(d), HAS_V=True,
         num_warps=NUM_WARPS,
     )
     return k_out, v_out
+
+
+def gather_k(k_src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """K rows only: k_src[h, idx[h, j]] -> [Hkv, K, D] on idx's device (half the traffic
+    of gather_kv, for re-scoring candidates whose values are not needed). Same rules as
+    gather_kv for where k_src may live."""
+    if not use_triton(idx.device) or idx.shape[1] == 0:
+        return gather_kv(k_src, k_src, idx)[0]  # checks arguments; K read twice is cheap here
+    if k_src.dim() != 3 or idx.dim() != 2 or idx.shape[0] != k_src.shape[0]:
+        raise ValueError(f"k_src must be [Hkv, N, D] and idx [Hkv, K]; got "
+                         f"{tuple(k_src.shape)} and {tuple(idx.shape)}")
+    if k_src.stride(-1) != 1 or idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError("k_src needs a contiguous last dim and idx int32/int64 indices")
+    if k_src.device != idx.device and not (idx.is_cuda and k_src.is_pinned()):
+        raise ValueError(f"k_src on {k_src.device} cannot be read from {idx.device}: host "
+                         "sources must be pinned (tensor.pin_memory())")
+    hkv, _, d = k_src.shape
+    k = idx.shape[1]
+    k_out = torch.empty(hkv, k, d, dtype=k_src.dtype, device=idx.device)
+
+    from .kernel import gather_kv_kernel
+
+    grid = (hkv, cdiv(k, BLOCK_K))
+    gather_kv_kernel[grid](
+        k_src, k_src, idx, k_out, k_out, k,
+        *k_src.stride()[:2], *k_src.stride()[:2], *idx.stride(),
+        *k_out.stride()[:2], *k_out.stride()[:2],
+        D=d, BLOCK_K=BLOCK_K, BLOCK_D=next_power_of_2(d), HAS_V=False,
+        num_warps=NUM_WARPS,
+    )
+    return k_out

@@ -22,6 +22,7 @@ def gather_kv_kernel(
     D: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HAS_V: tl.constexpr,  # False: gather K only (VSrc, VOut unused)
 ):
     head = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -35,6 +36,9 @@ def gather_kv_kernel(
         mask = row_ok[:, None] & (cols[None, :] < D)
 
     k = tl.load(KSrc + head * stride_ksh + tok[:, None] * stride_ksn + cols[None, :], mask=mask)
-    v = tl.load(VSrc + head * stride_vsh + tok[:, None] * stride_vsn + cols[None, :], mask=mask)
     tl.store(KOut + head * stride_koh + rows[:, None] * stride_kok + cols[None, :], k, mask=mask)
-    tl.store(VOut + head * stride_voh + rows[:, None] * stride_vok + cols[None, :], v, mask=mask)
+    if HAS_V:
+        v = tl.load(VSrc + head * stride_vsh + tok[:, None] * stride_vsn + cols[None, :],
+                    mask=mask)
+        tl.store(VOut + head * stride_voh + rows[:, None] * stride_vok + cols[None, :], v,
+                 mask=mask)

@@ -130,3 +130,15 @@ def test_gather_rejects_pageable_host_source():
     idx = torch.zeros(2, 3, dtype=torch.int64, device="cuda")
     with pytest.raises(ValueError, match="pinned"):
         gather_kv(k_src, k_src.clone(), idx)
+
+
+@pytest.mark.parametrize("hkv, n, d, k", [pytest.param(3, 100, 64, 37, id="k37"),
+                                          pytest.param(1, 10, 48, 1, id="one-row-d48")])
+def test_gather_k_matches_the_k_half_of_the_reference(hkv, n, d, k):
+    from retrieval_attn.kernels import gather_k
+
+    k_src = torch.randn(hkv, n, d)
+    idx = torch.randint(0, n, (hkv, k))
+    want, _ = gather_kv_ref(k_src, k_src, idx)
+    got = gather_k(k_src.to(DEVICE), idx.to(DEVICE))
+    assert torch.equal(got.cpu(), want)
