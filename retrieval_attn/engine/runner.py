@@ -44,14 +44,17 @@ class ModelRunner:
         x = model.embed(torch.tensor([ids], dtype=torch.long, device=self.device))  # [1, n, C]
         chunks = [(s, min(s + self.chunk, n)) for s in range(0, n, self.chunk)]
         steps = [AttnStep(torch.arange(s, e, device=self.device), s) for s, e in chunks]
-        bar = tqdm(total=n * len(model.layers), unit="tok", unit_scale=True, desc="prefill",
-                   disable=not progress, leave=False, dynamic_ncols=True)
+        layers = len(model.layers)
+        # counted in prompt tokens: each chunk of each layer is 1/layers of its tokens
+        bar = tqdm(total=n, unit="tok", desc="prefill", disable=not progress, leave=False,
+                   dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total} "
+                   "[{elapsed}<{remaining}, {rate_fmt}]")
         with bar:
             for i, block in enumerate(model.layers):
                 for (s, e), step in zip(chunks, steps, strict=True):
                     cos, sin = model.cos[s:e], model.sin[s:e]
                     x[:, s:e] = block(x[:, s:e], cos, sin, self.kv, step)
-                    bar.update(e - s)
+                    bar.update((e - s) / layers)
                 self.kv.finish_layer(i, n)
         logits = model.logits(x if all_logits else x[:, -1:])[0].float()  # [n or 1, V]
         return logits if all_logits else logits[-1]
