@@ -425,30 +425,12 @@ def format_bytes(n: int | float) -> str:
 def spec_for(path: str | None, cache_dir: str = "~/.cache/retrieval-attn") -> ModelSpec:
     """A model's spec without loading weights: 'random:<shape>' or a shape name, a HF
     checkpoint directory (config.json), a .gguf file (its export), or None (embedded)."""
-    import json
-
-    from .errors import ModelLoadError
-    from .model.gguf import exported_dir
-    from .model.loader import embedded_model_path
+    from .model.loader import checkpoint_dir, read_spec
     from .model.spec import NAMED_SHAPES, named_shape
 
     if path is not None and (path.startswith("random:") or path in NAMED_SHAPES):
         return named_shape(path.removeprefix("random:"))
-    src = embedded_model_path() if path is None else Path(path).expanduser()
-    if not src.exists():
-        raise ModelLoadError(f"model path {src} does not exist: pass a HF checkpoint "
-                             "directory, a .gguf file, or leave the path out for the "
-                             "embedded SmolLM2 model")
-    if src.is_file() and src.suffix != ".gguf":
-        raise ModelLoadError(f"{src} is a file but not a .gguf: pass a .gguf file or a "
-                             "directory holding config.json and *.safetensors")
-    if src.is_file():
-        src = exported_dir(src, Path(cache_dir).expanduser())  # seconds once exported
-    config = src / "config.json"
-    if not config.is_file():
-        raise ModelLoadError(f"{src} has no config.json: pass a HF checkpoint directory, a "
-                             f".gguf file or a shape ({', '.join(NAMED_SHAPES)})")
-    return ModelSpec.from_hf_config(json.loads(config.read_text()))
+    return read_spec(checkpoint_dir(path, cache_dir))
 
 
 def available_memory(device) -> tuple[int, int]:

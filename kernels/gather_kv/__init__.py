@@ -45,6 +45,46 @@ def gather_kv(
     Returns:
         (k_out, v_out): [Hkv, K, D] on idx's device, dtype of the sources.
     """
+    _check_sources(k_src, v_src, idx)
+    hkv, _, d = k_src.shape
+    device = idx.device
+    k = idx.shape[1]
+    if out is None:
+        k_out = torch.empty(hkv, k, d, dtype=k_src.dtype, device=device)
+        v_out = torch.empty(hkv, k, d, dtype=k_src.dtype, device=device)
+    else:
+        k_out, v_out = out
+        for o in (k_out, v_out):
+            if o.shape != (hkv, k, d) or o.dtype != k_src.dtype or o.device != device:
+                raise ValueError(f"out tensors must be [{hkv}, {k}, {d}] {k_src.dtype} on "
+                                 f"{device}; got {tuple(o.shape)} {o.dtype} on {o.device}")
+            if o.stride(-1) != 1:
+                raise ValueError("out tensors need a contiguous last dim")
+    if k == 0 or hkv == 0:
+        return k_out, v_out
+    if not use_triton(device):
+        return gather_kv_ref(k_src, v_src, idx, out=(k_out, v_out))
+
+    _launch(k_src, v_src, idx, k_out, v_out, has_v=True)
+    return k_out, v_out
+
+
+def gather_k(k_src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """K rows only: k_src[h, idx[h, j]] -> [Hkv, K, D] on idx's device. Half the traffic of
+    gather_kv, for re-scoring candidates whose values are not needed; same rules for where
+    k_src may live."""
+    _check_sources(k_src, k_src, idx)
+    hkv, k, d = k_src.shape[0], idx.shape[1], k_src.shape[2]
+    k_out = torch.empty(hkv, k, d, dtype=k_src.dtype, device=idx.device)
+    if k == 0 or hkv == 0:
+        return k_out
+    if not use_triton(idx.device):
+        return gather_kv_ref(k_src, k_src, idx)[0]
+    _launch(k_src, k_src, idx, k_out, k_out, has_v=False)
+    return k_out
+
+
+def _check_sources(k_src: torch.Tensor, v_src: torch.Tensor, idx: torch.Tensor) -> None:
     if k_src.dim() != 3 or k_src.shape != v_src.shape:
         raise ValueError(f"k_src, v_src must both be [Hkv, N, D]; got {tuple(k_src.shape)} "
                          f"and {tuple(v_src.shape)}")
@@ -64,67 +104,22 @@ def gather_kv(
     if not src_ok:
         raise ValueError(f"sources on {k_src.device} cannot be read from {device}: host "
                          "sources must be pinned (tensor.pin_memory())")
-    k = idx.shape[1]
-    if out is None:
-        k_out = torch.empty(hkv, k, d, dtype=k_src.dtype, device=device)
-        v_out = torch.empty(hkv, k, d, dtype=k_src.dtype, device=device)
-    else:
-        k_out, v_out = out
-        for o in (k_out, v_out):
-            if o.shape != (hkv, k, d) or o.dtype != k_src.dtype or o.device != device:
-                raise ValueError(f"out tensors must be [{hkv}, {k}, {d}] {k_src.dtype} on "
-                                 f"{device}; got {tuple(o.shape)} {o.dtype} on {o.device}")
-            if o.stride(-1) != 1:
-                raise ValueError("out tensors need a contiguous last dim")
-    if k == 0 or hkv == 0:
-        return k_out, v_out
-    if not use_triton(device):
-        return gather_kv_ref(k_src, v_src, idx, out=(k_out, v_out))
 
+
+def _launch(k_src: torch.Tensor, v_src: torch.Tensor, idx: torch.Tensor, k_out: torch.Tensor,
+            v_out: torch.Tensor, has_v: bool) -> None:
     from .kernel import gather_kv_kernel
 
     # A pinned CPU tensor is passed as is: Triton's CUDA launcher turns every pointer
     # argument into a device address with cuPointerGetAttribute(DEVICE_POINTER), which for
     # page-locked host memory returns its mapped (under UVA: identical) address. Pageable
     # host memory fails there ("cannot be accessed from Triton (cpu tensor?)"), hence the
-    # is_pinned() check above.
-    grid = (hkv, cdiv(k, BLOCK_K))
-    gather_kv_kernel[grid](
+    # is_pinned() check in _check_sources.
+    hkv, k, d = k_src.shape[0], idx.shape[1], k_src.shape[2]
+    gather_kv_kernel[(hkv, cdiv(k, BLOCK_K))](
         k_src, v_src, idx, k_out, v_out, k,
         *k_src.stride()[:2], *v_src.stride()[:2], *idx.stride(),
         *k_out.stride()[:2], *v_out.stride()[:2],
-        D=d, BLOCK_K=BLOCK_K, BLOCK_D=next_power_of_2(d), HAS_V=True,
+        D=d, BLOCK_K=BLOCK_K, BLOCK_D=next_power_of_2(d), HAS_V=has_v,
         num_warps=NUM_WARPS,
     )
-    return k_out, v_out
-
-
-def gather_k(k_src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """K rows only: k_src[h, idx[h, j]] -> [Hkv, K, D] on idx's device (half the traffic
-    of gather_kv, for re-scoring candidates whose values are not needed). Same rules as
-    gather_kv for where k_src may live."""
-    if not use_triton(idx.device) or idx.shape[1] == 0:
-        return gather_kv(k_src, k_src, idx)[0]  # checks arguments; K read twice is cheap here
-    if k_src.dim() != 3 or idx.dim() != 2 or idx.shape[0] != k_src.shape[0]:
-        raise ValueError(f"k_src must be [Hkv, N, D] and idx [Hkv, K]; got "
-                         f"{tuple(k_src.shape)} and {tuple(idx.shape)}")
-    if k_src.stride(-1) != 1 or idx.dtype not in (torch.int32, torch.int64):
-        raise ValueError("k_src needs a contiguous last dim and idx int32/int64 indices")
-    if k_src.device != idx.device and not (idx.is_cuda and k_src.is_pinned()):
-        raise ValueError(f"k_src on {k_src.device} cannot be read from {idx.device}: host "
-                         "sources must be pinned (tensor.pin_memory())")
-    hkv, _, d = k_src.shape
-    k = idx.shape[1]
-    k_out = torch.empty(hkv, k, d, dtype=k_src.dtype, device=idx.device)
-
-    from .kernel import gather_kv_kernel
-
-    grid = (hkv, cdiv(k, BLOCK_K))
-    gather_kv_kernel[grid](
-        k_src, k_src, idx, k_out, k_out, k,
-        *k_src.stride()[:2], *k_src.stride()[:2], *idx.stride(),
-        *k_out.stride()[:2], *k_out.stride()[:2],
-        D=d, BLOCK_K=BLOCK_K, BLOCK_D=next_power_of_2(d), HAS_V=False,
-        num_warps=NUM_WARPS,
-    )
-    return k_out

@@ -7,6 +7,7 @@ the GGUF; we only write its result once, keyed by the file's content hash.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -20,6 +21,12 @@ GGUF_MAGIC = b"GGUF"
 
 
 def file_digest(path: Path, chunk_bytes: int = 1 << 24) -> str:
+    stat = path.stat()  # hashed once per process for a file that has not changed
+    return _digest(path.resolve(), stat.st_size, stat.st_mtime_ns, chunk_bytes)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: Path, size: int, mtime_ns: int, chunk_bytes: int) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(chunk_bytes):

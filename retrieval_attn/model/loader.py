@@ -61,23 +61,33 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     """Load a HF checkpoint directory, a .gguf file, "random:<shape>", or the embedded model."""
     if isinstance(path, str) and path.startswith("random:"):
         return random_model(path.removeprefix("random:"), device, dtype)
+    folder = checkpoint_dir(path, cache_dir)
+    spec, files = _read_checkpoint(folder)
+    model = _build(spec, device, dtype)
+    _load_weights(model, files)
+    model.eval()
+    src = str(embedded_model_path() if path is None else path)
+    return LoadedModel(model, spec, Tokenizer.from_dir(folder, spec.eos_token_ids), src, folder)
+
+
+def checkpoint_dir(path: str | Path | None, cache_dir: str | Path) -> Path:
+    """The HF-layout directory behind a model path (a .gguf is exported there once)."""
     src = embedded_model_path() if path is None else Path(path).expanduser()
     if not src.exists():
         raise ModelLoadError(f"model path {src} does not exist: pass a HF checkpoint "
                              "directory, a .gguf file, or leave the path out for the "
                              "embedded SmolLM2 model")
-    folder = src
-    if src.is_file():
-        if src.suffix != ".gguf":
-            raise ModelLoadError(f"{src} is a file but not a .gguf: pass a .gguf file or a "
-                                 "directory holding config.json and *.safetensors")
-        folder = exported_dir(src, Path(cache_dir).expanduser())
-    spec, files = _read_checkpoint(folder)
-    model = _build(spec, device, dtype)
-    _load_weights(model, files)
-    model.eval()
-    return LoadedModel(model, spec, Tokenizer.from_dir(folder, spec.eos_token_ids), str(src),
-                       folder)
+    if not src.is_file():
+        return src
+    if src.suffix != ".gguf":
+        raise ModelLoadError(f"{src} is a file but not a .gguf: pass a .gguf file or a "
+                             "directory holding config.json and *.safetensors")
+    return exported_dir(src, Path(cache_dir).expanduser())
+
+
+def read_spec(folder: Path) -> ModelSpec:
+    """The ModelSpec of a checkpoint directory, without reading weights."""
+    return _read_checkpoint(folder)[0]
 
 
 def random_model(shape: str | ModelSpec, device: str | torch.device = "cpu",
