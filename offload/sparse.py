@@ -77,9 +77,8 @@ class SparseKV:
                                   self.dtype)
 
     def finish_layer(self, layer: int, n: int) -> None:
-        if n > 0 and layer == 0:
-            self.budget = self.cfg.budget(n)
-            self._new_window()
+        if layer == 0:
+            self._begin(n)
         kv = self.prefill_kv
         self.ingest_layer(layer, kv.k[0, 0, :, :n], kv.v[0, 0, :, :n])
 
@@ -93,8 +92,7 @@ class SparseKV:
     def ingest_layers(self, layers, n: int) -> None:
         """Like ingest, from an iterable of per-layer (k, v) [Hkv, n, D]: one layer at a
         time, so a caller never needs every layer's K, V at once."""
-        self.budget = self.cfg.budget(n)
-        self._new_window()
+        self._begin(n)
         for layer, (k, v) in enumerate(layers):
             self.ingest_layer(layer, k, v)
 
@@ -107,9 +105,11 @@ class SparseKV:
         elif isinstance(self.selector, QuestRetriever):
             self.selector.build(layer, k)
 
-    def _new_window(self) -> None:
-        # streaming spends the top_k budget on a longer window, so all policies attend
-        # the same number of tokens
+    def _begin(self, n: int) -> None:
+        """A prompt of n tokens arrives: size the budget and a fresh window for it.
+        Streaming spends the top_k budget on a longer window, so all policies attend the
+        same number of tokens."""
+        self.budget = self.cfg.budget(n)
         extra = self.budget if self.cfg.policy == "streaming" else 0
         self.window = WindowCache(self.L, self.Hkv, self.cfg.sink_tokens,
                                   self.cfg.window_tokens + extra, self.D, self.device,
