@@ -12,19 +12,18 @@ the policy allows it.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import time
 
 import torch
 
 from retrieval_attn import LLM, EngineConfig
 from retrieval_attn.engine import GenerationStats
-from retrieval_attn.errors import RetrievalAttnError
 from retrieval_attn.offload import DenseKV, SparseKV
 from retrieval_attn.offload.full_offload import FullOffloadKV
 from retrieval_attn.planner import plan_memory
 from retrieval_attn.sampling import SamplingParams
+
+from .bench_grid import free_device, run_grid, write_json
 
 GiB = 1 << 30
 
@@ -86,9 +85,7 @@ def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: 
            "peak_gpu_gib": torch.cuda.max_memory_allocated() / GiB,
            "planned_peak_gpu_gib": predicted.peak("gpu", runtime=False) / GiB}
     del llm, engine
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch._C._host_emptyCache()
+    free_device()
     return row
 
 
@@ -138,18 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rerank-factor", type=int, default=4)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    rows = []
-    for n in args.contexts:
-        for policy in args.policies:
-            try:
-                rows.append(run_one(args.shape, policy, n, args.new_tokens, args.top_k,
-                                    args.rank, policy in args.profile, args.rerank_factor,
-                                    args.profile_out))
-            except (torch.OutOfMemoryError, RuntimeError, RetrievalAttnError) as e:
-                rows.append({"policy": policy, "context": n, "error": str(e).splitlines()[0]})
-                gc.collect()
-                torch.cuda.empty_cache()
-            print(json.dumps(rows[-1]), flush=True)
+    def one(policy: str, n: int) -> dict:
+        return run_one(args.shape, policy, n, args.new_tokens, args.top_k, args.rank,
+                       policy in args.profile, args.rerank_factor, args.profile_out)
+
+    rows = run_grid(args.contexts, args.policies, one)
     print(f"\n{args.shape}, random weights, synthetic prompt K/V, top_k {args.top_k}, "
           f"window 512 + 4 sinks, rank {args.rank}, rerank x{args.rerank_factor}, "
           f"{torch.cuda.get_device_name()}")
@@ -165,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['context']:>9} {r['policy']:<13}{r['ms_per_token']:>9.2f}{ratio['dense']:>9}"
               f"{ratio['full-offload']:>11}{r['kv_gpu_gib']:>11.2f}{r['peak_gpu_gib']:>9.1f}"
               f"{r['planned_peak_gpu_gib']:>8.1f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(rows, args.json)
     return 0
 
 

@@ -9,15 +9,14 @@ Random weights of a real shape and random prompt ids: a real layer-major chunked
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 
 import torch
 
 from retrieval_attn import LLM, EngineConfig, SamplingParams
-from retrieval_attn.errors import RetrievalAttnError
 from retrieval_attn.model.spec import named_shape
 from retrieval_attn.planner import plan_memory
+
+from .bench_grid import free_device, run_grid, write_json
 
 GiB = 1 << 30
 
@@ -40,9 +39,7 @@ def run_one(shape: str, policy: str, n: int, chunk: int, rank: int) -> dict:
            "planned_peak_gpu_gib": plan.peak("gpu", runtime=False) / GiB,
            "kv_gpu_gib": llm.engine.kv.memory_bytes().get("gpu", 0) / GiB}
     del llm
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch._C._host_emptyCache()
+    free_device()
     return row
 
 
@@ -55,14 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    rows = []
-    for n in args.contexts:
-        for policy in args.policies:
-            try:
-                rows.append(run_one(args.shape, policy, n, args.chunk, args.rank))
-            except (torch.OutOfMemoryError, RetrievalAttnError) as e:
-                rows.append({"policy": policy, "context": n, "error": str(e).splitlines()[0]})
-            print(json.dumps(rows[-1]), flush=True)
+    rows = run_grid(args.contexts, args.policies,
+                    lambda policy, n: run_one(args.shape, policy, n, args.chunk, args.rank))
     print(f"\n{args.shape}, random weights, chunk {args.chunk}, {torch.cuda.get_device_name()}")
     print(f"{'context':>9} {'policy':<10}{'prefill tok/s':>14}{'vs dense':>9}"
           f"{'peak GPU GiB':>13}{'planned':>8}{'error':>7}")
@@ -76,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         err = (r["planned_peak_gpu_gib"] - r["peak_gpu_gib"]) / r["peak_gpu_gib"]
         print(f"{r['context']:>9} {r['policy']:<10}{r['prefill_tok_s']:>14.0f}{ratio:>9}"
               f"{r['peak_gpu_gib']:>13.1f}{r['planned_peak_gpu_gib']:>8.1f}{err:>+7.0%}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(rows, args.json)
     return 0
 
 
