@@ -191,7 +191,6 @@ def _num_shards(name: str) -> int:
 
 
 def _shard_sizes(model: Llama, name: str) -> list[int]:
-    spec = model.spec
-    if ".qkv." in name:
-        return [spec.num_heads * spec.head_dim] + [spec.num_kv_heads * spec.head_dim] * 2
-    return [spec.intermediate_size] * 2
+    """Row sizes of a packed parameter's shards, as the owning module splits them."""
+    owner = model.get_submodule(name.rsplit(".", 2)[0])  # layers.i.attn or layers.i.mlp
+    return list(owner.split) if ".qkv." in name else [owner.intermediate] * 2
