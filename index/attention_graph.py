@@ -20,7 +20,10 @@ the graph from what queries retrieve (RetrievalAttention / RoarGraph style):
    search (inner product). ndis counts centroids, entry keys and every neighbour scored.
 
 Stores ids only (CSR int32 edges + the entry table); keys are read from the caller's
-array, never copied.
+array, never copied. `search` is the reference (numpy, counts every distance);
+`search_fast` runs the same best-first search in faiss's C++ level-0 HNSW search over this
+graph (same results; used at decode time) and needs a float32 copy of the keys inside
+faiss, counted in nbytes()["copy"] once made.
 """
 
 from __future__ import annotations
@@ -56,6 +59,27 @@ class AttentionAwareIndex:
         self.entry_table = self.entry_table.astype(np.int32)
         self.build_s = time.perf_counter() - t0
         self.ndis = np.zeros(0, dtype=np.int64)
+        self._faiss = None
+
+    # -- state: plain arrays, for Ray hand-back and save/load (no pickle) ---------------
+    def state(self) -> dict[str, np.ndarray]:
+        return {"indptr": self.indptr, "indices": self.indices, "centroids": self.centroids,
+                "entry_table": self.entry_table,
+                "meta": np.array([self.n, self.d, self.entry_probe], dtype=np.int64),
+                "build_s": np.array([self.build_s])}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray], xb: np.ndarray) -> AttentionAwareIndex:
+        n, d, probe = (int(x) for x in state["meta"])
+        if xb.shape != (n, d):
+            raise ValueError(f"attention index over {n} keys of dim {d}; got keys {xb.shape}")
+        self = cls.__new__(cls)
+        self.n, self.d, self.entry_probe, self.xb = n, d, probe, xb
+        self.indptr, self.indices = state["indptr"], state["indices"]
+        self.centroids, self.entry_table = state["centroids"], state["entry_table"]
+        self.build_s = float(state["build_s"][0])
+        self.ndis, self._faiss = np.zeros(0, dtype=np.int64), None
+        return self
 
     def search(self, xq: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
         """xq [nq, D] -> (D [nq, k] inner products, I [nq, k]); ndis [nq] set."""
@@ -76,15 +100,67 @@ class AttentionAwareIndex:
         self.ndis = ndis
         return out_d, out_i
 
+    def _entries(self, xq: np.ndarray) -> np.ndarray:
+        """Entry key ids [nq, probe * E] int32: the best centroids' top keys, each once,
+        padded with -1 (where faiss stops reading a row)."""
+        best = np.argsort(-(xq @ self.centroids.T), axis=1)[:, :self.entry_probe]
+        rows = np.sort(self.entry_table[best].reshape(xq.shape[0], -1), axis=1)
+        rows[:, 1:][rows[:, 1:] == rows[:, :-1]] = -1
+        rows = -np.sort(-rows, axis=1)  # ids first, -1s last
+        return np.ascontiguousarray(rows, dtype=np.int32)
+
+    def search_fast(self, xq: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like search, in faiss (C++): xq [nq, D] -> (D [nq, k], I [nq, k]); -1 = none."""
+        import faiss
+
+        if self._faiss is None:
+            self._faiss = _faiss_level0(self.xb, self.indptr, self.indices)
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        nq, ef = xq.shape[0], max(ef, k)
+        entries = self._entries(xq)  # [nq, E]
+        entry_d = np.ascontiguousarray(np.einsum("qd,qed->qe", xq, self.xb[entries]),
+                                       dtype=np.float32)  # -1 rows score junk, never read
+        out_d = np.empty((nq, k), dtype=np.float32)
+        out_i = np.empty((nq, k), dtype=np.int64)
+        params = faiss.SearchParametersHNSW(efSearch=ef)
+        # search_type 2: all entry points seed one beam, as in `search`
+        self._faiss.search_level_0(nq, faiss.swig_ptr(xq), k, faiss.swig_ptr(entries),
+                                   faiss.swig_ptr(entry_d), faiss.swig_ptr(out_d),
+                                   faiss.swig_ptr(out_i), entries.shape[1], 2, params)
+        return out_d, out_i
+
     def nbytes(self) -> dict[str, int]:
         graph = self.indices.nbytes + self.indptr.nbytes + self.entry_table.nbytes
-        return {"graph": graph + self.centroids.nbytes, "copy": 0}
+        copy = 0 if self._faiss is None else 4 * self.n * self.d
+        return {"graph": graph + self.centroids.nbytes, "copy": copy}
 
     def degree_stats(self) -> dict[str, float]:
         deg = np.diff(self.indptr)
         indeg = np.bincount(self.indices, minlength=self.n)
         return {"mean_degree": float(deg.mean()), "max_degree": int(deg.max()),
                 "no_in_edges": int((indeg == 0).sum())}
+
+
+def _faiss_level0(xb: np.ndarray, indptr: np.ndarray, indices: np.ndarray):
+    """A faiss IndexHNSWFlat (inner product) whose level 0 is this CSR graph, no upper
+    levels: faiss's level-0 search then walks our graph in C++."""
+    import faiss
+
+    n, d = xb.shape
+    deg = np.diff(indptr)
+    slots_m = max(1, (int(deg.max(initial=0)) + 1) // 2)  # level 0 has 2·M slots per node
+    index = faiss.IndexHNSWFlat(d, slots_m, faiss.METRIC_INNER_PRODUCT)
+    index.storage.add(np.ascontiguousarray(xb, dtype=np.float32))
+    index.ntotal = n
+    hnsw, slots = index.hnsw, index.hnsw.nb_neighbors(0)
+    faiss.copy_array_to_vector(np.ones(n, dtype=np.int32), hnsw.levels)
+    faiss.copy_array_to_vector(np.arange(n + 1, dtype=np.uint64) * slots, hnsw.offsets)
+    table = np.full((n, slots), -1, dtype=np.int32)
+    rows = np.repeat(np.arange(n), deg)
+    table[rows, np.arange(indices.size) - indptr[rows]] = indices
+    faiss.copy_array_to_vector(table.ravel(), hnsw.neighbors)
+    hnsw.entry_point, hnsw.max_level = 0, 0
+    return index
 
 
 def _co_retrieval_edges(top: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -4,6 +4,8 @@ What they add to faiss: shape checks, a single search knob, the per-query count 
 distances computed (`ndis`, from faiss's global search statistics) and a byte count.
 faiss is imported when an index is built, never at module import.
 Both faiss indexes keep their own float32 copy of the keys: counted in nbytes()["copy"].
+`search` counts distances query by query; `search_fast` is one batched faiss call (decode).
+state()/from_state() hand an index over as faiss's own serialization (a uint8 array).
 """
 
 from __future__ import annotations
@@ -32,6 +34,21 @@ class FaissHNSWIndex:
         self.index.add(np.ascontiguousarray(xb, dtype=np.float32))
         self.build_s = time.perf_counter() - t0
         self.ndis = np.zeros(0, dtype=np.int64)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return _state(self.index, self.build_s)
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray], xb: np.ndarray) -> FaissHNSWIndex:
+        self = cls.__new__(cls)
+        self.index, self.build_s = _from_state(state, xb)
+        self.n, self.d = xb.shape
+        self.ndis = np.zeros(0, dtype=np.int64)
+        return self
+
+    def search_fast(self, xq: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
+        params = _faiss().SearchParametersHNSW(efSearch=max(ef, k))
+        return self.index.search(np.ascontiguousarray(xq, dtype=np.float32), k, params=params)
 
     def search(self, xq: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
         """xq [nq, D] -> (D [nq, k], I [nq, k]); ndis [nq] is the per-query mean count."""
@@ -78,6 +95,22 @@ class FaissIVFIndex:
         self.build_s = time.perf_counter() - t0
         self.ndis = np.zeros(0, dtype=np.int64)
 
+    def state(self) -> dict[str, np.ndarray]:
+        return _state(self.index, self.build_s)
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray], xb: np.ndarray) -> FaissIVFIndex:
+        self = cls.__new__(cls)
+        self.index, self.build_s = _from_state(state, xb)  # owns its quantizer
+        self.n, self.d = xb.shape
+        self.nlist, self.quantizer = self.index.nlist, None
+        self.ndis = np.zeros(0, dtype=np.int64)
+        return self
+
+    def search_fast(self, xq: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        params = _faiss().SearchParametersIVF(nprobe=min(nprobe, self.nlist))
+        return self.index.search(np.ascontiguousarray(xq, dtype=np.float32), k, params=params)
+
     def search(self, xq: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         """xq [nq, D] -> (D [nq, k], I [nq, k])."""
         nq, d = xq.shape
@@ -98,3 +131,15 @@ class FaissIVFIndex:
     def nbytes(self) -> dict[str, int]:
         ids = 8 * self.n  # inverted lists store int64 ids beside the codes
         return {"graph": ids + 4 * self.nlist * self.d, "copy": 4 * self.n * self.d}
+
+
+def _state(index, build_s: float) -> dict[str, np.ndarray]:
+    return {"faiss": _faiss().serialize_index(index), "build_s": np.array([build_s])}
+
+
+def _from_state(state: dict[str, np.ndarray], xb: np.ndarray):
+    index = _faiss().deserialize_index(np.ascontiguousarray(state["faiss"], dtype=np.uint8))
+    if index.ntotal != xb.shape[0] or index.d != xb.shape[1]:
+        raise ValueError(f"faiss index holds {index.ntotal} keys of dim {index.d}; "
+                         f"the store has {xb.shape[0]} of dim {xb.shape[1]}")
+    return index, float(state["build_s"][0])

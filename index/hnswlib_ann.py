@@ -7,6 +7,8 @@ levels, then the base-layer best-first search with ef = max(ef, k)), counting ev
 product. Results come from hnswlib itself; the replay only counts distances.
 `replay_agreement` (mean overlap of replayed and hnswlib ids) says how faithful the count
 is. hnswlib keeps its own float32 copy of the keys: counted in nbytes()["copy"].
+`search_fast` is hnswlib's search alone (decode); state()/from_state() carry hnswlib's own
+serialized format as a uint8 array.
 """
 
 from __future__ import annotations
@@ -38,15 +40,46 @@ class HnswlibIndex:
         self.index.add_items(np.ascontiguousarray(xb, dtype=np.float32),
                              np.arange(self.n), num_threads=1)
         self.build_s = time.perf_counter() - t0
-        self._read_graph()
+        self.upper: list[dict[int, np.ndarray]] | None = None  # read on the first search()
         self.ndis = np.zeros(0, dtype=np.int64)
         self.replay_agreement = float("nan")
 
-    def _read_graph(self) -> None:
+    def _serialized(self) -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "hnsw.bin")
             self.index.save_index(path)
-            raw = open(path, "rb").read()
+            return open(path, "rb").read()
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"hnswlib": np.frombuffer(self._serialized(), dtype=np.uint8),
+                "build_s": np.array([self.build_s])}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray], xb: np.ndarray) -> HnswlibIndex:
+        import hnswlib
+
+        self = cls.__new__(cls)
+        self.n, self.d = xb.shape
+        self.xb, self.build_s = xb, float(state["build_s"][0])
+        self.index = hnswlib.Index(space="ip", dim=self.d)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "hnsw.bin")
+            with open(path, "wb") as f:
+                f.write(np.ascontiguousarray(state["hnswlib"]).tobytes())
+            self.index.load_index(path, max_elements=self.n)
+        if self.index.get_current_count() != self.n:
+            raise ValueError(f"hnswlib index holds {self.index.get_current_count()} keys; "
+                             f"the store has {self.n}")
+        self.upper, self.ndis, self.replay_agreement = None, np.zeros(0, np.int64), float("nan")
+        return self
+
+    def search_fast(self, xq: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
+        self.index.set_ef(max(ef, k))
+        labels, dist = self.index.knn_query(np.ascontiguousarray(xq, dtype=np.float32), k=k)
+        return (1.0 - dist).astype(np.float32), labels.astype(np.int64)
+
+    def _read_graph(self) -> None:
+        raw = self._serialized()
         (off0, max_el, count, size_el, label_off, _data_off, maxlevel, entry, max_m,
          max_m0, _m, _mult, _efc) = _HEADER.unpack_from(raw, 0)
         pos = _HEADER.size
@@ -103,6 +136,8 @@ class HnswlibIndex:
         nq, d = xq.shape
         assert d == self.d, (xq.shape, self.d)
         ef = max(ef, k)
+        if self.upper is None:
+            self._read_graph()
         self.index.set_ef(ef)
         labels, dist = self.index.knn_query(np.ascontiguousarray(xq, dtype=np.float32), k=k,
                                             num_threads=1)
@@ -119,4 +154,6 @@ class HnswlibIndex:
         return (1.0 - dist).astype(np.float32), labels.astype(np.int64)
 
     def nbytes(self) -> dict[str, int]:
+        if self.upper is None:
+            self._read_graph()
         return {"graph": self.graph_bytes, "copy": 4 * self.n * self.d}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import KVConfig
+from ..config import IndexConfig, KVConfig
 from .dense import DenseKV, dense_decode_attention
 from .host_store import HostKVStore
 from .lowrank import LowRankKeys
@@ -18,8 +18,9 @@ __all__ = ["AttnStep", "DenseKV", "HostKVStore", "KVPolicy", "LowRankKeys", "Spa
 
 def make_kv_policy(cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads: int,
                    head_dim: int, max_tokens: int, device: torch.device,
-                   dtype: torch.dtype) -> DenseKV | SparseKV:
+                   dtype: torch.dtype, index: IndexConfig | None = None,
+                   progress: bool = False) -> DenseKV | SparseKV:
     if cfg.policy == "dense":
         return DenseKV(num_layers, 1, num_kv_heads, max_tokens, head_dim, device, dtype)
     return SparseKV(cfg, num_layers, num_heads, num_kv_heads, head_dim, max_tokens, device,
-                    dtype)
+                    dtype, index, progress)

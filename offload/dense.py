@@ -22,7 +22,7 @@ class DenseKV:
         self.slots = torch.arange(max_tokens, device=device)  # [N]
         self.max_tokens = max_tokens
 
-    def start_request(self) -> None:
+    def start_request(self, prompt_tokens: int | None = None) -> None:
         """Nothing to reset: every slot a request reads is written first."""
 
     def finish_layer(self, layer: int, n: int) -> None:

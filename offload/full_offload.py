@@ -31,7 +31,7 @@ class FullOffloadKV:
         self.ready: list[torch.cuda.Event | None] = [None, None]
         self.n = 0
 
-    def start_request(self) -> None:
+    def start_request(self, prompt_tokens: int | None = None) -> None:
         self.n = 0
 
     def finish_layer(self, layer: int, n: int) -> None:

@@ -27,7 +27,7 @@ class KVPolicy(Protocol):
     graph_safe: bool  # decode step has static shapes (may be captured in a CUDA graph)
     state_version: int  # changes whenever the decode state is reallocated (graphs go stale)
 
-    def start_request(self) -> None:
+    def start_request(self, prompt_tokens: int | None = None) -> None:
         """Prepare for a new prompt (prefill comes next)."""
         ...
 

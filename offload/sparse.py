@@ -4,22 +4,32 @@ Prefill is exact (a transient dense cache on the device). When the prompt is don
 K, V move to the host store, the window keeps sinks and recent tokens on the device, and
 the selector (low-rank retriever, Quest pages, or none for streaming) indexes the keys.
 Each decode step then attends over window ∪ selected with one kernel call.
+
+With a host index (index.kind other than lowrank), a sample of each layer's prefill
+queries is kept on the host, and when the layer's prefill is done its keys and queries go
+to the IndexBuildService; built indexes are installed between decode steps, and until
+then the layer is served by the low-rank retriever.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
-from ..config import KVConfig
+from ..config import IndexConfig, KVConfig
 from ..errors import ConfigError
+from ..index.ann_retriever import AnnRetriever, LayerIndex
+from ..index.build_service import IndexBuildService
 from ..index.retriever import LowRankRetriever, QuestRetriever
 from .dense import DenseKV
 from .host_store import HostKVStore
 from .lowrank import LowRankKeys
 from .policy import AttnStep
 from .window import WindowCache
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,7 +47,8 @@ class SparseKV:
 
     def __init__(self, cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, max_tokens: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, index: IndexConfig | None = None,
+                 progress: bool = False) -> None:
         if cfg.policy == "retrieval" and cfg.rank > head_dim:
             raise ConfigError(f"kv.rank is {cfg.rank} but the model's head_dim is {head_dim}: "
                               f"use a rank <= {head_dim}")
@@ -56,9 +67,21 @@ class SparseKV:
         elif cfg.policy == "quest":
             self.selector = QuestRetriever(num_layers, num_kv_heads, max_tokens, head_dim,
                                            cfg.page_tokens, device, dtype)
+        self.index_cfg = index or IndexConfig()
+        self.ann: AnnRetriever | None = None
+        self.builder: IndexBuildService | None = None
+        if cfg.policy == "retrieval" and self.index_cfg.kind != "lowrank":
+            ic = self.index_cfg
+            self.ann = AnnRetriever(ic.kind, self.store.k, self.selector, head_dim,
+                                    ic.search_ef, ic.search_threads)
+            self.selector = self.ann
+            self.builder = IndexBuildService(ic.kind, ic.builder, ic.ray_address,
+                                             progress=progress)
+        self._queries: dict[int, list[torch.Tensor]] = {}  # layer -> [H, m, D] host chunks
+        self.query_stride = 1
         self.window: WindowCache | None = None
         self.prefill_kv: DenseKV | None = None
-        self.budget = 0
+        self.budget = self.prompt_tokens = 0
         self.state_version = 0
         self.trace: list[TraceEntry] | None = None  # set to [] to record decode steps
         self._gather, self._attention, self._store = _ops(device)
@@ -67,23 +90,74 @@ class SparseKV:
     def graph_safe(self) -> bool:
         """Decode has fixed shapes and no host sync, so a CUDA graph may capture it; not
         while tracing, which reads positions on the host."""
-        return self.trace is None
+        return self.trace is None and self.ann is None  # host search syncs every step
 
     # -- request lifecycle -------------------------------------------------------------
-    def start_request(self) -> None:
+    def start_request(self, prompt_tokens: int | None = None) -> None:
         # Exact attention during prefill needs one layer's full K, V on the device (prefill
         # runs layer-major); each layer's is handed over to the host store when it is done.
         self.prefill_kv = DenseKV(1, 1, self.Hkv, self.max_tokens, self.D, self.device,
                                   self.dtype)
+        if self.ann is not None:
+            self.builder.cancel()
+            self.ann.reset()
+            self._queries.clear()
+            n = prompt_tokens or self.max_tokens
+            self.query_stride = max(1, n // self.index_cfg.build_queries)
 
     def finish_layer(self, layer: int, n: int) -> None:
         if layer == 0:
             self._begin(n)
         kv = self.prefill_kv
         self.ingest_layer(layer, kv.k[0, 0, :, :n], kv.v[0, 0, :, :n])
+        if self.ann is not None:
+            self._submit_build(layer, n)
 
     def finish_prefill(self, n: int) -> None:
         self.prefill_kv = None  # the dense scratch is freed here
+        if self.builder is not None:
+            self.install_ready()
+
+    # -- host indexes ------------------------------------------------------------------
+    def _keep_queries(self, layer: int, q: torch.Tensor, step: AttnStep) -> None:
+        """Keep every query_stride-th prefill query of the layer: q [1, H, T, D]."""
+        pos = step.positions
+        keep = (pos % self.query_stride == 0).nonzero()[:, 0]
+        self._queries.setdefault(layer, []).append(q[0][:, keep].float().cpu())
+
+    def _index_range(self, n: int) -> tuple[int, int]:
+        """Positions a layer's index covers: the offloaded region at the first decode step
+        [sinks, n + 1 - W). Later tokens leave the window into the exact-scan buffer."""
+        lo = self.cfg.sink_tokens
+        return lo, max(lo, n + 1 - self.window.W)
+
+    def _submit_build(self, layer: int, n: int) -> None:
+        lo, hi = self._index_range(n)
+        queries = self._queries.pop(layer, [])
+        if hi - lo < 1 or not queries:
+            return
+        q = torch.cat(queries, dim=1)  # [H, M, D]
+        q = q.reshape(self.Hkv, -1, self.D).numpy()  # [Hkv, G·M, D]: the group's queries
+        keys = self.store.k[layer, :, lo:hi].float().numpy()  # [Hkv, hi - lo, D]
+        self.builder.submit(layer, keys, q)
+
+    def install_ready(self, wait: bool = False) -> list[int]:
+        """Install the layers whose index builds are done -> their layer numbers."""
+        (lo, hi), done = self._index_range(self.prompt_tokens), []
+        for built in self.builder.collect(wait=wait):
+            keys = self._index_keys(built.layer, lo, hi)
+            self.ann.install(built.layer, LayerIndex.from_states(self.ann.kind, lo,
+                                                                 built.states, keys))
+            done.append(built.layer)
+            LOG.info("layer %d: %s index ready after %.2f s; switching from the low-rank "
+                     "retriever", built.layer, self.ann.kind, built.seconds)
+        return done
+
+    def _index_keys(self, layer: int, lo: int, hi: int) -> list:
+        """Per kv head [hi - lo, D] float32 keys: a view of the store when it is float32."""
+        k = self.store.k[layer, :, lo:hi]
+        k = k if k.dtype == torch.float32 else k.float()
+        return [k[h].numpy() for h in range(self.Hkv)]
 
     def ingest(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Take a prompt's K, V [L, Hkv, n, D] (post-RoPE) as this policy's state."""
@@ -109,7 +183,7 @@ class SparseKV:
         """A prompt of n tokens arrives: size the budget and a fresh window for it.
         Streaming spends the top_k budget on a longer window, so all policies attend the
         same number of tokens."""
-        self.budget = self.cfg.budget(n)
+        self.budget, self.prompt_tokens = self.cfg.budget(n), n
         extra = self.budget if self.cfg.policy == "streaming" else 0
         self.window = WindowCache(self.L, self.Hkv, self.cfg.sink_tokens,
                                   self.cfg.window_tokens + extra, self.D, self.device,
@@ -121,7 +195,11 @@ class SparseKV:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                step: AttnStep) -> torch.Tensor:
         if self.prefill_kv is not None:  # prefill: exact, one layer at a time
+            if self.ann is not None:
+                self._keep_queries(layer, q, step)
             return self.prefill_kv.attend(0, q, k, v, step)
+        if self.builder is not None and layer == 0 and self.builder.pending:
+            self.install_ready()
         if q.shape[0] != 1 or q.shape[2] != 1:
             raise NotImplementedError("sparse decode serves one sequence, one token per step")
         # Everything below stays on the device with fixed shapes (no host sync), so the
@@ -173,6 +251,9 @@ class SparseKV:
                 parts.append(part.memory_bytes())
         if self.prefill_kv is not None:
             parts.append(self.prefill_kv.memory_bytes())
+        if self.ann is not None:  # index graphs and the libraries' key copies, on the host
+            parts.append({"host": sum(sum(ix.nbytes().values())
+                                      for ix in self.ann.layers.values())})
         total: dict[str, int] = {}
         for p in parts:
             for place, nbytes in p.items():

@@ -25,6 +25,8 @@ from .errors import ConfigError
 KV_POLICIES = ("dense", "streaming", "quest", "retrieval")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+INDEX_KINDS = ("lowrank", "attention", "faiss-hnsw", "faiss-ivf", "hnswlib", "hybrid")
+BUILDERS = ("ray", "inline")
 
 
 @dataclass(frozen=True)
@@ -109,10 +111,47 @@ class KVConfig:
 
 
 @dataclass(frozen=True)
+class IndexConfig:
+    # Which retriever picks kv.top_k tokens for kv.policy retrieval:
+    #   lowrank     top-k of the low-rank GPU key scores, exact re-rank (no host index)
+    #   attention   attention-aware graph over the host keys, built from prefill queries
+    #   faiss-hnsw, faiss-ivf, hnswlib   key-only ANN indexes (baselines)
+    #   hybrid      attention-aware candidates merged with the low-rank ones, exact re-rank
+    # Until a layer's host index is built, that layer is served by the low-rank retriever.
+    kind: str = "lowrank"
+    builder: str = "ray"  # ray: Ray tasks off the decode path; inline: in-process, blocking
+    ray_address: str | None = None  # an existing Ray cluster; None starts a local one
+    build_queries: int = 2048  # prefill positions per layer whose queries build the graph
+    search_ef: float = 1.5  # beam width (efSearch / nprobe scale) as a multiple of top_k
+    search_threads: int = 0  # host threads searching kv heads in parallel; 0 = one per head
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise ConfigError(f"index.kind is {self.kind!r}: valid kinds are "
+                              f"{', '.join(INDEX_KINDS)}")
+        if self.builder not in BUILDERS:
+            raise ConfigError(f"index.builder is {self.builder!r}: use ray or inline")
+        if self.build_queries < 1:
+            raise ConfigError(f"index.build_queries is {self.build_queries}: it must be >= 1")
+        if self.search_ef < 1.0:
+            raise ConfigError(f"index.search_ef is {self.search_ef}: it must be >= 1 "
+                              "(the beam must hold at least top_k tokens)")
+        if self.search_threads < 0:
+            raise ConfigError("index.search_threads must be >= 0")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     kv: KVConfig = field(default_factory=KVConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+    def __post_init__(self) -> None:
+        if self.index.kind != "lowrank" and self.kv.policy != "retrieval":
+            raise ConfigError(f"index.kind is {self.index.kind} but kv.policy is "
+                              f"{self.kv.policy}: host indexes serve kv.policy retrieval; "
+                              "set kv.policy: retrieval or index.kind: lowrank")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, source: str = "config") -> EngineConfig:

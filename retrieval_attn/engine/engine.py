@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import EngineConfig, KVConfig
+from ..config import EngineConfig, IndexConfig, KVConfig
 from ..errors import ConfigError, RequestError
 from ..model.loader import LoadedModel
 from ..offload import make_kv_policy
@@ -43,14 +43,16 @@ class Engine:
             LOG.warning("runtime.max_context_tokens %d exceeds the %d positions %s was "
                         "trained for: expect degraded output past that length",
                         self.max_tokens, spec.max_position_embeddings, loaded.source)
-        self.kv = self.make_policy(config.kv)
+        self.kv = self.make_policy(config.kv, config.index)
         self.runner = ModelRunner(loaded.model, self.kv, self.max_tokens,
                                   rt.prefill_chunk_tokens, rt.cuda_graphs and self.kv.graph_safe)
 
-    def make_policy(self, kv: KVConfig) -> KVPolicy:
+    def make_policy(self, kv: KVConfig, index: IndexConfig | None = None) -> KVPolicy:
+        """A KV policy for this model; index None = the low-rank retriever (no host index)."""
         spec, weight = self.loaded.spec, self.loaded.model.embed.weight
         return make_kv_policy(kv, spec.num_layers, spec.num_heads, spec.num_kv_heads,
-                              spec.head_dim, self.max_tokens, weight.device, weight.dtype)
+                              spec.head_dim, self.max_tokens, weight.device, weight.dtype,
+                              index, self.config.runtime.progress_bar)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -73,7 +75,7 @@ class Engine:
         stats.prompt_tokens = len(prompt_ids)
         progress = rt.progress_bar and len(prompt_ids) >= rt.progress_bar_min_tokens
         t0 = time.perf_counter()
-        self.kv.start_request()
+        self.kv.start_request(len(prompt_ids))
         logits = self.runner.prefill(prompt_ids, progress=progress)
         self.kv.finish_prefill(len(prompt_ids))
         stats.prefill_s = time.perf_counter() - t0

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from retrieval_attn.config import KVConfig
+from retrieval_attn.config import IndexConfig, KVConfig
 from retrieval_attn.offload import DenseKV, SparseKV, make_kv_policy
 from retrieval_attn.offload.policy import AttnStep
 
@@ -30,16 +30,23 @@ def qkv(T):
     return torch.randn(1, H, T, D), torch.randn(1, HKV, T, D), torch.randn(1, HKV, T, D)
 
 
-@pytest.mark.parametrize("policy", ["streaming", "quest", "retrieval"])
+@pytest.mark.parametrize("policy", ["streaming", "quest", "retrieval", "retrieval+attention",
+                                    "retrieval+faiss-hnsw"])
 def test_budget_covering_everything_is_exact(policy):
     # top_k >= every offloaded token: sparse attention must equal dense attention exactly
+    policy, _, kind = policy.partition("+")
+    if kind:
+        pytest.importorskip("faiss")
+    index = IndexConfig(kind=kind or "lowrank", builder="inline", build_queries=16)
     cfg = KVConfig(policy=policy, sink_tokens=3, window_tokens=10, top_k=N, page_tokens=1,
                    rank=4, rerank_factor=2)
     q, k, v = qkv(70)
     dense = run_policy(DenseKV(L, 1, HKV, N, D, torch.device("cpu"), torch.float32),
                        q, k, v, 50)
-    sparse = run_policy(make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"),
-                                       torch.float32), q, k, v, 50)
+    kv = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32, index)
+    sparse = run_policy(kv, q, k, v, 50)
+    if kind:  # every decode step of every layer went through the host index
+        assert kv.ann.served == {"index": L * 20, "lowrank": 0}
     for a, b in zip(sparse, dense, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 

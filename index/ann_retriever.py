@@ -1,0 +1,163 @@
+"""AnnRetriever: decode-time top-k from host ANN indexes, one per (layer, kv head).
+
+A layer's index covers the prompt's offloaded positions [lo, n): built once the layer's
+prefill is done (inline or on Ray workers, see build_service.py). Until a layer's index
+is installed the layer is served by the low-rank retriever, so decode never waits.
+Tokens decoded later leave the window into positions [n, hi): they sit in a flat buffer
+that every step scans exactly, until the next prompt.
+
+Each step, for every kv head (host threads in parallel): each of the G query heads of the
+group searches the head's index for its own top-k; the union of their candidates and the
+flat buffer is re-scored with the exact keys from the host store, and the k with the
+largest summed attention shares (window log-sum-exp included, as in group_scores) win.
+`hybrid` adds the low-rank retriever's picks to the candidates before the re-rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .attention_graph import AttentionAwareIndex
+from .faiss_ann import FaissHNSWIndex, FaissIVFIndex
+from .hnswlib_ann import HnswlibIndex
+
+LOG = logging.getLogger(__name__)
+
+INDEX_CLASSES = {"attention": AttentionAwareIndex, "hybrid": AttentionAwareIndex,
+                 "faiss-hnsw": FaissHNSWIndex, "faiss-ivf": FaissIVFIndex,
+                 "hnswlib": HnswlibIndex}
+
+HeadIndex = AttentionAwareIndex | FaissHNSWIndex | FaissIVFIndex | HnswlibIndex
+
+
+def build_head_index(kind: str, keys: np.ndarray, queries: np.ndarray) -> HeadIndex:
+    """keys [n, D] float32 (one kv head), queries [M, D] its group's prefill queries."""
+    if kind in ("attention", "hybrid"):
+        return AttentionAwareIndex(keys, queries)
+    if kind == "faiss-hnsw":
+        return FaissHNSWIndex(keys, M=32)
+    if kind == "faiss-ivf":
+        return FaissIVFIndex(keys)
+    if kind == "hnswlib":
+        return HnswlibIndex(keys, M=32)
+    raise ValueError(f"unknown index kind {kind!r}: one of {', '.join(INDEX_CLASSES)}")
+
+
+def build_layer_states(kind: str, keys: np.ndarray,
+                       queries: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """One layer: keys [Hkv, n, D], queries [Hkv, M, D] -> one state dict per kv head.
+
+    Plain arrays only: what a Ray worker hands back and what save_context writes.
+    """
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # one build per worker core
+    return [build_head_index(kind, np.ascontiguousarray(keys[h], dtype=np.float32),
+                             np.ascontiguousarray(queries[h], dtype=np.float32)).state()
+            for h in range(keys.shape[0])]
+
+
+@dataclass
+class LayerIndex:
+    """The indexes of one layer's kv heads over prompt positions [lo, hi)."""
+
+    kind: str
+    lo: int
+    hi: int
+    heads: list[HeadIndex]
+    states: list[dict[str, np.ndarray]]  # what they were made from (for save_context)
+
+    @classmethod
+    def from_states(cls, kind: str, lo: int, states: list[dict[str, np.ndarray]],
+                    keys: list[np.ndarray]) -> LayerIndex:
+        """keys: per kv head [hi - lo, D] float32 views of the host store rows."""
+        heads = [INDEX_CLASSES[kind].from_state(s, xb) for s, xb in zip(states, keys,
+                                                                         strict=True)]
+        return cls(kind, lo, lo + keys[0].shape[0], heads, states)
+
+    def nbytes(self) -> dict[str, int]:
+        total = {"graph": 0, "copy": 0}
+        for h in self.heads:
+            for part, n in h.nbytes().items():
+                total[part] += n
+        return total
+
+
+class AnnRetriever:
+    """Retriever over host indexes with a low-rank fallback (same select() contract)."""
+
+    def __init__(self, kind: str, keys: torch.Tensor, fallback, head_dim: int,
+                 search_ef: float = 1.5, threads: int = 0) -> None:
+        self.kind, self.keys = kind, keys  # keys: the host store's K [L, Hkv, N, D]
+        self.fallback, self.scale, self.search_ef = fallback, head_dim**-0.5, search_ef
+        self.layers: dict[int, LayerIndex] = {}
+        self.pool = ThreadPoolExecutor(threads or keys.shape[1])
+        self.served = {"index": 0, "lowrank": 0}  # layer-steps served by each path
+        self.search_s = 0.0
+
+    def reset(self) -> None:
+        self.layers.clear()
+        self.served = {"index": 0, "lowrank": 0}
+        self.search_s = 0.0
+
+    def install(self, layer: int, index: LayerIndex) -> None:
+        self.layers[layer] = index
+
+    def select(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
+               other_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [Hkv, G, D] -> (positions [Hkv, k] int64, count [1] int32), as LowRankRetriever."""
+        index = self.layers.get(layer)
+        hi_i = int(hi.reshape(-1)[0])
+        k = min(k, self.keys.shape[2] - lo)
+        count = max(0, min(hi_i - lo, k))
+        if index is None or count == 0 or index.lo != lo:
+            self.served["lowrank"] += 1
+            return self.fallback.select(layer, q, lo, hi, k, other_lse)
+        t0 = time.perf_counter()
+        qn = q.float().cpu().numpy()  # [Hkv, G, D]
+        lse = (other_lse.float().cpu() if other_lse is not None
+               else torch.full(qn.shape[:2], float("-inf")))  # [Hkv, G]
+        extra = None
+        if self.kind == "hybrid":
+            extra = self.fallback.select(layer, q, lo, hi, k, other_lse)[0].cpu()  # [Hkv, k]
+        jobs = [self.pool.submit(self._select_head, layer, h, index, qn[h], lse[h], hi_i, k,
+                                 count, None if extra is None else extra[h, :count])
+                for h in range(qn.shape[0])]
+        picked = [j.result() for j in jobs]
+        self.search_s += time.perf_counter() - t0
+        if any(p is None for p in picked):  # too few candidates: rare, low-rank serves
+            self.served["lowrank"] += 1
+            return self.fallback.select(layer, q, lo, hi, k, other_lse)
+        self.served["index"] += 1
+        out = torch.full((qn.shape[0], k), lo, dtype=torch.long)
+        for h, p in enumerate(picked):
+            out[h, :count] = p
+        return (out.to(q.device, non_blocking=True),
+                torch.tensor([count], dtype=torch.int32, device=q.device))
+
+    def _select_head(self, layer: int, h: int, index: LayerIndex, q: np.ndarray,
+                     other_lse: torch.Tensor, hi: int, k: int, count: int,
+                     extra: torch.Tensor | None) -> torch.Tensor | None:
+        """One kv head: q [G, D] -> the best `count` positions [count] in [lo, hi)."""
+        ef = max(k, int(self.search_ef * k))
+        _, ids = index.heads[h].search_fast(q, k, ef)  # [G, k] local ids, -1 = none
+        cand = np.unique(ids[ids >= 0]) + index.lo
+        parts = [torch.from_numpy(cand[cand < hi])]
+        if hi > index.hi:  # decoded tokens that left the window: exact scan
+            parts.append(torch.arange(index.hi, hi))
+        if extra is not None:
+            parts.append(extra)
+        cand = torch.unique(torch.cat(parts))
+        if cand.numel() < count:
+            return None
+        keys = self.keys[layer, h].index_select(0, cand).float()  # [C, D]
+        logits = torch.from_numpy(q) @ keys.T * self.scale  # [G, C]
+        total = torch.logaddexp(other_lse, torch.logsumexp(logits, dim=-1))  # [G]
+        shares = torch.exp(logits - total[:, None]).sum(dim=0)  # [C]
+        return cand[shares.topk(count).indices]
