@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .config import EngineConfig
+from .context import SavedContext, open_context, save_context
 from .engine import Engine, GenerationStats, TextAssembler
 from .errors import ConfigError, RequestError
 from .model.loader import load_model
@@ -20,8 +21,9 @@ from .sampling import SamplingParams
 LOG = logging.getLogger(__name__)
 
 ChatMessages = list[dict[str, str]]
-# A prompt is text, chat messages, or {"prompt_token_ids": [...]} (pre-tokenized).
-Prompt = str | ChatMessages | dict[str, list[int]]
+# A prompt is text, chat messages, {"prompt_token_ids": [...]} (pre-tokenized), or a
+# saved context (LLM.load_context) whose KV state is loaded instead of prefilled.
+Prompt = str | ChatMessages | dict[str, list[int]] | SavedContext
 
 
 @dataclass
@@ -87,8 +89,20 @@ class LLM:
         """Yield text pieces of one prompt's answer as they are decoded."""
         params = params or SamplingParams()
         ids = self._encode(prompt)
-        out = yield from self._pieces(ids, params, GenerationStats(), [])
+        out = yield from self._pieces(ids, params, GenerationStats(), [], prompt)
         return out
+
+    def save_context(self, prompt: Prompt, path: str | Path) -> Path:
+        """Prefill a prompt and write its KV state (host store, low-rank keys, every
+        layer's index, waiting for index builds) to the folder path."""
+        ids = self._encode(prompt)
+        logits = self.engine.prefill(ids, GenerationStats())
+        return save_context(self.engine, ids, logits, path)
+
+    def load_context(self, path: str | Path) -> SavedContext:
+        """Check a saved context (checksums, model shape, config); pass the result to
+        generate() or stream() as the prompt."""
+        return open_context(self.engine, path)
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt exactly as generate() would feed them."""
@@ -96,16 +110,18 @@ class LLM:
 
     def _run(self, prompt: Prompt, ids: list[int], params: SamplingParams) -> RequestOutput:
         stats, new_ids = GenerationStats(), []
-        text = "".join(self._pieces(ids, params, stats, new_ids))
+        text = "".join(self._pieces(ids, params, stats, new_ids, prompt))
         timings = Timings(stats.prefill_s, stats.decode_s, stats.prompt_tokens,
                           stats.generated_tokens)
         return RequestOutput(prompt, ids, text, new_ids, stats.finish_reason or "stop", timings)
 
     def _pieces(self, ids: list[int], params: SamplingParams, stats: GenerationStats,
-                new_ids: list[int]) -> Iterator[str]:
+                new_ids: list[int], prompt: Prompt | None = None) -> Iterator[str]:
         decode = self.tokenizer.decode if self.tokenizer else _no_text
         text = TextAssembler(decode, params.stop)
-        gen = self.engine.generate_ids(ids, params, stats)
+        gen = (self.engine.generate_from_context(prompt, params, stats)
+               if isinstance(prompt, SavedContext)
+               else self.engine.generate_ids(ids, params, stats))
         for token in gen:
             new_ids.append(token)
             piece = text.add(token)
@@ -120,6 +136,8 @@ class LLM:
             yield rest
 
     def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, SavedContext):
+            return list(prompt.prompt_token_ids)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return [int(i) for i in prompt["prompt_token_ids"]]
         if self.tokenizer is None:
@@ -140,7 +158,7 @@ def _no_text(ids: list[int]) -> str:
 
 
 def _as_batch(prompts: Any) -> list[Prompt]:
-    if isinstance(prompts, (str, dict)):
+    if isinstance(prompts, (str, dict, SavedContext)):
         return [prompts]
     if not isinstance(prompts, list) or not prompts:
         raise RequestError("prompts must be a prompt or a non-empty list of prompts")

@@ -67,9 +67,8 @@ class Engine:
         if bad:
             raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
 
-    def generate_ids(self, prompt_ids: list[int], params: SamplingParams,
-                     stats: GenerationStats) -> Iterator[int]:
-        """Yield new token ids; stats is filled in as the request runs."""
+    def prefill(self, prompt_ids: list[int], stats: GenerationStats) -> torch.Tensor:
+        """Run the prompt into the KV policy -> its last logits [V]."""
         self.check_prompt(prompt_ids)
         rt = self.config.runtime
         stats.prompt_tokens = len(prompt_ids)
@@ -79,7 +78,23 @@ class Engine:
         logits = self.runner.prefill(prompt_ids, progress=progress)
         self.kv.finish_prefill(len(prompt_ids))
         stats.prefill_s = time.perf_counter() - t0
+        return logits
+
+    def generate_ids(self, prompt_ids: list[int], params: SamplingParams,
+                     stats: GenerationStats) -> Iterator[int]:
+        """Yield new token ids; stats is filled in as the request runs."""
+        logits = self.prefill(prompt_ids, stats)
         yield from self.decode(logits, len(prompt_ids), params, stats)
+
+    def generate_from_context(self, ctx, params: SamplingParams,
+                              stats: GenerationStats) -> Iterator[int]:
+        """Like generate_ids, with the prompt's KV state loaded from a saved context."""
+        from ..context import restore_context
+
+        t0 = time.perf_counter()
+        logits = restore_context(self, ctx)
+        stats.prompt_tokens, stats.prefill_s = len(ctx.prompt_token_ids), time.perf_counter() - t0
+        yield from self.decode(logits, len(ctx.prompt_token_ids), params, stats)
 
     def decode(self, logits: torch.Tensor, pos: int, params: SamplingParams,
                stats: GenerationStats, kv: KVPolicy | None = None) -> Iterator[int]:

@@ -1,0 +1,188 @@
+"""Saved contexts: a prefilled prompt's KV state on disk, to decode from later.
+
+A context is a folder:
+  manifest.json          format, model shape, kv/index config, prompt ids, and for every
+                         other file its size and sha256
+  kv.safetensors         k, v [L, Hkv, n, D] (post-RoPE) as the host store holds them
+  logits.safetensors     the prompt's last logits [V] (float32): the first new token
+  lowrank.safetensors    mean [L, Hkv, D], basis [L, Hkv, D, r], keys [L, Hkv, n, r]
+  index/layerNNN.safetensors   per kv head h, the index state arrays "h{h}.{name}"
+
+safetensors and JSON only, no pickle. Loading checks every file's size and checksum
+before reading it, then that the model shape and the kv/index config match the engine's,
+and fails naming the file and what mismatched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file as load_np
+from safetensors.numpy import save_file as save_np
+from safetensors.torch import load_file, save_file
+
+from .errors import RetrievalAttnError
+
+FORMAT, VERSION = "retrieval-attn-context", 1
+
+
+class ContextError(RetrievalAttnError):
+    """A saved context is missing, altered, truncated or made for another model/config."""
+
+
+@dataclass
+class SavedContext:
+    """A context on disk, checked and ready to decode from: pass it to LLM.generate."""
+
+    path: Path
+    prompt_token_ids: list[int]
+    manifest: dict
+
+
+def save_context(engine, prompt_ids: list[int], logits: torch.Tensor, path: str | Path) -> Path:
+    """Write the engine's current KV state (just after prefilling prompt_ids) to path."""
+    from .offload import DenseKV, SparseKV
+
+    path, kv, n = Path(path), engine.kv, len(prompt_ids)
+    (path / "index").mkdir(parents=True, exist_ok=True)
+    files: list[str] = []
+
+    def put(name: str, tensors: dict, numpy: bool = False) -> None:
+        (save_np if numpy else save_file)(tensors, str(path / name))
+        files.append(name)
+
+    if isinstance(kv, SparseKV):
+        put("kv.safetensors", {"k": kv.store.k[:, :, :n].contiguous(),
+                               "v": kv.store.v[:, :, :n].contiguous()})
+        if kv.sketch is not None:
+            s = kv.sketch
+            put("lowrank.safetensors", {"mean": s.mean.cpu(), "basis": s.basis.cpu(),
+                                        "keys": s.keys[:, :, :n].contiguous().cpu()})
+        if kv.ann is not None:
+            kv.install_ready(wait=True)  # every layer's index, not a partial set
+            for layer, index in sorted(kv.ann.layers.items()):
+                arrays = {f"h{h}.{k}": np.ascontiguousarray(v)
+                          for h, st in enumerate(index.states) for k, v in st.items()}
+                put(f"index/layer{layer:03d}.safetensors", arrays, numpy=True)
+    elif isinstance(kv, DenseKV):
+        put("kv.safetensors", {"k": kv.k[:, 0, :, :n].contiguous().cpu(),
+                               "v": kv.v[:, 0, :, :n].contiguous().cpu()})
+    else:
+        raise ContextError(f"save_context does not support the {type(kv).__name__} policy")
+    put("logits.safetensors", {"logits": logits.float().cpu()})
+    cfg = engine.config
+    manifest = {"format": FORMAT, "version": VERSION, "model": engine.loaded.source,
+                "spec": _spec(engine), "kv": dataclasses.asdict(cfg.kv),
+                "index": dataclasses.asdict(cfg.index), "prompt_token_ids": list(prompt_ids),
+                "files": {f: _digest(path / f) for f in files}}
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return path
+
+
+def open_context(engine, path: str | Path) -> SavedContext:
+    """Read and check a context's manifest and files (sizes, checksums, model, config)."""
+    path = Path(path)
+    mpath = path / "manifest.json"
+    if not mpath.is_file():
+        raise ContextError(f"{path} is not a saved context: {mpath} does not exist "
+                           "(write one with LLM.save_context)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ContextError(f"{mpath} is not valid JSON ({e}): the file is damaged; "
+                           "save the context again") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ContextError(f"{mpath}: format {manifest.get('format')!r} version "
+                           f"{manifest.get('version')!r}, expected {FORMAT!r} {VERSION}")
+    for name, want in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise ContextError(f"{f} is missing (listed in {mpath}): save the context again")
+        got = _digest(f)
+        if got["bytes"] != want["bytes"]:
+            raise ContextError(f"{f} has {got['bytes']} bytes, the manifest says "
+                               f"{want['bytes']}: the file is truncated or was replaced")
+        if got["sha256"] != want["sha256"]:
+            raise ContextError(f"{f}: sha256 {got['sha256'][:16]}… does not match the "
+                               f"manifest's {want['sha256'][:16]}…: the file was altered")
+    if manifest["spec"] != _spec(engine):
+        diff = {k: (v, _spec(engine).get(k)) for k, v in manifest["spec"].items()
+                if _spec(engine).get(k) != v}
+        raise ContextError(f"{path} was saved from a model of another shape "
+                           f"({manifest['model']}); differs in {diff}: load it with that model")
+    cfg = engine.config
+    for section, now in (("kv", dataclasses.asdict(cfg.kv)),
+                         ("index", dataclasses.asdict(cfg.index))):
+        keys = ("kind",) if section == "index" else tuple(now)
+        diff = {k: (manifest[section][k], now[k]) for k in keys if manifest[section][k] != now[k]}
+        if diff:
+            raise ContextError(f"{path} was saved with other {section} settings "
+                               f"(saved, now): {diff}; load it with the config it was saved with")
+    n = len(manifest["prompt_token_ids"])
+    if n >= engine.max_tokens:
+        raise ContextError(f"{path} holds {n} tokens but runtime.max_context_tokens is "
+                           f"{engine.max_tokens}: raise it above {n}")
+    return SavedContext(path, manifest["prompt_token_ids"], manifest)
+
+
+def restore_context(engine, ctx: SavedContext) -> torch.Tensor:
+    """Load a checked context into the engine's policy -> the prompt's last logits [V]."""
+    from .index.ann_retriever import LayerIndex
+    from .offload import DenseKV, SparseKV
+
+    kv, n, path = engine.kv, len(ctx.prompt_token_ids), ctx.path
+    tensors = load_file(str(path / "kv.safetensors"))
+    k, v = tensors["k"], tensors["v"]  # [L, Hkv, n, D]
+    kv.start_request(n)
+    if isinstance(kv, DenseKV):
+        kv.k[:, 0, :, :n] = k.to(kv.k.device, kv.k.dtype)
+        kv.v[:, 0, :, :n] = v.to(kv.v.device, kv.v.dtype)
+    elif isinstance(kv, SparseKV):
+        kv._begin(n)
+        for layer in range(kv.L):
+            kv.store.write(layer, 0, k[layer], v[layer])
+            kv.window.load(layer, k[layer].to(kv.device), v[layer].to(kv.device))
+            if kv.sketch is None and kv.selector is not None:
+                kv.selector.build(layer, k[layer])  # quest page bounds: cheap to redo
+        if kv.sketch is not None:
+            s, saved = kv.sketch, load_file(str(path / "lowrank.safetensors"))
+            s.mean.copy_(saved["mean"])
+            s.basis.copy_(saved["basis"])
+            s.keys[:, :, :n].copy_(saved["keys"])
+        if kv.ann is not None:
+            lo, hi = kv._index_range(n)
+            for layer in range(kv.L):
+                f = path / f"index/layer{layer:03d}.safetensors"
+                if not f.is_file():
+                    continue  # saved before this layer's index was built: low-rank serves
+                arrays = load_np(str(f))
+                states = [{name.split(".", 1)[1]: a for name, a in arrays.items()
+                           if name.startswith(f"h{h}.")} for h in range(kv.Hkv)]
+                kv.ann.install(layer, LayerIndex.from_states(
+                    kv.ann.kind, lo, states, kv._index_keys(layer, lo, hi)))
+    kv.finish_prefill(n)
+    return load_file(str(path / "logits.safetensors"))["logits"].to(kv_device(engine))
+
+
+def kv_device(engine) -> torch.device:
+    return engine.loaded.model.embed.weight.device
+
+
+def _spec(engine) -> dict:
+    spec = dataclasses.asdict(engine.loaded.spec)
+    spec["eos_token_ids"] = list(spec["eos_token_ids"])
+    return json.loads(json.dumps(spec))  # as the manifest stores it
+
+
+def _digest(f: Path) -> dict:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return {"bytes": f.stat().st_size, "sha256": h.hexdigest()}

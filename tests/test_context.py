@@ -1,0 +1,94 @@
+"""save_context -> load_context reproduces generation token for token; damaged or
+mismatched contexts are refused with the file and what mismatched."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from retrieval_attn import LLM, EngineConfig, SamplingParams
+from retrieval_attn.context import ContextError
+from retrieval_attn.tools.niah import build_prompt
+
+pytest.importorskip("faiss")
+
+PARAMS = SamplingParams(max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    cfg = EngineConfig.load("cpu-small").replace(
+        kv={"policy": "retrieval", "top_k": 0.1, "window_tokens": 128},
+        index={"kind": "attention", "builder": "inline"}, runtime={"progress_bar": False})
+    return LLM(config=cfg)
+
+
+@pytest.fixture(scope="module")
+def saved(llm, tmp_path_factory):
+    prompt = build_prompt(llm, 1200, 0.3, "3141592")
+    path = llm.save_context(prompt, tmp_path_factory.mktemp("ctx") / "haystack")
+    want = llm.generate(prompt, PARAMS)[0].token_ids
+    return prompt, path, want
+
+
+@pytest.mark.slow
+def test_round_trip_reproduces_generation(llm, saved):
+    prompt, path, want = saved
+    ctx = llm.load_context(path)
+    assert ctx.prompt_token_ids == llm.encode(prompt)
+    out = llm.generate(ctx, PARAMS)[0]
+    assert out.token_ids == want
+    assert llm.engine.kv.ann.served["lowrank"] == 0  # indexes came from the files
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    assert "kv.safetensors" in files and "lowrank.safetensors" in files
+    assert sum(f.startswith("index/") for f in files) == llm.loaded.spec.num_layers
+
+
+def _copy(path, tmp_path):
+    import shutil
+
+    dst = tmp_path / "copy"
+    shutil.copytree(path, dst)
+    return dst
+
+
+@pytest.mark.slow
+def test_altered_file_is_refused(llm, saved, tmp_path):
+    path = _copy(saved[1], tmp_path)
+    f = path / "index" / "layer007.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ContextError, match=r"layer007\.safetensors.*sha256.*altered"):
+        llm.load_context(path)
+
+
+@pytest.mark.slow
+def test_truncated_or_missing_file_is_refused(llm, saved, tmp_path):
+    path = _copy(saved[1], tmp_path)
+    f = path / "kv.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(ContextError, match=r"kv\.safetensors has \d+ bytes.*truncated"):
+        llm.load_context(path)
+    f.unlink()
+    with pytest.raises(ContextError, match=r"kv\.safetensors is missing"):
+        llm.load_context(path)
+    (path / "manifest.json").unlink()
+    with pytest.raises(ContextError, match="not a saved context"):
+        llm.load_context(path)
+
+
+@pytest.mark.slow
+def test_context_of_another_config_or_model_is_refused(llm, saved, tmp_path):
+    path = _copy(saved[1], tmp_path)
+    m = json.loads((path / "manifest.json").read_text())
+    m["kv"]["rank"] = 32
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ContextError, match=r"other kv settings.*'rank': \(32, 16\)"):
+        llm.load_context(path)
+    m["kv"]["rank"] = 16
+    m["spec"]["num_layers"] = 31
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ContextError, match=r"another shape.*num_layers"):
+        llm.load_context(path)
