@@ -8,8 +8,9 @@ fall back to their references.
 """
 
 from .gather_kv import gather_k, gather_kv, gather_kv_ref
+from .select_scores import select_scores, select_scores_ref
 from .sparse_attention import sparse_attention, sparse_attention_ref
 from .store_kv import store_kv, store_kv_ref
 
-__all__ = ["gather_k", "gather_kv", "gather_kv_ref", "sparse_attention", "sparse_attention_ref",
-           "store_kv", "store_kv_ref"]
+__all__ = ["gather_k", "gather_kv", "gather_kv_ref", "select_scores", "select_scores_ref",
+           "sparse_attention", "sparse_attention_ref", "store_kv", "store_kv_ref"]

@@ -1,0 +1,111 @@
+"""select_scores: a kv head's group shares of the low-rank scores, without [Hkv, G, N].
+
+The retriever ranks positions by sum over the G query heads of each head's softmax share,
+where each head's softmax also covers the tokens attended anyway (other_lse: sinks and
+window). Done with torch ops this materialises float32 [Hkv, G, N] several times (scores,
+scaled, exp, ...), which at 1M tokens costs more than the model's weights. Here two kernels
+read the rank-r sketch twice and write only [Hkv, N] shares plus the [Hkv, G] lse.
+
+Where it runs: CUDA when keys are on a CUDA device; the Triton interpreter on the CPU when
+TRITON_INTERPRET=1 (tests); otherwise the float32 reference `select_scores_ref`.
+"""
+
+import torch
+
+from .._launch import (
+    PROGRAMS_PER_SM,
+    cdiv,
+    interpreting,
+    next_power_of_2,
+    sm_count,
+    use_triton,
+)
+from .ref import select_scores_ref
+
+__all__ = ["select_scores", "select_scores_ref"]
+
+BLOCK_N = 256  # positions per tile
+MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a kv head are padded to this
+MAX_SPLITS = 256  # chunks per kv head (the merge reads all partials in one tile)
+NUM_WARPS = 4
+
+
+def select_scores(
+    q: torch.Tensor,
+    basis: torch.Tensor,
+    mean: torch.Tensor,
+    keys: torch.Tensor,
+    lo: int,
+    hi: torch.Tensor,
+    scale: float,
+    other_lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group shares of the low-rank scores of positions [lo, N) of one layer.
+
+    Args:
+        q: [Hkv, G, D] queries, grouped by kv head.
+        basis: [Hkv, D, r]; mean: [Hkv, D]; keys: [Hkv, N, r] projected centred keys, last
+            dim contiguous (a layer of LowRankKeys). r a power of two >= 16.
+        lo: first position scored (python int, fixed per CUDA graph).
+        hi: [1] int tensor on keys' device; positions >= hi get share 0 and no lse mass.
+        scale: score scale (D**-0.5).
+        other_lse: [Hkv, G] log-sum-exp of the scaled scores of tokens attended anyway, or
+            None.
+
+    Returns:
+        shares: [Hkv, N - lo] float32, sum_g exp(scale * score - lse_g); 0 where excluded.
+        lse: [Hkv, G] float32, log-sum-exp over [lo, hi) of the scaled scores, log-added
+            to other_lse when given.
+    """
+    hkv, g, d = q.shape
+    r = basis.shape[-1]
+    n = keys.shape[1]
+    if basis.shape != (hkv, d, r) or mean.shape != (hkv, d) or keys.shape != (hkv, n, r):
+        raise ValueError(f"need basis [Hkv, D, r], mean [Hkv, D], keys [Hkv, N, r] for q "
+                         f"{tuple(q.shape)}; got {tuple(basis.shape)}, {tuple(mean.shape)}, "
+                         f"{tuple(keys.shape)}")
+    if not 0 <= lo <= n:
+        raise ValueError(f"lo={lo} outside [0, N={n}]")
+    if hi.numel() != 1 or hi.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"hi must be [1] int32/int64; got {tuple(hi.shape)} {hi.dtype}")
+    if other_lse is not None and other_lse.shape != (hkv, g):
+        raise ValueError(f"other_lse must be [Hkv, G]=[{hkv}, {g}]; got "
+                         f"{tuple(other_lse.shape)}")
+    device = keys.device
+    for name, t in (("q", q), ("basis", basis), ("mean", mean), ("hi", hi)) + (
+            (("other_lse", other_lse),) if other_lse is not None else ()):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, keys on {device}")
+    if (not use_triton(device) or r < 16 or r & (r - 1) or keys.stride(-1) != 1
+            or keys.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
+        return select_scores_ref(q, basis, mean, keys, lo, hi, scale, other_lse)
+    from .kernel import lse_partial_kernel, shares_kernel
+
+    qr = q.float() @ basis.float()  # [Hkv, G, r], tiny
+    qr_hi = qr.to(keys.dtype)
+    qr_lo = (qr - qr_hi.float()).to(keys.dtype)  # all zero when keys are float32
+    const = (q.float() @ mean.float()[..., None])[..., 0].contiguous()  # [Hkv, G]
+    shares = torch.empty(hkv, n - lo, dtype=torch.float32, device=device)
+    lse = torch.empty(hkv, g, dtype=torch.float32, device=device)
+    tiles = max(cdiv(n - lo, BLOCK_N), 1)
+    splits = min(tiles, MAX_SPLITS, max(1, cdiv(2 * PROGRAMS_PER_SM * sm_count(device), hkv)))
+    chunk = cdiv(tiles, splits) * BLOCK_N
+    splits = cdiv(max(n - lo, 1), chunk)
+    g_pad = max(MIN_HEAD_ROWS, next_power_of_2(g))
+    part_m = torch.empty(hkv, splits, g_pad, dtype=torch.float32, device=device)
+    part_l = torch.empty_like(part_m)
+    hi = hi.reshape(1)
+    f32_dot = keys.dtype == torch.float32 or interpreting()
+    common = (qr_hi.stride(0), qr_hi.stride(1), const.stride(0), keys.stride(0), keys.stride(1),
+              part_m.stride(0), part_m.stride(1))
+    lse_partial_kernel[(hkv, splits)](
+        qr_hi, qr_lo, const, keys, hi, part_m, part_l, lo, n, *common, scale, g,
+        G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N, F32_DOT=f32_dot, CHUNK=chunk, num_warps=NUM_WARPS)
+    # other_lse is unread when None (lse stands in for the pointer)
+    other = other_lse.float().contiguous() if other_lse is not None else lse
+    shares_kernel[(hkv, splits)](
+        qr_hi, qr_lo, const, keys, hi, part_m, part_l, other, shares, lse, lo, n, splits, *common,
+        other.stride(0), shares.stride(0), lse.stride(0), scale, g,
+        G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N, S_PAD=next_power_of_2(splits),
+        HAS_OTHER=other_lse is not None, F32_DOT=f32_dot, CHUNK=chunk, num_warps=NUM_WARPS)
+    return shares, lse

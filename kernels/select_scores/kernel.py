@@ -1,0 +1,120 @@
+"""Triton kernels: low-rank scores -> per-head log-sum-exp -> group shares, fused.
+
+Two passes over the sketch keys (rank r, so each pass reads N*r values per kv head):
+`lse_partial_kernel` keeps a running max and sum of exp per query head over one chunk of
+positions and writes the partials; `shares_kernel` merges the partials (and the window's
+log-sum-exp) into each head's lse, recomputes the scores of its chunk and writes
+sum_g exp(score - lse_g), one float per position. The [Hkv, G, N] scores are never stored.
+q @ basis is computed by the wrapper in float32 and handed over as a hi + lo pair in the
+keys' dtype, so the scores come from tensor-core dots yet are float32-accurate.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _query(QrHi, QrLo, C, h, stride_qh, stride_qg, stride_ch, G,
+           G_PAD: tl.constexpr, R: tl.constexpr):
+    """q @ basis of kv head h as a (hi, lo) pair in the keys' dtype, and q·mean [G_PAD]."""
+    g = tl.arange(0, G_PAD)
+    r = tl.arange(0, R)
+    off = h * stride_qh + g[:, None] * stride_qg + r[None, :]
+    qr_hi = tl.load(QrHi + off, mask=g[:, None] < G, other=0.0)
+    qr_lo = tl.load(QrLo + off, mask=g[:, None] < G, other=0.0)
+    c = tl.load(C + h * stride_ch + g, mask=g < G, other=0.0)
+    return qr_hi, qr_lo, c
+
+
+@triton.jit
+def _scores(qr_hi, qr_lo, c, Keys, h, n, ok, stride_kh, stride_kn, scale, G,
+            G_PAD: tl.constexpr, R: tl.constexpr, F32_DOT: tl.constexpr):
+    """Scaled scores [G_PAD, BLOCK_N] of positions n (rows >= G and columns not ok: -inf).
+
+    Two tensor-core dots, hi and lo halves of q @ basis against the exact keys, accumulate
+    in float32: the score is float32-accurate to about 2**-16 of |q @ basis| |k|. F32_DOT
+    (float32 keys; the interpreter, whose bf16/fp16 dot is wrong in Triton 3.6) upcasts to
+    full-precision float32 dots instead."""
+    g = tl.arange(0, G_PAD)
+    r = tl.arange(0, R)
+    k = tl.load(Keys + h * stride_kh + n[:, None].to(tl.int64) * stride_kn + r[None, :],
+                mask=ok[:, None], other=0.0)
+    kt = tl.trans(k)
+    if F32_DOT:
+        kt = kt.to(tl.float32)
+        x = (tl.dot(qr_hi.to(tl.float32), kt, input_precision="ieee")
+             + tl.dot(qr_lo.to(tl.float32), kt, input_precision="ieee"))
+    else:
+        x = tl.dot(qr_hi, kt) + tl.dot(qr_lo, kt)
+    x = (x + c[:, None]) * scale
+    return tl.where((g[:, None] < G) & ok[None, :], x, float("-inf"))
+
+
+@triton.jit
+def lse_partial_kernel(
+    QrHi, QrLo, C, Keys, Hi, M, L,  # [Hkv, G, r] x2 keys' dtype, [Hkv, G] f32, [Hkv, N, r],
+    # [1], [Hkv, S, G_PAD] f32 x2
+    lo, N,  # first position scored, capacity
+    stride_qh, stride_qg, stride_ch, stride_kh, stride_kn, stride_mh, stride_ms,
+    scale, G,
+    G_PAD: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr,
+    CHUNK: tl.constexpr,  # positions per program, a multiple of BLOCK_N (fixed trip count)
+):
+    h = tl.program_id(0)
+    split = tl.program_id(1)
+    hi = tl.minimum(tl.load(Hi).to(tl.int32), N)
+    qr_hi, qr_lo, c = _query(QrHi, QrLo, C, h, stride_qh, stride_qg, stride_ch, G, G_PAD, R)
+    start = lo + split * CHUNK
+    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    acc = tl.zeros([G_PAD], tl.float32)
+    for off in range(0, CHUNK, BLOCK_N):
+        n = start + off + tl.arange(0, BLOCK_N)
+        x = _scores(qr_hi, qr_lo, c, Keys, h, n, n < hi, stride_kh, stride_kn, scale, G,
+                    G_PAD, R, F32_DOT)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all excluded so far
+        acc = acc * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+        m = m_new
+    g = tl.arange(0, G_PAD)
+    tl.store(M + h * stride_mh + split * stride_ms + g, m)
+    tl.store(L + h * stride_mh + split * stride_ms + g, acc)
+
+
+@triton.jit
+def shares_kernel(
+    QrHi, QrLo, C, Keys, Hi, M, L, Other, Out, Lse,  # Other, Lse [Hkv, G]; Out [Hkv, N - lo]
+    lo, N, S,
+    stride_qh, stride_qg, stride_ch, stride_kh, stride_kn, stride_mh, stride_ms,
+    stride_xh, stride_oh, stride_lh,
+    scale, G,
+    G_PAD: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, S_PAD: tl.constexpr,
+    HAS_OTHER: tl.constexpr, F32_DOT: tl.constexpr, CHUNK: tl.constexpr,
+):
+    h = tl.program_id(0)
+    split = tl.program_id(1)
+    hi = tl.minimum(tl.load(Hi).to(tl.int32), N)
+    g = tl.arange(0, G_PAD)
+    # Merge the S partial (max, sum) pairs of this kv head into one lse per query head.
+    s = tl.arange(0, S_PAD)
+    part = h * stride_mh + s[:, None] * stride_ms + g[None, :]
+    pm = tl.load(M + part, mask=s[:, None] < S, other=float("-inf"))  # [S_PAD, G_PAD]
+    pl = tl.load(L + part, mask=s[:, None] < S, other=0.0)
+    mx = tl.max(pm, axis=0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    lse = mx_safe + tl.log(tl.sum(pl * tl.exp(pm - mx_safe[None, :]), axis=0))  # -inf if none
+    if HAS_OTHER:
+        o = tl.load(Other + h * stride_xh + g, mask=g < G, other=float("-inf")).to(tl.float32)
+        top = tl.maximum(lse, o)
+        top_safe = tl.where(top == float("-inf"), 0.0, top)
+        lse = top_safe + tl.log(tl.exp(lse - top_safe) + tl.exp(o - top_safe))
+    if split == 0:
+        tl.store(Lse + h * stride_lh + g, lse, mask=g < G)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # no mass anywhere: shares 0
+    qr_hi, qr_lo, c = _query(QrHi, QrLo, C, h, stride_qh, stride_qg, stride_ch, G, G_PAD, R)
+    start = lo + split * CHUNK
+    for off in range(0, CHUNK, BLOCK_N):
+        n = start + off + tl.arange(0, BLOCK_N)
+        x = _scores(qr_hi, qr_lo, c, Keys, h, n, n < hi, stride_kh, stride_kn, scale, G,
+                    G_PAD, R, F32_DOT)
+        shares = tl.sum(tl.exp(x - lse[:, None]), axis=0)  # [BLOCK_N]
+        tl.store(Out + h * stride_oh + (n - lo), shares, mask=n < N)

@@ -1,0 +1,34 @@
+"""Reference select_scores: plain float32 PyTorch, same signature and layout."""
+
+import torch
+
+
+def select_scores_ref(
+    q: torch.Tensor,
+    basis: torch.Tensor,
+    mean: torch.Tensor,
+    keys: torch.Tensor,
+    lo: int,
+    hi: torch.Tensor,
+    scale: float,
+    other_lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group shares of the sketched scores of positions [lo, N), and the log-sum-exp used.
+
+    q [Hkv, G, D]; basis [Hkv, D, r]; mean [Hkv, D]; keys [Hkv, N, r] (centred keys projected
+    on the basis); hi [1]: positions >= hi are excluded; other_lse [Hkv, G] or None.
+    Score of position n for head (h, g): s = q·mean + (q @ basis)·keys[n], scaled by
+    `scale`. lse [Hkv, G] = log-sum-exp of the scaled scores over [lo, hi), log-added to
+    other_lse when given. shares [Hkv, N - lo] = sum over g of exp(scaled score - lse);
+    0 at excluded positions.
+    """
+    qr = q.float() @ basis.float()  # [Hkv, G, r]
+    const = q.float() @ mean.float()[..., None]  # [Hkv, G, 1]
+    logits = (qr @ keys[:, lo:].float().transpose(1, 2) + const) * scale  # [Hkv, G, N - lo]
+    positions = torch.arange(lo, keys.shape[1], device=keys.device)
+    logits = logits.masked_fill(positions >= hi.to(keys.device), float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    if other_lse is not None:
+        lse = torch.logaddexp(lse, other_lse.float().to(lse.device))
+    shares = torch.exp(logits - lse[..., None]).nan_to_num_(0.0).sum(dim=1)
+    return shares, lse

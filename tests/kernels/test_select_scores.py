@@ -1,0 +1,102 @@
+"""select_scores against select_scores_ref (float32 both): shares, lse, and the top-k they give."""
+
+import pytest
+import torch
+
+from retrieval_attn.kernels import select_scores, select_scores_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(hkv, g, d, r, n, dtype, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(hkv, g, d, generator=gen).to(dtype)
+    basis = (torch.randn(hkv, d, r, generator=gen) / d**0.5).to(dtype)
+    mean = (0.3 * torch.randn(hkv, d, generator=gen)).to(dtype)
+    keys = (2 * torch.randn(hkv, n, r, generator=gen)).to(dtype)
+    other = torch.randn(hkv, g, generator=gen) + 3
+    return [t.to(device) for t in (q, basis, mean, keys, other)]
+
+
+@pytest.mark.parametrize(
+    "hkv, g, d, r, n, lo, hi, with_other, dtype",
+    [
+        pytest.param(2, 3, 32, 16, 300, 4, 250, True, torch.float32, id="g3-hi<N"),
+        pytest.param(1, 7, 64, 32, 700, 0, 700, False, torch.bfloat16, id="g7-bf16-no-other"),
+        pytest.param(3, 4, 32, 16, 517, 4, 517, True, torch.float16, id="fp16-odd-n"),
+        pytest.param(2, 8, 32, 16, 100, 4, 60, True, torch.bfloat16, id="g8-short"),
+    ],
+)
+def test_select_scores_matches_reference(hkv, g, d, r, n, lo, hi, with_other, dtype):
+    q, basis, mean, keys, other = _inputs(hkv, g, d, r, n, dtype)
+    other = other if with_other else None
+    hi_t = torch.tensor([hi])
+    want, want_lse = select_scores_ref(q, basis, mean, keys, lo, hi_t, d**-0.5, other)
+    got, got_lse = select_scores(*(t.to(DEVICE) for t in (q, basis, mean, keys)), lo,
+                                 hi_t.to(DEVICE), d**-0.5,
+                                 other.to(DEVICE) if other is not None else None)
+    assert got.shape == (hkv, n - lo) and got.dtype == torch.float32
+    assert got_lse.shape == (hkv, g)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(got_lse.cpu(), want_lse, rtol=1e-5, atol=1e-5)
+    assert (got[:, hi - lo:] == 0).all()
+
+
+def test_nothing_in_range_gives_zero_shares():
+    """hi <= lo: no position counts; lse is other_lse alone, or -inf without it."""
+    q, basis, mean, keys, other = _inputs(2, 3, 32, 16, 40, torch.float32)
+    dev = [t.to(DEVICE) for t in (q, basis, mean, keys)]
+    shares, lse = select_scores(*dev, 4, torch.tensor([4], device=DEVICE), 0.2,
+                                other.to(DEVICE))
+    assert (shares == 0).all()
+    torch.testing.assert_close(lse.cpu(), other)
+    shares, lse = select_scores(*dev, 4, torch.tensor([2], device=DEVICE), 0.2)
+    assert (shares == 0).all() and (lse == float("-inf")).all()
+
+
+def test_reference_fallback_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, basis, mean, keys, other = _inputs(2, 3, 32, 16, 50, torch.float32)
+    hi = torch.tensor([45])
+    got = select_scores(q, basis, mean, keys, 4, hi, 0.2, other)
+    want = select_scores_ref(q, basis, mean, keys, 4, hi, 0.2, other)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize(
+    "basis_shape, mean_shape, keys_shape, other_shape",
+    [
+        pytest.param((2, 32, 16), (2, 32), (2, 50, 8), None, id="keys-rank"),
+        pytest.param((2, 32, 16), (3, 32), (2, 50, 16), None, id="mean-heads"),
+        pytest.param((2, 32, 16), (2, 32), (2, 50, 16), (2, 4), id="other-shape"),
+    ],
+)
+def test_select_scores_rejects(basis_shape, mean_shape, keys_shape, other_shape):
+    q = torch.zeros(2, 3, 32)
+    other = torch.zeros(other_shape) if other_shape else None
+    with pytest.raises(ValueError):
+        select_scores(q, torch.zeros(basis_shape), torch.zeros(mean_shape),
+                      torch.zeros(keys_shape), 4, torch.tensor([10]), 0.2, other)
+
+
+def _same_topk_up_to_ties(got: torch.Tensor, want_scores: torch.Tensor, k: int,
+                          rtol: float) -> None:
+    """got's top-k per row is the reference's top-k, except where scores tie within rtol."""
+    top = got.topk(k, dim=-1).indices
+    kth = want_scores.topk(k, dim=-1).values[:, -1:]
+    picked = want_scores.gather(1, top)
+    assert (picked >= kth * (1 - rtol)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [131072, 1048576], ids=["128K", "1M"])
+def test_select_scores_qwen_7b_shape(n):
+    """Qwen2.5-7B shape (Hkv=4, G=7, D=128), rank 32, bf16 sketch, n positions, the window's lse."""
+    hkv, g, d, r, lo = 4, 7, 128, 32, 4
+    q, basis, mean, keys, other = _inputs(hkv, g, d, r, n, torch.bfloat16, device="cuda")
+    hi = torch.tensor([n - 600], device="cuda")
+    want, want_lse = select_scores_ref(q, basis, mean, keys, lo, hi, d**-0.5, other)
+    got, got_lse = select_scores(q, basis, mean, keys, lo, hi, d**-0.5, other)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(got_lse, want_lse, rtol=1e-5, atol=1e-5)
+    _same_topk_up_to_ties(got, want, 8192, rtol=1e-4)
