@@ -50,6 +50,18 @@ class LowRankKeys:
         constant = q @ self.mean[layer, :, :, None]  # [Hkv, G, 1]: q·mean, same for all keys
         return qr @ self.keys[layer, :, lo:hi].transpose(1, 2) + constant
 
+    def shares(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, scale: float,
+               other_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the retriever ranks by, fused: q [Hkv, G, D] -> (shares [Hkv, N - lo],
+        lse [Hkv, G]), both float32. shares = group_scores of the scores of positions
+        [lo, N) with positions >= hi ([1] device tensor) excluded; lse = each head's
+        log-sum-exp over [lo, hi) of the scaled scores, log-added to other_lse. Scores are
+        float32 throughout and [Hkv, G, N] is never stored (kernels.select_scores)."""
+        from .. import kernels
+
+        return kernels.select_scores(q, self.basis[layer], self.mean[layer], self.keys[layer],
+                                     lo, hi, scale, other_lse)
+
     def memory_bytes(self) -> dict[str, int]:
         n = sum(t.numel() * t.element_size() for t in (self.mean, self.basis, self.keys))
         return {"gpu" if self.keys.is_cuda else "host": n}

@@ -1,5 +1,6 @@
 """Retrievers against exact top-k on the same queries and keys."""
 
+import pytest
 import torch
 
 from retrieval_attn.index import LowRankRetriever, QuestRetriever, group_scores
@@ -82,3 +83,55 @@ def test_low_rank_selection_never_counts_positions_past_hi():
     sel, count = LowRankRetriever(sketch, D).select(0, q, 5, torch.tensor([12]), 20)
     assert count.tolist() == [7]
     assert sorted(sel[0, :7].tolist()) == list(range(5, 12))
+
+
+class _Unfused:
+    """A LowRankKeys seen without its fused `shares`: the retriever then ranks by
+    group_scores over sketch.scores, the torch path the fused kernel replaces."""
+
+    def __init__(self, sketch):
+        self.sketch, self.capacity = sketch, sketch.capacity
+
+    def scores(self, layer, q, lo, hi):
+        return self.sketch.scores(layer, q, lo, hi)
+
+
+def _fused_and_unfused(k, q, rank, top, rerank, hi, other_lse, dtype=torch.float32):
+    hkv, n, d = k.shape
+    sketch = LowRankKeys(1, hkv, n, d, rank, k.device, dtype)
+    sketch.build(0, k.to(dtype))
+
+    def exact(layer, pos):
+        return k.to(dtype).gather(1, pos[..., None].expand(-1, -1, d))
+
+    got = [LowRankRetriever(s, d, rerank, exact).select(0, q.to(dtype), 4, hi, top, other_lse)
+           for s in (sketch, _Unfused(sketch))]
+    return got[0], got[1]
+
+
+def test_fused_shares_select_what_group_scores_selects():
+    k, q = torch.randn(HKV, N, D), torch.randn(HKV, G, D)
+    other = torch.randn(HKV, G) + 2
+    for rerank, other_lse in ((1, None), (1, other), (3, None), (3, other)):
+        (fused, n1), (plain, n2) = _fused_and_unfused(k, q, 4, 20, rerank,
+                                                      torch.tensor([190]), other_lse)
+        assert n1.tolist() == n2.tolist() == [20]
+        assert [set(r.tolist()) for r in fused] == [set(r.tolist()) for r in plain]
+
+
+@pytest.mark.gpu
+def test_fused_selection_matches_the_torch_path_at_128k():
+    """Qwen2.5-7B shape, bf16 sketch of rank 32, top 2048 re-ranked from 4x candidates.
+    The torch path rounds scores to bf16, the fused one keeps float32, so the two may
+    differ on near-ties only."""
+    hkv, g, d, n, top = 4, 7, 128, 131072, 2048
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(hkv, n, d, device="cuda", generator=gen)
+    k[:, 1000:1100] += 0.5 * torch.randn(hkv, 1, d, device="cuda", generator=gen)  # a cluster
+    q = torch.randn(hkv, g, d, device="cuda", generator=gen)
+    other = torch.randn(hkv, g, device="cuda", generator=gen) + 8
+    (fused, _), (plain, _) = _fused_and_unfused(k, q, 32, top, 4,
+                                                torch.tensor([n - 600], device="cuda"), other,
+                                                torch.bfloat16)
+    for a, b in zip(fused.tolist(), plain.tolist(), strict=True):
+        assert len(set(a) & set(b)) >= 0.99 * top
