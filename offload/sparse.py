@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..config import IndexConfig, KVConfig
@@ -30,6 +31,7 @@ from .policy import AttnStep
 from .window import WindowCache
 
 LOG = logging.getLogger(__name__)
+PROBE_QUERIES = 32  # last prompt positions held out of index builds, kept for inspection
 
 
 @dataclass
@@ -78,6 +80,8 @@ class SparseKV:
             self.builder = IndexBuildService(ic.kind, ic.builder, ic.ray_address,
                                              progress=progress)
         self._queries: dict[int, list[torch.Tensor]] = {}  # layer -> [H, m, D] host chunks
+        self.build_queries: dict[int, np.ndarray] = {}  # layer -> [Hkv, G·M, D]
+        self.probe_queries: dict[int, list[torch.Tensor]] = {}  # layer -> [H, p, D] chunks
         self.query_stride = 1
         self.window: WindowCache | None = None
         self.prefill_kv: DenseKV | None = None
@@ -102,7 +106,9 @@ class SparseKV:
             self.builder.cancel()
             self.ann.reset()
             self._queries.clear()
-            n = prompt_tokens or self.max_tokens
+            self.build_queries.clear()
+            self.probe_queries.clear()
+            n = self.prompt_tokens = prompt_tokens or self.max_tokens
             self.query_stride = max(1, n // self.index_cfg.build_queries)
 
     def finish_layer(self, layer: int, n: int) -> None:
@@ -120,10 +126,22 @@ class SparseKV:
 
     # -- host indexes ------------------------------------------------------------------
     def _keep_queries(self, layer: int, q: torch.Tensor, step: AttnStep) -> None:
-        """Keep every query_stride-th prefill query of the layer: q [1, H, T, D]."""
-        pos = step.positions
-        keep = (pos % self.query_stride == 0).nonzero()[:, 0]
+        """q [1, H, T, D]: keep every query_stride-th prefill query for the index build,
+        and the last PROBE_QUERIES positions' queries, held out, for inspection."""
+        pos, probe_from = step.positions, self.prompt_tokens - PROBE_QUERIES
+        keep = ((pos % self.query_stride == 0) & (pos < probe_from)).nonzero()[:, 0]
         self._queries.setdefault(layer, []).append(q[0][:, keep].float().cpu())
+        held = (pos >= probe_from).nonzero()[:, 0]
+        if held.numel():
+            self.probe_queries.setdefault(layer, []).append(q[0][:, held].float().cpu())
+
+    def saved_queries(self) -> dict[str, np.ndarray]:
+        """Build and probe queries of every layer, as save_context writes them (float16:
+        they are for inspection and rebuilds, and would otherwise outweigh small KVs)."""
+        out = {f"build.{layer}": q.astype(np.float16) for layer, q in self.build_queries.items()}
+        for layer, parts in self.probe_queries.items():
+            out[f"probe.{layer}"] = torch.cat(parts, dim=1).half().numpy()  # [H, P, D]
+        return out
 
     def _index_range(self, n: int) -> tuple[int, int]:
         """Positions a layer's index covers: the offloaded region at the first decode step
@@ -139,6 +157,7 @@ class SparseKV:
         q = torch.cat(queries, dim=1)  # [H, M, D]
         q = q.reshape(self.Hkv, -1, self.D).numpy()  # [Hkv, G·M, D]: the group's queries
         keys = self.store.k[layer, :, lo:hi].float().numpy()  # [Hkv, hi - lo, D]
+        self.build_queries[layer] = q
         self.builder.submit(layer, keys, q)
 
     def install_ready(self, wait: bool = False) -> list[int]:

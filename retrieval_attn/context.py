@@ -7,6 +7,9 @@ A context is a folder:
   logits.safetensors     the prompt's last logits [V] (float32): the first new token
   lowrank.safetensors    mean [L, Hkv, D], basis [L, Hkv, D, r], keys [L, Hkv, n, r]
   index/layerNNN.safetensors   per kv head h, the index state arrays "h{h}.{name}"
+  queries.safetensors    float16, per layer "build.{l}" [Hkv, G·M, D], the prefill queries
+                         the index was built from, and "probe.{l}" [H, P, D], the last P
+                         prompt positions' queries, held out of the build (inspect_index)
 
 safetensors and JSON only, no pickle. Loading checks every file's size and checksum
 before reading it, then that the model shape and the kv/index config match the engine's,
@@ -66,6 +69,7 @@ def save_context(engine, prompt_ids: list[int], logits: torch.Tensor, path: str 
                                         "keys": s.keys[:, :, :n].contiguous().cpu()})
         if kv.ann is not None:
             kv.install_ready(wait=True)  # every layer's index, not a partial set
+            put("queries.safetensors", kv.saved_queries(), numpy=True)
             for layer, index in sorted(kv.ann.layers.items()):
                 arrays = {f"h{h}.{k}": np.ascontiguousarray(v)
                           for h, st in enumerate(index.states) for k, v in st.items()}
@@ -85,8 +89,8 @@ def save_context(engine, prompt_ids: list[int], logits: torch.Tensor, path: str 
     return path
 
 
-def open_context(engine, path: str | Path) -> SavedContext:
-    """Read and check a context's manifest and files (sizes, checksums, model, config)."""
+def check_files(path: str | Path) -> dict:
+    """A context folder's manifest, after checking every file's size and sha256."""
     path = Path(path)
     mpath = path / "manifest.json"
     if not mpath.is_file():
@@ -111,6 +115,13 @@ def open_context(engine, path: str | Path) -> SavedContext:
         if got["sha256"] != want["sha256"]:
             raise ContextError(f"{f}: sha256 {got['sha256'][:16]}… does not match the "
                                f"manifest's {want['sha256'][:16]}…: the file was altered")
+    return manifest
+
+
+def open_context(engine, path: str | Path) -> SavedContext:
+    """Read and check a context's manifest and files (sizes, checksums, model, config)."""
+    path = Path(path)
+    manifest = check_files(path)
     if manifest["spec"] != _spec(engine):
         diff = {k: (v, _spec(engine).get(k)) for k, v in manifest["spec"].items()
                 if _spec(engine).get(k) != v}
@@ -156,6 +167,12 @@ def restore_context(engine, ctx: SavedContext) -> torch.Tensor:
             s.basis.copy_(saved["basis"])
             s.keys[:, :, :n].copy_(saved["keys"])
         if kv.ann is not None:
+            for name, q in load_np(str(path / "queries.safetensors")).items():
+                part, layer = name.split(".")
+                if part == "build":
+                    kv.build_queries[int(layer)] = q.astype(np.float32)
+                else:
+                    kv.probe_queries[int(layer)] = [torch.from_numpy(q).float()]
             lo, hi = kv._index_range(n)
             for layer in range(kv.L):
                 f = path / f"index/layer{layer:03d}.safetensors"

@@ -1,4 +1,5 @@
-"""retrieval-attn: command-line entry point (generate, niah, eval, plan)."""
+"""retrieval-attn: command-line entry point (generate, niah, eval, plan, save-context,
+inspect)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         from .plan import main as plan_main
 
         return _guarded(lambda: plan_main(argv[1:]))
+    if argv[:1] == ["inspect"]:  # its own argument parser: saved-context index inspection
+        from .inspect_index import main as inspect_main
+
+        return _guarded(lambda: inspect_main(argv[1:]))
     parser = argparse.ArgumentParser(prog="retrieval-attn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -42,14 +47,26 @@ def main(argv: list[str] | None = None) -> int:
     niah.add_argument("--depth", type=float, nargs="+", default=[0.5],
                       help="needle depth(s), 0 = start of the text, 1 = end")
     niah.add_argument("--seed", type=int, default=0)
+    save = sub.add_parser("save-context", help="prefill a prompt and save its KV state and "
+                          "indexes to a folder (LLM.save_context)")
+    _common(save)
+    save.add_argument("out", help="folder to write")
+    what = save.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the prompt text (chat template applied)")
+    what.add_argument("--niah", type=int, metavar="TOKENS",
+                      help="a needle-in-a-haystack prompt of about this many tokens")
     sub.add_parser("eval", help="long-context accuracy of every KV policy (see eval --help)")
     sub.add_parser("plan", help="memory of every part of a run and the best config that fits "
                    "(see plan --help)")
+    sub.add_parser("inspect", help="recall vs keys visited of a saved context's indexes "
+                   "(see inspect --help)")
 
     args = parser.parse_args(argv)
 
     def run() -> int:
         llm = LLM(model=args.model, config=args.config)
+        if args.command == "save-context":
+            return _save_context(llm, args)
         return _generate(llm, args) if args.command == "generate" else _niah(llm, args)
 
     return _guarded(run)
@@ -105,3 +122,15 @@ def _niah(llm: LLM, args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _save_context(llm: LLM, args: argparse.Namespace) -> int:
+    from .niah import build_prompt
+
+    if args.prompt is not None:
+        prompt = [{"role": "user", "content": args.prompt}]
+    else:
+        prompt = build_prompt(llm, args.niah, 0.5, "7305519")
+    path = llm.save_context(prompt, args.out)
+    print(f"saved {len(llm.encode(prompt))} tokens to {path}")
+    return 0

@@ -49,6 +49,29 @@ def build(kind: str, keys: np.ndarray, build_q: np.ndarray):
     return AttentionAwareIndex(keys, build_q)
 
 
+def evaluate_head(kinds: list[str], keys: np.ndarray, build_q: np.ndarray,
+                  queries: list[np.ndarray], k: int, prebuilt: dict | None = None) -> dict:
+    """One kv head: keys [N, D], build_q [M, D], queries G x [S, D] (held out) ->
+    {kind: {"recall", "visited" [knob, G], "build_s", "bytes", "degree"}}; prebuilt
+    {kind: index} uses an existing index (e.g. a saved one) instead of building."""
+    n = keys.shape[0]
+    truth = [exact_topk(q, keys, k)[1] for q in queries]
+    out = {}
+    for kind in kinds:
+        idx = (prebuilt or {}).get(kind) or build(kind, keys, build_q)
+        rec = np.zeros((len(KNOBS[kind]), len(queries)))
+        vis = np.zeros_like(rec)
+        for j, knob in enumerate(KNOBS[kind]):
+            for g, (q, t) in enumerate(zip(queries, truth, strict=True)):
+                _, found = idx.search(q, k, knob)
+                rec[j, g] = recall_at_k(found, t).mean()
+                vis[j, g] = 100.0 * idx.ndis.mean() / n
+        deg = idx.degree_stats() if hasattr(idx, "degree_stats") else {}
+        out[kind] = {"recall": rec, "visited": vis, "build_s": idx.build_s,
+                     "bytes": sum(idx.nbytes().values()), "degree": deg}
+    return out
+
+
 def eval_length(folder: Path, kinds: list[str], k: int, n_build: int, n_decode: int,
                 seed: int) -> dict:
     """-> {kind: {"knobs", "recall" [knob, head], "visited" [knob, head], build_s, bytes}}."""
@@ -65,24 +88,14 @@ def eval_length(folder: Path, kinds: list[str], k: int, n_build: int, n_decode: 
         steps = np.linspace(0, q_dec.shape[1] - 1, min(n_decode, q_dec.shape[1])).astype(int)
         for h in range(k_all.shape[0]):
             keys = np.ascontiguousarray(k_all[h], dtype=np.float32)  # [N, D]
-            heads = range(h * G, (h + 1) * G)
             build_q = q_pre[h * G:(h + 1) * G, pos].reshape(-1, keys.shape[1])
-            build_q = build_q.astype(np.float32)
-            queries = [q_dec[g, steps].astype(np.float32) for g in heads]  # G x [S, D]
-            truth = [exact_topk(q, keys, k)[1] for q in queries]
-            for kind in kinds:
-                idx = build(kind, keys, build_q)
-                res[kind]["build_s"] += idx.build_s
-                res[kind]["bytes"] += sum(idx.nbytes().values())
-                rec = np.zeros((len(KNOBS[kind]), G))
-                vis = np.zeros((len(KNOBS[kind]), G))
-                for j, knob in enumerate(KNOBS[kind]):
-                    for g, (q, t) in enumerate(zip(queries, truth, strict=True)):
-                        _, found = idx.search(q, k, knob)
-                        rec[j, g] = recall_at_k(found, t).mean()
-                        vis[j, g] = 100.0 * idx.ndis.mean() / n
-                res[kind]["recall"].append(rec)
-                res[kind]["visited"].append(vis)
+            queries = [q_dec[g, steps].astype(np.float32) for g in range(h * G, (h + 1) * G)]
+            for kind, r in evaluate_head(kinds, keys, build_q.astype(np.float32), queries,
+                                         k).items():
+                res[kind]["build_s"] += r["build_s"]
+                res[kind]["bytes"] += r["bytes"]
+                res[kind]["recall"].append(r["recall"])
+                res[kind]["visited"].append(r["visited"])
             LOG.info("N=%d layer %d kv head %d done", n, layer, h)
     for kind in kinds:
         res[kind]["recall"] = np.concatenate(res[kind]["recall"], axis=1)
