@@ -59,8 +59,11 @@ class LowRankKeys:
         float32 throughout and [Hkv, G, N] is never stored (kernels.select_scores)."""
         from .. import kernels
 
-        return kernels.select_scores(q, self.basis[layer], self.mean[layer], self.keys[layer],
-                                     lo, hi, scale, other_lse)
+        # the Triton kernel on a GPU; elsewhere its reference (not the interpreter, which
+        # tests may have switched on for the whole process)
+        fn = kernels.select_scores if self.keys.is_cuda else kernels.select_scores_ref
+        return fn(q, self.basis[layer], self.mean[layer], self.keys[layer], lo, hi, scale,
+                  other_lse)
 
     def memory_bytes(self) -> dict[str, int]:
         n = sum(t.numel() * t.element_size() for t in (self.mean, self.basis, self.keys))
