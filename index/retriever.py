@@ -69,13 +69,22 @@ class LowRankRetriever:
 
     def select(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
                other_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        positions, count, _ = self.select_with_keys(layer, q, lo, hi, k, other_lse)
+        return positions, count
+
+    def select_with_keys(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor,
+                         k: int, other_lse: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Like `select`, plus the chosen tokens' exact keys [Hkv, k, D] (the dtype
+        exact_keys returns) when re-ranking fetched them, else None: the caller then
+        needs only their values from the host store."""
         n = self.sketch.capacity
         if self.positions is None:
             self.positions = torch.arange(n, device=q.device)
         k = min(k, n - lo)
         count = torch.clamp(hi - lo, 0, k).to(torch.int32)
         if k <= 0:
-            return torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device), count
+            return torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device), count, None
         n_cand = min(n - lo, k * self.rerank_factor)
         rerank = n_cand > k and self.rerank_factor > 1
         shares, total = self._shares(layer, q, lo, hi, other_lse)
@@ -83,17 +92,18 @@ class LowRankRetriever:
         # without re-ranking they are the answer, best first.
         cand = shares.topk(n_cand, dim=-1, sorted=not rerank).indices + lo
         if not rerank:
-            return cand[:, :k], count
-        keys = self.exact_keys(layer, cand).to(q.dtype)  # [Hkv, C, D]
-        exact = (q @ keys.transpose(1, 2)).masked_fill(_mask_from(hi, cand)[:, None],
-                                                       float("-inf"))
+            return cand[:, :k], count, None
+        keys = self.exact_keys(layer, cand)  # [Hkv, C, D]
+        exact = (q @ keys.to(q.dtype).transpose(1, 2)).masked_fill(
+            _mask_from(hi, cand)[:, None], float("-inf"))
         if other_lse is None:
             shares = group_scores(exact, self.scale)
         else:  # shares of each head's whole attention: window + the region as sketched
             logits = exact.float() * self.scale - total[..., None]
             shares = torch.exp(logits).nan_to_num_(0.0).sum(dim=1)
-        best = shares.topk(k, dim=-1).indices
-        return cand.gather(1, best), count
+        best = shares.topk(k, dim=-1).indices  # [Hkv, k]
+        chosen = keys.gather(1, best[:, :, None].expand(-1, -1, keys.shape[2]))
+        return cand.gather(1, best), count, chosen
 
     def _shares(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor,
                 other_lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

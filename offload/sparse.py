@@ -234,14 +234,21 @@ class SparseKV:
         lo, hi = self.cfg.sink_tokens, torch.clamp(pos + 1 - self.window.W,
                                                    min=self.cfg.sink_tokens)
         qg = q[0, :, 0].reshape(self.Hkv, self.H // self.Hkv, self.D)  # [Hkv, G, D]
+        k_sel = None
         if self.selector is None:
             sel = torch.zeros(self.Hkv, 0, dtype=torch.long, device=q.device)
             count = torch.zeros(1, dtype=torch.int32, device=q.device)
         else:
             window_lse = self._window_lse(layer, qg, pos)
-            sel, count = self.selector.select(layer, qg, lo, hi, self.budget,
-                                              window_lse)  # [Hkv, K], [1]
-        k_sel, v_sel = self._gather(self.store.k[layer], self.store.v[layer], sel)
+            args = (layer, qg, lo, hi, self.budget, window_lse)
+            if hasattr(self.selector, "select_with_keys"):  # re-ranking may have read K
+                sel, count, k_sel = self.selector.select_with_keys(*args)
+            else:
+                sel, count = self.selector.select(*args)  # [Hkv, K], [1]
+        if k_sel is None:
+            k_sel, v_sel = self._gather(self.store.k[layer], self.store.v[layer], sel)
+        else:  # values only: half the host reads
+            v_sel = self._gather_rows(self.store.v[layer], sel)
         out, _ = self._attention(q[:, :, 0], self.window.k[layer][None],
                                  self.window.v[layer][None], self.window.valid_slots(pos),
                                  k_sel[None], v_sel[None], count)  # out [1, H, D]
@@ -259,9 +266,13 @@ class SparseKV:
                                * self.D**-0.5, dim=-1)
 
     def _exact_keys(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
+        return self._gather_rows(self.store.k[layer], positions)  # [Hkv, C, D], K only
+
+    def _gather_rows(self, src: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """src [Hkv, N, D] (one layer of K or of V) rows at positions [Hkv, C]."""
         from .. import kernels
 
-        return kernels.gather_k(self.store.k[layer], positions)  # [Hkv, C, D], K only
+        return kernels.gather_k(src, positions)
 
     def memory_bytes(self) -> dict[str, int]:
         parts = [self.store.memory_bytes()]

@@ -70,9 +70,9 @@ def gather_kv(
 
 
 def gather_k(k_src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """K rows only: k_src[h, idx[h, j]] -> [Hkv, K, D] on idx's device. Half the traffic of
-    gather_kv, for re-scoring candidates whose values are not needed; same rules for where
-    k_src may live."""
+    """Rows of one source only: k_src[h, idx[h, j]] -> [Hkv, K, D] on idx's device. Half the
+    traffic of gather_kv: K of candidates whose values are not needed, or V of tokens whose
+    keys are already on the device; same rules for where k_src may live."""
     _check_sources(k_src, k_src, idx)
     hkv, k, d = k_src.shape[0], idx.shape[1], k_src.shape[2]
     k_out = torch.empty(hkv, k, d, dtype=k_src.dtype, device=idx.device)

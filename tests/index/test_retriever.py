@@ -135,3 +135,65 @@ def test_fused_selection_matches_the_torch_path_at_128k():
                                                 torch.bfloat16)
     for a, b in zip(fused.tolist(), plain.tolist(), strict=True):
         assert len(set(a) & set(b)) >= 0.99 * top
+
+
+@pytest.mark.parametrize("rerank_factor", [1, 4])
+def test_select_with_keys_hands_back_the_chosen_rows_exact_keys(rerank_factor):
+    """With re-ranking, the chosen tokens' keys come back (a device gather of the candidates'
+    keys), equal to the store's rows; select gives the same positions. Without: None."""
+    k, q = torch.randn(HKV, N, D), torch.randn(HKV, G, D)
+    sketch = LowRankKeys(1, HKV, N, D, 4, torch.device("cpu"), torch.float32)
+    sketch.build(0, k)
+    reads = []
+
+    def exact_keys(layer, pos):
+        reads.append(pos.shape)
+        return k.gather(1, pos[..., None].expand(-1, -1, D))
+
+    ret = LowRankRetriever(sketch, D, rerank_factor, exact_keys)
+    hi, lse = torch.tensor([N - 20]), torch.randn(HKV, G)
+    pos, count, keys = ret.select_with_keys(0, q, 4, hi, 12, lse)
+    assert pos.shape == (HKV, 12) and count.tolist() == [12]
+    if rerank_factor == 1:
+        assert keys is None and not reads
+    else:
+        assert reads == [(HKV, 48)]  # the candidates' keys, read once
+        torch.testing.assert_close(keys, k.gather(1, pos[..., None].expand(-1, -1, D)),
+                                   rtol=0, atol=0)
+    again, count2 = ret.select(0, q, 4, hi, 12, lse)
+    assert torch.equal(again, pos) and torch.equal(count2, count)
+
+
+def test_sparse_decode_with_reranked_keys_equals_gathering_k_and_v(monkeypatch):
+    """SparseKV reads only V for the final set when re-ranking handed back the keys: the
+    output equals the path that gathers K and V from the host store."""
+    from retrieval_attn.config import KVConfig
+    from retrieval_attn.offload import SparseKV
+    from retrieval_attn.offload.policy import AttnStep
+
+    cfg = KVConfig(policy="retrieval", sink_tokens=2, window_tokens=6, top_k=8, rank=4,
+                   rerank_factor=3)
+    q, k, v = torch.randn(1, 4, 81, D), torch.randn(1, HKV, 81, D), torch.randn(1, HKV, 81, D)
+
+    def decode():
+        kv = SparseKV(cfg, 1, 4, HKV, D, 96, torch.device("cpu"), torch.float32)
+        kv.start_request()
+        kv.attend(0, q[:, :, :70], k[:, :, :70], v[:, :, :70], AttnStep(torch.arange(70), 0))
+        kv.finish_layer(0, 70)
+        kv.finish_prefill(70)
+        return torch.cat([kv.attend(0, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
+                                    AttnStep(torch.tensor([t]), t)) for t in range(70, 81)])
+
+    v_only = decode()
+    keys_seen = []
+    plain = LowRankRetriever.select_with_keys
+
+    def without_keys(self, *args):
+        pos, count, keys = plain(self, *args)
+        keys_seen.append(keys is not None)
+        return pos, count, None
+
+    monkeypatch.setattr(LowRankRetriever, "select_with_keys", without_keys)
+    both = decode()
+    assert all(keys_seen) and len(keys_seen) == 11
+    torch.testing.assert_close(v_only, both, rtol=0, atol=0)
