@@ -18,7 +18,7 @@ import torch
 
 from retrieval_attn import LLM, EngineConfig
 from retrieval_attn.engine import GenerationStats
-from retrieval_attn.offload import DenseKV, SparseKV, host_store
+from retrieval_attn.offload import DenseKV, SparseKV
 from retrieval_attn.offload.full_offload import FullOffloadKV
 from retrieval_attn.planner import plan_memory
 from retrieval_attn.sampling import SamplingParams
@@ -86,8 +86,7 @@ def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: 
     row = {"policy": policy, "context": n, "ms_per_token": ms,
            "kv_gpu_gib": mem.get("gpu", 0) / GiB, "kv_host_gib": mem.get("host", 0) / GiB,
            "peak_gpu_gib": torch.cuda.max_memory_allocated() / GiB,
-           "planned_peak_gpu_gib": predicted and predicted.peak("gpu", runtime=False) / GiB,
-           "host_memory": getattr(getattr(engine.kv, "store", None), "backing", "-")}
+           "planned_peak_gpu_gib": predicted and predicted.peak("gpu", runtime=False) / GiB}
     del llm, engine
     free_device()
     return row
@@ -129,7 +128,7 @@ def bench_gathers(shape: str, n: int, candidates: int, top_k: int, reps: int = 4
     calls = {"K of candidates": lambda i: gather_k(store.k[i], cand[i]),
              "K+V of final": lambda i: gather_kv(store.k[i], store.v[i], final[i]),
              "V of final": lambda i: gather_k(store.v[i], final[i])}
-    row = {"context": n, "host_memory": store.backing, **_huge_pages_in_use()}
+    row = {"context": n}
     for name, fn in calls.items():
         for i in range(L):
             fn(i)  # compile, warm
@@ -141,22 +140,9 @@ def bench_gathers(shape: str, n: int, candidates: int, top_k: int, reps: int = 4
         end.record()
         torch.cuda.synchronize()
         row[name] = start.elapsed_time(end) * 1e3 / (reps * L)
-    store = calls = None  # unregister the store before the next one is made
+    store = calls = None  # free the pinned store before the next one is made
     free_device()
     return row
-
-
-def _huge_pages_in_use() -> dict[str, str]:
-    """The host's huge pages in use now (GiB): transparent, and hugetlbfs."""
-    try:
-        with open("/proc/meminfo") as f:
-            info = {k: v.split() for k, v in (line.split(":", 1) for line in f)}
-    except OSError:
-        return {}
-    thp = int(info.get("AnonHugePages", ["0"])[0]) / 2**20
-    pages = int(info.get("HugePages_Total", ["0"])[0]) - int(info.get("HugePages_Free", ["0"])[0])
-    size = int(info.get("Hugepagesize", ["0"])[0])
-    return {"THP GiB": f"{thp:.1f}", "hugetlb GiB": f"{pages * size / 2**20:.1f}"}
 
 
 def LLM_spec(shape: str):  # noqa: N802
@@ -192,13 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-out", default=None, help="append profile tables to this file")
     p.add_argument("--rerank-factor", type=int, default=4)
     p.add_argument("--json", default=None)
-    p.add_argument("--host-huge-pages", choices=["auto", "off"], default="auto",
-                   help="host KV store in huge-page registered memory (auto) or torch's "
-                        "pinned memory (off)")
     p.add_argument("--gathers", action="store_true",
                    help="first time the host gathers alone at each context")
     args = p.parse_args(argv)
-    host_store.DEFAULT_HUGE_PAGES = args.host_huge_pages
     if args.gathers:
         for n in args.contexts:
             g = bench_gathers(args.shape, n, args.top_k * args.rerank_factor, args.top_k)
@@ -214,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
           f"window 512 + 4 sinks, rank {args.rank}, rerank x{args.rerank_factor}, "
           f"{torch.cuda.get_device_name()}")
     print(f"{'context':>9} {'policy':<13}{'ms/token':>9}{'vs dense':>9}{'vs offload':>11}"
-          f"{'KV GPU GiB':>11}{'peak GPU':>9}{'planned':>8} host KV")
+          f"{'KV GPU GiB':>11}{'peak GPU':>9}{'planned':>8}")
     for r in rows:
         same = {x["policy"]: x for x in rows if x["context"] == r["context"] and "error" not in x}
         if "error" in r:
@@ -224,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                  for b in ("dense", "full-offload")}
         print(f"{r['context']:>9} {r['policy']:<13}{r['ms_per_token']:>9.2f}{ratio['dense']:>9}"
               f"{ratio['full-offload']:>11}{r['kv_gpu_gib']:>11.2f}{r['peak_gpu_gib']:>9.1f}"
-              f"{_num(r['planned_peak_gpu_gib']):>8} {r['host_memory']}")
+              f"{_num(r['planned_peak_gpu_gib']):>8}")
     write_json(rows, args.json)
     return 0
 
