@@ -103,13 +103,17 @@ class SparseKV:
         self.prefill_kv = DenseKV(1, 1, self.Hkv, self.max_tokens, self.D, self.device,
                                   self.dtype)
         if self.ann is not None:
-            self.builder.cancel()
-            self.ann.reset()
-            self._queries.clear()
-            self.build_queries.clear()
-            self.probe_queries.clear()
-            n = self.prompt_tokens = prompt_tokens or self.max_tokens
-            self.query_stride = max(1, n // self.index_cfg.build_queries)
+            self._reset_index(prompt_tokens or self.max_tokens)
+
+    def _reset_index(self, n: int) -> None:
+        """Drop the previous prompt's indexes and pending builds; sample n's queries."""
+        self.builder.cancel()
+        self.ann.reset()
+        self._queries.clear()
+        self.build_queries.clear()
+        self.probe_queries.clear()
+        self.prompt_tokens = n
+        self.query_stride = max(1, n // self.index_cfg.build_queries)
 
     def finish_layer(self, layer: int, n: int) -> None:
         if layer == 0:
@@ -178,9 +182,20 @@ class SparseKV:
         k = k if k.dtype == torch.float32 else k.float()
         return [k[h].numpy() for h in range(self.Hkv)]
 
-    def ingest(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Take a prompt's K, V [L, Hkv, n, D] (post-RoPE) as this policy's state."""
-        self.ingest_layers(((k[layer], v[layer]) for layer in range(self.L)), k.shape[2])
+    def ingest(self, k: torch.Tensor, v: torch.Tensor,
+               queries: dict[int, torch.Tensor] | None = None) -> None:
+        """Take a prompt's K, V [L, Hkv, n, D] (post-RoPE) as this policy's state.
+        queries {layer: [H, n, D]}: the prompt's queries, for a host index to be built
+        from (it is built now, and installed before this returns)."""
+        n = k.shape[2]
+        if self.ann is not None:
+            self._reset_index(n)
+        self.ingest_layers(((k[layer], v[layer]) for layer in range(self.L)), n)
+        if self.ann is not None and queries is not None:
+            for layer in range(self.L):
+                self._keep_queries(layer, queries[layer][None], AttnStep(torch.arange(n), 0))
+                self._submit_build(layer, n)
+            self.install_ready(wait=True)
 
     def ingest_layers(self, layers, n: int) -> None:
         """Like ingest, from an iterable of per-layer (k, v) [Hkv, n, D]: one layer at a

@@ -19,25 +19,40 @@ from pathlib import Path
 import torch
 
 from retrieval_attn import LLM, SamplingParams
-from retrieval_attn.config import KVConfig
+from retrieval_attn.config import INDEX_KINDS, IndexConfig, KVConfig
 from retrieval_attn.engine import GenerationStats
 
+from .capture_qk import RecordingKV
 from .longctx_diagnostics import layer_diagnostics, rank_recall
 from .longctx_tasks import Sample, make_samples, render
 
 TASKS = ["niah", "multikey", "multivalue", "vartrack", "cwe"]
+POLICIES = ["dense", "streaming", "quest", "retrieval"]
 
 
-def policy_grid(base: KVConfig, budgets: list[float]) -> list[tuple[str, KVConfig]]:
-    grid = [("dense", dataclasses.replace(base, policy="dense"))]
+Policy = tuple[str, KVConfig, IndexConfig | None]
+
+
+def policy_grid(base: KVConfig, budgets: list[float], policies: list[str] = POLICIES,
+                indexes: list[str] = (), builder: str = "inline") -> list[Policy]:
+    """(name, kv config, index config) rows: dense, then every policy at every budget;
+    retrieval also with each host index kind in indexes (named retrieval+KIND@budget)."""
+    grid: list[Policy] = [("dense", dataclasses.replace(base, policy="dense"), None)]
     for b in budgets:
         top_k: int | float = int(b) if b >= 1 else b
-        for name in ("streaming", "quest", "retrieval"):
-            grid.append((f"{name}@{b:g}", dataclasses.replace(base, policy=name, top_k=top_k)))
+        for name in policies:
+            if name == "dense":
+                continue
+            cfg = dataclasses.replace(base, policy=name, top_k=top_k)
+            grid.append((f"{name}@{b:g}", cfg, None))
+            if name == "retrieval":
+                grid += [(f"retrieval+{kind}@{b:g}", cfg, IndexConfig(kind=kind,
+                                                                      builder=builder))
+                         for kind in indexes]
     return grid
 
 
-def evaluate(llm: LLM, samples: list[Sample], grid: list[tuple[str, KVConfig]],
+def evaluate(llm: LLM, samples: list[Sample], grid: list[Policy],
              max_tokens: int, diagnose: Sample | None) -> tuple[list[dict], dict]:
     engine, tok = llm.engine, llm.tokenizer
     params = SamplingParams(max_tokens=max_tokens)
@@ -48,15 +63,22 @@ def evaluate(llm: LLM, samples: list[Sample], grid: list[tuple[str, KVConfig]],
         text = render(sample, tok.encode, tok.decode, rng, overhead)
         ids = llm.encode([{"role": "user", "content": text}])
         engine.check_prompt(ids)
-        engine.kv.start_request()
+        dense, queries = engine.kv, None
+        if any(index is not None for _, _, index in grid):  # host indexes need the queries
+            engine.runner.kv = RecordingKV(dense, list(range(llm.loaded.spec.num_layers)))
+        dense.start_request(len(ids))
         logits = engine.runner.prefill(ids, progress=len(ids) >= 2048)
-        dense_k = engine.kv.k[:, 0, :, :len(ids)].clone()  # [L, Hkv, n, D]
-        dense_v = engine.kv.v[:, 0, :, :len(ids)].clone()
-        for name, cfg in grid:
+        if engine.runner.kv is not dense:
+            queries = {layer: torch.cat(q, dim=1).float()  # [H, n, D]
+                       for layer, q in engine.runner.kv.prefill.items()}
+            engine.runner.kv = dense
+        dense_k = dense.k[:, 0, :, :len(ids)].clone()  # [L, Hkv, n, D]
+        dense_v = dense.v[:, 0, :, :len(ids)].clone()
+        for name, cfg, index in grid:
             kv = None
             if cfg.policy != "dense":
-                kv = engine.make_policy(cfg)
-                kv.ingest(dense_k, dense_v)
+                kv = engine.make_policy(cfg, index)
+                kv.ingest(dense_k, dense_v, queries if index is not None else None)
                 if sample is diagnose:
                     kv.trace = []
             tokens = list(engine.decode(logits, len(ids), params, GenerationStats(), kv=kv))
@@ -74,14 +96,14 @@ def evaluate(llm: LLM, samples: list[Sample], grid: list[tuple[str, KVConfig]],
     return rows, diagnostics
 
 
-def accuracy_table(rows: list[dict], grid: list[tuple[str, KVConfig]]) -> list[str]:
+def accuracy_table(rows: list[dict], grid: list[Policy]) -> list[str]:
     lengths = sorted({r["length"] for r in rows})
-    lines = [f"{'policy':<18}{'length':>7}" + "".join(f"{t:>11}" for t in TASKS) + f"{'avg':>8}"]
-    for name, _ in grid:
+    lines = [f"{'policy':<24}{'length':>7}" + "".join(f"{t:>11}" for t in TASKS) + f"{'avg':>8}"]
+    for name, _, _ in grid:
         for length in lengths + ["all"]:
             mine = [r for r in rows if r["policy"] == name and length in ("all", r["length"])]
             accs = [_mean([r["score"] for r in mine if r["task"] == t]) for t in TASKS]
-            lines.append(f"{name:<18}{length!s:>7}" + "".join(f"{100 * a:>11.1f}" for a in accs)
+            lines.append(f"{name:<24}{length!s:>7}" + "".join(f"{100 * a:>11.1f}" for a in accs)
                          + f"{100 * _mean(accs):>8.1f}")
     return lines
 
@@ -128,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-task", type=int, default=2, help="samples per task and length")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.02],
                    help="top_k per policy: share of the prompt (<1) or tokens (>=1)")
+    p.add_argument("--policies", nargs="+", default=POLICIES, choices=POLICIES,
+                   help="KV policies besides dense (always run: the reference)")
+    p.add_argument("--indexes", nargs="*", default=[], choices=INDEX_KINDS[1:],
+                   help="host index kinds to run retrieval with too (built inline)")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/eval", help="folder for PNGs and results.json")
@@ -135,11 +161,12 @@ def main(argv: list[str] | None = None) -> int:
 
     llm = LLM(args.model, config=args.config)
     if llm.config.kv.policy != "dense":  # prefill state is shared: the engine runs dense
-        llm = LLM(args.model, config=llm.config.replace(kv={"policy": "dense"}))
+        llm = LLM(args.model, config=llm.config.replace(kv={"policy": "dense"},
+                                                         index={"kind": "lowrank"}))
     need = max(args.lengths) + args.max_tokens + 1
     if llm.config.runtime.max_context_tokens < need:
         llm = LLM(args.model, config=llm.config.replace(runtime={"max_context_tokens": need}))
-    grid = policy_grid(llm.config.kv, args.budgets)
+    grid = policy_grid(llm.config.kv, args.budgets, args.policies, args.indexes)
     samples = make_samples(args.lengths, args.depths, args.per_task, args.seed)
     diagnose = next(s for s in reversed(samples) if s.task == "niah")
     rows, diagnostics = evaluate(llm, samples, grid, args.max_tokens, diagnose)

@@ -12,6 +12,12 @@ from retrieval_attn.tools.niah import build_prompt
 pytest.importorskip("faiss")
 ray = pytest.importorskip("ray")
 
+@ray.remote(num_cpus=1)
+class _Holder:
+    def ready(self) -> bool:
+        return True
+
+
 KV = {"policy": "retrieval", "top_k": 0.1, "window_tokens": 128}
 
 
@@ -30,12 +36,19 @@ def test_decode_runs_during_ray_build_and_matches_inline(cpu_llm):
     assert inline.engine.kv.ann.served["lowrank"] == 0  # inline: indexes before step one
     del inline
 
+    # A one-CPU Ray whose CPU is held by an actor: the builds queue until the test lets
+    # them run, so "decode went on while the indexes were not built" is certain.
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    holder = _Holder.remote()
+    ray.get(holder.ready.remote())
     llm = LLM(config=_config("ray"))
     kv = llm.engine.kv
     steps = llm.engine.generate_ids(ids, params, GenerationStats())
     got = [next(steps) for _ in range(4)]
     # decode did not wait: steps ran on the low-rank retriever while builds were pending
-    assert kv.builder.pending > 0 and kv.ann.served["lowrank"] > 0
+    assert kv.builder.pending == llm.loaded.spec.num_layers
+    assert kv.ann.served == {"index": 0, "lowrank": 3 * llm.loaded.spec.num_layers}
+    ray.kill(holder)
     kv.install_ready(wait=True)
     assert sorted(kv.ann.layers) == list(range(llm.loaded.spec.num_layers))
     before = kv.ann.served["index"]
