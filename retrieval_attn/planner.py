@@ -246,8 +246,13 @@ def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) ->
         add("layer end: low-rank fit", dev, Hkv * n * (4 * D * (1 + f32) + r * (4 + b * f32)),
             "Hkv·n·(4·D·2 + r·(4 + b))  keys and centred keys in float32, projection "
             "(float32 model: Hkv·n·(4·D + 4·r))", "layer-end")
-        add("decode: low-rank selection scores", dev, H * N * (b + 8) + Hkv * N * 4,
-            "H·N·(b + 8) + Hkv·N·4  scores [Hkv, G, N], two float32 copies, group sum", "decode")
+        if dev == "gpu" and r >= 16 and r & (r - 1) == 0:  # kernels/select_scores
+            add("decode: low-rank selection scores", dev, Hkv * N * 4,
+                "Hkv·N·4  group shares [Hkv, N] float32 (fused select_scores kernel)", "decode")
+        else:  # its PyTorch reference
+            add("decode: low-rank selection scores", dev, H * N * (b + 8) + Hkv * N * 4,
+                "H·N·(b + 8) + Hkv·N·4  scores [Hkv, G, N], two float32 copies, group sum "
+                "(PyTorch path: a rank that is not a power of two >= 16, or no GPU)", "decode")
     elif kv.policy == "quest":
         pages = -(-N // kv.page_tokens)
         add("kv: quest page bounds", dev, 2 * L * Hkv * pages * D * b,
