@@ -36,8 +36,7 @@ class IndexBuildService:
     def __init__(self, kind: str, builder: str, ray_address: str | None = None,
                  heads_per_task: int = 0, max_retries: int = 3, progress: bool = False) -> None:
         self.kind, self.builder = kind, builder
-        self.heads_per_task, self.max_retries = heads_per_task, max_retries
-        self.progress = progress
+        self.heads_per_task, self.progress = heads_per_task, progress
         self._ready: list[BuiltLayer] = []
         self._tasks: dict = {}  # ray ObjectRef -> (layer, first head, submit time)
         self._parts: dict[int, dict[int, list]] = {}  # layer -> first head -> states

@@ -160,15 +160,14 @@ class SparseKV:
             return
         q = torch.cat(queries, dim=1)  # [H, M, D]
         q = q.reshape(self.Hkv, -1, self.D).numpy()  # [Hkv, G·M, D]: the group's queries
-        keys = self.store.k[layer, :, lo:hi].float().numpy()  # [Hkv, hi - lo, D]
         self.build_queries[layer] = q
-        self.builder.submit(layer, keys, q)
+        self.builder.submit(layer, self._index_keys(layer, lo, hi), q)
 
     def install_ready(self, wait: bool = False) -> list[int]:
         """Install the layers whose index builds are done -> their layer numbers."""
         (lo, hi), done = self._index_range(self.prompt_tokens), []
         for built in self.builder.collect(wait=wait):
-            keys = self._index_keys(built.layer, lo, hi)
+            keys = list(self._index_keys(built.layer, lo, hi))
             self.ann.install(built.layer, LayerIndex.from_states(self.ann.kind, lo,
                                                                  built.states, keys))
             done.append(built.layer)
@@ -176,11 +175,9 @@ class SparseKV:
                      "retriever", built.layer, self.ann.kind, built.seconds)
         return done
 
-    def _index_keys(self, layer: int, lo: int, hi: int) -> list:
-        """Per kv head [hi - lo, D] float32 keys: a view of the store when it is float32."""
-        k = self.store.k[layer, :, lo:hi]
-        k = k if k.dtype == torch.float32 else k.float()
-        return [k[h].numpy() for h in range(self.Hkv)]
+    def _index_keys(self, layer: int, lo: int, hi: int) -> np.ndarray:
+        """Keys [Hkv, hi - lo, D] float32: a view of the store when it is float32."""
+        return self.store.k[layer, :, lo:hi].float().numpy()
 
     def ingest(self, k: torch.Tensor, v: torch.Tensor,
                queries: dict[int, torch.Tensor] | None = None) -> None:

@@ -122,9 +122,9 @@ def open_context(engine, path: str | Path) -> SavedContext:
     """Read and check a context's manifest and files (sizes, checksums, model, config)."""
     path = Path(path)
     manifest = check_files(path)
-    if manifest["spec"] != _spec(engine):
-        diff = {k: (v, _spec(engine).get(k)) for k, v in manifest["spec"].items()
-                if _spec(engine).get(k) != v}
+    spec = _spec(engine)
+    if manifest["spec"] != spec:
+        diff = {k: (v, spec.get(k)) for k, v in manifest["spec"].items() if spec.get(k) != v}
         raise ContextError(f"{path} was saved from a model of another shape "
                            f"({manifest['model']}); differs in {diff}: load it with that model")
     cfg = engine.config
@@ -182,7 +182,7 @@ def restore_context(engine, ctx: SavedContext) -> torch.Tensor:
                 states = [{name.split(".", 1)[1]: a for name, a in arrays.items()
                            if name.startswith(f"h{h}.")} for h in range(kv.Hkv)]
                 kv.ann.install(layer, LayerIndex.from_states(
-                    kv.ann.kind, lo, states, kv._index_keys(layer, lo, hi)))
+                    kv.ann.kind, lo, states, list(kv._index_keys(layer, lo, hi))))
     kv.finish_prefill(n)
     return load_file(str(path / "logits.safetensors"))["logits"].to(kv_device(engine))
 

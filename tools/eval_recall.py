@@ -25,9 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval_attn.index.ann import exact_topk, recall_at_k
-from retrieval_attn.index.attention_graph import AttentionAwareIndex
-from retrieval_attn.index.faiss_ann import FaissHNSWIndex, FaissIVFIndex
-from retrieval_attn.index.hnswlib_ann import HnswlibIndex
+from retrieval_attn.index.ann_retriever import build_head_index
 
 LOG = logging.getLogger(__name__)
 
@@ -40,13 +38,8 @@ KNOBS = {
 
 
 def build(kind: str, keys: np.ndarray, build_q: np.ndarray):
-    if kind == "faiss-hnsw":
-        return FaissHNSWIndex(keys, M=32)
-    if kind == "faiss-ivf":
-        return FaissIVFIndex(keys)
-    if kind == "hnswlib":
-        return HnswlibIndex(keys, M=32)
-    return AttentionAwareIndex(keys, build_q)
+    """The index the decode path would build (index.kind "attention" is "attention-aware")."""
+    return build_head_index("attention" if kind == "attention-aware" else kind, keys, build_q)
 
 
 def evaluate_head(kinds: list[str], keys: np.ndarray, build_q: np.ndarray,
