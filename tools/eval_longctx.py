@@ -53,7 +53,11 @@ def policy_grid(base: KVConfig, budgets: list[float], policies: list[str] = POLI
 
 
 def evaluate(llm: LLM, samples: list[Sample], grid: list[Policy],
-             max_tokens: int, diagnose: Sample | None) -> tuple[list[dict], dict]:
+             max_tokens: int, diagnose: Sample | None,
+             checkpoint: Path | None = None) -> tuple[list[dict], dict]:
+    """Rows (policy, task, score, ...) of every sample under every policy; with a
+    checkpoint path, the rows so far are written there after each sample, so a run cut
+    short keeps what it scored."""
     engine, tok = llm.engine, llm.tokenizer
     params = SamplingParams(max_tokens=max_tokens)
     overhead = len(llm.encode([{"role": "user", "content": "x"}])) + 8
@@ -93,13 +97,17 @@ def evaluate(llm: LLM, samples: list[Sample], grid: list[Policy],
                     diagnostics[f"rank-recall {name}"] = rank_recall(first_step, kv, cfg)
         print(f"[{i + 1}/{len(samples)}] {sample.task} {len(ids)} tok: " + " ".join(
             f"{r['policy']}={r['score']:.2f}" for r in rows[-len(grid):]), flush=True)
+        if checkpoint is not None:
+            checkpoint.write_text(json.dumps({"rows": rows, "diagnostics": diagnostics},
+                                             indent=1))
     return rows, diagnostics
 
 
-def accuracy_table(rows: list[dict], grid: list[Policy]) -> list[str]:
+def accuracy_table(rows: list[dict]) -> list[str]:
+    """Policy x task accuracy (%), per length and over all, policies in first-seen order."""
     lengths = sorted({r["length"] for r in rows})
     lines = [f"{'policy':<24}{'length':>7}" + "".join(f"{t:>11}" for t in TASKS) + f"{'avg':>8}"]
-    for name, _, _ in grid:
+    for name in dict.fromkeys(r["policy"] for r in rows):
         for length in lengths + ["all"]:
             mine = [r for r in rows if r["policy"] == name and length in ("all", r["length"])]
             accs = [_mean([r["score"] for r in mine if r["task"] == t]) for t in TASKS]
@@ -147,7 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8100])
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
-    p.add_argument("--per-task", type=int, default=2, help="samples per task and length")
+    p.add_argument("--per-task", type=int, default=2,
+                   help="samples per task and length (NIAH: see --niah-per-depth)")
+    p.add_argument("--niah-per-depth", type=int, default=1,
+                   help="NIAH samples per depth and length")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="score only every N-th sample from the I-th: N processes with "
+                        "I = 0..N-1 split one run; --report merges their results")
+    p.add_argument("--report", nargs="+", metavar="DIR", default=None,
+                   help="print the table (and heat-maps in --out) of saved results.json "
+                        "folders, merged; runs no model")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.02],
                    help="top_k per policy: share of the prompt (<1) or tokens (>=1)")
     p.add_argument("--policies", nargs="+", default=POLICIES, choices=POLICIES,
@@ -158,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/eval", help="folder for PNGs and results.json")
     args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        return report(args.report, out)
+    shard, shards = _shard(args.shard)
 
     llm = LLM(args.model, config=args.config)
     if llm.config.kv.policy != "dense":  # prefill state is shared: the engine runs dense
@@ -167,14 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     if llm.config.runtime.max_context_tokens < need:
         llm = LLM(args.model, config=llm.config.replace(runtime={"max_context_tokens": need}))
     grid = policy_grid(llm.config.kv, args.budgets, args.policies, args.indexes)
-    samples = make_samples(args.lengths, args.depths, args.per_task, args.seed)
-    diagnose = next(s for s in reversed(samples) if s.task == "niah")
-    rows, diagnostics = evaluate(llm, samples, grid, args.max_tokens, diagnose)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "diagnostics": diagnostics},
-                                                 indent=1))
+    samples = make_samples(args.lengths, args.depths, args.per_task, args.seed,
+                           args.niah_per_depth)[shard::shards]
+    diagnose = next((s for s in reversed(samples) if s.task == "niah"), None)
+    rows, diagnostics = evaluate(llm, samples, grid, args.max_tokens, diagnose,
+                                 checkpoint=out / "results.json")
     pngs = heatmaps(rows, out)
     for name, table in diagnostics.items():
         print(f"\n{name} (one {diagnose.length}-token NIAH prompt, first decode step)")
@@ -183,8 +202,35 @@ def main(argv: list[str] | None = None) -> int:
     kv = llm.config.kv
     print(f"\naccuracy (%), {llm.loaded.source}, window {kv.window_tokens} + {kv.sink_tokens} "
           f"sinks, rank {kv.rank}, rerank x{kv.rerank_factor}, {len(samples)} prompts")
-    print("\n".join(accuracy_table(rows, grid)))
+    print("\n".join(accuracy_table(rows)))
     return 0
+
+
+def report(folders: list[str], out: Path) -> int:
+    """Merge the rows of saved runs (e.g. shards of one run) into one table."""
+    rows = []
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"error: {path} not found: pass folders an eval run wrote "
+                             "(its --out)")
+        rows += json.loads(path.read_text())["rows"]
+    pngs = heatmaps(rows, out)
+    prompts = len(rows) // len({r["policy"] for r in rows})
+    print(f"heat-maps: {', '.join(str(p) for p in pngs)}")
+    print(f"\naccuracy (%), {prompts} prompts from {len(folders)} run(s)")
+    print("\n".join(accuracy_table(rows)))
+    return 0
+
+
+def _shard(spec: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise SystemExit(f"error: --shard {spec!r}: write I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise SystemExit(f"error: --shard {spec}: need 0 <= I < N")
+    return i, n
 
 
 if __name__ == "__main__":

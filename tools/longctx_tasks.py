@@ -124,11 +124,13 @@ def _word_list(sample: Sample, encode: Encode, budget: int, rng: random.Random) 
 
 
 def make_samples(lengths: list[int], depths: list[float], per_task: int,
-                 seed: int) -> list[Sample]:
+                 seed: int, niah_per_depth: int = 1) -> list[Sample]:
+    """NIAH: niah_per_depth needles per depth; other tasks: per_task samples each, per
+    length. The same arguments give the same samples."""
     rng = random.Random(seed)
     samples = []
     for length in lengths:
-        samples += [niah(rng, length, d) for d in depths]
+        samples += [niah(rng, length, d) for d in depths for _ in range(niah_per_depth)]
         for make in (multikey, multivalue, vartrack, cwe):
             samples += [make(rng, length) for _ in range(per_task)]
     return samples

@@ -35,3 +35,34 @@ def test_eval_runs_an_index_policy_beside_dense(tmp_path, capsys):
     assert len(rows) == 5 * 3  # five tasks, three policies
     diagnostics = json.loads((tmp_path / "results.json").read_text())["diagnostics"]
     assert "retrieval+attention@0.1" in diagnostics
+
+
+def test_niah_per_depth_adds_needles_and_keeps_the_old_samples():
+    from retrieval_attn.tools.longctx_tasks import make_samples
+
+    one = make_samples([1000], [0.2, 0.8], 1, seed=3)
+    three = make_samples([1000], [0.2, 0.8], 1, seed=3, niah_per_depth=3)
+    assert [s.depth for s in three if s.task == "niah"] == [0.2] * 3 + [0.8] * 3
+    assert len({s.expected[0] for s in three if s.task == "niah"}) == 6  # distinct needles
+    assert one[0].expected == three[0].expected  # default draws the same first needle
+
+
+def test_report_merges_shards_into_one_table(tmp_path, capsys):
+    rows = [{"policy": p, "task": "niah", "length": 4096, "prompt_tokens": 4090,
+             "depth": 0.5, "score": s, "answer": ""} for p, s in
+            [("dense", 1.0), ("retrieval@0.05", 0.0)]]
+    for i, shard in enumerate([rows, [dict(r, score=1.0) for r in rows]]):
+        (tmp_path / f"s{i}").mkdir()
+        (tmp_path / f"s{i}" / "results.json").write_text(json.dumps({"rows": shard}))
+    assert main(["--report", str(tmp_path / "s0"), str(tmp_path / "s1"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    out = capsys.readouterr().out
+    assert "2 prompts from 2 run(s)" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("retrieval@0.05") and "all" in ln)
+    assert line.split()[2] == "50.0"  # niah column: one of two prompts
+    assert (tmp_path / "merged" / "niah_retrieval_0.05.png").is_file()
+
+
+def test_report_names_a_folder_without_results(tmp_path):
+    with pytest.raises(SystemExit, match="results.json not found"):
+        main(["--report", str(tmp_path), "--out", str(tmp_path / "o")])
