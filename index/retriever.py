@@ -139,19 +139,22 @@ class QuestRetriever:
         self.kmax = torch.full(shape, float("-inf"), device=device, dtype=dtype)
         self.page_ids = torch.arange(pages, device=device)
 
-    def build(self, layer: int, k: torch.Tensor) -> None:
-        """k [Hkv, n, D]: bounds of every page the prompt touches."""
+    def build(self, layer: int, k: torch.Tensor, heads: slice = slice(None)) -> None:
+        """k [heads, n, D]: the given heads' bounds of every page the prompt touches."""
         Hkv, n, D = k.shape
         full = n // self.P * self.P
         k = k.to(self.kmin.device)
-        self.kmin[layer].fill_(float("inf"))
-        self.kmax[layer].fill_(float("-inf"))
+        kmin, kmax = self.kmin[layer, heads], self.kmax[layer, heads]  # views
+        kmin.fill_(float("inf"))
+        kmax.fill_(float("-inf"))
         if full:
             pages = k[:, :full].reshape(Hkv, full // self.P, self.P, D)
-            self.kmin[layer, :, :full // self.P] = pages.amin(dim=2)
-            self.kmax[layer, :, :full // self.P] = pages.amax(dim=2)
-        for pos in range(full, n):
-            self.append(layer, torch.tensor([pos], device=k.device), k[:, pos:pos + 1])
+            kmin[:, :full // self.P] = pages.amin(dim=2)
+            kmax[:, :full // self.P] = pages.amax(dim=2)
+        for pos in range(full, n):  # the partial last page
+            page = pos // self.P
+            kmin[:, page] = torch.minimum(kmin[:, page], k[:, pos])
+            kmax[:, page] = torch.maximum(kmax[:, page], k[:, pos])
 
     def append(self, layer: int, pos: torch.Tensor, k: torch.Tensor) -> None:
         """k [Hkv, 1, D] of the token at position pos ([1] on the device; no sync)."""

@@ -19,8 +19,9 @@ __all__ = ["AttnStep", "DenseKV", "HostKVStore", "KVPolicy", "LowRankKeys", "Spa
 def make_kv_policy(cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads: int,
                    head_dim: int, max_tokens: int, device: torch.device,
                    dtype: torch.dtype, index: IndexConfig | None = None,
-                   progress: bool = False) -> DenseKV | SparseKV:
+                   progress: bool = False, batch: int = 1) -> DenseKV | SparseKV:
+    """The policy cfg names, sized for `batch` sequences decoded together."""
     if cfg.policy == "dense":
-        return DenseKV(num_layers, 1, num_kv_heads, max_tokens, head_dim, device, dtype)
+        return DenseKV(num_layers, batch, num_kv_heads, max_tokens, head_dim, device, dtype)
     return SparseKV(cfg, num_layers, num_heads, num_kv_heads, head_dim, max_tokens, device,
-                    dtype, index, progress)
+                    dtype, index, progress, batch)

@@ -20,10 +20,15 @@ class DenseKV:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.slots = torch.arange(max_tokens, device=device)  # [N]
-        self.max_tokens = max_tokens
+        self.max_tokens, self.B = max_tokens, batch
+        self.seq = 0  # the sequence a one-sequence prefill writes
 
-    def start_request(self, prompt_tokens: int | None = None) -> None:
-        """Nothing to reset: every slot a request reads is written first."""
+    def start_request(self, prompt_tokens: int | None = None, seq: int = 0) -> None:
+        """Prefill of sequence seq of the batch comes next. Nothing to reset: every slot a
+        request reads is written first."""
+        if not 0 <= seq < self.B:
+            raise ValueError(f"sequence {seq} of a batch of {self.B}")
+        self.seq = seq
 
     def finish_layer(self, layer: int, n: int) -> None:
         """The layer's K, V stay where prefill wrote them."""
@@ -41,9 +46,11 @@ class DenseKV:
             return self._attend_static(layer, q, k, v, step.positions)
         T = q.shape[2]
         start, end = step.start, step.start + T
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # [B, Hkv, end, D]
+        # all sequences at once (a batched decode step), or the one being prefilled
+        rows = slice(None) if q.shape[0] == self.B else slice(self.seq, self.seq + 1)
+        self.k[layer, rows, :, start:end] = k
+        self.v[layer, rows, :, start:end] = v
+        keys, values = self.k[layer, rows, :, :end], self.v[layer, rows, :, :end]
         if T == 1:
             mask, causal = None, False
         elif start == 0:

@@ -21,11 +21,12 @@ class FullOffloadKV:
     state_version = 0
 
     def __init__(self, num_layers: int, num_kv_heads: int, max_tokens: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, batch: int = 1) -> None:
         self.L, self.device = num_layers, device
-        self.store = HostKVStore(num_layers, num_kv_heads, max_tokens, head_dim, dtype,
+        self.B, self.Hkv, rows = batch, num_kv_heads, batch * num_kv_heads  # B·Hkv rows
+        self.store = HostKVStore(num_layers, rows, max_tokens, head_dim, dtype,
                                  pin=device.type == "cuda")
-        shape = (2, 2, num_kv_heads, max_tokens, head_dim)  # [buffer, k|v, Hkv, N, D]
+        shape = (2, 2, rows, max_tokens, head_dim)  # [buffer, k|v, B·Hkv, N, D]
         self.buffers = torch.empty(shape, device=device, dtype=dtype)
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.ready: list[torch.cuda.Event | None] = [None, None]
@@ -41,7 +42,7 @@ class FullOffloadKV:
         self.n = n
 
     def fill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Prompt K, V [Hkv, n, D] of one layer straight into the host store."""
+        """Prompt K, V [B·Hkv, n, D] of one layer straight into the host store."""
         self.store.write(layer, 0, k, v)
         self.n = k.shape[1]
 
@@ -61,21 +62,23 @@ class FullOffloadKV:
                step: AttnStep) -> torch.Tensor:
         if q.shape[2] != 1:
             raise NotImplementedError("FullOffloadKV is a decode baseline: fill() the prompt")
-        pos = step.start
+        pos, (B, _, _, D) = step.start, k.shape
         n = pos + 1
-        self.store.write(layer, pos, k[0], v[0])
+        k, v = k.reshape(B * self.Hkv, 1, D), v.reshape(B * self.Hkv, 1, D)  # [B·Hkv, 1, D]
+        self.store.write(layer, pos, k, v)
         if layer == 0:
             torch.cuda.current_stream().synchronize()  # the new token's K, V are in the store
             self._prefetch(0, n)
         torch.cuda.current_stream().wait_event(self.ready[layer % 2])
         buf = self.buffers[layer % 2]
-        keys, values = buf[0, :, :n][None], buf[1, :, :n][None]  # [1, Hkv, n, D]
+        keys = buf[0, :, :n].view(B, self.Hkv, n, D)  # [B, Hkv, n, D]
+        values = buf[1, :, :n].view(B, self.Hkv, n, D)
         if layer + 1 < self.L:
             # the next layer's copy may reuse the other buffer once this step is queued
             self.copy_stream.wait_stream(torch.cuda.current_stream())
             self._prefetch(layer + 1, n)
-        buf[0, :, pos] = k[0, :, 0]  # this step's token: its host copy lands after the copy
-        buf[1, :, pos] = v[0, :, 0]
+        buf[0, :, pos] = k[:, 0]  # this step's token: its host copy lands after the copy
+        buf[1, :, pos] = v[:, 0]
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
             return F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
 

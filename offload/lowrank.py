@@ -23,17 +23,17 @@ class LowRankKeys:
         self.keys = torch.zeros(num_layers, num_kv_heads, max_tokens, rank, device=device,
                                 dtype=dtype)
 
-    def build(self, layer: int, k: torch.Tensor) -> None:
-        """Fit the basis on a prompt's keys k [Hkv, n, D] and project them all."""
+    def build(self, layer: int, k: torch.Tensor, heads: slice = slice(None)) -> None:
+        """Fit the given heads' bases on a prompt's keys k [heads, n, D]; project them all."""
         kf = k.to(self.keys.device, torch.float32)
         mean = kf.mean(dim=1, keepdim=True)  # [Hkv, 1, D]
         centred = kf - mean
         cov = centred.transpose(1, 2) @ centred  # [Hkv, D, D]
         _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
         basis = vecs[..., -self.rank:]  # [Hkv, D, r]
-        self.mean[layer] = mean[:, 0].to(self.mean.dtype)
-        self.basis[layer] = basis.to(self.basis.dtype)
-        self.keys[layer, :, :k.shape[1]] = (centred @ basis).to(self.keys.dtype)
+        self.mean[layer, heads] = mean[:, 0].to(self.mean.dtype)
+        self.basis[layer, heads] = basis.to(self.basis.dtype)
+        self.keys[layer, heads, :k.shape[1]] = (centred @ basis).to(self.keys.dtype)
 
     def append(self, layer: int, pos: torch.Tensor, k: torch.Tensor) -> None:
         """k [Hkv, 1, D] of the token at position pos ([1] on the device; no sync)."""

@@ -5,6 +5,12 @@ K, V move to the host store, the window keeps sinks and recent tokens on the dev
 the selector (low-rank retriever, Quest pages, or none for streaming) indexes the keys.
 Each decode step then attends over window ∪ selected with one kernel call.
 
+A batch of B sequences (of one prompt length, decoded in lockstep) is B·Hkv kv heads to
+everything below the attention kernel: the store, window, sketch and selection hold rows
+[B·Hkv] (sequence b's heads at rows b·Hkv .. b·Hkv + Hkv - 1, each with its own PCA basis),
+so the selection and gather kernels need no batch dimension. Prompts are prefilled one
+sequence at a time (start_request(n, seq=b)).
+
 With a host index (index.kind other than lowrank), a sample of each layer's prefill
 queries is kept on the host, and when the layer's prefill is done its keys and queries go
 to the IndexBuildService; built indexes are installed between decode steps, and until
@@ -20,7 +26,7 @@ import numpy as np
 import torch
 
 from ..config import IndexConfig, KVConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, RequestError
 from ..index.ann_retriever import AnnRetriever, LayerIndex
 from ..index.build_service import IndexBuildService
 from ..index.retriever import LowRankRetriever, QuestRetriever
@@ -50,26 +56,32 @@ class SparseKV:
     def __init__(self, cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, max_tokens: int, device: torch.device,
                  dtype: torch.dtype, index: IndexConfig | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, batch: int = 1) -> None:
         if cfg.policy == "retrieval" and cfg.rank > head_dim:
             raise ConfigError(f"kv.rank is {cfg.rank} but the model's head_dim is {head_dim}: "
                               f"use a rank <= {head_dim}")
         self.cfg = cfg
         self.L, self.H, self.Hkv, self.D = num_layers, num_heads, num_kv_heads, head_dim
+        self.B, rows = batch, batch * num_kv_heads  # rows: the kv heads of every sequence
+        self.seq = 0  # the sequence being prefilled
         self.max_tokens, self.device, self.dtype = max_tokens, device, dtype
-        self.store = HostKVStore(num_layers, num_kv_heads, max_tokens, head_dim, dtype,
+        self.index_cfg = index or IndexConfig()
+        if batch > 1 and cfg.policy == "retrieval" and self.index_cfg.kind != "lowrank":
+            raise ConfigError(f"index.kind {self.index_cfg.kind} serves one sequence at a "
+                              f"time, and runtime.max_batch is {batch}: use index.kind "
+                              "lowrank for batched decode, or runtime.max_batch 1")
+        self.store = HostKVStore(num_layers, rows, max_tokens, head_dim, dtype,
                                  pin=device.type == "cuda")
         self.sketch: LowRankKeys | None = None
         self.selector: LowRankRetriever | QuestRetriever | None = None
         if cfg.policy == "retrieval":
-            self.sketch = LowRankKeys(num_layers, num_kv_heads, max_tokens, head_dim,
+            self.sketch = LowRankKeys(num_layers, rows, max_tokens, head_dim,
                                       cfg.rank, device, dtype)
             self.selector = LowRankRetriever(self.sketch, head_dim, cfg.rerank_factor,
                                              self._exact_keys)
         elif cfg.policy == "quest":
-            self.selector = QuestRetriever(num_layers, num_kv_heads, max_tokens, head_dim,
+            self.selector = QuestRetriever(num_layers, rows, max_tokens, head_dim,
                                            cfg.page_tokens, device, dtype)
-        self.index_cfg = index or IndexConfig()
         self.ann: AnnRetriever | None = None
         self.builder: IndexBuildService | None = None
         if cfg.policy == "retrieval" and self.index_cfg.kind != "lowrank":
@@ -97,7 +109,15 @@ class SparseKV:
         return self.trace is None and self.ann is None  # host search syncs every step
 
     # -- request lifecycle -------------------------------------------------------------
-    def start_request(self, prompt_tokens: int | None = None) -> None:
+    def start_request(self, prompt_tokens: int | None = None, seq: int = 0) -> None:
+        """Prefill of sequence seq of the batch comes next (seq 0 starts a new batch)."""
+        if not 0 <= seq < self.B:
+            raise ValueError(f"sequence {seq} of a batch of {self.B}")
+        if seq > 0 and prompt_tokens not in (None, self.prompt_tokens):
+            raise RequestError(f"batched prompts decode in lockstep and must have one "
+                               f"length: sequence 0 has {self.prompt_tokens} tokens, "
+                               f"sequence {seq} {prompt_tokens}")
+        self.seq = seq
         # Exact attention during prefill needs one layer's full K, V on the device (prefill
         # runs layer-major); each layer's is handed over to the host store when it is done.
         self.prefill_kv = DenseKV(1, 1, self.Hkv, self.max_tokens, self.D, self.device,
@@ -116,10 +136,10 @@ class SparseKV:
         self.query_stride = max(1, n // self.index_cfg.build_queries)
 
     def finish_layer(self, layer: int, n: int) -> None:
-        if layer == 0:
+        if layer == 0 and self.seq == 0:
             self._begin(n)
         kv = self.prefill_kv
-        self.ingest_layer(layer, kv.k[0, 0, :, :n], kv.v[0, 0, :, :n])
+        self.ingest_layer(layer, kv.k[0, 0, :, :n], kv.v[0, 0, :, :n], self.seq)
         if self.ann is not None:
             self._submit_build(layer, n)
 
@@ -195,20 +215,29 @@ class SparseKV:
             self.install_ready(wait=True)
 
     def ingest_layers(self, layers, n: int) -> None:
-        """Like ingest, from an iterable of per-layer (k, v) [Hkv, n, D]: one layer at a
-        time, so a caller never needs every layer's K, V at once."""
+        """Like ingest, from an iterable of per-layer (k, v) [B·Hkv, n, D] (every
+        sequence of the batch): one layer at a time, so a caller never needs every
+        layer's K, V at once."""
         self._begin(n)
         for layer, (k, v) in enumerate(layers):
             self.ingest_layer(layer, k, v)
 
-    def ingest_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """One layer's prompt K, V [Hkv, n, D]: host store, window, selector index."""
-        self.store.write(layer, 0, k, v)
-        self.window.load(layer, k, v)
+    def ingest_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+                     seq: int | None = None) -> None:
+        """One layer's prompt K, V: host store, window, selector index. k, v [Hkv, n, D]
+        of sequence seq, or [B·Hkv, n, D] of every sequence when seq is None."""
+        if seq is None and self.B > 1:  # one sequence at a time: bounds the fit's temporaries
+            for s in range(self.B):
+                rows = slice(s * self.Hkv, (s + 1) * self.Hkv)
+                self.ingest_layer(layer, k[rows], v[rows], s)
+            return
+        rows = slice(None) if seq is None else slice(seq * self.Hkv, (seq + 1) * self.Hkv)
+        self.store.write(layer, 0, k, v, rows)
+        self.window.load(layer, k, v, rows)
         if self.sketch is not None:
-            self.sketch.build(layer, k)
+            self.sketch.build(layer, k, rows)
         elif isinstance(self.selector, QuestRetriever):
-            self.selector.build(layer, k)
+            self.selector.build(layer, k, rows)
 
     def _begin(self, n: int) -> None:
         """A prompt of n tokens arrives: size the budget and a fresh window for it.
@@ -216,7 +245,7 @@ class SparseKV:
         same number of tokens."""
         self.budget, self.prompt_tokens = self.cfg.budget(n), n
         extra = self.budget if self.cfg.policy == "streaming" else 0
-        self.window = WindowCache(self.L, self.Hkv, self.cfg.sink_tokens,
+        self.window = WindowCache(self.L, self.B * self.Hkv, self.cfg.sink_tokens,
                                   self.cfg.window_tokens + extra, self.D, self.device,
                                   self.dtype)
         self.window_slots = torch.arange(self.window.k.shape[2], device=self.device)
@@ -231,12 +260,14 @@ class SparseKV:
             return self.prefill_kv.attend(0, q, k, v, step)
         if self.builder is not None and layer == 0 and self.builder.pending:
             self.install_ready()
-        if q.shape[0] != 1 or q.shape[2] != 1:
-            raise NotImplementedError("sparse decode serves one sequence, one token per step")
+        B, rows = q.shape[0], q.shape[0] * self.Hkv
+        if B != self.B or q.shape[2] != 1:
+            raise NotImplementedError(f"sparse decode serves one token per step for each of "
+                                      f"its {self.B} sequences; got q {tuple(q.shape)}")
         # Everything below stays on the device with fixed shapes (no host sync), so the
         # same code runs eagerly and inside a captured CUDA graph.
-        pos = step.positions  # [1]
-        k1, v1 = k[0], v[0]  # [Hkv, 1, D]
+        pos = step.positions  # [1]: the sequences decode in lockstep
+        k1, v1 = k.reshape(rows, 1, self.D), v.reshape(rows, 1, self.D)  # [B·Hkv, 1, D]
         self._store(self.store.k[layer], self.store.v[layer], pos, k1, v1)
         self.window.append(layer, pos, k1, v1)
         if self.sketch is not None:
@@ -245,10 +276,10 @@ class SparseKV:
             self.selector.append(layer, pos, k1)
         lo, hi = self.cfg.sink_tokens, torch.clamp(pos + 1 - self.window.W,
                                                    min=self.cfg.sink_tokens)
-        qg = q[0, :, 0].reshape(self.Hkv, self.H // self.Hkv, self.D)  # [Hkv, G, D]
+        qg = q[:, :, 0].reshape(rows, self.H // self.Hkv, self.D)  # [B·Hkv, G, D]
         k_sel = None
         if self.selector is None:
-            sel = torch.zeros(self.Hkv, 0, dtype=torch.long, device=q.device)
+            sel = torch.zeros(rows, 0, dtype=torch.long, device=q.device)
             count = torch.zeros(1, dtype=torch.int32, device=q.device)
         else:
             window_lse = self._window_lse(layer, qg, pos)
@@ -256,23 +287,29 @@ class SparseKV:
             if hasattr(self.selector, "select_with_keys"):  # re-ranking may have read K
                 sel, count, k_sel = self.selector.select_with_keys(*args)
             else:
-                sel, count = self.selector.select(*args)  # [Hkv, K], [1]
+                sel, count = self.selector.select(*args)  # [B·Hkv, K], [1]
         if k_sel is None:
             k_sel, v_sel = self._gather(self.store.k[layer], self.store.v[layer], sel)
         else:  # values only: half the host reads
             v_sel = self._gather_rows(self.store.v[layer], sel)
-        out, _ = self._attention(q[:, :, 0], self.window.k[layer][None],
-                                 self.window.v[layer][None], self.window.valid_slots(pos),
-                                 k_sel[None], v_sel[None], count)  # out [1, H, D]
+        window = self.window.valid_slots(pos).expand(B)
+        out, _ = self._attention(q[:, :, 0], self._per_seq(self.window.k[layer]),
+                                 self._per_seq(self.window.v[layer]), window,
+                                 self._per_seq(k_sel), self._per_seq(v_sel),
+                                 count.expand(B))  # out [B, H, D]
         if self.trace is not None:
             n = int(pos[0]) + 1
             self.trace.append(TraceEntry(layer, n, q[0, :, 0].clone(), out[0].clone(),
-                                         sel[:, :int(count[0])]))
-        return out[:, :, None]  # [1, H, 1, D]
+                                         sel[:self.Hkv, :int(count[0])]))  # sequence 0
+        return out[:, :, None]  # [B, H, 1, D]
+
+    def _per_seq(self, x: torch.Tensor) -> torch.Tensor:
+        """[B·Hkv, N, D] -> [B, Hkv, N, D] (a view)."""
+        return x.view(self.B, self.Hkv, *x.shape[1:])
 
     def _window_lse(self, layer: int, qg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Log-sum-exp [Hkv, G] of the scaled scores over the filled window slots."""
-        scores = qg @ self.window.k[layer].transpose(1, 2)  # [Hkv, G, S + W]
+        """Log-sum-exp [B·Hkv, G] of the scaled scores over the filled window slots."""
+        scores = qg @ self.window.k[layer].transpose(1, 2)  # [B·Hkv, G, S + W]
         empty = self.window_slots >= self.window.valid_slots(pos)
         return torch.logsumexp(scores.float().masked_fill(empty, float("-inf"))
                                * self.D**-0.5, dim=-1)

@@ -23,14 +23,15 @@ class WindowCache:
     def slot(self, pos: int) -> int:
         return pos if pos < self.S else self.S + (pos - self.S) % self.W
 
-    def load(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Fill from a whole prompt: k, v [Hkv, n, D]."""
+    def load(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+             heads: slice = slice(None)) -> None:
+        """Fill the given heads from a whole prompt: k, v [heads, n, D]."""
         n = k.shape[1]
         keep = [p for p in range(min(n, self.S))] + list(range(max(self.S, n - self.W), n))
         pos = torch.tensor(keep, dtype=torch.long, device=k.device)
         slots = torch.tensor([self.slot(p) for p in keep], dtype=torch.long, device=self.k.device)
-        self.k[layer, :, slots] = k[:, pos].to(self.k.device)
-        self.v[layer, :, slots] = v[:, pos].to(self.v.device)
+        self.k[layer, heads, slots] = k[:, pos].to(self.k.device)
+        self.v[layer, heads, slots] = v[:, pos].to(self.v.device)
 
     def append(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [Hkv, 1, D] of the token at position pos ([1] on the device; no sync)."""

@@ -77,13 +77,53 @@ class LLM:
 
     def generate(self, prompts: Prompt | list[Prompt],
                  params: SamplingParams | None = None) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in order (prompts run one after another)."""
+        """One RequestOutput per prompt, in order. Prompts run one after another; with
+        runtime.max_batch > 1, prompts of one token length decode together, up to
+        max_batch at a time (stop strings then cut the text after decoding)."""
         params = params or SamplingParams()
         batch = _as_batch(prompts)
         ids = [self._encode(p) for p in batch]  # every prompt is checked before any runs
         for one in ids:
             self.engine.check_prompt(one)
-        return [self._run(p, i, params) for p, i in zip(batch, ids, strict=True)]
+        outputs: list[RequestOutput | None] = [None] * len(batch)
+        for group in self._lockstep_groups(batch, ids):
+            for i, out in zip(group, self._run_batch([batch[i] for i in group],
+                                                     [ids[i] for i in group], params),
+                              strict=True):
+                outputs[i] = out
+        return [out or self._run(p, i, params)
+                for out, p, i in zip(outputs, batch, ids, strict=True)]
+
+    def _lockstep_groups(self, batch: list[Prompt], ids: list[list[int]]) -> list[list[int]]:
+        """Indices of prompts to decode together: same length, at most max_batch each."""
+        size = self.config.runtime.max_batch
+        if size == 1:
+            return []
+        by_len: dict[int, list[int]] = {}
+        for i, (p, one) in enumerate(zip(batch, ids, strict=True)):
+            if not isinstance(p, SavedContext):
+                by_len.setdefault(len(one), []).append(i)
+        return [g[s:s + size] for g in by_len.values() if len(g) > 1
+                for s in range(0, len(g), size)]
+
+    def _run_batch(self, prompts: list[Prompt], ids: list[list[int]],
+                   params: SamplingParams) -> list[RequestOutput]:
+        stats = [GenerationStats() for _ in prompts]
+        new = self.engine.generate_batch(ids, params, stats)
+        decode = self.tokenizer.decode if self.tokenizer else _no_text
+        outputs = []
+        for prompt, one, tokens, st in zip(prompts, ids, new, stats, strict=True):
+            text, kept = TextAssembler(decode, params.stop), []
+            for token in tokens:
+                kept.append(token)
+                text.add(token)
+                if text.stopped:
+                    st.finish_reason = "stop"
+                    break
+            timings = Timings(st.prefill_s, st.decode_s, st.prompt_tokens, len(kept))
+            outputs.append(RequestOutput(prompt, one, text.text, kept,
+                                         st.finish_reason or "stop", timings))
+        return outputs
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text pieces of one prompt's answer as they are decoded."""

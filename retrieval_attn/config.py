@@ -53,6 +53,7 @@ class RuntimeConfig:
     cuda_graphs: bool = True  # capture the decode step in a CUDA graph (GPU only)
     progress_bar: bool = True  # tqdm bar on prefill of long prompts
     progress_bar_min_tokens: int = 2048  # prompts shorter than this prefill silently
+    max_batch: int = 1  # sequences decoded together; the KV state is sized for all of them
 
     def __post_init__(self) -> None:
         kind, sep, index = self.device.partition(":")
@@ -69,6 +70,8 @@ class RuntimeConfig:
                               "it must be a positive number of tokens")
         if self.progress_bar_min_tokens < 0:
             raise ConfigError("runtime.progress_bar_min_tokens must be >= 0")
+        if self.max_batch < 1:
+            raise ConfigError(f"runtime.max_batch is {self.max_batch}: it must be at least 1")
 
 
 @dataclass(frozen=True)

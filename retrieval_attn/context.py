@@ -30,7 +30,7 @@ from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 from safetensors.torch import load_file, save_file
 
-from .errors import RetrievalAttnError
+from .errors import ConfigError, RetrievalAttnError
 
 FORMAT, VERSION = "retrieval-attn-context", 1
 
@@ -52,6 +52,7 @@ def save_context(engine, prompt_ids: list[int], logits: torch.Tensor, path: str 
     """Write the engine's current KV state (just after prefilling prompt_ids) to path."""
     from .offload import DenseKV, SparseKV
 
+    _one_sequence(engine)
     path, kv, n = Path(path), engine.kv, len(prompt_ids)
     (path / "index").mkdir(parents=True, exist_ok=True)
     files: list[str] = []
@@ -118,8 +119,16 @@ def check_files(path: str | Path) -> dict:
     return manifest
 
 
+def _one_sequence(engine) -> None:
+    if engine.config.runtime.max_batch != 1:
+        raise ConfigError(f"saved contexts hold one sequence's KV state, and this engine's "
+                          f"runtime.max_batch is {engine.config.runtime.max_batch}: save and "
+                          "load contexts with runtime.max_batch 1")
+
+
 def open_context(engine, path: str | Path) -> SavedContext:
     """Read and check a context's manifest and files (sizes, checksums, model, config)."""
+    _one_sequence(engine)
     path = Path(path)
     manifest = check_files(path)
     spec = _spec(engine)

@@ -4,7 +4,8 @@ plan_memory mirrors what the code allocates (model/loader.py, engine/runner.py, 
 index/retriever.py) part by part; check_budget refuses a config that would not fit, with
 numbers and the change that would make it fit; search_config picks the best config that fits.
 Letters as in config.py, plus: I MLP intermediate size, T prefill chunk tokens, n prompt
-tokens, r low-rank dims, P quest page tokens, S sinks, W window, k top_k, b dtype bytes.
+tokens, r low-rank dims, P quest page tokens, S sinks, W window, k top_k, b dtype bytes,
+B runtime.max_batch (sequences decoded together; prefill runs one sequence at a time).
 
 Phases (a part lives only in its phase; MemoryPlan.peak adds up what coexists):
   held         allocated when the engine starts, kept for the whole run
@@ -142,11 +143,6 @@ def param_count(spec: ModelSpec) -> int:
     return V * C * (1 if spec.tie_word_embeddings else 2) + spec.num_layers * layer + C
 
 
-def pinned_bytes(nbytes: int) -> int:
-    """torch's pinned host allocator rounds every allocation up to a power of two."""
-    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
-
-
 def plan_memory(spec: ModelSpec, config: EngineConfig, device_type: str,
                 prompt_tokens: int | None = None) -> MemoryPlan:
     """Every part's bytes for this model and config on device_type ("cuda" or "cpu").
@@ -165,6 +161,7 @@ def plan_memory(spec: ModelSpec, config: EngineConfig, device_type: str,
     L, H, Hkv, D = spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim
     C, inter, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
     b, T = dtype_bytes(rt.dtype, device_type), min(rt.prefill_chunk_tokens, n)
+    B = rt.max_batch
     dev = "gpu" if device_type == "cuda" else "host"
     plan = MemoryPlan(spec, config, device_type, n)
     add = lambda *a: plan.parts.append(Part(*a))  # noqa: E731
@@ -178,8 +175,8 @@ def plan_memory(spec: ModelSpec, config: EngineConfig, device_type: str,
         "angles, emb, emb.cos() in float64", "setup")
 
     if kv.policy == "dense":
-        add("kv: dense K,V", dev, 2 * L * Hkv * N * D * b, "2·L·Hkv·N·D·b  [L, 1, Hkv, N, D] ×2",
-            "held")
+        add("kv: dense K,V", dev, 2 * L * B * Hkv * N * D * b,
+            "2·L·B·Hkv·N·D·b  [L, B, Hkv, N, D] ×2", "held")
         add("dense slot index", dev, 8 * N, "8·N  int64 [N]", "held")
     else:
         _plan_sparse(plan, spec, n, b, dev)
@@ -204,11 +201,11 @@ def plan_memory(spec: ModelSpec, config: EngineConfig, device_type: str,
         f"SDPA kernels (flash, memory-efficient, cuDNN) do not materialise scores; if SDPA "
         f"fell back to its math kernel, one chunk's scores [H, T, n] would take H·T·n·b = "
         f"{format_bytes(H * T * n * b)} (not counted)")
-    add("logits of the last token", dev, V * (b + 4), "V·(b + 4)  [1, V] and its float32 copy",
-        "decode")
+    add("logits of the last token", dev, B * V * (b + 4),
+        "B·V·(b + 4)  [B, V] and its float32 copy", "decode")
     if kv.policy == "dense" and dev == "gpu" and rt.cuda_graphs:
-        add("decode: dense scores (graphed step)", dev, H * N * (8 + b),
-            "H·N·(8 + b)  [Hkv, G, N] scores in float32 ×2 + probabilities", "decode")
+        add("decode: dense scores (graphed step)", dev, B * H * N * (8 + b),
+            "B·H·N·(8 + b)  [B, Hkv, G, N] scores in float32 ×2 + probabilities", "decode")
 
     if dev == "gpu":
         add("CUDA context, kernels (estimate)", "gpu", CUDA_CONTEXT_BYTES,
@@ -220,46 +217,44 @@ def plan_memory(spec: ModelSpec, config: EngineConfig, device_type: str,
 
 def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) -> None:
     kv, N = plan.config.kv, plan.config.runtime.max_context_tokens
-    L, H, Hkv, D = spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    L, H, D = spec.num_layers, spec.num_heads, spec.head_dim
+    B = plan.config.runtime.max_batch
+    Hkv = B * spec.num_kv_heads  # rows: a batch is B·Hkv kv heads to the KV state
     add = lambda *a: plan.parts.append(Part(*a))  # noqa: E731
     one = L * Hkv * N * D * b
     pinned = dev == "gpu"
     add("kv: host K,V store", "host", 2 * one,
-        "2·L·Hkv·N·D·b  K, V [L, Hkv, N, D]" + (", pinned" if pinned else ""), "held")
-    if pinned and pinned_bytes(one) > one:
-        add("host store: pinned rounding", "host", 2 * (pinned_bytes(one) - one),
-            "2·(2^ceil(log2(L·Hkv·N·D·b)) − L·Hkv·N·D·b)", "held")
-        fill = pinned_bytes(one) // (L * Hkv * D * b)
-        plan.notes.append(
-            f"torch's pinned allocator rounds K and V of the host store up to "
-            f"{format_bytes(pinned_bytes(one))} each: runtime.max_context_tokens up to {fill} "
-            f"costs the same host memory; registering exact-size memory would save "
-            f"{format_bytes(2 * (pinned_bytes(one) - one))}")
+        "2·L·B·Hkv·N·D·b  K, V [L, B·Hkv, N, D]" + (
+            ", pinned by registration: exact size" if pinned else ""), "held")
     extra = kv.budget(n) if kv.policy == "streaming" else 0
     add("kv: window + sinks K,V", dev, 2 * L * Hkv * (kv.sink_tokens + kv.window_tokens + extra)
-        * D * b, "2·L·Hkv·(S + W" + (" + k" if extra else "") + ")·D·b", "held")
-    r, G = kv.rank, H // Hkv
+        * D * b, "2·L·B·Hkv·(S + W" + (" + k" if extra else "") + ")·D·b", "held")
+    r, G = kv.rank, H // spec.num_kv_heads
     if kv.policy == "retrieval":
         add("kv: low-rank keys", dev, L * Hkv * (D + D * r + N * r) * b,
-            "L·Hkv·(D + D·r + N·r)·b  mean, basis [L, Hkv, D, r], keys [L, Hkv, N, r]", "held")
+            "L·B·Hkv·(D + D·r + N·r)·b  mean, basis [L, B·Hkv, D, r], keys [L, B·Hkv, N, r]",
+            "held")
         f32 = b != 4  # a float32 model's keys are used in place, not copied
-        add("layer end: low-rank fit", dev, Hkv * n * (4 * D * (1 + f32) + r * (4 + b * f32)),
+        one_seq = spec.num_kv_heads  # the fit runs on one sequence's keys at a time
+        add("layer end: low-rank fit", dev, one_seq * n * (4 * D * (1 + f32)
+                                                          + r * (4 + b * f32)),
             "Hkv·n·(4·D·2 + r·(4 + b))  keys and centred keys in float32, projection "
             "(float32 model: Hkv·n·(4·D + 4·r))", "layer-end")
         if dev == "gpu" and r >= 16 and r & (r - 1) == 0:  # kernels/select_scores
             add("decode: low-rank selection scores", dev, Hkv * N * 4,
-                "Hkv·N·4  group shares [Hkv, N] float32 (fused select_scores kernel)", "decode")
+                "B·Hkv·N·4  group shares [B·Hkv, N] float32 (fused select_scores kernel)",
+                "decode")
         else:  # its PyTorch reference
-            add("decode: low-rank selection scores", dev, H * N * (b + 8) + Hkv * N * 4,
-                "H·N·(b + 8) + Hkv·N·4  scores [Hkv, G, N], two float32 copies, group sum "
+            add("decode: low-rank selection scores", dev, B * H * N * (b + 8) + Hkv * N * 4,
+                "B·H·N·(b + 8) + B·Hkv·N·4  scores [B·Hkv, G, N], two float32 copies, group sum "
                 "(PyTorch path: a rank that is not a power of two >= 16, or no GPU)", "decode")
     elif kv.policy == "quest":
         pages = -(-N // kv.page_tokens)
         add("kv: quest page bounds", dev, 2 * L * Hkv * pages * D * b,
-            "2·L·Hkv·ceil(N/P)·D·b  kmin, kmax [L, Hkv, pages, D]", "held")
+            "2·L·B·Hkv·ceil(N/P)·D·b  kmin, kmax [L, B·Hkv, pages, D]", "held")
         add("decode: quest page bounds of the query", dev, 3 * Hkv * G * pages * D * b,
-            "3·H·ceil(N/P)·D·b  q·kmin, q·kmax, max [Hkv, G, pages, D]", "decode")
-    add("prefill: one-layer K,V scratch", dev, 2 * Hkv * N * D * b,
+            "3·B·H·ceil(N/P)·D·b  q·kmin, q·kmax, max [B·Hkv, G, pages, D]", "decode")
+    add("prefill: one-layer K,V scratch", dev, 2 * spec.num_kv_heads * N * D * b,
         "2·Hkv·N·D·b  DenseKV [1, 1, Hkv, N, D] ×2 (layer-major prefill)", "prefill")
     add("prefill: scratch slot index", dev, 8 * N, "8·N  int64 [N]", "prefill")
 
@@ -305,6 +300,11 @@ def _fixes(plan: MemoryPlan, gpu: int, host: int) -> list[str]:
     rt, kv = plan.config.runtime, plan.config.kv
     fixes = []
     fits = lambda **s: _replan(plan, **s).fits(gpu, host)  # noqa: E731
+    if rt.max_batch > 1:
+        batch = largest_batch(plan.spec, plan.config, gpu, host, plan.device_type,
+                              rt.max_batch - 1)
+        if batch:
+            fixes.append(f"lower runtime.max_batch to {batch}")
     lo, hi = 1, rt.max_context_tokens  # largest max_context_tokens that fits: binary search
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -325,6 +325,21 @@ def _fixes(plan: MemoryPlan, gpu: int, host: int) -> list[str]:
     if chunk:
         fixes.append(f"lower runtime.prefill_chunk_tokens to {chunk}")
     return fixes
+
+
+def largest_batch(spec: ModelSpec, config: EngineConfig, gpu_bytes: int, host_bytes: int,
+                  device_type: str = "cuda", limit: int = 4096) -> int:
+    """The largest runtime.max_batch (<= limit) at which config fits the budget; 0 if not
+    even one sequence fits. Every part grows with the batch, so a bisection finds it."""
+    fits = lambda b: plan_memory(spec, config.replace(runtime={"max_batch": b}),  # noqa: E731
+                                 device_type).fits(gpu_bytes, host_bytes)
+    if not fits(1):
+        return 0
+    lo, hi = 1, limit + 1  # fits(lo), not known for hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def _ranks(top: int) -> list[int]:

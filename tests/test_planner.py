@@ -1,6 +1,8 @@
 """Memory planner: arithmetic on known shapes, equality with what the policies allocate,
 refusals with numbers, the presets validated without allocating, search and YAML."""
 
+import re
+
 import pytest
 import torch
 
@@ -11,9 +13,9 @@ from retrieval_attn.model.spec import NAMED_SHAPES, ModelSpec
 from retrieval_attn.offload import make_kv_policy
 from retrieval_attn.planner import (
     check_budget,
+    largest_batch,
     param_count,
     parse_bytes,
-    pinned_bytes,
     plan_memory,
     search_config,
     to_yaml,
@@ -81,9 +83,8 @@ def test_low_rank_and_window_arithmetic():
     assert part(plan, "kv: window + sinks K,V") == 2 * L * Hkv * 516 * D * 2
     assert part(plan, "kv: host K,V store") == 2 * L * Hkv * N * D * 2
     assert part(plan, "prefill: one-layer K,V scratch") == 2 * Hkv * N * D * 2
-    # 28 GiB per K is rounded up to 32 GiB by the pinned allocator
-    assert part(plan, "host store: pinned rounding") == 2 * 4 * GiB
-    assert pinned_bytes(28 * GiB) == 32 * GiB and pinned_bytes(32 * GiB) == 32 * GiB
+    # pinned by registration, exactly: no power-of-two rounding part
+    assert not [p for p in plan.parts if "rounding" in p.name]
 
 
 @pytest.mark.parametrize("policy,top_k", [("dense", 8), ("streaming", 0.25), ("quest", 12),
@@ -126,15 +127,42 @@ def test_dense_1m_refused_with_numbers_and_fixes():
     assert "use kv.policy retrieval (with kv.rank" in msg
 
 
-def test_host_overflow_refused_with_pinned_rounding():
-    # one token over 512K: K and V each round up to 64 GiB of pinned host memory
-    plan = plan_memory(LLAMA, config("retrieval", tokens=(1 << 19) + 1, rank=32), "cuda")
-    assert plan.peak("host") > 128 * GiB
+def test_host_overflow_refused_with_numbers():
+    # Llama-3-8B shape at 1M: K and V need 64 GiB each on the host, plus the runtime
+    plan = plan_memory(LLAMA, config("retrieval", tokens=1 << 20, rank=32), "cuda")
+    assert part(plan, "kv: host K,V store") == 128 * GiB
     with pytest.raises(ConfigError) as err:
         check_budget(plan, 80 * GiB, 128 * GiB)
     msg = str(err.value)
     assert "host memory: needs" in msg and "128.00 GiB available" in msg
-    assert "lower runtime.max_context_tokens to 524288" in msg
+    fit = int(re.search(r"lower runtime.max_context_tokens to (\d+)", msg).group(1))
+    assert 0.95 * (1 << 20) < fit < 1 << 20
+    over = plan_memory(LLAMA, config("retrieval", tokens=fit + 1, rank=32), "cuda")
+    assert not over.fits(80 * GiB, 128 * GiB)  # the fix named is the largest that fits
+    assert plan_memory(LLAMA, config("retrieval", tokens=fit, rank=32),
+                       "cuda").fits(80 * GiB, 128 * GiB)
+
+
+def test_batch_multiplies_every_kv_part_and_the_largest_batch_fits():
+    one = plan_memory(QWEN, config("retrieval", tokens=131072, rank=32), "cuda")
+    four = plan_memory(QWEN, config("retrieval", tokens=131072, rank=32).replace(
+        runtime={"max_batch": 4}), "cuda")
+    for name in ("kv: host K,V store", "kv: low-rank keys", "kv: window + sinks K,V"):
+        assert part(four, name) == 4 * part(one, name)
+    # prefill runs one sequence at a time
+    scratch = "prefill: one-layer K,V scratch"
+    assert part(four, scratch) == part(one, scratch)
+    cfg = config("retrieval", tokens=131072, rank=32)
+    best = largest_batch(QWEN, cfg, 80 * GiB, 128 * GiB)
+    assert part(one, "kv: host K,V store") == 7 * GiB  # per sequence at 128K: host-bound
+    assert best == 17  # 17 x 7 GiB + 2 GiB runtime + the rotary build fit 128 GiB
+    assert plan_memory(QWEN, cfg.replace(runtime={"max_batch": best}),
+                       "cuda").fits(80 * GiB, 128 * GiB)
+    too_many = plan_memory(QWEN, cfg.replace(runtime={"max_batch": best + 1}), "cuda")
+    with pytest.raises(ConfigError, match=f"lower runtime.max_batch to {best}"):
+        check_budget(too_many, 80 * GiB, 128 * GiB)
+    dense = config("dense", tokens=131072)
+    assert largest_batch(QWEN, dense, 80 * GiB, 128 * GiB) < best  # dense KV is in HBM
 
 
 def test_impossible_search_names_the_smallest_config():
@@ -203,7 +231,7 @@ def test_cli_prints_plan_and_writes_preset(tmp_path, capsys):
                     "--host-mem", "128GiB", "--max-kv-gpu-mem", "12GB", "--write", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "kv: low-rank keys" in text and "host store: pinned rounding" in text
+    assert "kv: low-rank keys" in text and "kv: host K,V store" in text
     cfg = EngineConfig.from_yaml(out)
     assert cfg.kv.policy == "retrieval" and cfg.kv.rank == 32
     assert cfg == EngineConfig.load("1m-single-gpu")  # the preset is what the planner chose

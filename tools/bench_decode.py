@@ -7,6 +7,12 @@ policy runs alone (the previous one freed) and decodes with the engine's CUDA gr
 the policy allows it.
 
     python -m retrieval_attn.tools.bench_decode --shape qwen2.5-7b-1m --contexts 131072 1048576
+    python -m retrieval_attn.tools.bench_decode --contexts 131072 --batches 1 max
+
+--batches runs B sequences in lockstep (runtime.max_batch B); "max" is the largest batch
+the planner fits in this machine's free GPU and host memory, per policy (full offload,
+which the planner does not model, runs at retrieval's). ms/token is per decode step;
+tok/s counts every sequence.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 
 from retrieval_attn import LLM, EngineConfig
 from retrieval_attn.engine import GenerationStats
+from retrieval_attn.errors import RetrievalAttnError
 from retrieval_attn.offload import DenseKV, SparseKV
 from retrieval_attn.offload.full_offload import FullOffloadKV
 from retrieval_attn.planner import plan_memory
@@ -28,15 +35,16 @@ from .bench_grid import free_device, run_grid, write_json
 GiB = 1 << 30
 
 
-def fill(llm: LLM, n: int, seed: int = 0) -> None:
-    """Synthetic prompt K, V for n tokens into the engine's policy, one layer at a time."""
+def fill(llm: LLM, n: int, seed: int = 0, batch: int = 1) -> None:
+    """Synthetic prompt K, V for n tokens of every sequence into the engine's policy, one
+    layer at a time: [B·Hkv, n, D] per layer."""
     spec, kv = llm.loaded.spec, llm.engine.kv
     gen = torch.Generator(device="cuda").manual_seed(seed)
     dtype = llm.dtype
 
     def layers():
         for _ in range(spec.num_layers):
-            shape = (spec.num_kv_heads, n, spec.head_dim)
+            shape = (batch * spec.num_kv_heads, n, spec.head_dim)
             yield (torch.randn(shape, generator=gen, device="cuda", dtype=dtype),
                    torch.randn(shape, generator=gen, device="cuda", dtype=dtype))
 
@@ -44,29 +52,45 @@ def fill(llm: LLM, n: int, seed: int = 0) -> None:
         kv.ingest_layers(layers(), n)
     elif isinstance(kv, DenseKV):
         for layer, (k, v) in enumerate(layers()):
-            kv.k[layer, 0, :, :n] = k
-            kv.v[layer, 0, :, :n] = v
+            kv.k[layer, :, :, :n] = k.view(batch, spec.num_kv_heads, n, -1)
+            kv.v[layer, :, :, :n] = v.view(batch, spec.num_kv_heads, n, -1)
     else:
         for layer, (k, v) in enumerate(layers()):
             kv.fill(layer, k, v)
 
 
-def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: int,
-            profile: bool = False, rerank_factor: int = 4,
-            profile_path: str | None = None) -> dict:
-    cfg = EngineConfig.load("default").replace(
+def bench_config(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: int,
+                 rerank_factor: int = 4, batch: int = 1) -> EngineConfig:
+    return EngineConfig.load("default").replace(
         model={"path": f"random:{shape}"},
         runtime={"device": "cuda", "dtype": "bfloat16", "max_context_tokens": n + new_tokens + 8,
-                 "prefill_chunk_tokens": 2048, "progress_bar": False},
+                 "prefill_chunk_tokens": 2048, "progress_bar": False, "max_batch": batch},
         kv={"policy": "dense" if policy == "full-offload" else policy, "top_k": top_k,
             "rank": rank, "rerank_factor": rerank_factor})
+
+
+def largest_batch_here(shape: str, policy: str, n: int, new_tokens: int, top_k: int,
+                       rank: int) -> int:
+    """The planner's largest batch for this policy in the memory free right now."""
+    from retrieval_attn.planner import available_memory, largest_batch
+
+    free_device()
+    cfg = bench_config(shape, "retrieval" if policy == "full-offload" else policy, n,
+                       new_tokens, top_k, rank)
+    return largest_batch(LLM_spec(shape), cfg, *available_memory(torch.device("cuda")))
+
+
+def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: int,
+            profile: bool = False, rerank_factor: int = 4,
+            profile_path: str | None = None, batch: int = 1) -> dict:
+    cfg = bench_config(shape, policy, n, new_tokens, top_k, rank, rerank_factor, batch)
     # The planner knows dense and sparse policies, not full offload (built here by hand):
     # its dense plan would count the whole cache on the GPU.
     predicted = (None if policy == "full-offload"
                  else plan_memory(LLM_spec(shape), cfg, "cuda", prompt_tokens=n))
     torch.cuda.reset_peak_memory_stats()
     llm = LLM(config=cfg) if policy != "full-offload" else _full_offload_llm(cfg)
-    fill(llm, n)
+    fill(llm, n, batch=batch)
     engine, params = llm.engine, SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     logits = torch.zeros(llm.loaded.spec.vocab_size, device="cuda")
     list(engine.decode(logits, n, SamplingParams(max_tokens=3, ignore_eos=True),
@@ -83,7 +107,8 @@ def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: 
             with open(profile_path, "a") as f:
                 f.write(f"{policy} at {n} tokens\n{table}\n")
     mem = engine.kv.memory_bytes()
-    row = {"policy": policy, "context": n, "ms_per_token": ms,
+    row = {"policy": policy, "context": n, "batch": batch, "ms_per_token": ms,
+           "tokens_per_s": batch * 1e3 / ms,
            "kv_gpu_gib": mem.get("gpu", 0) / GiB, "kv_host_gib": mem.get("host", 0) / GiB,
            "peak_gpu_gib": torch.cuda.max_memory_allocated() / GiB,
            "planned_peak_gpu_gib": predicted and predicted.peak("gpu", runtime=False) / GiB}
@@ -158,9 +183,12 @@ def _full_offload_llm(cfg: EngineConfig) -> LLM:
     spec = llm.loaded.spec
     n = cfg.runtime.max_context_tokens
     kv = FullOffloadKV(spec.num_layers, spec.num_kv_heads, n, spec.head_dim,
-                       llm.device, llm.dtype)
+                       llm.device, llm.dtype, cfg.runtime.max_batch)
     llm.engine.kv = llm.engine.runner.kv = kv
     llm.engine.max_tokens = n
+    runner = llm.engine.runner
+    runner.batch = cfg.runtime.max_batch
+    runner.static_ids = torch.zeros(runner.batch, 1, dtype=torch.long, device=llm.device)
     llm.loaded.model.setup_rope(n)
     return llm
 
@@ -177,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", nargs="*", default=[], help="policies to profile (per kernel)")
     p.add_argument("--profile-out", default=None, help="append profile tables to this file")
     p.add_argument("--rerank-factor", type=int, default=4)
+    p.add_argument("--batches", nargs="+", default=["1"],
+                   help="sequences decoded together: numbers, or max (planner's largest)")
     p.add_argument("--json", default=None)
     p.add_argument("--gathers", action="store_true",
                    help="first time the host gathers alone at each context")
@@ -187,25 +217,39 @@ def main(argv: list[str] | None = None) -> int:
             print("gathers, µs/call: " + "  ".join(
                 f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in g.items()),
                 flush=True)
-    def one(policy: str, n: int) -> dict:
+    def one(policy: str, n: int, batch: str) -> dict:
+        b = (int(batch) if batch != "max" else
+             largest_batch_here(args.shape, policy, n, args.new_tokens, args.top_k, args.rank))
+        if b < 1:
+            raise RetrievalAttnError(f"no batch of {policy} fits at {n} tokens")
+        print(f"{policy} at {n} tokens, batch {b}", flush=True)
         return run_one(args.shape, policy, n, args.new_tokens, args.top_k, args.rank,
-                       policy in args.profile, args.rerank_factor, args.profile_out)
+                       policy in args.profile, args.rerank_factor, args.profile_out, b)
 
-    rows = run_grid(args.contexts, args.policies, one)
+    rows = []
+    for batch in args.batches:
+        rows += run_grid(args.contexts, args.policies,
+                         lambda policy, n, batch=batch: one(policy, n, batch))
     print(f"\n{args.shape}, random weights, synthetic prompt K/V, top_k {args.top_k}, "
           f"window 512 + 4 sinks, rank {args.rank}, rerank x{args.rerank_factor}, "
           f"{torch.cuda.get_device_name()}")
-    print(f"{'context':>9} {'policy':<13}{'ms/token':>9}{'vs dense':>9}{'vs offload':>11}"
-          f"{'KV GPU GiB':>11}{'peak GPU':>9}{'planned':>8}")
-    for r in rows:
-        same = {x["policy"]: x for x in rows if x["context"] == r["context"] and "error" not in x}
+    print(f"{'context':>9} {'policy':<13}{'batch':>6}{'ms/token':>9}{'tok/s':>8}"
+          f"{'vs dense':>9}{'vs offload':>11}{'KV GPU GiB':>11}{'KV host':>8}{'peak GPU':>9}"
+          f"{'planned':>8}")
+    for i, r in enumerate(rows):
         if "error" in r:
             print(f"{r['context']:>9} {r['policy']:<13}  {r['error'][:70]}")
             continue
-        ratio = {b: (f"{r['ms_per_token'] / same[b]['ms_per_token']:.2f}" if b in same else "-")
-                 for b in ("dense", "full-offload")}
-        print(f"{r['context']:>9} {r['policy']:<13}{r['ms_per_token']:>9.2f}{ratio['dense']:>9}"
-              f"{ratio['full-offload']:>11}{r['kv_gpu_gib']:>11.2f}{r['peak_gpu_gib']:>9.1f}"
+        # ratios of time per generated token (1 / tok/s) against the baselines of the same
+        # context and --batches item (at batch 1: of ms/token)
+        group = rows[i - i % len(args.policies):][:len(args.policies)]
+        same = {x["policy"]: x for x in group if x["context"] == r["context"]
+                and "error" not in x}
+        ratio = {b: (f"{same[b]['tokens_per_s'] / r['tokens_per_s']:.2f}" if b in same
+                     else "-") for b in ("dense", "full-offload")}  # time per token
+        print(f"{r['context']:>9} {r['policy']:<13}{r['batch']:>6}{r['ms_per_token']:>9.2f}"
+              f"{r['tokens_per_s']:>8.1f}{ratio['dense']:>9}{ratio['full-offload']:>11}"
+              f"{r['kv_gpu_gib']:>11.2f}{r['kv_host_gib']:>8.1f}{r['peak_gpu_gib']:>9.1f}"
               f"{_num(r['planned_peak_gpu_gib']):>8}")
     write_json(rows, args.json)
     return 0

@@ -21,6 +21,7 @@ from retrieval_attn.planner import (
     SEARCH_CHUNK_TOKENS,
     check_budget,
     format_bytes,
+    largest_batch,
     parse_bytes,
     plan_memory,
     search_config,
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="cap on the KV state on the GPU, e.g. 12GB (bounds decode reads)")
     p.add_argument("--chunk", type=int, default=SEARCH_CHUNK_TOKENS,
                    help="largest runtime.prefill_chunk_tokens to consider")
+    p.add_argument("--batch", type=int, default=None,
+                   help="runtime.max_batch: sequences decoded together (default: the "
+                        "config's, or 1 when searching)")
     p.add_argument("--write", type=Path, default=None, help="write the config to this YAML")
     args = p.parse_args(argv)
 
@@ -86,10 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             else parse_bytes(args.max_kv_gpu_mem))
     else:
         spec = spec_for(cfg.model.path, cfg.model.cache_dir)
+    if args.batch is not None:
+        cfg = cfg.replace(runtime={"max_batch": args.batch})
     plan = plan_memory(spec, cfg, device)
     print(plan.table())
     print(f"\nbudget: gpu {format_bytes(gpu)}, host {format_bytes(host)}")
     check_budget(plan, gpu, host)
+    print(f"largest runtime.max_batch that fits this budget: "
+          f"{largest_batch(spec, cfg, gpu, host, device)}")
     summary = (f"planned for gpu {format_bytes(gpu)}, host {format_bytes(host)} ({device}): "
                f"peak gpu {format_bytes(plan.peak('gpu'))}, host "
                f"{format_bytes(plan.peak('host'))}; KV state on the gpu "

@@ -1,4 +1,4 @@
-"""Engine: one request at a time through prefill and decode, yielding token ids."""
+"""Engine: a request (or a batch of equal-length ones) through prefill and decode."""
 
 from __future__ import annotations
 
@@ -45,14 +45,16 @@ class Engine:
                         self.max_tokens, spec.max_position_embeddings, loaded.source)
         self.kv = self.make_policy(config.kv, config.index)
         self.runner = ModelRunner(loaded.model, self.kv, self.max_tokens,
-                                  rt.prefill_chunk_tokens, rt.cuda_graphs and self.kv.graph_safe)
+                                  rt.prefill_chunk_tokens, rt.cuda_graphs and self.kv.graph_safe,
+                                  rt.max_batch)
 
     def make_policy(self, kv: KVConfig, index: IndexConfig | None = None) -> KVPolicy:
         """A KV policy for this model; index None = the low-rank retriever (no host index)."""
         spec, weight = self.loaded.spec, self.loaded.model.embed.weight
+        rt = self.config.runtime
         return make_kv_policy(kv, spec.num_layers, spec.num_heads, spec.num_kv_heads,
                               spec.head_dim, self.max_tokens, weight.device, weight.dtype,
-                              index, self.config.runtime.progress_bar)
+                              index, rt.progress_bar, rt.max_batch)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -85,6 +87,55 @@ class Engine:
         """Yield new token ids; stats is filled in as the request runs."""
         logits = self.prefill(prompt_ids, stats)
         yield from self.decode(logits, len(prompt_ids), params, stats)
+
+    def generate_batch(self, prompts: list[list[int]], params: SamplingParams,
+                       stats: list[GenerationStats]) -> list[list[int]]:
+        """New token ids of each prompt, decoded together: one forward per step for all
+        of them. Prompts must have one length (they decode in lockstep) and be at most
+        runtime.max_batch; stats[i] is filled in for prompt i."""
+        B = self.runner.batch
+        if not 1 <= len(prompts) <= B:
+            raise RequestError(f"{len(prompts)} prompts in one batch, runtime.max_batch is "
+                               f"{B}: split the batch or raise runtime.max_batch")
+        n = len(prompts[0])
+        if any(len(p) != n for p in prompts):
+            raise RequestError("batched prompts decode in lockstep and must have one "
+                               f"length; got {sorted({len(p) for p in prompts})} tokens")
+        last = []
+        for seq, ids in enumerate(prompts):
+            self.check_prompt(ids)
+            t0 = time.perf_counter()
+            self.kv.start_request(n, seq=seq)
+            last.append(self.runner.prefill(ids, progress=False))
+            self.kv.finish_prefill(n)
+            stats[seq].prompt_tokens, stats[seq].prefill_s = n, time.perf_counter() - t0
+        eos = set() if params.ignore_eos or self.loaded.tokenizer is None \
+            else self.loaded.tokenizer.eos_token_ids
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        out: list[list[int]] = [[] for _ in prompts]
+        live = list(range(len(prompts)))
+        t1, pos = time.perf_counter(), n
+        while True:
+            tokens = [sample(logits, params, gen) for logits in last]
+            for seq in list(live):
+                if tokens[seq] in eos:
+                    stats[seq].finish_reason = "stop"
+                    live.remove(seq)
+                    continue
+                out[seq].append(tokens[seq])
+                stats[seq].generated_tokens += 1
+                if len(out[seq]) >= params.max_tokens or pos + 1 >= self.max_tokens:
+                    stats[seq].finish_reason = "length"
+                    live.remove(seq)
+            if not live:
+                break
+            # finished and unused rows decode a token too: the step's shape is fixed
+            fed = tokens + [tokens[0]] * (B - len(tokens))
+            last = list(self.runner.decode_batch(fed, pos)[:len(prompts)])
+            pos += 1
+        for s in stats:
+            s.decode_s = time.perf_counter() - t1
+        return out
 
     def generate_from_context(self, ctx, params: SamplingParams,
                               stats: GenerationStats) -> Iterator[int]:

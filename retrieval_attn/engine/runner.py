@@ -16,7 +16,7 @@ from ..offload.policy import AttnStep, KVPolicy
 
 class ModelRunner:
     def __init__(self, model: Llama, kv: KVPolicy, max_tokens: int, prefill_chunk_tokens: int,
-                 use_cuda_graph: bool) -> None:
+                 use_cuda_graph: bool, batch: int = 1) -> None:
         self.model, self.kv = model, kv
         self.device = model.embed.weight.device
         self.chunk = prefill_chunk_tokens
@@ -24,7 +24,8 @@ class ModelRunner:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_kv: KVPolicy | None = None  # the policy the graph was captured with
         self.graph_version = -1  # and the version of its state then
-        self.static_ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)  # [B, 1]
+        self.batch = batch  # sequences per decode step (the policy holds state for each)
+        self.static_ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # [B, 1]
         self.static_pos = torch.zeros(1, dtype=torch.long, device=self.device)  # [1]
         self.static_logits: torch.Tensor | None = None
         model.setup_rope(max_tokens)
@@ -59,14 +60,21 @@ class ModelRunner:
         logits = model.logits(x if all_logits else x[:, -1:])[0].float()  # [n or 1, V]
         return logits if all_logits else logits[-1]
 
-    @torch.inference_mode()
     def decode(self, token: int, pos: int) -> torch.Tensor:
-        """Feed one token at position pos; logits [V] for the next one."""
+        """Feed one token at position pos; logits [V] for the next one. In a batched
+        runner the token is fed to every sequence and sequence 0's logits come back."""
+        return self.decode_batch([token] * self.batch, pos)[0]
+
+    @torch.inference_mode()
+    def decode_batch(self, tokens: list[int], pos: int) -> torch.Tensor:
+        """Feed tokens[b] to sequence b, all at position pos (lockstep); logits [B, V]."""
+        if len(tokens) != self.batch:
+            raise ValueError(f"{len(tokens)} tokens for a batch of {self.batch} sequences")
+        ids = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
         if not (self.use_graph and self.kv.graph_safe):
-            ids = torch.tensor([[token]], device=self.device)
             step = AttnStep(torch.tensor([pos], device=self.device), pos)
-            return self.model(ids, self.kv, step)[0, -1].float()
-        self.static_ids.fill_(token)
+            return self.model(ids, self.kv, step)[:, -1].float()
+        self.static_ids.copy_(ids)
         self.static_pos.fill_(pos)
         # A graph replays fixed tensor addresses: capture again for another policy, or when
         # the policy reallocated its state (a new request).
@@ -78,7 +86,7 @@ class ModelRunner:
             self._capture()
             self.graph_kv, self.graph_version = self.kv, self.kv.state_version
         self.graph.replay()
-        return self.static_logits[0, -1].float()
+        return self.static_logits[:, -1].float()
 
     def _capture(self) -> None:
         # Warm up on a side stream (allocator and kernel selection), then capture. The

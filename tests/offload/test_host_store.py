@@ -1,0 +1,45 @@
+"""HostKVStore: exact-size host memory, pinned by registration where a GPU reads it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retrieval_attn.kernels import gather_kv, gather_kv_ref, store_kv
+from retrieval_attn.offload import HostKVStore
+
+
+def test_write_fills_the_given_heads_only():
+    store = HostKVStore(2, 4, 10, 8, torch.float32, pin=False)
+    k, v = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    store.write(1, 3, k, v, slice(2, 4))
+    assert torch.equal(store.k[1, 2:4, 3:9], k) and torch.equal(store.v[1, 2:4, 3:9], v)
+    assert store.k[1, :2].abs().sum() == 0 and store.k[0].abs().sum() == 0
+    assert store.memory_bytes() == {"host": 2 * 2 * 4 * 10 * 8 * 4}
+    with pytest.raises(IndexError, match="holds 10 tokens"):
+        store.write(0, 8, k, v)
+
+
+@pytest.mark.gpu
+def test_registered_store_is_pinned_exact_and_read_by_the_kernels():
+    # 3 MiB + a bit per tensor: torch's pinned allocator would round it to 4 MiB
+    L, Hkv, N, D = 3, 2, 4100, 64
+    store = HostKVStore(L, Hkv, N, D, torch.bfloat16, pin=True)
+    assert store.k.is_pinned() and store.v.is_pinned()
+    assert store.k.untyped_storage().nbytes() == L * Hkv * N * D * 2  # no rounding
+    k = torch.randn(Hkv, N, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(Hkv, N, D, device="cuda", dtype=torch.bfloat16)
+    store.write(1, 0, k, v)
+    torch.cuda.synchronize()
+    new_k = torch.randn(Hkv, 1, D, device="cuda", dtype=torch.bfloat16)
+    store_kv(store.k[1], store.v[1], torch.tensor([N - 1], device="cuda"), new_k, new_k)
+    idx = torch.randint(0, N, (Hkv, 300), device="cuda")
+    idx[:, 0] = N - 1
+    got_k, got_v = gather_kv(store.k[1], store.v[1], idx)  # zero-copy reads
+    torch.cuda.synchronize()
+    want_k, want_v = gather_kv_ref(store.k[1], store.v[1], idx.cpu())
+    assert torch.equal(got_k.cpu(), want_k) and torch.equal(got_v.cpu(), want_v)
+    assert torch.equal(got_k[:, 0].cpu(), new_k[:, 0].cpu())
+    del store  # unregisters; a second store at the same size registers again
+    again = HostKVStore(L, Hkv, N, D, torch.bfloat16, pin=True)
+    assert again.k.is_pinned()
