@@ -66,6 +66,9 @@ class LowRankRetriever:
         self.sketch, self.scale = sketch, head_dim**-0.5
         self.rerank_factor, self.exact_keys = rerank_factor, exact_keys
         self.positions: torch.Tensor | None = None  # [N] arange on the sketch's device
+        # the last select's per-head log-sum-exp [Hkv, G] over window + sketched region
+        # (None without other_lse): what a tail estimate normalises the sketch scores by
+        self.last_total: torch.Tensor | None = None
 
     def select(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
                other_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +91,7 @@ class LowRankRetriever:
         n_cand = min(n - lo, k * self.rerank_factor)
         rerank = n_cand > k and self.rerank_factor > 1
         shares, total = self._shares(layer, q, lo, hi, other_lse)
+        self.last_total = total
         # Candidates for re-ranking need no order (an unsorted top-k is ~2.5x faster at 1M);
         # without re-ranking they are the answer, best first.
         cand = shares.topk(n_cand, dim=-1, sorted=not rerank).indices + lo

@@ -50,6 +50,12 @@ class LowRankKeys:
         constant = q @ self.mean[layer, :, :, None]  # [Hkv, G, 1]: q·mean, same for all keys
         return qr @ self.keys[layer, :, lo:hi].transpose(1, 2) + constant
 
+    def scores_at(self, layer: int, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Approximate q·k of given positions. q [Hkv, G, D], positions [Hkv, K] -> [Hkv, G, K]."""
+        qr = q @ self.basis[layer]  # [Hkv, G, r]
+        keys = self.keys[layer].gather(1, positions[..., None].expand(-1, -1, self.rank))
+        return qr @ keys.transpose(1, 2) + q @ self.mean[layer, :, :, None]
+
     def shares(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, scale: float,
                other_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """What the retriever ranks by, fused: q [Hkv, G, D] -> (shares [Hkv, N - lo],

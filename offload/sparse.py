@@ -34,6 +34,7 @@ from .dense import DenseKV
 from .host_store import HostKVStore
 from .lowrank import LowRankKeys
 from .policy import AttnStep
+from .tail import TailEstimate
 from .window import WindowCache
 
 LOG = logging.getLogger(__name__)
@@ -91,6 +92,9 @@ class SparseKV:
             self.selector = self.ann
             self.builder = IndexBuildService(ic.kind, ic.builder, ic.ray_address,
                                              progress=progress)
+        self.tail: TailEstimate | None = None
+        if cfg.policy == "retrieval" and cfg.tail_estimate and self.ann is None:
+            self.tail = TailEstimate(num_layers, rows, max_tokens, head_dim, device)
         self._queries: dict[int, list[torch.Tensor]] = {}  # layer -> [H, m, D] host chunks
         self.build_queries: dict[int, np.ndarray] = {}  # layer -> [Hkv, G·M, D]
         self.probe_queries: dict[int, list[torch.Tensor]] = {}  # layer -> [H, p, D] chunks
@@ -236,6 +240,8 @@ class SparseKV:
         self.window.load(layer, k, v, rows)
         if self.sketch is not None:
             self.sketch.build(layer, k, rows)
+        if self.tail is not None:
+            self.tail.build(layer, v, rows)
         elif isinstance(self.selector, QuestRetriever):
             self.selector.build(layer, k, rows)
 
@@ -272,6 +278,8 @@ class SparseKV:
         self.window.append(layer, pos, k1, v1)
         if self.sketch is not None:
             self.sketch.append(layer, pos, k1)
+        if self.tail is not None:
+            self.tail.append(layer, pos, v1)
         elif isinstance(self.selector, QuestRetriever):
             self.selector.append(layer, pos, k1)
         lo, hi = self.cfg.sink_tokens, torch.clamp(pos + 1 - self.window.W,
@@ -293,10 +301,12 @@ class SparseKV:
         else:  # values only: half the host reads
             v_sel = self._gather_rows(self.store.v[layer], sel)
         window = self.window.valid_slots(pos).expand(B)
-        out, _ = self._attention(q[:, :, 0], self._per_seq(self.window.k[layer]),
-                                 self._per_seq(self.window.v[layer]), window,
-                                 self._per_seq(k_sel), self._per_seq(v_sel),
-                                 count.expand(B))  # out [B, H, D]
+        out, lse = self._attention(q[:, :, 0], self._per_seq(self.window.k[layer]),
+                                   self._per_seq(self.window.v[layer]), window,
+                                   self._per_seq(k_sel), self._per_seq(v_sel),
+                                   count.expand(B))  # out [B, H, D], lse [B, H]
+        if self.tail is not None and self.selector.last_total is not None:
+            out = self._add_tail(layer, out, lse, qg, sel, count, lo, hi, pos)
         if self.trace is not None:
             n = int(pos[0]) + 1
             self.trace.append(TraceEntry(layer, n, q[0, :, 0].clone(), out[0].clone(),
@@ -306,6 +316,18 @@ class SparseKV:
     def _per_seq(self, x: torch.Tensor) -> torch.Tensor:
         """[B·Hkv, N, D] -> [B, Hkv, N, D] (a view)."""
         return x.view(self.B, self.Hkv, *x.shape[1:])
+
+    def _add_tail(self, layer: int, out: torch.Tensor, lse: torch.Tensor, qg: torch.Tensor,
+                  sel: torch.Tensor, count: torch.Tensor, lo: int, hi: torch.Tensor,
+                  pos: torch.Tensor) -> torch.Tensor:
+        """out [B, H, D] over window ∪ selected -> with the estimated tail (offload/tail.py)."""
+        rows, G = qg.shape[0], qg.shape[1]
+        scores = self.sketch.scores(layer, qg, 0, self.sketch.capacity)  # [B·Hkv, G, N]
+        merged = self.tail.correct(
+            layer, out.reshape(rows, G, self.D), lse.reshape(rows, G), scores,
+            self.selector.last_total, sel, self.sketch.scores_at(layer, qg, sel), count, lo,
+            hi, pos, self.D**-0.5)
+        return merged.reshape(out.shape)
 
     def _window_lse(self, layer: int, qg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Log-sum-exp [B·Hkv, G] of the scaled scores over the filled window slots."""
@@ -325,7 +347,8 @@ class SparseKV:
 
     def memory_bytes(self) -> dict[str, int]:
         parts = [self.store.memory_bytes()]
-        for part in (self.window, self.sketch, self.selector if self.sketch is None else None):
+        for part in (self.window, self.sketch, self.tail,
+                     self.selector if self.sketch is None else None):
             if part is not None and hasattr(part, "memory_bytes"):
                 parts.append(part.memory_bytes())
         if self.prefill_kv is not None:

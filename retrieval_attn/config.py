@@ -88,6 +88,7 @@ class KVConfig:
     rank: int = 16  # retrieval: PCA dimensions per kv head of the low-rank key sketch
     rerank_factor: int = 4  # retrieval: re-score top_k * factor candidates exactly; 1 = off
     page_tokens: int = 16  # quest: tokens per page
+    tail_estimate: bool = True  # retrieval: add the unselected tokens' attention, estimated
 
     def __post_init__(self) -> None:
         if self.policy not in KV_POLICIES:

@@ -38,6 +38,7 @@ import yaml
 from .config import EngineConfig
 from .errors import ConfigError
 from .model.spec import ModelSpec
+from .offload.tail import CHUNK as TAIL_CHUNK
 
 GiB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -234,6 +235,12 @@ def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) ->
         add("kv: low-rank keys", dev, L * Hkv * (D + D * r + N * r) * b,
             "L·B·Hkv·(D + D·r + N·r)·b  mean, basis [L, B·Hkv, D, r], keys [L, B·Hkv, N, r]",
             "held")
+        if kv.tail_estimate:  # offload/tail.py
+            chunks = -(-N // TAIL_CHUNK)
+            add("kv: tail V chunk sums", dev, L * Hkv * chunks * D * 4,
+                f"L·B·Hkv·ceil(N/{TAIL_CHUNK})·D·4  float32 [L, B·Hkv, chunks, D]", "held")
+            add("decode: tail estimate scores", dev, B * H * N * (b + 8),
+                "B·H·N·(b + 8)  sketch scores [B·Hkv, G, N] and two float32 copies", "decode")
         f32 = b != 4  # a float32 model's keys are used in place, not copied
         one_seq = spec.num_kv_heads  # the fit runs on one sequence's keys at a time
         add("layer end: low-rank fit", dev, one_seq * n * (4 * D * (1 + f32)

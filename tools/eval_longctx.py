@@ -34,9 +34,11 @@ Policy = tuple[str, KVConfig, IndexConfig | None]
 
 
 def policy_grid(base: KVConfig, budgets: list[float], policies: list[str] = POLICIES,
-                indexes: list[str] = (), builder: str = "inline") -> list[Policy]:
+                indexes: list[str] = (), builder: str = "inline",
+                ablate_tail: bool = False) -> list[Policy]:
     """(name, kv config, index config) rows: dense, then every policy at every budget;
-    retrieval also with each host index kind in indexes (named retrieval+KIND@budget)."""
+    retrieval also with each host index kind in indexes (named retrieval+KIND@budget),
+    and without the tail estimate if ablate_tail (retrieval-notail@budget)."""
     grid: list[Policy] = [("dense", dataclasses.replace(base, policy="dense"), None)]
     for b in budgets:
         top_k: int | float = int(b) if b >= 1 else b
@@ -45,6 +47,9 @@ def policy_grid(base: KVConfig, budgets: list[float], policies: list[str] = POLI
                 continue
             cfg = dataclasses.replace(base, policy=name, top_k=top_k)
             grid.append((f"{name}@{b:g}", cfg, None))
+            if name == "retrieval" and ablate_tail:
+                grid.append((f"retrieval-notail@{b:g}",
+                             dataclasses.replace(cfg, tail_estimate=False), None))
             if name == "retrieval":
                 grid += [(f"retrieval+{kind}@{b:g}", cfg, IndexConfig(kind=kind,
                                                                       builder=builder))
@@ -171,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="KV policies besides dense (always run: the reference)")
     p.add_argument("--indexes", nargs="*", default=[], choices=INDEX_KINDS[1:],
                    help="host index kinds to run retrieval with too (built inline)")
+    p.add_argument("--ablate-tail", action="store_true",
+                   help="also run retrieval without kv.tail_estimate at every budget")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/eval", help="folder for PNGs and results.json")
@@ -188,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     need = max(args.lengths) + args.max_tokens + 1
     if llm.config.runtime.max_context_tokens < need:
         llm = LLM(args.model, config=llm.config.replace(runtime={"max_context_tokens": need}))
-    grid = policy_grid(llm.config.kv, args.budgets, args.policies, args.indexes)
+    grid = policy_grid(llm.config.kv, args.budgets, args.policies, args.indexes,
+                       ablate_tail=args.ablate_tail)
     samples = make_samples(args.lengths, args.depths, args.per_task, args.seed,
                            args.niah_per_depth)[shard::shards]
     diagnose = next((s for s in reversed(samples) if s.task == "niah"), None)

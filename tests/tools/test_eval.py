@@ -66,3 +66,9 @@ def test_report_merges_shards_into_one_table(tmp_path, capsys):
 def test_report_names_a_folder_without_results(tmp_path):
     with pytest.raises(SystemExit, match="results.json not found"):
         main(["--report", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_policy_grid_ablates_the_tail_estimate():
+    grid = policy_grid(KVConfig(), [0.05], ["retrieval"], ablate_tail=True)
+    assert [(n, c.tail_estimate) for n, c, _ in grid[1:]] == [
+        ("retrieval@0.05", True), ("retrieval-notail@0.05", False)]

@@ -1,0 +1,89 @@
+"""TailEstimate: the attention the top-k leaves out, estimated on the GPU and added back.
+
+Top-k attention drops every token outside window ∪ selected and renormalises over what is
+left. Where a head's attention is diffuse, the dropped tail is a real share of the softmax
+mass (measured on SmolLM2 at 4K with top_k 5%: 3.5% on average, 29% in layer 0), and
+renormalising without it changes the output enough to lose needle answers that exact
+attention gets right. Even the exact top-k (re-ranking every key) loses them.
+
+The estimate uses what is already on the GPU: the low-rank key sketch scores every
+offloaded token, and per-chunk sums of V (CHUNK tokens per chunk; V itself is on the host)
+stand in for the values of the tokens not attended exactly:
+
+    tail_h = sum over chunks c of  m_hc · mean_v_c,   m_hc = sum_{i in c, i not attended}
+                                                             exp(s~_hi · scale - lse_h)
+
+where s~ are sketch scores and lse_h the head's log-sum-exp over window and sketched
+region (what the retriever ranked with). The exact part (window ∪ selected: out_h, with
+log-sum-exp lse_att_h from the attention kernel) and the tail are merged as two softmax
+partials: out = (out_h + r_h tail_h) / (1 + r_h sum_c m_hc), r_h = exp(lse_h - lse_att_h).
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK = 64  # tokens per value chunk: V sums take 1/CHUNK of V's rows on the GPU
+
+
+class TailEstimate:
+    """sums [L, R, M, D] float32: V summed over each chunk of CHUNK positions, per kv-head
+    row (R = batch · Hkv), on the device; M = ceil(N / CHUNK)."""
+
+    def __init__(self, num_layers: int, rows: int, max_tokens: int, head_dim: int,
+                 device: torch.device) -> None:
+        self.M = -(-max_tokens // CHUNK)
+        self.sums = torch.zeros(num_layers, rows, self.M, head_dim, dtype=torch.float32,
+                                device=device)
+        self.chunk_start = torch.arange(self.M, device=device) * CHUNK  # [M]
+
+    def build(self, layer: int, v: torch.Tensor, heads: slice = slice(None)) -> None:
+        """A prompt's values v [heads, n, D]: the chunk sums of those heads."""
+        rows, n, d = v.shape
+        m = -(-n // CHUNK)
+        padded = torch.zeros(rows, m * CHUNK, d, dtype=torch.float32, device=self.sums.device)
+        padded[:, :n] = v.to(self.sums.device, torch.float32)
+        sums = self.sums[layer, heads]  # a view
+        sums.zero_()
+        sums[:, :m] = padded.view(rows, m, CHUNK, d).sum(dim=2)
+
+    def append(self, layer: int, pos: torch.Tensor, v: torch.Tensor) -> None:
+        """v [R, 1, D] of the token at position pos ([1] on the device; no sync)."""
+        self.sums[layer].index_add_(1, pos // CHUNK, v.float())
+
+    def correct(self, layer: int, out: torch.Tensor, lse_att: torch.Tensor,
+                scores: torch.Tensor, total_lse: torch.Tensor, selected: torch.Tensor,
+                selected_scores: torch.Tensor, count: torch.Tensor, lo: int,
+                hi: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:
+        """Add the estimated tail to the exact part of a decode step.
+
+        out [R, G, D], lse_att [R, G]: attention over window ∪ selected (exact).
+        scores [R, G, N]: sketch scores of every position; total_lse [R, G] the retriever's
+        log-sum-exp (window + sketched region [lo, hi)). selected [R, K] positions attended
+        exactly, selected_scores [R, G, K] their sketch scores, count [1] how many of the K
+        are real. Returns out [R, G, D] in out's dtype.
+        """
+        R, G, N = scores.shape
+        region = torch.arange(N, device=scores.device)
+        region = (region >= lo) & (region < hi)  # [N]
+        logits = (scores.float() * scale - total_lse[..., None]).masked_fill(~region, -torch.inf)
+        p = torch.exp(logits)  # [R, G, N]
+        if N < self.M * CHUNK:
+            p = torch.nn.functional.pad(p, (0, self.M * CHUNK - N))
+        mass = p.view(R, G, self.M, CHUNK).sum(dim=-1)  # [R, G, M]
+        # the selected tokens are attended exactly: take their sketch mass out of the tail
+        real = torch.arange(selected.shape[1], device=scores.device) < count  # [K]
+        p_sel = torch.exp((selected_scores.float() * scale - total_lse[..., None])
+                          .masked_fill(~real, -torch.inf))
+        chunk = (selected // CHUNK)[:, None].expand(-1, G, -1)  # [R, G, K]
+        mass = mass.scatter_add(2, chunk, -p_sel).clamp_min_(0.0)
+        filled = torch.clamp(pos + 1 - self.chunk_start, 0, CHUNK).clamp_min_(1)  # [M]
+        means = self.sums[layer] / filled[:, None]  # [R, M, D]
+        tail = mass @ means  # [R, G, D]
+        r = torch.exp(total_lse - lse_att)[..., None]  # tail mass is relative to total_lse
+        merged = (out.float() + r * tail) / (1.0 + r * mass.sum(dim=-1, keepdim=True))
+        return merged.to(out.dtype)
+
+    def memory_bytes(self) -> dict[str, int]:
+        n = self.sums.numel() * self.sums.element_size()
+        return {"gpu" if self.sums.is_cuda else "host": n}

@@ -1,0 +1,65 @@
+"""TailEstimate: the unselected tokens' attention, estimated from the sketch and V chunk sums."""
+
+import torch
+
+from retrieval_attn.config import KVConfig
+from retrieval_attn.offload import DenseKV, make_kv_policy
+from retrieval_attn.offload.policy import AttnStep
+from retrieval_attn.offload.tail import CHUNK, TailEstimate
+
+L, H, HKV, D = 2, 6, 2, 16
+
+
+def run_policy(kv, q, k, v, prompt):
+    """Prefill `prompt` tokens, then decode the rest one by one -> outputs per call."""
+    kv.start_request()
+    outs = []
+    for layer in range(L):
+        outs.append(kv.attend(layer, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt],
+                              AttnStep(torch.arange(prompt), 0)))
+        kv.finish_layer(layer, prompt)
+    kv.finish_prefill(prompt)
+    for t in range(prompt, q.shape[2]):
+        step = AttnStep(torch.tensor([t]), t)
+        outs += [kv.attend(layer, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], step)
+                 for layer in range(L)]
+    return outs
+
+
+def _chunk_constant_values(T: int) -> torch.Tensor:
+    """V [1, Hkv, T, D] equal within every CHUNK-token chunk: the chunk mean is exact."""
+    per_chunk = torch.randn(1, HKV, -(-T // CHUNK), D)
+    return per_chunk.repeat_interleave(CHUNK, dim=2)[:, :, :T]
+
+
+def test_exact_sketch_and_chunk_constant_values_give_dense_attention():
+    # rank = head_dim: sketch scores are exact; V constant per chunk: the means are exact.
+    # Then window + top-k + estimated tail is the whole softmax: equal to dense attention.
+    N, prompt, T = 400, 300, 310
+    q, k = torch.randn(1, H, T, D) * 0.3, torch.randn(1, HKV, T, D)  # diffuse attention
+    v = _chunk_constant_values(T)
+    dense = run_policy(DenseKV(L, 1, HKV, N, D, torch.device("cpu"), torch.float32),
+                       q, k, v, prompt)
+    outs = {}
+    for tail in (True, False):
+        cfg = KVConfig(policy="retrieval", sink_tokens=2, window_tokens=16, top_k=12,
+                       rank=D, rerank_factor=2, tail_estimate=tail)
+        kv = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
+        assert (kv.tail is not None) == tail
+        outs[tail] = run_policy(kv, q, k, v, prompt)[L:]  # decode steps
+    for a, b in zip(outs[True], dense[L:], strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    err = max((a - b).abs().max().item() for a, b in zip(outs[False], dense[L:], strict=True))
+    assert err > 1e-2  # without the tail, the top-k alone is visibly off
+
+
+def test_chunk_sums_follow_build_and_append():
+    tail = TailEstimate(1, 2, 200, 4, torch.device("cpu"))
+    v = torch.randn(2, 130, 4)
+    tail.build(0, v)
+    torch.testing.assert_close(tail.sums[0, :, 1], v[:, 64:128].sum(1))
+    torch.testing.assert_close(tail.sums[0, :, 2], v[:, 128:].sum(1))
+    new = torch.randn(2, 1, 4)
+    tail.append(0, torch.tensor([130]), new)
+    torch.testing.assert_close(tail.sums[0, :, 2], v[:, 128:].sum(1) + new[:, 0])
+    assert tail.memory_bytes() == {"host": 2 * 4 * 4 * 4}  # ceil(200 / 64) chunks
