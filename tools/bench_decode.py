@@ -65,8 +65,10 @@ def bench_config(shape: str, policy: str, n: int, new_tokens: int, top_k: int, r
         model={"path": f"random:{shape}"},
         runtime={"device": "cuda", "dtype": "bfloat16", "max_context_tokens": n + new_tokens + 8,
                  "prefill_chunk_tokens": 2048, "progress_bar": False, "max_batch": batch},
-        kv={"policy": "dense" if policy == "full-offload" else policy, "top_k": top_k,
-            "rank": rank, "rerank_factor": rerank_factor})
+        kv={"policy": {"full-offload": "dense", "retrieval-notail": "retrieval"}.get(policy,
+                                                                                    policy),
+            "top_k": top_k, "rank": rank, "rerank_factor": rerank_factor,
+            "tail_estimate": policy != "retrieval-notail"})
 
 
 def largest_batch_here(shape: str, policy: str, n: int, new_tokens: int, top_k: int,
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="qwen2.5-7b-1m")
     p.add_argument("--contexts", type=int, nargs="+", default=[131072, 1048576])
     p.add_argument("--policies", nargs="*", default=["retrieval", "dense", "full-offload"],
-                   help="none: only --gathers")
+                   help="retrieval, retrieval-notail (kv.tail_estimate off), dense, "
+                        "full-offload; none: only --gathers")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--top-k", type=int, default=2048)
     p.add_argument("--rank", type=int, default=32)
