@@ -100,6 +100,10 @@ def sparse_attention(
 
     from .kernel import sparse_attention_merge_kernel, sparse_attention_split_kernel
 
+    # the kernel reads len[b] at offset b: lengths expanded from one value (stride 0) are
+    # made real [B] tensors
+    len_a, len_b = len_a.contiguous(), len_b.contiguous()
+
     g = h // hkv
     # Chunk size: about PROGRAMS_PER_SM programs per SM over the B*Hkv heads, few enough
     # splits that the merge reads them in one tile. The chunk is a kernel constant (a

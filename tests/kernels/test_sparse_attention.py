@@ -66,6 +66,16 @@ def test_matches_reference(b, hkv, g, d, na, nb, len_a, len_b, dtype):
     _check(_inputs(b, hkv, g, d, na, nb, len_a, len_b, dtype), dtype)
 
 
+def test_broadcast_lengths():
+    """Lengths expanded from one value (stride 0), as a batch decoding in lockstep passes."""
+    b, hkv, g, d = 3, 2, 3, 64
+    q, k_a, v_a, _, k_b, v_b, _ = _inputs(b, hkv, g, d, 40, 30, [0] * b, [0] * b,
+                                          torch.float32)
+    len_a = torch.tensor([33], dtype=torch.int32, device=DEVICE).expand(b)
+    len_b = torch.tensor([21], dtype=torch.int32, device=DEVICE).expand(b)
+    _check((q, k_a, v_a, len_a, k_b, v_b, len_b), torch.float32)
+
+
 def test_custom_scale_and_strided_inputs():
     """Window buffer larger than Na (a slice), token-major retrieved K/V, q from a wider view."""
     b, hkv, g, d = 2, 2, 3, 64
