@@ -362,7 +362,7 @@ def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_byt
                   policy: str | None = None, dtype: str = "auto", top_k: int | float = 2048,
                   window_tokens: int = 512, sink_tokens: int = 4, max_rank: int | None = None,
                   max_kv_gpu_bytes: int | None = None,
-                  prefill_chunk_tokens: int = SEARCH_CHUNK_TOKENS,
+                  prefill_chunk_tokens: int = SEARCH_CHUNK_TOKENS, tail_estimate: bool = True,
                   headroom: float = SEARCH_HEADROOM) -> EngineConfig:
     """The config of best expected quality that fits (preference order: module docstring).
 
@@ -380,7 +380,7 @@ def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_byt
         "runtime": {"device": device_type, "dtype": dtype, "max_context_tokens": context_tokens,
                     "cuda_graphs": device_type == "cuda"},
         "kv": {"policy": "dense", "sink_tokens": sink_tokens, "window_tokens": window_tokens,
-               "top_k": top_k}})
+               "top_k": top_k, "tail_estimate": tail_estimate}})
     chunks = [c for c in CHUNK_CHOICES if c <= prefill_chunk_tokens] or [CHUNK_CHOICES[-1]]
     kv_cap = max_kv_gpu_bytes if max_kv_gpu_bytes is not None else math.inf
 
