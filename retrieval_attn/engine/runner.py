@@ -86,7 +86,9 @@ class ModelRunner:
             self._capture()
             self.graph_kv, self.graph_version = self.kv, self.kv.state_version
         self.graph.replay()
-        return self.static_logits[:, -1].float()
+        # a copy: the static output is overwritten by the next replay (and .float() of a
+        # float32 model's logits would hand out that very buffer)
+        return self.static_logits[:, -1].to(torch.float32, copy=True)
 
     def _capture(self) -> None:
         # Warm up on a side stream (allocator and kernel selection), then capture. The
