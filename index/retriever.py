@@ -69,6 +69,10 @@ class LowRankRetriever:
         # the last select's per-head log-sum-exp [Hkv, G] over window + sketched region
         # (None without other_lse): what a tail estimate normalises the sketch scores by
         self.last_total: torch.Tensor | None = None
+        # set tail_chunk > 0 to have each select also keep the sketch's softmax mass per
+        # chunk of positions, last_mass [Hkv, G, ceil(N / tail_chunk)] (from the same pass)
+        self.tail_chunk = 0
+        self.last_mass: torch.Tensor | None = None
 
     def select(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
                other_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +119,9 @@ class LowRankRetriever:
         Sketches with a fused `shares` (LowRankKeys) never store [Hkv, G, N] scores."""
         n = self.sketch.capacity
         if hasattr(self.sketch, "shares"):
-            shares, lse = self.sketch.shares(layer, q, lo, hi, self.scale, other_lse)
+            shares, lse, *mass = self.sketch.shares(layer, q, lo, hi, self.scale, other_lse,
+                                                    self.tail_chunk)
+            self.last_mass = mass[0] if mass else None
             return shares, (lse if other_lse is not None else None)
         excluded = _mask_from(hi, self.positions[lo:])  # [N - lo]
         approx = self.sketch.scores(layer, q, lo, n).masked_fill(excluded, float("-inf"))

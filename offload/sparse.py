@@ -34,6 +34,7 @@ from .dense import DenseKV
 from .host_store import HostKVStore
 from .lowrank import LowRankKeys
 from .policy import AttnStep
+from .tail import CHUNK as TAIL_CHUNK
 from .tail import TailEstimate
 from .window import WindowCache
 
@@ -95,6 +96,7 @@ class SparseKV:
         self.tail: TailEstimate | None = None
         if cfg.policy == "retrieval" and cfg.tail_estimate and self.ann is None:
             self.tail = TailEstimate(num_layers, rows, max_tokens, head_dim, device)
+            self.selector.tail_chunk = TAIL_CHUNK
         self._queries: dict[int, list[torch.Tensor]] = {}  # layer -> [H, m, D] host chunks
         self.build_queries: dict[int, np.ndarray] = {}  # layer -> [Hkv, G·M, D]
         self.probe_queries: dict[int, list[torch.Tensor]] = {}  # layer -> [H, p, D] chunks
@@ -305,8 +307,9 @@ class SparseKV:
                                    self._per_seq(self.window.v[layer]), window,
                                    self._per_seq(k_sel), self._per_seq(v_sel),
                                    count.expand(B))  # out [B, H, D], lse [B, H]
-        if self.tail is not None and self.selector.last_total is not None:
-            out = self._add_tail(layer, out, lse, qg, sel, count, lo, hi, pos)
+        if (self.tail is not None and self.selector.last_total is not None
+                and self.selector.last_mass is not None):
+            out = self._add_tail(layer, out, lse, qg, sel, count, pos)
         if self.trace is not None:
             n = int(pos[0]) + 1
             self.trace.append(TraceEntry(layer, n, q[0, :, 0].clone(), out[0].clone(),
@@ -318,15 +321,14 @@ class SparseKV:
         return x.view(self.B, self.Hkv, *x.shape[1:])
 
     def _add_tail(self, layer: int, out: torch.Tensor, lse: torch.Tensor, qg: torch.Tensor,
-                  sel: torch.Tensor, count: torch.Tensor, lo: int, hi: torch.Tensor,
-                  pos: torch.Tensor) -> torch.Tensor:
-        """out [B, H, D] over window ∪ selected -> with the estimated tail (offload/tail.py)."""
+                  sel: torch.Tensor, count: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """out [B, H, D] over window ∪ selected -> with the estimated tail (offload/tail.py);
+        the sketch's mass per chunk came from the selection's own scoring pass."""
         rows, G = qg.shape[0], qg.shape[1]
-        scores = self.sketch.scores(layer, qg, 0, self.sketch.capacity)  # [B·Hkv, G, N]
         merged = self.tail.correct(
-            layer, out.reshape(rows, G, self.D), lse.reshape(rows, G), scores,
-            self.selector.last_total, sel, self.sketch.scores_at(layer, qg, sel), count, lo,
-            hi, pos, self.D**-0.5)
+            layer, out.reshape(rows, G, self.D), lse.reshape(rows, G), self.selector.last_mass,
+            self.selector.last_total, sel, self.sketch.scores_at(layer, qg, sel), count, pos,
+            self.D**-0.5)
         return merged.reshape(out.shape)
 
     def _window_lse(self, layer: int, qg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

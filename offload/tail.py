@@ -52,27 +52,21 @@ class TailEstimate:
         self.sums[layer].index_add_(1, pos // CHUNK, v.float())
 
     def correct(self, layer: int, out: torch.Tensor, lse_att: torch.Tensor,
-                scores: torch.Tensor, total_lse: torch.Tensor, selected: torch.Tensor,
-                selected_scores: torch.Tensor, count: torch.Tensor, lo: int,
-                hi: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:
+                mass: torch.Tensor, total_lse: torch.Tensor, selected: torch.Tensor,
+                selected_scores: torch.Tensor, count: torch.Tensor, pos: torch.Tensor,
+                scale: float) -> torch.Tensor:
         """Add the estimated tail to the exact part of a decode step.
 
         out [R, G, D], lse_att [R, G]: attention over window ∪ selected (exact).
-        scores [R, G, N]: sketch scores of every position; total_lse [R, G] the retriever's
-        log-sum-exp (window + sketched region [lo, hi)). selected [R, K] positions attended
-        exactly, selected_scores [R, G, K] their sketch scores, count [1] how many of the K
-        are real. Returns out [R, G, D] in out's dtype.
+        mass [R, G, M]: per head, sum over each chunk's positions in the sketched region of
+        exp(sketch score · scale - total_lse) (kernels.select_scores with chunk=CHUNK);
+        total_lse [R, G] the retriever's log-sum-exp (window + sketched region).
+        selected [R, K] positions attended exactly, selected_scores [R, G, K] their sketch
+        scores, count [1] how many of the K are real. Returns out [R, G, D], out's dtype.
         """
-        R, G, N = scores.shape
-        region = torch.arange(N, device=scores.device)
-        region = (region >= lo) & (region < hi)  # [N]
-        logits = (scores.float() * scale - total_lse[..., None]).masked_fill(~region, -torch.inf)
-        p = torch.exp(logits)  # [R, G, N]
-        if N < self.M * CHUNK:
-            p = torch.nn.functional.pad(p, (0, self.M * CHUNK - N))
-        mass = p.view(R, G, self.M, CHUNK).sum(dim=-1)  # [R, G, M]
+        G = mass.shape[1]
         # the selected tokens are attended exactly: take their sketch mass out of the tail
-        real = torch.arange(selected.shape[1], device=scores.device) < count  # [K]
+        real = torch.arange(selected.shape[1], device=mass.device) < count  # [K]
         p_sel = torch.exp((selected_scores.float() * scale - total_lse[..., None])
                           .masked_fill(~real, -torch.inf))
         chunk = (selected // CHUNK)[:, None].expand(-1, G, -1)  # [R, G, K]

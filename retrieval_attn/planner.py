@@ -239,8 +239,12 @@ def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) ->
             chunks = -(-N // TAIL_CHUNK)
             add("kv: tail V chunk sums", dev, L * Hkv * chunks * D * 4,
                 f"L·B·Hkv·ceil(N/{TAIL_CHUNK})·D·4  float32 [L, B·Hkv, chunks, D]", "held")
-            add("decode: tail estimate scores", dev, B * H * N * (b + 8),
-                "B·H·N·(b + 8)  sketch scores [B·Hkv, G, N] and two float32 copies", "decode")
+            fused = dev == "gpu" and r >= 16 and r & (r - 1) == 0  # kernels/select_scores
+            add("decode: tail chunk masses", dev, B * H * chunks * 8 + (0 if fused else
+                                                                       B * H * N * 4),
+                f"B·H·ceil(N/{TAIL_CHUNK})·8  mass [B·Hkv, G, chunks] float32 and its "
+                "update" + ("" if fused else " + B·H·N·4 padded probabilities (PyTorch "
+                            "path)"), "decode")
         f32 = b != 4  # a float32 model's keys are used in place, not copied
         one_seq = spec.num_kv_heads  # the fit runs on one sequence's keys at a time
         add("layer end: low-rank fit", dev, one_seq * n * (4 * D * (1 + f32)

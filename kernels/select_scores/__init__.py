@@ -39,7 +39,8 @@ def select_scores(
     hi: torch.Tensor,
     scale: float,
     other_lse: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    chunk: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group shares of the low-rank scores of positions [lo, N) of one layer.
 
     Args:
@@ -51,11 +52,15 @@ def select_scores(
         scale: score scale (D**-0.5).
         other_lse: [Hkv, G] log-sum-exp of the scaled scores of tokens attended anyway, or
             None.
+        chunk: 0, or a power of two <= BLOCK_N: also return each head's softmax mass per
+            chunk of positions (what a tail estimate needs), from the same pass.
 
     Returns:
         shares: [Hkv, N - lo] float32, sum_g exp(scale * score - lse_g); 0 where excluded.
         lse: [Hkv, G] float32, log-sum-exp over [lo, hi) of the scaled scores, log-added
             to other_lse when given.
+        mass (only with chunk > 0): [Hkv, G, ceil(N / chunk)] float32, per head the sum of
+            exp(scale * score - lse) over positions [j·chunk, (j+1)·chunk) in [lo, hi).
     """
     hkv, g, d = q.shape
     r = basis.shape[-1]
@@ -66,6 +71,8 @@ def select_scores(
                          f"{tuple(keys.shape)}")
     if not 0 <= lo <= n:
         raise ValueError(f"lo={lo} outside [0, N={n}]")
+    if chunk and (chunk & (chunk - 1) or chunk > BLOCK_N):
+        raise ValueError(f"chunk={chunk}: a power of two <= {BLOCK_N}, or 0")
     if hi.numel() != 1 or hi.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"hi must be [1] int32/int64; got {tuple(hi.shape)} {hi.dtype}")
     if other_lse is not None and other_lse.shape != (hkv, g):
@@ -78,7 +85,7 @@ def select_scores(
             raise ValueError(f"{name} is on {t.device}, keys on {device}")
     if (not use_triton(device) or r < 16 or r & (r - 1) or keys.stride(-1) != 1
             or keys.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
-        return select_scores_ref(q, basis, mean, keys, lo, hi, scale, other_lse)
+        return select_scores_ref(q, basis, mean, keys, lo, hi, scale, other_lse, chunk)
     from .kernel import lse_partial_kernel, shares_kernel
 
     qr = q.float() @ basis.float()  # [Hkv, G, r], tiny
@@ -87,10 +94,13 @@ def select_scores(
     const = (q.float() @ mean.float()[..., None])[..., 0].contiguous()  # [Hkv, G]
     shares = torch.empty(hkv, n - lo, dtype=torch.float32, device=device)
     lse = torch.empty(hkv, g, dtype=torch.float32, device=device)
-    tiles = max(cdiv(n - lo, BLOCK_N), 1)
+    # tiles start at a multiple of BLOCK_N (positions before lo are masked), so that each
+    # tile holds whole mass chunks
+    origin = lo - lo % BLOCK_N
+    tiles = max(cdiv(n - origin, BLOCK_N), 1)
     splits = min(tiles, MAX_SPLITS, max(1, cdiv(2 * PROGRAMS_PER_SM * sm_count(device), hkv)))
-    chunk = cdiv(tiles, splits) * BLOCK_N
-    splits = cdiv(max(n - lo, 1), chunk)
+    per_split = cdiv(tiles, splits) * BLOCK_N
+    splits = cdiv(max(n - origin, 1), per_split)
     g_pad = max(MIN_HEAD_ROWS, next_power_of_2(g))
     part_m = torch.empty(hkv, splits, g_pad, dtype=torch.float32, device=device)
     part_l = torch.empty_like(part_m)
@@ -99,13 +109,19 @@ def select_scores(
     common = (qr_hi.stride(0), qr_hi.stride(1), const.stride(0), keys.stride(0), keys.stride(1),
               part_m.stride(0), part_m.stride(1))
     lse_partial_kernel[(hkv, splits)](
-        qr_hi, qr_lo, const, keys, hi, part_m, part_l, lo, n, *common, scale, g,
-        G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N, F32_DOT=f32_dot, CHUNK=chunk, num_warps=NUM_WARPS)
-    # other_lse is unread when None (lse stands in for the pointer)
+        qr_hi, qr_lo, const, keys, hi, part_m, part_l, lo, origin, n, *common, scale, g,
+        G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N, F32_DOT=f32_dot, CHUNK=per_split,
+        num_warps=NUM_WARPS)
+    # other_lse is unread when None, mass when chunk is 0 (lse stands in for the pointers)
     other = other_lse.float().contiguous() if other_lse is not None else lse
+    nm = cdiv(n, chunk) if chunk else 0
+    mass = (torch.zeros(hkv, g, nm, dtype=torch.float32, device=device) if chunk
+            else lse[:, :, None])
     shares_kernel[(hkv, splits)](
-        qr_hi, qr_lo, const, keys, hi, part_m, part_l, other, shares, lse, lo, n, splits, *common,
-        other.stride(0), shares.stride(0), lse.stride(0), scale, g,
-        G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N, S_PAD=next_power_of_2(splits),
-        HAS_OTHER=other_lse is not None, F32_DOT=f32_dot, CHUNK=chunk, num_warps=NUM_WARPS)
-    return shares, lse
+        qr_hi, qr_lo, const, keys, hi, part_m, part_l, other, shares, lse, mass,
+        lo, origin, n, splits, nm, *common,
+        other.stride(0), shares.stride(0), lse.stride(0), mass.stride(0), mass.stride(1),
+        scale, g, G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N, S_PAD=next_power_of_2(splits),
+        HAS_OTHER=other_lse is not None, F32_DOT=f32_dot, CHUNK=per_split,
+        MASS_CHUNK=chunk, num_warps=NUM_WARPS)
+    return (shares, lse, mass) if chunk else (shares, lse)

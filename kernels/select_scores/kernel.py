@@ -54,7 +54,7 @@ def _scores(qr_hi, qr_lo, c, Keys, h, n, ok, stride_kh, stride_kn, scale, G,
 def lse_partial_kernel(
     QrHi, QrLo, C, Keys, Hi, M, L,  # [Hkv, G, r] x2 keys' dtype, [Hkv, G] f32, [Hkv, N, r],
     # [1], [Hkv, S, G_PAD] f32 x2
-    lo, N,  # first position scored, capacity
+    lo, origin, N,  # first position scored, first position of tile 0, capacity
     stride_qh, stride_qg, stride_ch, stride_kh, stride_kn, stride_mh, stride_ms,
     scale, G,
     G_PAD: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr,
@@ -64,13 +64,13 @@ def lse_partial_kernel(
     split = tl.program_id(1)
     hi = tl.minimum(tl.load(Hi).to(tl.int32), N)
     qr_hi, qr_lo, c = _query(QrHi, QrLo, C, h, stride_qh, stride_qg, stride_ch, G, G_PAD, R)
-    start = lo + split * CHUNK
+    start = origin + split * CHUNK
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     acc = tl.zeros([G_PAD], tl.float32)
     for off in range(0, CHUNK, BLOCK_N):
         n = start + off + tl.arange(0, BLOCK_N)
-        x = _scores(qr_hi, qr_lo, c, Keys, h, n, n < hi, stride_kh, stride_kn, scale, G,
-                    G_PAD, R, F32_DOT)
+        x = _scores(qr_hi, qr_lo, c, Keys, h, n, (n >= lo) & (n < hi), stride_kh, stride_kn,
+                    scale, G, G_PAD, R, F32_DOT)
         m_new = tl.maximum(m, tl.max(x, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all excluded so far
         acc = acc * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
@@ -83,12 +83,14 @@ def lse_partial_kernel(
 @triton.jit
 def shares_kernel(
     QrHi, QrLo, C, Keys, Hi, M, L, Other, Out, Lse,  # Other, Lse [Hkv, G]; Out [Hkv, N - lo]
-    lo, N, S,
+    Mass,  # [Hkv, G, NM] float32, zeroed: sums of exp(score - lse) per MASS_CHUNK positions
+    lo, origin, N, S, NM,
     stride_qh, stride_qg, stride_ch, stride_kh, stride_kn, stride_mh, stride_ms,
-    stride_xh, stride_oh, stride_lh,
+    stride_xh, stride_oh, stride_lh, stride_ah, stride_ag,
     scale, G,
     G_PAD: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, S_PAD: tl.constexpr,
     HAS_OTHER: tl.constexpr, F32_DOT: tl.constexpr, CHUNK: tl.constexpr,
+    MASS_CHUNK: tl.constexpr,  # 0: no Mass; else a power of two dividing BLOCK_N
 ):
     h = tl.program_id(0)
     split = tl.program_id(1)
@@ -111,10 +113,16 @@ def shares_kernel(
         tl.store(Lse + h * stride_lh + g, lse, mask=g < G)
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # no mass anywhere: shares 0
     qr_hi, qr_lo, c = _query(QrHi, QrLo, C, h, stride_qh, stride_qg, stride_ch, G, G_PAD, R)
-    start = lo + split * CHUNK
+    start = origin + split * CHUNK  # origin is a multiple of BLOCK_N: tiles hold whole chunks
     for off in range(0, CHUNK, BLOCK_N):
         n = start + off + tl.arange(0, BLOCK_N)
-        x = _scores(qr_hi, qr_lo, c, Keys, h, n, n < hi, stride_kh, stride_kn, scale, G,
-                    G_PAD, R, F32_DOT)
-        shares = tl.sum(tl.exp(x - lse[:, None]), axis=0)  # [BLOCK_N]
-        tl.store(Out + h * stride_oh + (n - lo), shares, mask=n < N)
+        x = _scores(qr_hi, qr_lo, c, Keys, h, n, (n >= lo) & (n < hi), stride_kh, stride_kn,
+                    scale, G, G_PAD, R, F32_DOT)
+        p = tl.exp(x - lse[:, None])  # [G_PAD, BLOCK_N], 0 where excluded
+        shares = tl.sum(p, axis=0)  # [BLOCK_N]
+        tl.store(Out + h * stride_oh + (n - lo), shares, mask=(n >= lo) & (n < N))
+        if MASS_CHUNK > 0:
+            per = tl.sum(tl.reshape(p, (G_PAD, BLOCK_N // MASS_CHUNK, MASS_CHUNK)), axis=2)
+            j = (start + off) // MASS_CHUNK + tl.arange(0, BLOCK_N // MASS_CHUNK)
+            tl.store(Mass + h * stride_ah + g[:, None] * stride_ag + j[None, :], per,
+                     mask=(g[:, None] < G) & (j[None, :] < NM))

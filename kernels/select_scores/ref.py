@@ -12,7 +12,8 @@ def select_scores_ref(
     hi: torch.Tensor,
     scale: float,
     other_lse: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    chunk: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group shares of the sketched scores of positions [lo, N), and the log-sum-exp used.
 
     q [Hkv, G, D]; basis [Hkv, D, r]; mean [Hkv, D]; keys [Hkv, N, r] (centred keys projected
@@ -20,7 +21,9 @@ def select_scores_ref(
     Score of position n for head (h, g): s = q·mean + (q @ basis)·keys[n], scaled by
     `scale`. lse [Hkv, G] = log-sum-exp of the scaled scores over [lo, hi), log-added to
     other_lse when given. shares [Hkv, N - lo] = sum over g of exp(scaled score - lse);
-    0 at excluded positions.
+    0 at excluded positions. With chunk > 0, also mass [Hkv, G, ceil(N / chunk)]: per head,
+    the sum of exp(scaled score - lse) over the positions of each chunk of `chunk` positions
+    (positions [j·chunk, (j+1)·chunk), excluded ones counting 0).
     """
     qr = q.float() @ basis.float()  # [Hkv, G, r]
     const = q.float() @ mean.float()[..., None]  # [Hkv, G, 1]
@@ -30,5 +33,11 @@ def select_scores_ref(
     lse = torch.logsumexp(logits, dim=-1)
     if other_lse is not None:
         lse = torch.logaddexp(lse, other_lse.float().to(lse.device))
-    shares = torch.exp(logits - lse[..., None]).nan_to_num_(0.0).sum(dim=1)
-    return shares, lse
+    probs = torch.exp(logits - lse[..., None]).nan_to_num_(0.0)  # [Hkv, G, N - lo]
+    shares = probs.sum(dim=1)
+    if not chunk:
+        return shares, lse
+    n = keys.shape[1]
+    m = -(-n // chunk)
+    padded = torch.nn.functional.pad(probs, (lo, m * chunk - n))  # positions [0, m·chunk)
+    return shares, lse, padded.view(*probs.shape[:2], m, chunk).sum(dim=-1)

@@ -100,3 +100,19 @@ def test_select_scores_qwen_7b_shape(n):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
     torch.testing.assert_close(got_lse, want_lse, rtol=1e-5, atol=1e-5)
     _same_topk_up_to_ties(got, want, 8192, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lo, hi, n", [(4, 250, 300), (0, 700, 700), (300, 517, 517)])
+def test_chunk_mass_matches_reference(lo, hi, n):
+    q, basis, mean, keys, other = _inputs(2, 3, 32, 16, n, torch.float32)
+    hi_t = torch.tensor([hi])
+    want = select_scores_ref(q, basis, mean, keys, lo, hi_t, 0.2, other, chunk=64)
+    got = select_scores(*(t.to(DEVICE) for t in (q, basis, mean, keys)), lo, hi_t.to(DEVICE),
+                        0.2, other.to(DEVICE), chunk=64)
+    assert got[2].shape == (2, 3, -(-n // 64))
+    for w, g_ in zip(want, got, strict=True):
+        torch.testing.assert_close(g_.cpu(), w, rtol=1e-4, atol=1e-7)
+    # each head's chunk masses add up to its probability mass in [lo, hi)
+    logits = (q @ basis @ keys[:, lo:hi].transpose(1, 2) + (q @ mean[..., None])) * 0.2
+    total = torch.exp(logits - want[1][..., None]).sum(-1)
+    torch.testing.assert_close(want[2].sum(-1), total, rtol=1e-5, atol=1e-7)
