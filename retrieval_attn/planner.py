@@ -39,6 +39,7 @@ from .config import EngineConfig
 from .errors import ConfigError
 from .model.spec import ModelSpec
 from .offload.tail import CHUNK as TAIL_CHUNK
+from .offload.tail import padded_chunks
 
 GiB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -236,13 +237,14 @@ def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) ->
             "L·B·Hkv·(D + D·r + N·r)·b  mean, basis [L, B·Hkv, D, r], keys [L, B·Hkv, N, r]",
             "held")
         if kv.tail_estimate:  # offload/tail.py
-            chunks = -(-N // TAIL_CHUNK)
+            chunks = padded_chunks(N)
             add("kv: tail V chunk sums", dev, L * Hkv * chunks * D * 4,
-                f"L·B·Hkv·ceil(N/{TAIL_CHUNK})·D·4  float32 [L, B·Hkv, chunks, D]", "held")
+                f"L·B·Hkv·M·D·4  float32 [L, B·Hkv, M, D], M = ceil(N/{TAIL_CHUNK}) rounded "
+                "up to a multiple of 64", "held")
             fused = dev == "gpu" and r >= 16 and r & (r - 1) == 0  # kernels/select_scores
             add("decode: tail chunk masses", dev, B * H * chunks * 8 + (0 if fused else
                                                                        B * H * N * 4),
-                f"B·H·ceil(N/{TAIL_CHUNK})·8  mass [B·Hkv, G, chunks] float32 and its "
+                "B·H·M·8  mass [B·Hkv, G, M] float32 and its "
                 "update" + ("" if fused else " + B·H·N·4 padded probabilities (PyTorch "
                             "path)"), "decode")
         f32 = b != 4  # a float32 model's keys are used in place, not copied

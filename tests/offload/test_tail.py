@@ -62,4 +62,5 @@ def test_chunk_sums_follow_build_and_append():
     new = torch.randn(2, 1, 4)
     tail.append(0, torch.tensor([130]), new)
     torch.testing.assert_close(tail.sums[0, :, 2], v[:, 128:].sum(1) + new[:, 0])
-    assert tail.memory_bytes() == {"host": 2 * 4 * 4 * 4}  # ceil(200 / 64) chunks
+    assert tail.sums[0, :, 4:].abs().sum() == 0  # chunks past the context stay 0
+    assert tail.memory_bytes() == {"host": 2 * 64 * 4 * 4}  # 4 chunks, padded to 64
