@@ -342,10 +342,15 @@ class SparseKV:
         return self._gather_rows(self.store.k[layer], positions)  # [Hkv, C, D], K only
 
     def _gather_rows(self, src: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """src [Hkv, N, D] (one layer of K or of V) rows at positions [Hkv, C]."""
+        """src [Hkv, N, D] (one layer of K or of V) rows at positions [Hkv, C]. The kernel
+        on a GPU, else its reference (not the interpreter, which tests may have switched on
+        for the whole process: it made every CPU retrieval decode of the test suite ~5x
+        slower)."""
         from .. import kernels
 
-        return kernels.gather_k(src, positions)
+        if positions.is_cuda:
+            return kernels.gather_k(src, positions)
+        return kernels.gather_kv_ref(src, src, positions)[0]
 
     def memory_bytes(self) -> dict[str, int]:
         parts = [self.store.memory_bytes()]
