@@ -91,6 +91,7 @@ class LowRankRetriever:
         k = min(k, n - lo)
         count = torch.clamp(hi - lo, 0, k).to(torch.int32)
         if k <= 0:
+            self.last_total = self.last_mass = None  # nothing scored this step
             return torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device), count, None
         n_cand = min(n - lo, k * self.rerank_factor)
         rerank = n_cand > k and self.rerank_factor > 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
+
 
 class HostKVStore:
     """K, V [L, Hkv, N, D] in host memory, pinned when a GPU will read it.
@@ -30,13 +32,19 @@ class HostKVStore:
         if pin and nbytes:
             err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)
             if int(err) != 0:
-                raise MemoryError(f"could not pin {nbytes / 2**30:.2f} GiB of host memory for "
+                raise ConfigError(f"could not pin {nbytes / 2**30:.2f} GiB of host memory for "
                                   f"the KV store (cudaHostRegister: {err}): lower "
-                                  "runtime.max_context_tokens or free host memory")
+                                  "runtime.max_context_tokens or runtime.max_batch, or free "
+                                  "host memory")
             self._registered.append(t.data_ptr())
         return t
 
     def __del__(self) -> None:
+        if self._registered:  # copies into, and kernels reading, the range must be done
+            try:
+                torch.cuda.synchronize()
+            except Exception:  # noqa: BLE001 - at interpreter exit CUDA may be gone already
+                pass
         for ptr in self._registered:  # before k, v are freed with the instance
             try:
                 torch.cuda.cudart().cudaHostUnregister(ptr)

@@ -51,10 +51,12 @@ class LowRankKeys:
         return qr @ self.keys[layer, :, lo:hi].transpose(1, 2) + constant
 
     def scores_at(self, layer: int, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Approximate q·k of given positions. q [Hkv, G, D], positions [Hkv, K] -> [Hkv, G, K]."""
-        qr = q @ self.basis[layer]  # [Hkv, G, r]
+        """Approximate q·k of given positions, float32 (as select_scores scores them).
+        q [Hkv, G, D], positions [Hkv, K] -> [Hkv, G, K]."""
+        qf = q.float()
+        qr = qf @ self.basis[layer].float()  # [Hkv, G, r]
         keys = self.keys[layer].gather(1, positions[..., None].expand(-1, -1, self.rank))
-        return qr @ keys.transpose(1, 2) + q @ self.mean[layer, :, :, None]
+        return qr @ keys.float().transpose(1, 2) + qf @ self.mean[layer, :, :, None].float()
 
     def shares(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, scale: float,
                other_lse: torch.Tensor | None = None, chunk: int = 0

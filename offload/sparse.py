@@ -211,6 +211,9 @@ class SparseKV:
         queries {layer: [H, n, D]}: the prompt's queries, for a host index to be built
         from (it is built now, and installed before this returns)."""
         n = k.shape[2]
+        if k.shape[1] != self.B * self.Hkv:
+            raise ValueError(f"ingest takes K, V [L, B·Hkv, n, D] of all {self.B} sequences "
+                             f"({self.B * self.Hkv} rows); got {tuple(k.shape)}")
         if self.ann is not None:
             self._reset_index(n)
         self.ingest_layers(((k[layer], v[layer]) for layer in range(self.L)), n)
@@ -240,10 +243,10 @@ class SparseKV:
         rows = slice(None) if seq is None else slice(seq * self.Hkv, (seq + 1) * self.Hkv)
         self.store.write(layer, 0, k, v, rows)
         self.window.load(layer, k, v, rows)
-        if self.sketch is not None:
-            self.sketch.build(layer, k, rows)
         if self.tail is not None:
             self.tail.build(layer, v, rows)
+        if self.sketch is not None:
+            self.sketch.build(layer, k, rows)
         elif isinstance(self.selector, QuestRetriever):
             self.selector.build(layer, k, rows)
 
@@ -278,10 +281,10 @@ class SparseKV:
         k1, v1 = k.reshape(rows, 1, self.D), v.reshape(rows, 1, self.D)  # [B·Hkv, 1, D]
         self._store(self.store.k[layer], self.store.v[layer], pos, k1, v1)
         self.window.append(layer, pos, k1, v1)
-        if self.sketch is not None:
-            self.sketch.append(layer, pos, k1)
         if self.tail is not None:
             self.tail.append(layer, pos, v1)
+        if self.sketch is not None:
+            self.sketch.append(layer, pos, k1)
         elif isinstance(self.selector, QuestRetriever):
             self.selector.append(layer, pos, k1)
         lo, hi = self.cfg.sink_tokens, torch.clamp(pos + 1 - self.window.W,

@@ -44,6 +44,10 @@ class TailEstimate:
         self.sums = torch.zeros(num_layers, rows, self.M, head_dim, dtype=torch.float32,
                                 device=device)
         self.chunk_start = torch.arange(self.M, device=device) * CHUNK  # [M]
+        # the last position appended per layer: a CUDA graph capture runs the decode step
+        # more than once at one position (warm-up, then replay), and a sum must not count
+        # a token twice (every other decode-time write overwrites)
+        self.last_pos = torch.full((num_layers, 1), -1, dtype=torch.long, device=device)
 
     def build(self, layer: int, v: torch.Tensor, heads: slice = slice(None)) -> None:
         """A prompt's values v [heads, n, D]: the chunk sums of those heads."""
@@ -54,10 +58,14 @@ class TailEstimate:
         sums = self.sums[layer, heads]  # a view
         sums.zero_()
         sums[:, :m] = padded.view(rows, m, CHUNK, d).sum(dim=2)
+        self.last_pos[layer] = -1
 
     def append(self, layer: int, pos: torch.Tensor, v: torch.Tensor) -> None:
-        """v [R, 1, D] of the token at position pos ([1] on the device; no sync)."""
-        self.sums[layer].index_add_(1, pos // CHUNK, v.float())
+        """v [R, 1, D] of the token at position pos ([1] on the device; no sync). Appending
+        the same position again (a graph's warm-up and replay) adds nothing."""
+        new = (pos != self.last_pos[layer]).float()  # [1]
+        self.sums[layer].index_add_(1, pos // CHUNK, v.float() * new)
+        self.last_pos[layer].copy_(pos)
 
     def correct(self, layer: int, out: torch.Tensor, lse_att: torch.Tensor,
                 mass: torch.Tensor, total_lse: torch.Tensor, selected: torch.Tensor,

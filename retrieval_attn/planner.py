@@ -236,7 +236,7 @@ def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) ->
         add("kv: low-rank keys", dev, L * Hkv * (D + D * r + N * r) * b,
             "L·B·Hkv·(D + D·r + N·r)·b  mean, basis [L, B·Hkv, D, r], keys [L, B·Hkv, N, r]",
             "held")
-        if kv.tail_estimate:  # offload/tail.py
+        if kv.tail_estimate and plan.config.index.kind == "lowrank":  # offload/tail.py
             chunks = padded_chunks(N)
             add("kv: tail V chunk sums", dev, L * Hkv * chunks * D * 4,
                 f"L·B·Hkv·M·D·4  float32 [L, B·Hkv, M, D], M = ceil(N/{TAIL_CHUNK}) rounded "

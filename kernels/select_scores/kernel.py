@@ -60,7 +60,7 @@ def lse_partial_kernel(
     G_PAD: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr,
     CHUNK: tl.constexpr,  # positions per program, a multiple of BLOCK_N (fixed trip count)
 ):
-    h = tl.program_id(0)
+    h = tl.program_id(0).to(tl.int64)  # h * stride_kh passes 2**31 at B·Hkv·N·r >= 2**31
     split = tl.program_id(1)
     hi = tl.minimum(tl.load(Hi).to(tl.int32), N)
     qr_hi, qr_lo, c = _query(QrHi, QrLo, C, h, stride_qh, stride_qg, stride_ch, G, G_PAD, R)
@@ -92,7 +92,7 @@ def shares_kernel(
     HAS_OTHER: tl.constexpr, F32_DOT: tl.constexpr, CHUNK: tl.constexpr,
     MASS_CHUNK: tl.constexpr,  # 0: no Mass; else a power of two dividing BLOCK_N
 ):
-    h = tl.program_id(0)
+    h = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     hi = tl.minimum(tl.load(Hi).to(tl.int32), N)
     g = tl.arange(0, G_PAD)

@@ -111,12 +111,17 @@ class Engine:
             stats[seq].prompt_tokens, stats[seq].prefill_s = n, time.perf_counter() - t0
         eos = set() if params.ignore_eos or self.loaded.tokenizer is None \
             else self.loaded.tokenizer.eos_token_ids
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        # one generator per sequence, drawn only while it is live: a seeded prompt samples
+        # the same tokens in a batch as alone
+        gens = [torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+                for _ in prompts]
         out: list[list[int]] = [[] for _ in prompts]
         live = list(range(len(prompts)))
         t1, pos = time.perf_counter(), n
+        tokens = [0] * len(prompts)
         while True:
-            tokens = [sample(logits, params, gen) for logits in last]
+            for seq in live:
+                tokens[seq] = sample(last[seq], params, gens[seq])
             for seq in list(live):
                 if tokens[seq] in eos:
                     stats[seq].finish_reason = "stop"
@@ -130,7 +135,7 @@ class Engine:
             if not live:
                 break
             # finished and unused rows decode a token too: the step's shape is fixed
-            fed = tokens + [tokens[0]] * (B - len(tokens))
+            fed = tokens + [tokens[live[0]]] * (B - len(tokens))
             last = list(self.runner.decode_batch(fed, pos)[:len(prompts)])
             pos += 1
         for s in stats:

@@ -92,3 +92,12 @@ def test_graphed_batch_equals_eager_and_alone_on_gpu(policy):
         del llm
         torch.cuda.empty_cache()
     torch.testing.assert_close(logits[True], logits[False], atol=2e-3, rtol=1e-3)
+
+
+def test_seeded_sampling_in_a_batch_equals_alone():
+    llm = _llm("retrieval")
+    prompts = _prompts(llm)
+    params = SamplingParams(max_tokens=6, temperature=0.9, seed=3)
+    together = llm.engine.generate_batch(prompts, params, [GenerationStats() for _ in prompts])
+    alone = [list(llm.engine.generate_ids(p, params, GenerationStats())) for p in prompts]
+    assert together == alone

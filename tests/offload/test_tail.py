@@ -64,3 +64,16 @@ def test_chunk_sums_follow_build_and_append():
     torch.testing.assert_close(tail.sums[0, :, 2], v[:, 128:].sum(1) + new[:, 0])
     assert tail.sums[0, :, 4:].abs().sum() == 0  # chunks past the context stay 0
     assert tail.memory_bytes() == {"host": 2 * 64 * 4 * 4}  # 4 chunks, padded to 64
+
+
+def test_appending_one_position_twice_counts_it_once():
+    # a CUDA graph capture runs the decode step at one position more than once
+    tail = TailEstimate(1, 2, 200, 4, torch.device("cpu"))
+    v = torch.randn(2, 130, 4)
+    tail.build(0, v)
+    new = torch.randn(2, 1, 4)
+    for _ in range(3):
+        tail.append(0, torch.tensor([130]), new)
+    torch.testing.assert_close(tail.sums[0, :, 2], v[:, 128:].sum(1) + new[:, 0])
+    tail.append(0, torch.tensor([131]), new)
+    torch.testing.assert_close(tail.sums[0, :, 2], v[:, 128:].sum(1) + 2 * new[:, 0])
