@@ -69,14 +69,16 @@ class Engine:
         if bad:
             raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
 
-    def prefill(self, prompt_ids: list[int], stats: GenerationStats) -> torch.Tensor:
-        """Run the prompt into the KV policy -> its last logits [V]."""
+    def prefill(self, prompt_ids: list[int], stats: GenerationStats,
+                seq: int = 0) -> torch.Tensor:
+        """Run the prompt into the KV policy (as sequence seq of a batch) -> its last
+        logits [V]."""
         self.check_prompt(prompt_ids)
         rt = self.config.runtime
         stats.prompt_tokens = len(prompt_ids)
         progress = rt.progress_bar and len(prompt_ids) >= rt.progress_bar_min_tokens
         t0 = time.perf_counter()
-        self.kv.start_request(len(prompt_ids))
+        self.kv.start_request(len(prompt_ids), seq=seq)
         logits = self.runner.prefill(prompt_ids, progress=progress)
         self.kv.finish_prefill(len(prompt_ids))
         stats.prefill_s = time.perf_counter() - t0
@@ -101,14 +103,7 @@ class Engine:
         if any(len(p) != n for p in prompts):
             raise RequestError("batched prompts decode in lockstep and must have one "
                                f"length; got {sorted({len(p) for p in prompts})} tokens")
-        last = []
-        for seq, ids in enumerate(prompts):
-            self.check_prompt(ids)
-            t0 = time.perf_counter()
-            self.kv.start_request(n, seq=seq)
-            last.append(self.runner.prefill(ids, progress=False))
-            self.kv.finish_prefill(n)
-            stats[seq].prompt_tokens, stats[seq].prefill_s = n, time.perf_counter() - t0
+        last = [self.prefill(ids, stats[seq], seq) for seq, ids in enumerate(prompts)]
         eos = set() if params.ignore_eos or self.loaded.tokenizer is None \
             else self.loaded.tokenizer.eos_token_ids
         # one generator per sequence, drawn only while it is live: a seeded prompt samples

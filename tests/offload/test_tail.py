@@ -1,29 +1,13 @@
 """TailEstimate: the unselected tokens' attention, estimated from the sketch and V chunk sums."""
 
 import torch
+from test_sparse import L, run_policy  # the same prefill-then-decode driver (L layers)
 
 from retrieval_attn.config import KVConfig
 from retrieval_attn.offload import DenseKV, make_kv_policy
-from retrieval_attn.offload.policy import AttnStep
 from retrieval_attn.offload.tail import CHUNK, TailEstimate
 
-L, H, HKV, D = 2, 6, 2, 16
-
-
-def run_policy(kv, q, k, v, prompt):
-    """Prefill `prompt` tokens, then decode the rest one by one -> outputs per call."""
-    kv.start_request()
-    outs = []
-    for layer in range(L):
-        outs.append(kv.attend(layer, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt],
-                              AttnStep(torch.arange(prompt), 0)))
-        kv.finish_layer(layer, prompt)
-    kv.finish_prefill(prompt)
-    for t in range(prompt, q.shape[2]):
-        step = AttnStep(torch.tensor([t]), t)
-        outs += [kv.attend(layer, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], step)
-                 for layer in range(L)]
-    return outs
+H, HKV, D = 6, 2, 16
 
 
 def _chunk_constant_values(T: int) -> torch.Tensor:
