@@ -13,6 +13,9 @@ class DenseKV:
 
     graph_safe = True  # fixed shapes: the decode step can be captured in a CUDA graph
     state_version = 0  # the cache is allocated once
+    # every layer's cache is on the device anyway: prefill goes chunk by chunk through all
+    # layers, holding one chunk's hidden states instead of the whole prompt's
+    layer_major = False
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_tokens: int,
                  head_dim: int, device: torch.device, dtype: torch.dtype) -> None:

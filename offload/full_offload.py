@@ -19,6 +19,7 @@ from .policy import AttnStep
 class FullOffloadKV:
     graph_safe = False
     state_version = 0
+    layer_major = True
 
     def __init__(self, num_layers: int, num_kv_heads: int, max_tokens: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype, batch: int = 1) -> None:

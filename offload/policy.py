@@ -26,6 +26,10 @@ class AttnStep:
 class KVPolicy(Protocol):
     graph_safe: bool  # decode step has static shapes (may be captured in a CUDA graph)
     state_version: int  # changes whenever the decode state is reallocated (graphs go stale)
+    # True: prefill runs layer by layer (finish_layer hands each layer's K, V over as it
+    # is done, so no more than one layer's full K, V need exist on the device); False:
+    # chunk by chunk through every layer, so only one chunk's hidden states exist.
+    layer_major: bool
 
     def start_request(self, prompt_tokens: int | None = None) -> None:
         """Prepare for a new prompt (prefill comes next)."""

@@ -54,6 +54,7 @@ class TraceEntry:
 
 
 class SparseKV:
+    layer_major = True  # a layer's K, V leave the device as soon as its prefill is done
 
     def __init__(self, cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, max_tokens: int, device: torch.device,

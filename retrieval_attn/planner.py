@@ -183,9 +183,14 @@ def plan_memory(spec: ModelSpec, config: EngineConfig, device_type: str,
     else:
         _plan_sparse(plan, spec, n, b, dev)
 
-    # prefill (engine/runner.py): layer-major, every token's hidden state stays on the device
-    add("prefill: hidden states", dev, n * C * b, "n·C·b  x [1, n, C] of every prompt token",
-        "prefill")
+    # prefill (engine/runner.py): offloading policies run it layer-major, every token's
+    # hidden state staying on the device; dense chunk-major, one chunk's at a time
+    if kv.policy == "dense":
+        add("prefill: hidden states", dev, T * C * b,
+            "T·C·b  x [1, T, C] of one chunk (chunk-major prefill)", "prefill")
+    else:
+        add("prefill: hidden states", dev, n * C * b,
+            "n·C·b  x [1, n, C] of every prompt token (layer-major prefill)", "prefill")
     add("prefill: token ids, positions", dev, 16 * n, "8·n + 8·n  int64", "prefill")
     attn = C + (H + 2 * Hkv) * D + 3 * H * D + Hkv * D
     mlp = 2 * C + 4 * inter

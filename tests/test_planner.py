@@ -127,6 +127,17 @@ def test_dense_1m_refused_with_numbers_and_fixes():
     assert "use kv.policy retrieval (with kv.rank" in msg
 
 
+def test_dense_prefill_holds_one_chunk_of_hidden_states():
+    # dense prefill is chunk-major (engine/runner.py): one chunk's hidden states, so the
+    # 1M Qwen shape fits an 80 GB H100 with a small chunk (57 GB KV + 15 GB weights)
+    cfg = config().replace(runtime={"prefill_chunk_tokens": 512, "max_context_tokens": 1 << 20})
+    plan = plan_memory(QWEN, cfg, "cuda")
+    assert part(plan, "prefill: hidden states") == 512 * QWEN.hidden_size * 2
+    check_budget(plan, 79 * GiB, 128 * GiB)
+    sparse = plan_memory(QWEN, config("retrieval", rank=32), "cuda")  # layer-major
+    assert part(sparse, "prefill: hidden states") == (1 << 20) * QWEN.hidden_size * 2
+
+
 def test_host_overflow_refused_with_numbers():
     # Llama-3-8B shape at 1M: K and V need 64 GiB each on the host, plus the runtime
     plan = plan_memory(LLAMA, config("retrieval", tokens=1 << 20, rank=32), "cuda")
@@ -193,7 +204,9 @@ def test_search_prefers_dense_when_it_fits():
 
 
 def test_search_falls_back_to_retrieval_with_largest_rank():
-    cfg = search_config(QWEN, 1 << 20, 80 * GiB, 128 * GiB)
+    # dense at 1M just fits 80 GiB (a 512-token prefill chunk); 72 GiB it does not
+    assert search_config(QWEN, 1 << 20, 80 * GiB, 128 * GiB).kv.policy == "dense"
+    cfg = search_config(QWEN, 1 << 20, 72 * GiB, 128 * GiB)
     assert cfg.kv.policy == "retrieval" and cfg.kv.rank == QWEN.head_dim // 2
     capped = search_config(QWEN, (1 << 20) + 4096, 80 * GiB, 128 * GiB, max_kv_gpu_bytes=12e9)
     assert capped.kv.rank == 32  # powers of two only: 64 would need 15 GB

@@ -33,32 +33,58 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, ids: list[int], all_logits: bool = False,
                 progress: bool = False) -> torch.Tensor:
-        """Run the prompt layer by layer, each layer in chunks of tokens.
+        """Run the prompt in chunks of tokens, in the order the policy needs.
 
-        Layer-major order means only one layer's full K, V need to exist at a time: the
-        policy gets each layer's K, V (finish_layer) as soon as the layer is done, so a
-        million-token prompt never holds every layer's KV on the device. Hidden states of
-        all tokens [1, n, C] stay on the device between layers.
+        Layer-major (kv.layer_major, the offloading policies): every chunk of a layer, then
+        the next layer. Only one layer's full K, V need exist on the device: the policy
+        gets each layer's K, V (finish_layer) as soon as the layer is done, so a
+        million-token prompt never holds every layer's KV on the device; the hidden states
+        of all tokens [1, n, C] stay on the device between layers.
+        Chunk-major (dense, whose cache holds every layer on the device anyway): each chunk
+        through every layer, so only one chunk's hidden states [1, T, C] exist.
         Returns logits [V] of the last token, or [n, V] if all_logits.
         """
-        model, n = self.model, len(ids)
-        x = model.embed(torch.tensor([ids], dtype=torch.long, device=self.device))  # [1, n, C]
+        n = len(ids)
+        ids_t = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, n]
         chunks = [(s, min(s + self.chunk, n)) for s in range(0, n, self.chunk)]
-        steps = [AttnStep(torch.arange(s, e, device=self.device), s) for s, e in chunks]
-        layers = len(model.layers)
-        # counted in prompt tokens: each chunk of each layer is 1/layers of its tokens
         bar = tqdm(total=n, unit="tok", desc="prefill", disable=not progress, leave=False,
                    dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total} "
                    "[{elapsed}<{remaining}, {rate_fmt}]")
         with bar:
-            for i, block in enumerate(model.layers):
-                for (s, e), step in zip(chunks, steps, strict=True):
-                    cos, sin = model.cos[s:e], model.sin[s:e]
-                    x[:, s:e] = block(x[:, s:e], cos, sin, self.kv, step)
-                    bar.update((e - s) / layers)
-                self.kv.finish_layer(i, n)
-        logits = model.logits(x if all_logits else x[:, -1:])[0].float()  # [n or 1, V]
-        return logits if all_logits else logits[-1]
+            if self.kv.layer_major:
+                x = self._prefill_layer_major(ids_t, chunks, bar)  # [1, n, C]
+                logits = self.model.logits(x if all_logits else x[:, -1:])[0].float()
+            else:
+                logits = self._prefill_chunk_major(ids_t, chunks, all_logits, bar)
+        return logits if all_logits else logits[-1]  # [n or 1, V] -> [n, V] or [V]
+
+    def _prefill_layer_major(self, ids: torch.Tensor, chunks: list[tuple[int, int]],
+                             bar) -> torch.Tensor:
+        model, n = self.model, ids.shape[1]
+        x = model.embed(ids)  # [1, n, C]
+        steps = [AttnStep(torch.arange(s, e, device=self.device), s) for s, e in chunks]
+        layers = len(model.layers)  # the bar counts prompt tokens: a chunk of a layer
+        for i, block in enumerate(model.layers):  # is 1/layers of its tokens
+            for (s, e), step in zip(chunks, steps, strict=True):
+                x[:, s:e] = block(x[:, s:e], model.cos[s:e], model.sin[s:e], self.kv, step)
+                bar.update((e - s) / layers)
+            self.kv.finish_layer(i, n)
+        return x
+
+    def _prefill_chunk_major(self, ids: torch.Tensor, chunks: list[tuple[int, int]],
+                             all_logits: bool, bar) -> torch.Tensor:
+        """-> logits [n, V] (all_logits) or [1, V] of the last token, float32."""
+        model, n = self.model, ids.shape[1]
+        out = []  # logits [T or 1, V] of the chunks that need them
+        for s, e in chunks:
+            step = AttnStep(torch.arange(s, e, device=self.device), s)
+            logits = model(ids[:, s:e], self.kv, step, last_only=not all_logits)  # [1, ., V]
+            if all_logits or e == n:
+                out.append(logits[0].float())
+            bar.update(e - s)
+        for i in range(len(model.layers)):
+            self.kv.finish_layer(i, n)
+        return torch.cat(out)
 
     def decode(self, token: int, pos: int) -> torch.Tensor:
         """Feed one token at position pos; logits [V] for the next one. In a batched
