@@ -71,6 +71,21 @@ def bench_config(shape: str, policy: str, n: int, new_tokens: int, top_k: int, r
             "tail_estimate": policy != "retrieval-notail"})
 
 
+def fit_prefill_chunk(shape: str, cfg: EngineConfig) -> EngineConfig:
+    """cfg with the largest prefill chunk (at most its own) that the planner fits in the
+    memory free now. The bench never prefills, but LLM(...) checks the whole plan first, and
+    dense at 1M fits an 80 GB GPU only with a small chunk's attention mask."""
+    from retrieval_attn.planner import CHUNK_CHOICES, available_memory
+
+    free_device()
+    gpu, host = available_memory(torch.device("cuda"))
+    for chunk in [c for c in CHUNK_CHOICES if c <= cfg.runtime.prefill_chunk_tokens]:
+        fitted = cfg.replace(runtime={"prefill_chunk_tokens": chunk})
+        if plan_memory(LLM_spec(shape), fitted, "cuda").fits(gpu, host):
+            return fitted
+    return cfg  # LLM(...) refuses it with the numbers
+
+
 def largest_batch_here(shape: str, policy: str, n: int, new_tokens: int, top_k: int,
                        rank: int) -> int:
     """The planner's largest batch for this policy in the memory free right now."""
@@ -86,6 +101,8 @@ def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: 
             profile: bool = False, rerank_factor: int = 4,
             profile_path: str | None = None, batch: int = 1) -> dict:
     cfg = bench_config(shape, policy, n, new_tokens, top_k, rank, rerank_factor, batch)
+    if policy != "full-offload":
+        cfg = fit_prefill_chunk(shape, cfg)
     # The planner knows dense and sparse policies, not full offload (built here by hand):
     # its dense plan would count the whole cache on the GPU.
     predicted = (None if policy == "full-offload"

@@ -5,7 +5,8 @@ step; both are attended with a single softmax, as if concatenated. Split-K (flas
 the grid is (B*Hkv, splits over a + splits over b), each program covering one chunk for the
 G query heads of one kv head (each K/V row is read once), followed by a small kernel that
 merges the partials by log-sum-exp. The wrapper sizes the chunks from Na + Nb so that a
-layer with few kv heads still fills the GPU.
+layer with few kv heads still fills the GPU. With source b empty it is plain flash-decoding
+over one cache: dense decode in HBM (offload/dense.py) uses it so.
 
 Where it runs: CUDA when q is on a CUDA device; the Triton interpreter on the CPU when
 TRITON_INTERPRET=1 (tests); otherwise the float32 reference `sparse_attention_ref`.
@@ -27,7 +28,8 @@ __all__ = ["sparse_attention", "sparse_attention_ref"]
 
 BLOCK_N = 64  # tokens per inner tile
 MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a kv head are padded to this
-MAX_SPLITS = 64  # partials per head the merge kernel reads in one tile
+MAX_SPLITS = 1024  # partials per head at most (a dense 1M-token cache has ~64 per kv head)
+MERGE_TILE = 64  # partials the merge kernel reads per iteration
 NUM_WARPS = 4
 
 
@@ -105,10 +107,10 @@ def sparse_attention(
     len_a, len_b = len_a.contiguous(), len_b.contiguous()
 
     g = h // hkv
-    # Chunk size: about PROGRAMS_PER_SM programs per SM over the B*Hkv heads, few enough
-    # splits that the merge reads them in one tile. The chunk is a kernel constant (a
-    # fixed trip count), so it is rounded to BLOCK_N times a power of two: a growing Na
-    # or Nb recompiles the kernel a logarithmic number of times, not every step.
+    # Chunk size: about PROGRAMS_PER_SM programs per SM over the B*Hkv heads. The chunk is
+    # a kernel constant (a fixed trip count), so it is rounded to BLOCK_N times a power of
+    # two: a growing Na or Nb recompiles the kernel a logarithmic number of times, not
+    # every step.
     want = cdiv(PROGRAMS_PER_SM * sm_count(q.device), b * hkv)
     want = max(1, min(want, MAX_SPLITS // 2 - 1))  # rounding may double; each source +1
     chunk = BLOCK_N * next_power_of_2(cdiv(na + nb, want * BLOCK_N))
@@ -134,8 +136,9 @@ def sparse_attention(
         BLOCK_N=BLOCK_N, DOT_F32=dot_f32, DOT_PRECISION="ieee" if dot_f32 else "tf32",
         num_warps=NUM_WARPS,
     )
+    tile = min(MERGE_TILE, next_power_of_2(splits))
     sparse_attention_merge_kernel[(b * h,)](
         part, out, lse, h, b * h, splits, *out.stride()[:2], *lse.stride(),
-        D=d, S_PAD=next_power_of_2(splits), num_warps=NUM_WARPS,
+        D=d, S_TILE=tile, S_TILES=cdiv(splits, tile), num_warps=NUM_WARPS,
     )
     return out, lse

@@ -111,25 +111,37 @@ def sparse_attention_merge_kernel(
     stride_ob, stride_oh,
     stride_lb, stride_lh,
     D: tl.constexpr,
-    S_PAD: tl.constexpr,
+    S_TILE: tl.constexpr,  # partials read per iteration
+    S_TILES: tl.constexpr,  # iterations: S_TILES * S_TILE >= SPLITS
 ):
     row = tl.program_id(0)
     b = row // H
     h = row % H
-    s = tl.arange(0, S_PAD)
-    s_ok = s < SPLITS
     cols = tl.arange(0, D)
     rows = B_H * SPLITS
-    r = row * SPLITS + s
-    acc = tl.load(Part + r[:, None] * D + cols[None, :], mask=s_ok[:, None], other=0.0)
-    m = tl.load(Part + rows * D + r, mask=s_ok, other=float("-inf"))
-    l_part = tl.load(Part + rows * D + rows + r, mask=s_ok, other=0.0)
-    m_max = tl.max(m, axis=0)
+    # Online over tiles of partials (a dense cache of 1M tokens has hundreds of splits):
+    # running max m_run, sum l_run and acc [D], each rescaled when the max grows.
+    m_run = tl.full([1], float("-inf"), tl.float32)
+    l_run = tl.zeros([1], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for t in range(S_TILES):
+        s = t * S_TILE + tl.arange(0, S_TILE)
+        s_ok = s < SPLITS
+        r = row * SPLITS + s
+        part = tl.load(Part + r[:, None] * D + cols[None, :], mask=s_ok[:, None], other=0.0)
+        m = tl.load(Part + rows * D + r, mask=s_ok, other=float("-inf"))
+        l_part = tl.load(Part + rows * D + rows + r, mask=s_ok, other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        # no non-empty split yet: keep the reference at 0 so that exp2 sees no inf - inf
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_run - m_ref)  # 0 while nothing was seen (m_run = -inf)
+        w = tl.exp2(m - m_ref)  # 0 for empty splits
+        l_run = l_run * alpha + tl.sum(l_part * w, axis=0)
+        acc = acc * alpha + tl.sum(part * w[:, None], axis=0)
+        m_run = m_new
     # Both lengths 0 for this row: every split is empty; give out = 0, lse = -inf.
-    m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp2(m - m_ref)  # 0 for empty splits
-    l_sum = tl.sum(l_part * w, axis=0)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum > 0, l_sum, 1.0)
-    lse = (m_ref + tl.log2(l_sum)) * 0.6931471805599453  # back to natural log
+    m_ref = tl.where(m_run == float("-inf"), 0.0, m_run)
+    out = acc / tl.where(l_run > 0, l_run, 1.0)
+    lse = (m_ref + tl.log2(l_run)) * 0.6931471805599453  # back to natural log
     tl.store(Out + b * stride_ob + h * stride_oh + cols, out.to(Out.dtype.element_ty))
-    tl.store(Lse + b * stride_lb + h * stride_lh, lse)
+    tl.store(Lse + b * stride_lb + h * stride_lh + tl.arange(0, 1), lse)

@@ -66,6 +66,20 @@ def test_matches_reference(b, hkv, g, d, na, nb, len_a, len_b, dtype):
     _check(_inputs(b, hkv, g, d, na, nb, len_a, len_b, dtype), dtype)
 
 
+@pytest.mark.parametrize("len_a, nb, len_b", [(9000, 0, 0), (0, 200, 130), (4000, 200, 0)],
+                         ids=["dense-cache", "first-tiles-empty", "later-tiles-empty"])
+def test_more_splits_than_one_merge_tile(monkeypatch, len_a, nb, len_b):
+    """A long source a (dense decode over a whole cache) is split into more partials than
+    the merge kernel reads at once: it must merge tile by tile, including tiles where every
+    split is empty before or after the valid tokens."""
+    import importlib
+
+    sa = importlib.import_module("retrieval_attn.kernels.sparse_attention")  # the module
+    monkeypatch.setattr(sa, "sm_count", lambda device: 200)  # ~150 splits of 64 tokens
+    args = _inputs(1, 1, 4, 16, 9600, nb, [len_a], [len_b], torch.float32)
+    _check(args, torch.float32)
+
+
 def test_broadcast_lengths():
     """Lengths expanded from one value (stride 0), as a batch decoding in lockstep passes."""
     b, hkv, g, d = 3, 2, 3, 64
