@@ -136,7 +136,7 @@ def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: 
     return row
 
 
-def profile_table(engine, logits: torch.Tensor, n: int, rows: int = 18) -> str:
+def profile_table(engine, logits: torch.Tensor, n: int, rows: int = 30) -> str:
     """GPU time by kernel over 3 eager decode steps: where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
 

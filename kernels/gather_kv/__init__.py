@@ -21,6 +21,12 @@ __all__ = ["gather_k", "gather_kv", "gather_kv_ref"]
 # PCIe read of scattered 2*D-byte rows needs.
 BLOCK_K = 16
 NUM_WARPS = 4
+# Host memory read by one launch, at most. The GPU translates each zero-copy read of host
+# memory, and scattered reads over a wide span miss its translation caches: on the H100,
+# 8192 random rows per head of a 1M-token layer (4 heads, 1 GiB of K) were read at 15 GB/s
+# in one launch, at 22 GB/s as two launches of 2 heads (512 MiB each); a 128K-token layer
+# (128 MiB) at 38 GB/s. So the heads are gathered in groups spanning at most this.
+MAX_HOST_SPAN = 512 << 20
 
 
 def gather_kv(
@@ -116,10 +122,22 @@ def _launch(k_src: torch.Tensor, v_src: torch.Tensor, idx: torch.Tensor, k_out: 
     # host memory fails there ("cannot be accessed from Triton (cpu tensor?)"), hence the
     # is_pinned() check in _check_sources.
     hkv, k, d = k_src.shape[0], idx.shape[1], k_src.shape[2]
-    gather_kv_kernel[(hkv, cdiv(k, BLOCK_K))](
-        k_src, v_src, idx, k_out, v_out, k,
-        *k_src.stride()[:2], *v_src.stride()[:2], *idx.stride(),
-        *k_out.stride()[:2], *v_out.stride()[:2],
-        D=d, BLOCK_K=BLOCK_K, BLOCK_D=next_power_of_2(d), HAS_V=has_v,
-        num_warps=NUM_WARPS,
-    )
+    span = k_src.shape[1] * k_src.stride(1) * k_src.element_size()  # one head's rows
+    if k_src.is_cuda:
+        step = hkv  # device memory: one launch
+    elif has_v and 2 * span > MAX_HOST_SPAN:  # K and V apart: half the span per launch
+        _launch(k_src, k_src, idx, k_out, k_out, False)
+        _launch(v_src, v_src, idx, v_out, v_out, False)
+        return
+    else:
+        step = max(1, MAX_HOST_SPAN // (span * (2 if has_v else 1)))
+    for h in range(0, hkv, step):
+        heads = slice(h, min(h + step, hkv))
+        ks, vs, ix, ko, vo = (t[heads] for t in (k_src, v_src, idx, k_out, v_out))
+        gather_kv_kernel[(ks.shape[0], cdiv(k, BLOCK_K))](
+            ks, vs, ix, ko, vo, k,
+            *ks.stride()[:2], *vs.stride()[:2], *ix.stride(),
+            *ko.stride()[:2], *vo.stride()[:2],
+            D=d, BLOCK_K=BLOCK_K, BLOCK_D=next_power_of_2(d), HAS_V=has_v,
+            num_warps=NUM_WARPS,
+        )

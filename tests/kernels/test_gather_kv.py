@@ -142,3 +142,25 @@ def test_gather_k_matches_the_k_half_of_the_reference(hkv, n, d, k):
     want, _ = gather_kv_ref(k_src, k_src, idx)
     got = gather_k(k_src.to(DEVICE), idx.to(DEVICE))
     assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("heads_per_span", [1, 2, 3], ids=["1-head", "2-heads", "3-heads"])
+def test_host_gather_in_head_groups(monkeypatch, heads_per_span):
+    """Host sources are gathered in launches of a few heads each (MAX_HOST_SPAN; K and V
+    apart when a head's K+V alone exceed it): every grouping gives the reference's rows."""
+    import importlib
+
+    gk = importlib.import_module("retrieval_attn.kernels.gather_kv")  # the module
+    hkv, n, d, k = 5, 64, 32, 21
+    span = n * d * 2  # one head's bytes in bf16
+    monkeypatch.setattr(gk, "MAX_HOST_SPAN", heads_per_span * span)
+    if DEVICE == "cuda":
+        k_store, v_store = _pinned_store(hkv, n, d, torch.bfloat16, layers=2)
+        k_src, v_src = k_store[1], v_store[1]
+    else:
+        k_src, v_src = _store(hkv, n, d, torch.bfloat16, "layer-slice")
+    idx = torch.randint(0, n, (hkv, k), device=DEVICE)
+    k_ref, v_ref = gather_kv_ref(k_src, v_src, idx.cpu())
+    k_out, v_out = gk.gather_kv(k_src, v_src, idx)
+    assert torch.equal(k_out.cpu(), k_ref) and torch.equal(v_out.cpu(), v_ref)
+    assert torch.equal(gk.gather_k(v_src, idx).cpu(), v_ref)
