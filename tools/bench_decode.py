@@ -18,6 +18,7 @@ tok/s counts every sequence.
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
 
 import torch
@@ -173,6 +174,23 @@ def bench_gathers(shape: str, n: int, candidates: int, top_k: int, reps: int = 4
              "K+V of final": lambda i: gather_kv(store.k[i], store.v[i], final[i]),
              "V of final": lambda i: gather_k(store.v[i], final[i])}
     row = {"context": n}
+    row.update(_time_calls(calls, L, reps))
+    # the same K reads with every head in one launch (no MAX_HOST_SPAN grouping)
+    gk = importlib.import_module("retrieval_attn.kernels.gather_kv")
+    span, gk.MAX_HOST_SPAN = gk.MAX_HOST_SPAN, 1 << 62
+    try:
+        row.update(_time_calls({"K of candidates, one launch": calls["K of candidates"]},
+                               L, reps))
+    finally:
+        gk.MAX_HOST_SPAN = span
+    store = calls = None  # free the pinned store before the next one is made
+    free_device()
+    return row
+
+
+def _time_calls(calls: dict, L: int, reps: int) -> dict:
+    """µs per call of each fn(layer), cycling through the layers."""
+    row = {}
     for name, fn in calls.items():
         for i in range(L):
             fn(i)  # compile, warm
@@ -184,8 +202,6 @@ def bench_gathers(shape: str, n: int, candidates: int, top_k: int, reps: int = 4
         end.record()
         torch.cuda.synchronize()
         row[name] = start.elapsed_time(end) * 1e3 / (reps * L)
-    store = calls = None  # free the pinned store before the next one is made
-    free_device()
     return row
 
 
