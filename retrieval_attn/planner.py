@@ -338,8 +338,7 @@ def _fixes(plan: MemoryPlan, gpu: int, host: int) -> list[str]:
                      if fits(kv={"policy": "retrieval", "rank": r})), None)
         if rank:
             fixes.append(f"use kv.policy retrieval (with kv.rank {rank})")
-    chunk = next((c for c in CHUNK_CHOICES if c < rt.prefill_chunk_tokens
-                  and fits(runtime={"prefill_chunk_tokens": c})), None)
+    chunk = largest_prefill_chunk(plan, gpu, host, rt.prefill_chunk_tokens - 1)
     if chunk:
         fixes.append(f"lower runtime.prefill_chunk_tokens to {chunk}")
     return fixes
@@ -358,6 +357,14 @@ def largest_batch(spec: ModelSpec, config: EngineConfig, gpu_bytes: int, host_by
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def largest_prefill_chunk(plan: MemoryPlan, gpu_bytes: int, host_bytes: int,
+                          at_most: int) -> int | None:
+    """The largest of CHUNK_CHOICES (<= at_most) at which the plan's config fits the
+    budget; None if none does. The chunk sets prefill's activations and attention mask."""
+    return next((c for c in CHUNK_CHOICES if c <= at_most and _replan(
+        plan, runtime={"prefill_chunk_tokens": c}).fits(gpu_bytes, host_bytes)), None)
 
 
 def _ranks(top: int) -> list[int]:

@@ -14,6 +14,7 @@ from retrieval_attn.offload import make_kv_policy
 from retrieval_attn.planner import (
     check_budget,
     largest_batch,
+    largest_prefill_chunk,
     param_count,
     parse_bytes,
     plan_memory,
@@ -136,6 +137,13 @@ def test_dense_prefill_holds_one_chunk_of_hidden_states():
     check_budget(plan, 79 * GiB, 128 * GiB)
     sparse = plan_memory(QWEN, config("retrieval", rank=32), "cuda")  # layer-major
     assert part(sparse, "prefill: hidden states") == (1 << 20) * QWEN.hidden_size * 2
+    # at 2048 tokens the chunk's attention mask (6 GiB) tips it over 75 GiB: the fix names
+    # the largest chunk that fits, the one bench_decode picks
+    big = plan_memory(QWEN, config(), "cuda")
+    with pytest.raises(ConfigError, match="lower runtime.prefill_chunk_tokens to 1024"):
+        check_budget(big, 75 * GiB, 128 * GiB)
+    assert largest_prefill_chunk(big, 75 * GiB, 128 * GiB, 2048) == 1024
+    assert largest_prefill_chunk(big, 60 * GiB, 128 * GiB, 2048) is None
 
 
 def test_host_overflow_refused_with_numbers():

@@ -76,15 +76,14 @@ def fit_prefill_chunk(shape: str, cfg: EngineConfig) -> EngineConfig:
     """cfg with the largest prefill chunk (at most its own) that the planner fits in the
     memory free now. The bench never prefills, but LLM(...) checks the whole plan first, and
     dense at 1M fits an 80 GB GPU only with a small chunk's attention mask."""
-    from retrieval_attn.planner import CHUNK_CHOICES, available_memory
+    from retrieval_attn.planner import available_memory, largest_prefill_chunk
 
     free_device()
-    gpu, host = available_memory(torch.device("cuda"))
-    for chunk in [c for c in CHUNK_CHOICES if c <= cfg.runtime.prefill_chunk_tokens]:
-        fitted = cfg.replace(runtime={"prefill_chunk_tokens": chunk})
-        if plan_memory(LLM_spec(shape), fitted, "cuda").fits(gpu, host):
-            return fitted
-    return cfg  # LLM(...) refuses it with the numbers
+    chunk = largest_prefill_chunk(plan_memory(LLM_spec(shape), cfg, "cuda"),
+                                  *available_memory(torch.device("cuda")),
+                                  cfg.runtime.prefill_chunk_tokens)
+    # none fits: LLM(...) refuses cfg with the numbers
+    return cfg if chunk is None else cfg.replace(runtime={"prefill_chunk_tokens": chunk})
 
 
 def largest_batch_here(shape: str, policy: str, n: int, new_tokens: int, top_k: int,
