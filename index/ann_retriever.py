@@ -6,16 +6,18 @@ is installed the layer is served by the low-rank retriever, so decode never wait
 Tokens decoded later leave the window into positions [n, hi): they sit in a flat buffer
 that every step scans exactly, until the next prompt.
 
-Each step, for every kv head (host threads in parallel): each of the G query heads of the
-group searches the head's index for its own top-k; the union of their candidates and the
-flat buffer is re-scored with the exact keys from the host store, and the k with the
-largest summed attention shares (window log-sum-exp included, as in group_scores) win.
+Each step, for every kv head: each of the G query heads of the group searches the head's
+index for its own top-k (one host thread per search, all Hkv·G at once); the union of
+their candidates and the flat buffer is re-scored with the exact keys from the host
+store, and the k with the largest summed attention shares (window log-sum-exp included,
+as in group_scores) win.
 `hybrid` adds the low-rank retriever's picks to the candidates before the re-rank.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -97,7 +99,8 @@ class AnnRetriever:
         self.kind, self.keys = kind, keys  # keys: the host store's K [L, Hkv, N, D]
         self.fallback, self.scale, self.search_ef = fallback, head_dim**-0.5, search_ef
         self.layers: dict[int, LayerIndex] = {}
-        self.pool = ThreadPoolExecutor(threads or keys.shape[1])
+        # searches run one per (kv head, query head): the C++ searches release the GIL
+        self.pool = ThreadPoolExecutor(threads or os.cpu_count() or 1)
         self.served = {"index": 0, "lowrank": 0}  # layer-steps served by each path
         self.search_s = 0.0
 
@@ -111,7 +114,12 @@ class AnnRetriever:
 
     def select(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
                other_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [Hkv, G, D] -> (positions [Hkv, k] int64, count [1] int32), as LowRankRetriever."""
+        """q [Hkv, G, D] -> (positions [Hkv, k] int64, count [1] int32), as LowRankRetriever.
+
+        The host searches start as soon as q reaches the host, one job per (kv head, query
+        head); hybrid's low-rank picks (GPU kernels) and the copy of the window's log-sum-exp
+        run while they search. Each head's exact re-rank
+        starts when its G searches are done."""
         index = self.layers.get(layer)
         hi_i = int(hi.reshape(-1)[0])
         k = min(k, self.keys.shape[2] - lo)
@@ -121,32 +129,38 @@ class AnnRetriever:
             return self.fallback.select(layer, q, lo, hi, k, other_lse)
         t0 = time.perf_counter()
         qn = q.float().cpu().numpy()  # [Hkv, G, D]
-        lse = (other_lse.float().cpu() if other_lse is not None
-               else torch.full(qn.shape[:2], float("-inf")))  # [Hkv, G]
-        extra = None
+        hkv, g = qn.shape[:2]
+        ef = max(k, int(self.search_ef * k))
+        searches = [[self.pool.submit(index.heads[h].search_fast, qn[h, i:i + 1], k, ef)
+                     for i in range(g)] for h in range(hkv)]
+        extra = None  # overlaps the searches: GPU kernels, then a copy
         if self.kind == "hybrid":
             extra = self.fallback.select(layer, q, lo, hi, k, other_lse)[0].cpu()  # [Hkv, k]
-        jobs = [self.pool.submit(self._select_head, layer, h, index, qn[h], lse[h], hi_i, k,
-                                 count, None if extra is None else extra[h, :count])
-                for h in range(qn.shape[0])]
-        picked = [j.result() for j in jobs]
+        lse = (other_lse.float().cpu() if other_lse is not None
+               else torch.full((hkv, g), float("-inf")))  # [Hkv, G]
+        reranks = []
+        for h in range(hkv):
+            ids = np.concatenate([s.result()[1] for s in searches[h]])  # [G, k], -1 = none
+            reranks.append(self.pool.submit(
+                self._rerank, layer, h, index, ids, qn[h], lse[h], hi_i, count,
+                None if extra is None else extra[h, :count]))
+        picked = [j.result() for j in reranks]
         self.search_s += time.perf_counter() - t0
         if any(p is None for p in picked):  # too few candidates: rare, low-rank serves
             self.served["lowrank"] += 1
             return self.fallback.select(layer, q, lo, hi, k, other_lse)
         self.served["index"] += 1
-        out = torch.full((qn.shape[0], k), lo, dtype=torch.long)
+        out = torch.full((hkv, k), lo, dtype=torch.long)
         for h, p in enumerate(picked):
             out[h, :count] = p
         return (out.to(q.device, non_blocking=True),
                 torch.tensor([count], dtype=torch.int32, device=q.device))
 
-    def _select_head(self, layer: int, h: int, index: LayerIndex, q: np.ndarray,
-                     other_lse: torch.Tensor, hi: int, k: int, count: int,
-                     extra: torch.Tensor | None) -> torch.Tensor | None:
-        """One kv head: q [G, D] -> the best `count` positions [count] in [lo, hi)."""
-        ef = max(k, int(self.search_ef * k))
-        _, ids = index.heads[h].search_fast(q, k, ef)  # [G, k] local ids, -1 = none
+    def _rerank(self, layer: int, h: int, index: LayerIndex, ids: np.ndarray, q: np.ndarray,
+                other_lse: torch.Tensor, hi: int, count: int,
+                extra: torch.Tensor | None) -> torch.Tensor | None:
+        """One kv head: its G searches' local ids [G, k] and queries q [G, D] -> the best
+        `count` positions [count] in [lo, hi), by exact attention shares."""
         cand = np.unique(ids[ids >= 0]) + index.lo
         parts = [torch.from_numpy(cand[cand < hi])]
         if hi > index.hi:  # decoded tokens that left the window: exact scan

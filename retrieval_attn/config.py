@@ -127,7 +127,7 @@ class IndexConfig:
     ray_address: str | None = None  # an existing Ray cluster; None starts a local one
     build_queries: int = 2048  # prefill positions per layer whose queries build the graph
     search_ef: float = 1.5  # beam width (efSearch / nprobe scale) as a multiple of top_k
-    search_threads: int = 0  # host threads searching kv heads in parallel; 0 = one per head
+    search_threads: int = 0  # host threads running the Hkv·G searches of a step; 0 = one per core
 
     def __post_init__(self) -> None:
         if self.kind not in INDEX_KINDS:

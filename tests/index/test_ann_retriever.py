@@ -3,6 +3,8 @@ decode-time selection against exact top-k over the host store."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -117,3 +119,23 @@ def test_uninstalled_layer_is_served_by_the_fallback(head):
     ret.layers.clear()
     ret.select(0, q, 4, torch.tensor([1300]), 10)
     assert ret.served["lowrank"] == 1 and fb.calls == 1
+
+
+@pytest.mark.parametrize("threads", [1, 5])
+def test_split_searches_pick_what_one_search_per_head_picks(threads, head):
+    """select runs one search per (kv head, query head) in parallel: the same positions as
+    searching each head's G queries together and re-ranking their union, however many
+    threads run them."""
+    _, _, xq = head
+    lo, k = 4, 40
+    keys, ret, _ = _setup("attention", head, lo, 1200)
+    ret.pool = ThreadPoolExecutor(threads)
+    q = torch.from_numpy(np.stack([xq[:G], xq[G:2 * G]]))  # [Hkv, G, D]
+    hi = torch.tensor([1300])
+    pos, _ = ret.select(0, q, lo, hi, k)
+    index = ret.layers[0]
+    for h in range(HKV):
+        _, ids = index.heads[h].search_fast(q[h].numpy(), k, int(ret.search_ef * k))
+        want = ret._rerank(0, h, index, ids, q[h].numpy(), torch.full((G,), float("-inf")),
+                           1300, k, None)
+        assert pos[h].tolist() == want.tolist()
