@@ -200,7 +200,8 @@ def _link_orphans(xb: np.ndarray, src: np.ndarray, dst: np.ndarray, min_in: int,
     rep = np.repeat(orphans, near.size // orphans.size)
     s = np.concatenate([src, rep, near])
     t = np.concatenate([dst, near, rep])
-    pair = np.unique(s * n + t)
+    pair = np.sort(s * n + t)  # unique by sort: numpy's hash unique was 6x slower here
+    pair = pair[np.concatenate([[True], pair[1:] != pair[:-1]])]
     return pair // n, pair % n
 
 

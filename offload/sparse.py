@@ -215,22 +215,26 @@ class SparseKV:
         if k.shape[1] != self.B * self.Hkv:
             raise ValueError(f"ingest takes K, V [L, B·Hkv, n, D] of all {self.B} sequences "
                              f"({self.B * self.Hkv} rows); got {tuple(k.shape)}")
-        if self.ann is not None:
-            self._reset_index(n)
-        self.ingest_layers(((k[layer], v[layer]) for layer in range(self.L)), n)
-        if self.ann is not None and queries is not None:
-            for layer in range(self.L):
-                self._keep_queries(layer, queries[layer][None], AttnStep(torch.arange(n), 0))
-                self._submit_build(layer, n)
-            self.install_ready(wait=True)
+        with_q = self.ann is not None and queries is not None
+        self.ingest_layers(((k[layer], v[layer]) + ((queries[layer],) if with_q else ())
+                            for layer in range(self.L)), n)
 
     def ingest_layers(self, layers, n: int) -> None:
         """Like ingest, from an iterable of per-layer (k, v) [B·Hkv, n, D] (every
-        sequence of the batch): one layer at a time, so a caller never needs every
-        layer's K, V at once."""
+        sequence of the batch), or (k, v, q) with the layer's prompt queries q [H, n, D]
+        for its host index: one layer at a time, so a caller never needs every layer's
+        K, V at once. Host indexes are built as each layer arrives and installed before
+        this returns."""
+        if self.ann is not None:
+            self._reset_index(n)
         self._begin(n)
-        for layer, (k, v) in enumerate(layers):
+        for layer, (k, v, *q) in enumerate(layers):
             self.ingest_layer(layer, k, v)
+            if self.ann is not None and q:
+                self._keep_queries(layer, q[0][None], AttnStep(torch.arange(n), 0))
+                self._submit_build(layer, n)
+        if self.ann is not None:
+            self.install_ready(wait=True)
 
     def ingest_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                      seq: int | None = None) -> None:

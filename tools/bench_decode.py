@@ -4,7 +4,8 @@ Random weights of a real shape (speed does not depend on weight values). The pro
 are synthetic (random, written layer by layer into each policy's state, as prefill would),
 so 512K-1M contexts are measured without a 10-minute prefill; the output says so. Each
 policy runs alone (the previous one freed) and decodes with the engine's CUDA graph where
-the policy allows it.
+the policy allows it. `retrieval-ann` is the ANN path: host graphs per (layer, kv head), built
+in-process from random prompt queries, searched on the host every layer (no CUDA graph).
 
     python -m retrieval_attn.tools.bench_decode --shape qwen2.5-7b-1m --contexts 131072 1048576
     python -m retrieval_attn.tools.bench_decode --contexts 131072 --batches 1 max
@@ -34,20 +35,26 @@ from retrieval_attn.sampling import SamplingParams
 from .bench_grid import free_device, run_grid, write_json
 
 GiB = 1 << 30
+# bench policy -> kv.policy; retrieval-ann also sets index.kind attention (host graphs)
+POLICY = {"full-offload": "dense", "retrieval-notail": "retrieval", "retrieval-ann": "retrieval"}
 
 
 def fill(llm: LLM, n: int, seed: int = 0, batch: int = 1) -> None:
     """Synthetic prompt K, V for n tokens of every sequence into the engine's policy, one
     layer at a time: [B·Hkv, n, D] per layer."""
     spec, kv = llm.loaded.spec, llm.engine.kv
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    dtype = llm.dtype
+    dev, dtype = llm.device, llm.dtype
+    gen = torch.Generator(device=dev).manual_seed(seed)
 
     def layers():
         for _ in range(spec.num_layers):
             shape = (batch * spec.num_kv_heads, n, spec.head_dim)
-            yield (torch.randn(shape, generator=gen, device="cuda", dtype=dtype),
-                   torch.randn(shape, generator=gen, device="cuda", dtype=dtype))
+            kv_pair = (torch.randn(shape, generator=gen, device=dev, dtype=dtype),
+                       torch.randn(shape, generator=gen, device=dev, dtype=dtype))
+            if isinstance(kv, SparseKV) and kv.ann is not None:  # prompt queries to build from
+                kv_pair += (torch.randn((spec.num_heads, n, spec.head_dim), generator=gen,
+                                        device=dev, dtype=dtype),)
+            yield kv_pair
 
     if isinstance(kv, SparseKV):
         kv.ingest_layers(layers(), n)
@@ -66,10 +73,12 @@ def bench_config(shape: str, policy: str, n: int, new_tokens: int, top_k: int, r
         model={"path": f"random:{shape}"},
         runtime={"device": "cuda", "dtype": "bfloat16", "max_context_tokens": n + new_tokens + 8,
                  "prefill_chunk_tokens": 2048, "progress_bar": False, "max_batch": batch},
-        kv={"policy": {"full-offload": "dense", "retrieval-notail": "retrieval"}.get(policy,
-                                                                                    policy),
+        kv={"policy": POLICY.get(policy, policy),
             "top_k": top_k, "rank": rank, "rerank_factor": rerank_factor,
-            "tail_estimate": policy != "retrieval-notail"})
+            "tail_estimate": policy == "retrieval"},
+        # the ANN path: attention-aware graphs, built in-process (no Ray on the GPU machine)
+        index={"kind": "attention" if policy == "retrieval-ann" else "lowrank",
+               "builder": "inline"})
 
 
 def fit_prefill_chunk(shape: str, cfg: EngineConfig) -> EngineConfig:
@@ -109,11 +118,16 @@ def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: 
                  else plan_memory(LLM_spec(shape), cfg, "cuda", prompt_tokens=n))
     torch.cuda.reset_peak_memory_stats()
     llm = LLM(config=cfg) if policy != "full-offload" else _full_offload_llm(cfg)
+    t = time.perf_counter()
     fill(llm, n, batch=batch)
+    fill_s = time.perf_counter() - t
     engine, params = llm.engine, SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     logits = torch.zeros(llm.loaded.spec.vocab_size, device="cuda")
     list(engine.decode(logits, n, SamplingParams(max_tokens=3, ignore_eos=True),
                        GenerationStats()))  # warm-up + graph capture
+    ann = getattr(engine.kv, "ann", None)
+    if ann is not None:
+        ann.served, ann.search_s = {"index": 0, "lowrank": 0}, 0.0
     torch.cuda.synchronize()
     t = time.perf_counter()
     list(engine.decode(logits, n, params, GenerationStats()))
@@ -130,7 +144,14 @@ def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: 
            "tokens_per_s": batch * 1e3 / ms,
            "kv_gpu_gib": mem.get("gpu", 0) / GiB, "kv_host_gib": mem.get("host", 0) / GiB,
            "peak_gpu_gib": torch.cuda.max_memory_allocated() / GiB,
-           "planned_peak_gpu_gib": predicted and predicted.peak("gpu", runtime=False) / GiB}
+           "planned_peak_gpu_gib": predicted and predicted.peak("gpu", runtime=False) / GiB,
+           "fill_s": fill_s}
+    if ann is not None:  # host search + re-rank per token, and who served the layer-steps
+        row["host_search_ms"] = ann.search_s / (new_tokens - 1) * 1e3
+        row["served"] = dict(ann.served)
+        print(f"  ANN: index build + fill {fill_s:.0f} s, host search + re-rank "
+              f"{row['host_search_ms']:.1f} ms/token, layer-steps served {ann.served}",
+              flush=True)
     del llm, engine
     free_device()
     return row
@@ -232,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="qwen2.5-7b-1m")
     p.add_argument("--contexts", type=int, nargs="+", default=[131072, 1048576])
     p.add_argument("--policies", nargs="*", default=["retrieval", "dense", "full-offload"],
-                   help="retrieval, retrieval-notail (kv.tail_estimate off), dense, "
-                        "full-offload; none: only --gathers")
+                   help="retrieval, retrieval-notail (kv.tail_estimate off), retrieval-ann "
+                        "(host attention-aware graphs: built here, minutes per 128K), "
+                        "dense, full-offload; none: only --gathers")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--top-k", type=int, default=2048)
     p.add_argument("--rank", type=int, default=32)

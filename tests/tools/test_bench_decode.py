@@ -1,0 +1,43 @@
+"""bench_decode's setup on the CPU: the configs of its policies, and the synthetic fill of
+the ANN path (host graphs built and installed for every layer, then serving decode)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retrieval_attn import LLM
+from retrieval_attn.engine import GenerationStats
+from retrieval_attn.sampling import SamplingParams
+from retrieval_attn.tools.bench_decode import bench_config, fill
+
+pytest.importorskip("faiss")
+
+
+@pytest.mark.parametrize("policy,kv_policy,index,tail", [
+    ("retrieval", "retrieval", "lowrank", True),
+    ("retrieval-notail", "retrieval", "lowrank", False),
+    ("retrieval-ann", "retrieval", "attention", False),
+    ("dense", "dense", "lowrank", False),
+    ("full-offload", "dense", "lowrank", False)])
+def test_bench_policies_map_to_configs(policy, kv_policy, index, tail):
+    cfg = bench_config("qwen2.5-7b-1m", policy, 131072, 16, 2048, 32)
+    assert (cfg.kv.policy, cfg.index.kind, cfg.kv.tail_estimate) == (kv_policy, index, tail)
+    assert cfg.index.builder == "inline"  # the GPU machine has no Ray
+
+
+def test_ann_fill_installs_every_layer_and_serves_decode():
+    n = 700
+    cfg = bench_config("smollm2-135m", "retrieval-ann", n, 4, 64, 16).replace(
+        runtime={"device": "cpu", "dtype": "float32", "cuda_graphs": False},
+        index={"build_queries": 64})
+    llm = LLM(config=cfg)
+    torch.manual_seed(0)
+    fill(llm, n)
+    kv = llm.engine.kv
+    assert sorted(kv.ann.layers) == list(range(llm.loaded.spec.num_layers))
+    assert all(ix.lo == cfg.kv.sink_tokens for ix in kv.ann.layers.values())
+    logits = torch.zeros(llm.loaded.spec.vocab_size)
+    list(llm.engine.decode(logits, n, SamplingParams(max_tokens=3, ignore_eos=True),
+                           GenerationStats()))
+    assert kv.ann.served["lowrank"] == 0 and kv.ann.served["index"] > 0
