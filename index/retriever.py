@@ -95,7 +95,7 @@ class LowRankRetriever:
             return torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device), count, None
         n_cand = min(n - lo, k * self.rerank_factor)
         rerank = n_cand > k and self.rerank_factor > 1
-        shares, total = self._shares(layer, q, lo, hi, other_lse)
+        shares, total = self._shares(layer, q, lo, hi, other_lse, rerank)
         self.last_total = total
         # Candidates for re-ranking need no order (an unsorted top-k is ~2.5x faster at 1M);
         # without re-ranking they are the answer, best first.
@@ -115,13 +115,17 @@ class LowRankRetriever:
         return cand.gather(1, best), count, chosen
 
     def _shares(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor,
-                other_lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                other_lse: torch.Tensor | None, candidates: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(group shares [Hkv, N - lo], total lse [Hkv, G] or None without other_lse).
-        Sketches with a fused `shares` (LowRankKeys) never store [Hkv, G, N] scores."""
+        Sketches with a fused `shares` (LowRankKeys) never store [Hkv, G, N] scores, and
+        on a GPU round them to bfloat16 when they only pick re-rank candidates (a faster
+        top-k there; on the CPU it would only change results)."""
         n = self.sketch.capacity
         if hasattr(self.sketch, "shares"):
+            dtype = torch.bfloat16 if candidates and q.is_cuda else torch.float32
             shares, lse, *mass = self.sketch.shares(layer, q, lo, hi, self.scale, other_lse,
-                                                    self.tail_chunk)
+                                                    self.tail_chunk, dtype)
             self.last_mass = mass[0] if mass else None
             return shares, (lse if other_lse is not None else None)
         excluded = _mask_from(hi, self.positions[lo:])  # [N - lo]

@@ -59,21 +59,22 @@ class LowRankKeys:
         return qr @ keys.float().transpose(1, 2) + qf @ self.mean[layer, :, :, None].float()
 
     def shares(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, scale: float,
-               other_lse: torch.Tensor | None = None, chunk: int = 0
-               ) -> tuple[torch.Tensor, ...]:
-        """What the retriever ranks by, fused: q [Hkv, G, D] -> (shares [Hkv, N - lo],
-        lse [Hkv, G]), both float32. shares = group_scores of the scores of positions
-        [lo, N) with positions >= hi ([1] device tensor) excluded; lse = each head's
-        log-sum-exp over [lo, hi) of the scaled scores, log-added to other_lse. Scores are
-        float32 throughout and [Hkv, G, N] is never stored (kernels.select_scores). With
-        chunk > 0 also each head's mass per chunk of positions [Hkv, G, ceil(N / chunk)]."""
+               other_lse: torch.Tensor | None = None, chunk: int = 0,
+               shares_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+        """What the retriever ranks by, fused: q [Hkv, G, D] -> (shares [Hkv, N - lo]
+        shares_dtype (bfloat16 where only their top-k is wanted), lse [Hkv, G] float32).
+        shares = group_scores of the scores of positions [lo, N) with positions >= hi
+        ([1] device tensor) excluded; lse = each head's log-sum-exp over [lo, hi) of the
+        scaled scores, log-added to other_lse. Scores are float32 throughout and
+        [Hkv, G, N] is never stored (kernels.select_scores). With chunk > 0 also each
+        head's mass per chunk of positions [Hkv, G, ceil(N / chunk)]."""
         from .. import kernels
 
         # the Triton kernel on a GPU; elsewhere its reference (not the interpreter, which
         # tests may have switched on for the whole process)
         fn = kernels.select_scores if self.keys.is_cuda else kernels.select_scores_ref
         return fn(q, self.basis[layer], self.mean[layer], self.keys[layer], lo, hi, scale,
-                  other_lse, chunk)
+                  other_lse, chunk, shares_dtype)
 
     def memory_bytes(self) -> dict[str, int]:
         n = sum(t.numel() * t.element_size() for t in (self.mean, self.basis, self.keys))

@@ -259,9 +259,10 @@ def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) ->
             "Hkv·n·(4·D·2 + r·(4 + b))  keys and centred keys in float32, projection "
             "(float32 model: Hkv·n·(4·D + 4·r))", "layer-end")
         if dev == "gpu" and r >= 16 and r & (r - 1) == 0:  # kernels/select_scores
-            add("decode: low-rank selection scores", dev, Hkv * N * 4,
-                "B·Hkv·N·4  group shares [B·Hkv, N] float32 (fused select_scores kernel)",
-                "decode")
+            sb = 2 if kv.rerank_factor > 1 else 4  # re-rank candidates need only bfloat16
+            add("decode: low-rank selection scores", dev, Hkv * N * sb,
+                f"B·Hkv·N·{sb}  group shares [B·Hkv, N] {'bfloat16' if sb == 2 else 'float32'}"
+                " (fused select_scores kernel)", "decode")
         else:  # its PyTorch reference
             add("decode: low-rank selection scores", dev, B * H * N * (b + 8) + Hkv * N * 4,
                 "B·H·N·(b + 8) + B·Hkv·N·4  scores [B·Hkv, G, N], two float32 copies, group sum "

@@ -40,6 +40,7 @@ def select_scores(
     scale: float,
     other_lse: torch.Tensor | None = None,
     chunk: int = 0,
+    shares_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group shares of the low-rank scores of positions [lo, N) of one layer.
 
@@ -54,9 +55,13 @@ def select_scores(
             None.
         chunk: 0, or a power of two <= BLOCK_N: also return each head's softmax mass per
             chunk of positions (what a tail estimate needs), from the same pass.
+        shares_dtype: float32, or bfloat16 where only a top-k of the shares is taken
+            (re-rank candidates): it is rounded once at the store, and torch.topk of 1M
+            bfloat16 values per row is ~30% faster than of float32 (H200).
 
     Returns:
-        shares: [Hkv, N - lo] float32, sum_g exp(scale * score - lse_g); 0 where excluded.
+        shares: [Hkv, N - lo] shares_dtype, sum_g exp(scale * score - lse_g); 0 where
+            excluded.
         lse: [Hkv, G] float32, log-sum-exp over [lo, hi) of the scaled scores, log-added
             to other_lse when given.
         mass (only with chunk > 0): [Hkv, G, ceil(N / chunk)] float32, per head the sum of
@@ -73,6 +78,8 @@ def select_scores(
         raise ValueError(f"lo={lo} outside [0, N={n}]")
     if chunk and (chunk & (chunk - 1) or chunk > BLOCK_N):
         raise ValueError(f"chunk={chunk}: a power of two <= {BLOCK_N}, or 0")
+    if shares_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"shares_dtype {shares_dtype}: float32 or bfloat16")
     if hi.numel() != 1 or hi.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"hi must be [1] int32/int64; got {tuple(hi.shape)} {hi.dtype}")
     if other_lse is not None and other_lse.shape != (hkv, g):
@@ -85,14 +92,15 @@ def select_scores(
             raise ValueError(f"{name} is on {t.device}, keys on {device}")
     if (not use_triton(device) or r < 16 or r & (r - 1) or keys.stride(-1) != 1
             or keys.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
-        return select_scores_ref(q, basis, mean, keys, lo, hi, scale, other_lse, chunk)
+        return select_scores_ref(q, basis, mean, keys, lo, hi, scale, other_lse, chunk,
+                                 shares_dtype)
     from .kernel import lse_partial_kernel, shares_kernel
 
     qr = q.float() @ basis.float()  # [Hkv, G, r], tiny
     qr_hi = qr.to(keys.dtype)
     qr_lo = (qr - qr_hi.float()).to(keys.dtype)  # all zero when keys are float32
     const = (q.float() @ mean.float()[..., None])[..., 0].contiguous()  # [Hkv, G]
-    shares = torch.empty(hkv, n - lo, dtype=torch.float32, device=device)
+    shares = torch.empty(hkv, n - lo, dtype=shares_dtype, device=device)
     lse = torch.empty(hkv, g, dtype=torch.float32, device=device)
     # tiles start at a multiple of BLOCK_N (positions before lo are masked), so that each
     # tile holds whole mass chunks

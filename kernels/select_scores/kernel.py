@@ -120,7 +120,8 @@ def shares_kernel(
                     scale, G, G_PAD, R, F32_DOT)
         p = tl.exp(x - lse[:, None])  # [G_PAD, BLOCK_N], 0 where excluded
         shares = tl.sum(p, axis=0)  # [BLOCK_N]
-        tl.store(Out + h * stride_oh + (n - lo), shares, mask=(n >= lo) & (n < N))
+        out = shares.to(Out.dtype.element_ty, fp_downcast_rounding="rtne")  # f32 or bf16
+        tl.store(Out + h * stride_oh + (n - lo), out, mask=(n >= lo) & (n < N))
         if MASS_CHUNK > 0:
             per = tl.sum(tl.reshape(p, (G_PAD, BLOCK_N // MASS_CHUNK, MASS_CHUNK)), axis=2)
             j = (start + off) // MASS_CHUNK + tl.arange(0, BLOCK_N // MASS_CHUNK)

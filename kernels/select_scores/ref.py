@@ -13,6 +13,7 @@ def select_scores_ref(
     scale: float,
     other_lse: torch.Tensor | None = None,
     chunk: int = 0,
+    shares_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group shares of the sketched scores of positions [lo, N), and the log-sum-exp used.
 
@@ -23,7 +24,8 @@ def select_scores_ref(
     other_lse when given. shares [Hkv, N - lo] = sum over g of exp(scaled score - lse);
     0 at excluded positions. With chunk > 0, also mass [Hkv, G, ceil(N / chunk)]: per head,
     the sum of exp(scaled score - lse) over the positions of each chunk of `chunk` positions
-    (positions [j·chunk, (j+1)·chunk), excluded ones counting 0).
+    (positions [j·chunk, (j+1)·chunk), excluded ones counting 0). shares are computed in
+    float32 and rounded to shares_dtype at the end.
     """
     qr = q.float() @ basis.float()  # [Hkv, G, r]
     const = q.float() @ mean.float()[..., None]  # [Hkv, G, 1]
@@ -34,7 +36,7 @@ def select_scores_ref(
     if other_lse is not None:
         lse = torch.logaddexp(lse, other_lse.float().to(lse.device))
     probs = torch.exp(logits - lse[..., None]).nan_to_num_(0.0)  # [Hkv, G, N - lo]
-    shares = probs.sum(dim=1)
+    shares = probs.sum(dim=1).to(shares_dtype)
     if not chunk:
         return shares, lse
     n = keys.shape[1]

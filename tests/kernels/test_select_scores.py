@@ -100,6 +100,28 @@ def test_select_scores_qwen_7b_shape(n):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
     torch.testing.assert_close(got_lse, want_lse, rtol=1e-5, atol=1e-5)
     _same_topk_up_to_ties(got, want, 8192, rtol=1e-4)
+    got16, _ = select_scores(q, basis, mean, keys, lo, hi, d**-0.5, other,
+                             shares_dtype=torch.bfloat16)  # what re-ranking selects from
+    torch.testing.assert_close(got16.float(), want, rtol=2**-8, atol=1e-9)
+    _same_topk_up_to_ties(got16.float(), want, 8192, rtol=2**-7)
+
+
+def test_bfloat16_shares_are_the_float32_shares_rounded():
+    """shares_dtype bfloat16 (re-rank candidates): the float32 shares rounded once, the
+    same lse, and a top-k that differs only among near-ties."""
+    q, basis, mean, keys, other = _inputs(2, 7, 64, 32, 900, torch.bfloat16)
+    hi = torch.tensor([850])
+    want, want_lse = select_scores_ref(q, basis, mean, keys, 4, hi, 0.125, other)
+    dev = [t.to(DEVICE) for t in (q, basis, mean, keys)]
+    got, got_lse = select_scores(*dev, 4, hi.to(DEVICE), 0.125, other.to(DEVICE),
+                                 shares_dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    # one bfloat16 ulp: the GPU rounds to nearest, Triton's CPU interpreter truncates
+    torch.testing.assert_close(got.cpu().float(), want, rtol=2**-7, atol=1e-9)
+    torch.testing.assert_close(got_lse.cpu(), want_lse, rtol=1e-5, atol=1e-5)
+    _same_topk_up_to_ties(got.cpu().float(), want, 64, rtol=2**-7)
+    with pytest.raises(ValueError, match="shares_dtype"):
+        select_scores(*dev, 4, hi.to(DEVICE), 0.125, shares_dtype=torch.float16)
 
 
 @pytest.mark.parametrize("lo, hi, n", [(4, 250, 300), (0, 700, 700), (300, 517, 517)])
