@@ -50,10 +50,9 @@ CUDA_CONTEXT_BYTES = 1 * GiB  # CUDA context, cuBLAS/cuDNN handles and kernel im
 HOST_RUNTIME_BYTES = {"cuda": 2 * GiB, "cpu": GiB // 2}  # Python, torch, CUDA libraries (RSS)
 CHUNK_CHOICES = (8192, 4096, 2048, 1024, 512, 256, 128)  # prefill_chunk_tokens tried, largest first
 # Search default for the largest chunk: beyond it the GEMMs gain little, while a later chunk's
-# attention mask [T, n] grows with T (T·n·(1 + 2·b) bytes: 6 GiB at T = 2048, n = 1M, bf16).
+# attention mask [T, n] grows with T (T·n·(1 + b) bytes: 6 GiB at T = 2048, n = 1M, bf16).
 SEARCH_CHUNK_TOKENS = 2048
 SEARCH_HEADROOM = 0.05  # share of each budget search_config leaves free
-SDPA_ALIGN = 16  # the CUDA memory-efficient kernel pads a mask whose last dim isn't a multiple
 
 
 class Part(NamedTuple):
@@ -197,13 +196,11 @@ def plan_memory(spec: ModelSpec, config: EngineConfig, device_type: str,
     add("prefill: chunk activations", dev, T * max(b * attn, b * mlp, 8 * C + b * C),
         "T·max(b·(C + (H+2Hkv)·D + 3·H·D + Hkv·D), b·(2·C + 4·I), 8·C + b·C): "
         "qkv + RoPE temporaries, SwiGLU [T, 4·I], RMSNorm float32", "chunk")
-    if n > T:  # later chunks pass a bool mask [T, end]; SDPA turns it into an additive one
+    # later chunks pass a bool mask [T, end]; SDPA turns it into an additive one, padded in
+    # place when end % 16 != 0 (no further copy: H200, torch 2.11, T = 2048, end ≈ 1M)
+    if n > T:
         add("prefill: chunk attention mask", dev, T * n * (1 + b),
             "T·n·(1 + b)  bool [T, n] + SDPA's additive copy [T, n] in the model dtype", "chunk")
-        if dev == "gpu" and n % SDPA_ALIGN:
-            add("prefill: mask padded for SDPA", dev, T * n * b,
-                f"T·n·b  the memory-efficient kernel pads a mask with n % {SDPA_ALIGN} != 0",
-                "chunk")
     plan.notes.append(
         f"SDPA kernels (flash, memory-efficient, cuDNN) do not materialise scores; if SDPA "
         f"fell back to its math kernel, one chunk's scores [H, T, n] would take H·T·n·b = "
