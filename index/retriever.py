@@ -73,6 +73,9 @@ class LowRankRetriever:
         # chunk of positions, last_mass [Hkv, G, ceil(N / tail_chunk)] (from the same pass)
         self.tail_chunk = 0
         self.last_mass: torch.Tensor | None = None
+        # positions come back best first; a caller that knows every step fills all k
+        # slots (count == k) may set ordered False to skip sorting the top-k
+        self.ordered = True
 
     def select(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
                other_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,21 +101,31 @@ class LowRankRetriever:
         shares, total = self._shares(layer, q, lo, hi, other_lse, rerank)
         self.last_total = total
         # Candidates for re-ranking need no order (an unsorted top-k is ~2.5x faster at 1M);
-        # without re-ranking they are the answer, best first.
-        cand = shares.topk(n_cand, dim=-1, sorted=not rerank).indices + lo
+        # without re-ranking they are the answer, best first unless nobody needs the order.
+        cand = shares.topk(n_cand, dim=-1, sorted=not rerank and self.ordered).indices + lo
         if not rerank:
             return cand[:, :k], count, None
         keys = self.exact_keys(layer, cand)  # [Hkv, C, D]
-        exact = (q @ keys.to(q.dtype).transpose(1, 2)).masked_fill(
-            _mask_from(hi, cand)[:, None], float("-inf"))
         if other_lse is None:
+            exact = (q @ keys.to(q.dtype).transpose(1, 2)).masked_fill(
+                _mask_from(hi, cand)[:, None], float("-inf"))
             shares = group_scores(exact, self.scale)
         else:  # shares of each head's whole attention: window + the region as sketched
-            logits = exact.float() * self.scale - total[..., None]
-            shares = torch.exp(logits).nan_to_num_(0.0).sum(dim=1)
-        best = shares.topk(k, dim=-1).indices  # [Hkv, k]
+            shares = self._rerank_shares(q, keys.to(q.dtype), cand, hi, total)
+        best = shares.topk(k, dim=-1, sorted=self.ordered).indices  # [Hkv, k]
         chosen = keys.gather(1, best[:, :, None].expand(-1, -1, keys.shape[2]))
         return cand.gather(1, best), count, chosen
+
+    def _rerank_shares(self, q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor,
+                       hi: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """[Hkv, C] exact shares of the candidates (kernels.rerank_shares on a GPU, in
+        bfloat16 there: only their top-k is taken; the float32 reference elsewhere)."""
+        from .. import kernels
+
+        if q.is_cuda:
+            return kernels.rerank_shares(q, keys, cand, hi.reshape(1), total, self.scale,
+                                         torch.bfloat16)
+        return kernels.rerank_shares_ref(q, keys, cand, hi.reshape(1), total, self.scale)
 
     def _shares(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor,
                 other_lse: torch.Tensor | None, candidates: bool = False

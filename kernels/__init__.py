@@ -8,9 +8,11 @@ fall back to their references.
 """
 
 from .gather_kv import gather_k, gather_kv, gather_kv_ref
+from .rerank_shares import rerank_shares, rerank_shares_ref
 from .select_scores import select_scores, select_scores_ref
 from .sparse_attention import sparse_attention, sparse_attention_ref
 from .store_kv import store_kv, store_kv_ref
 
-__all__ = ["gather_k", "gather_kv", "gather_kv_ref", "select_scores", "select_scores_ref",
-           "sparse_attention", "sparse_attention_ref", "store_kv", "store_kv_ref"]
+__all__ = ["gather_k", "gather_kv", "gather_kv_ref", "rerank_shares", "rerank_shares_ref",
+           "select_scores", "select_scores_ref", "sparse_attention", "sparse_attention_ref",
+           "store_kv", "store_kv_ref"]

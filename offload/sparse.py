@@ -265,6 +265,13 @@ class SparseKV:
                                   self.cfg.window_tokens + extra, self.D, self.device,
                                   self.dtype)
         self.window_slots = torch.arange(self.window.k.shape[2], device=self.device)
+        # The offloaded region [sinks, pos + 1 - W) only grows while decoding: when it
+        # holds the whole budget at the first step, every step fills all top_k slots and
+        # the selection's order is never read (a CUDA graph is captured per prompt).
+        full = n + 1 - self.window.W - self.cfg.sink_tokens >= self.budget
+        for sel in (self.selector, getattr(self.selector, "fallback", None)):
+            if isinstance(sel, LowRankRetriever):
+                sel.ordered = not full
         self.state_version += 1
 
     # -- attention ---------------------------------------------------------------------

@@ -101,3 +101,32 @@ def test_rank_above_head_dim_is_refused():
     with pytest.raises(ConfigError, match="head_dim"):
         SparseKV(KVConfig(policy="retrieval", rank=32), 1, 2, 1, 16, 64,
                  torch.device("cpu"), torch.float32)
+
+
+def test_unsorted_selection_when_every_step_fills_top_k():
+    """When the offloaded region already holds top_k tokens at the first decode step, the
+    retriever skips sorting (its order is never read) and decode gives the same outputs
+    as with sorted positions; a short prompt keeps them sorted (count < top_k)."""
+    cfg = KVConfig(policy="retrieval", sink_tokens=3, window_tokens=10, top_k=8, rank=4,
+                   rerank_factor=2, tail_estimate=False)
+    q, k, v = qkv(66)
+
+    def run(force_order):
+        torch.manual_seed(0)
+        kv = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
+        begin = kv._begin
+
+        def begin_then_order(n):
+            begin(n)
+            kv.selector.ordered = kv.selector.ordered or force_order
+        kv._begin = begin_then_order
+        return kv, run_policy(kv, q, k, v, 60)
+
+    kv, unsorted = run(False)
+    assert kv.selector.ordered is False  # 60 + 1 - 10 - 3 >= 8
+    _, ordered = run(True)
+    for a, b in zip(unsorted, ordered, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    short = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
+    run_policy(short, q[:, :, :18], k[:, :, :18], v[:, :, :18], 15)  # 15 + 1 - 13 < 8
+    assert short.selector.ordered is True
