@@ -12,7 +12,8 @@ from .rerank_shares import rerank_shares, rerank_shares_ref
 from .select_scores import select_scores, select_scores_ref
 from .sparse_attention import sparse_attention, sparse_attention_ref
 from .store_kv import store_kv, store_kv_ref
+from .tail_correct import tail_correct, tail_correct_ref
 
 __all__ = ["gather_k", "gather_kv", "gather_kv_ref", "rerank_shares", "rerank_shares_ref",
            "select_scores", "select_scores_ref", "sparse_attention", "sparse_attention_ref",
-           "store_kv", "store_kv_ref"]
+           "store_kv", "store_kv_ref", "tail_correct", "tail_correct_ref"]

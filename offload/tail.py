@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.tail_correct import SPLITS  # the chunk axis is summed in SPLITS pieces
+
 CHUNK = 64  # tokens per value chunk: V sums take 1/CHUNK of V's rows on the GPU
-SPLITS = 64  # mass @ sums runs as SPLITS batched pieces of the chunk axis, then a sum: as
-# one [G, M] @ [M, D] product per kv head (M = 16K chunks at 1M) cuBLAS picked a kernel
-# without split-K that took 0.5 ms per layer on an H100
 
 
 def padded_chunks(max_tokens: int) -> int:
@@ -71,7 +70,7 @@ class TailEstimate:
                 mass: torch.Tensor, total_lse: torch.Tensor, selected: torch.Tensor,
                 selected_scores: torch.Tensor, count: torch.Tensor, pos: torch.Tensor,
                 scale: float) -> torch.Tensor:
-        """Add the estimated tail to the exact part of a decode step.
+        """Add the estimated tail to the exact part of a decode step (kernels.tail_correct).
 
         out [R, G, D], lse_att [R, G]: attention over window ∪ selected (exact).
         mass [R, G, ceil(N / CHUNK)]: per head, sum over each chunk's positions in the
@@ -81,21 +80,13 @@ class TailEstimate:
         selected [R, K] positions attended exactly, selected_scores [R, G, K] their sketch
         scores, count [1] how many of the K are real. Returns out [R, G, D], out's dtype.
         """
-        R, G = mass.shape[:2]
-        mass = torch.nn.functional.pad(mass, (0, self.M - mass.shape[2]))  # [R, G, M]
-        # the selected tokens are attended exactly: take their sketch mass out of the tail
-        real = torch.arange(selected.shape[1], device=mass.device) < count  # [K]
-        p_sel = torch.exp((selected_scores.float() * scale - total_lse[..., None])
-                          .masked_fill(~real, -torch.inf))
-        chunk = (selected // CHUNK)[:, None].expand(-1, G, -1)  # [R, G, K]
-        mass = mass.scatter_add(2, chunk, -p_sel).clamp_min_(0.0)
-        filled = torch.clamp(pos + 1 - self.chunk_start, 0, CHUNK).clamp_min_(1)  # [M]
-        weights = (mass / filled).view(R, G, SPLITS, -1).transpose(1, 2)  # [R, S, G, M/S]
-        sums = self.sums[layer].view(R, SPLITS, -1, self.sums.shape[-1])  # [R, S, M/S, D]
-        tail = (weights @ sums).sum(dim=1)  # [R, G, D]: sum_m mass_m · sums_m / filled_m
-        r = torch.exp(total_lse - lse_att)[..., None]  # tail mass is relative to total_lse
-        merged = (out.float() + r * tail) / (1.0 + r * mass.sum(dim=-1, keepdim=True))
-        return merged.to(out.dtype)
+        from .. import kernels
+
+        # the Triton kernels on a GPU; elsewhere their reference (not the interpreter,
+        # which tests may have switched on for the whole process)
+        fn = kernels.tail_correct if self.sums.is_cuda else kernels.tail_correct_ref
+        return fn(out, lse_att, mass, total_lse, selected, selected_scores, count, pos,
+                  self.sums[layer], scale, CHUNK)
 
     def memory_bytes(self) -> dict[str, int]:
         n = self.sums.numel() * self.sums.element_size()

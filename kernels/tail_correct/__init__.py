@@ -1,0 +1,77 @@
+"""tail_correct: add the estimated attention tail to a decode step's exact output, fused.
+
+offload/tail.py explains the estimate. With torch ops the correction was about twenty
+kernels per layer (pad, scatter of the selected tokens' mass, clamp, divide, a batched
+float32 product, sums, the merge); here it is two launches that read the chunk masses
+and the chunk V sums once.
+
+Where it runs: CUDA when sums are on a CUDA device; the Triton interpreter on the CPU
+when TRITON_INTERPRET=1 (tests); otherwise the float32 reference `tail_correct_ref`.
+"""
+
+import torch
+
+from .._launch import cdiv, next_power_of_2, use_triton
+from .ref import SPLITS, tail_correct_ref
+
+__all__ = ["tail_correct", "tail_correct_ref"]
+
+BLOCK = 64  # chunks, or selected tokens, per step of a program
+MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a row are padded to this
+NUM_WARPS = 4
+
+
+def tail_correct(out: torch.Tensor, lse_att: torch.Tensor, mass: torch.Tensor,
+                 total_lse: torch.Tensor, selected: torch.Tensor,
+                 selected_scores: torch.Tensor, count: torch.Tensor, pos: torch.Tensor,
+                 sums: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
+    """out [R, G, D] with the tail merged in; arguments as in `tail_correct_ref`.
+
+    mass [R, G, Mm] float32, total_lse and lse_att [R, G] float32, selected [R, K] int,
+    selected_scores [R, G, K] float32, count and pos [1] int on sums' device, sums
+    [R, M, D] float32 with M >= Mm a multiple of SPLITS.
+    """
+    R, G, Mm = mass.shape
+    M, D = sums.shape[1:]
+    K = selected.shape[1]
+    if (out.shape != (R, G, D) or lse_att.shape != (R, G) or total_lse.shape != (R, G)
+            or selected_scores.shape != (R, G, K) or selected.shape[0] != R
+            or sums.shape[0] != R or Mm > M or M % SPLITS):
+        raise ValueError(f"tail_correct: out {tuple(out.shape)}, lse_att "
+                         f"{tuple(lse_att.shape)}, mass {tuple(mass.shape)}, total_lse "
+                         f"{tuple(total_lse.shape)}, selected {tuple(selected.shape)}, "
+                         f"selected_scores {tuple(selected_scores.shape)}, sums "
+                         f"{tuple(sums.shape)} do not fit [R, G, D], [R, G, Mm], [R, K], "
+                         f"[R, G, K], [R, M, D] with Mm <= M, M a multiple of {SPLITS}")
+    device = sums.device
+    if not use_triton(device) or D & (D - 1) or D < 16 or sums.dtype != torch.float32:
+        return tail_correct_ref(out, lse_att, mass, total_lse, selected, selected_scores,
+                                count, pos, sums, scale, chunk)
+    from .kernel import tail_merge_kernel, tail_partials_kernel
+
+    mass, scores = mass.float().contiguous(), selected_scores.float().contiguous()
+    total, lse_att = total_lse.float().contiguous(), lse_att.float().contiguous()
+    selected, out = selected.contiguous(), out.contiguous()
+    per_split = cdiv(max(Mm, 1), SPLITS)
+    n_splits = cdiv(max(Mm, 1), per_split)
+    n_parts = n_splits + cdiv(K, BLOCK)
+    g_pad = max(MIN_HEAD_ROWS, next_power_of_2(G))
+    part_t = torch.empty(R, n_parts, g_pad, D, dtype=torch.float32, device=device)
+    part_m = torch.empty(R, n_parts, g_pad, dtype=torch.float32, device=device)
+    tail_partials_kernel[(R, n_parts)](
+        mass, sums, selected, scores, count.reshape(1), total, pos.reshape(1), part_t,
+        part_m, Mm, K, G, scale, n_splits,
+        mass.stride(0), mass.stride(1), sums.stride(0), sums.stride(1), selected.stride(0),
+        scores.stride(0), scores.stride(1), total.stride(0),
+        part_t.stride(0), part_t.stride(1), part_t.stride(2),
+        part_m.stride(0), part_m.stride(1),
+        D=D, G_PAD=g_pad, CHUNK=chunk, BLOCK=BLOCK, PER_SPLIT=per_split,
+        num_warps=NUM_WARPS)
+    res = torch.empty_like(out)
+    tail_merge_kernel[(R,)](
+        out, lse_att, total, part_t, part_m, res, G,
+        out.stride(0), out.stride(1), lse_att.stride(0), total.stride(0),
+        part_t.stride(0), part_t.stride(1), part_t.stride(2),
+        part_m.stride(0), part_m.stride(1), res.stride(0), res.stride(1),
+        D=D, G_PAD=g_pad, N_PARTS=n_parts, num_warps=NUM_WARPS)
+    return res

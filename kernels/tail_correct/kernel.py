@@ -1,0 +1,92 @@
+"""Triton kernels: the tail estimate's correction of a decode step, in two launches.
+
+`tail_partials_kernel` sums, per kv-head row, mass_c / filled_c · sums_c over a split of
+the chunks (programs s < n_splits) and subtracts the selected tokens' own sketch mass
+p_i / filled_c(i) · sums_c(i) (programs s >= n_splits, one block of selected tokens each);
+`tail_merge_kernel` adds the partials up and merges the tail into the exact output. The
+reference (ref.py) takes the selected mass out of each chunk and clamps it at 0 first;
+here the two sums are apart, which differs only where a chunk's float32 masses round
+below what was taken out of it.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _filled(pos, c, CHUNK: tl.constexpr):
+    """Tokens in chunk c so far (at least 1): its V sum over that many, float32."""
+    return tl.minimum(tl.maximum(pos + 1 - c * CHUNK, 1), CHUNK).to(tl.float32)
+
+
+@triton.jit
+def tail_partials_kernel(
+    Mass, Sums, Sel, SelScores, Count, Total, Pos, PartT, PartM,
+    Mm, K, G, scale, n_splits,
+    stride_mr, stride_mg, stride_sr, stride_sm, stride_selr, stride_ssr, stride_ssg,
+    stride_tr, stride_ptr, stride_pts, stride_ptg, stride_pmr, stride_pms,
+    D: tl.constexpr, G_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    PER_SPLIT: tl.constexpr,  # chunks per split (a loop bound: constexpr for the interpreter)
+):
+    r = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    j = tl.arange(0, BLOCK)
+    pos = tl.load(Pos).to(tl.int64)
+    acc = tl.zeros((G_PAD, D), dtype=tl.float32)
+    acc_m = tl.zeros((G_PAD,), dtype=tl.float32)
+    if s < n_splits:  # the sketch's mass of a split of the chunks
+        first = s.to(tl.int64) * PER_SPLIT
+        for t in range(0, PER_SPLIT, BLOCK):
+            c = first + t + j
+            ok = (c < Mm) & (t + j < PER_SPLIT)
+            m = tl.load(Mass + r * stride_mr + g[:, None] * stride_mg + c[None, :],
+                        mask=(g[:, None] < G) & ok[None, :], other=0.0)  # [G_PAD, BLOCK]
+            v = tl.load(Sums + r * stride_sr + c[:, None] * stride_sm + d[None, :],
+                        mask=ok[:, None], other=0.0)  # [BLOCK, D]
+            acc += tl.dot(m / _filled(pos, c, CHUNK)[None, :], v, input_precision="ieee")
+            acc_m += tl.sum(m, axis=1)
+    else:  # minus the sketch's mass of a block of the selected tokens (attended exactly)
+        i = (s - n_splits) * BLOCK + j
+        ok = (i < K) & (i < tl.load(Count))
+        both = (g[:, None] < G) & ok[None, :]
+        sc = tl.load(SelScores + r * stride_ssr + g[:, None] * stride_ssg + i[None, :],
+                     mask=both, other=0.0)  # [G_PAD, BLOCK]
+        total = tl.load(Total + r * stride_tr + g, mask=g < G, other=0.0)
+        p = tl.where(both, tl.exp(sc * scale - total[:, None]), 0.0)
+        c = tl.load(Sel + r * stride_selr + i, mask=ok, other=0).to(tl.int64) // CHUNK
+        v = tl.load(Sums + r * stride_sr + c[:, None] * stride_sm + d[None, :],
+                    mask=ok[:, None], other=0.0)  # [BLOCK, D]
+        acc -= tl.dot(p / _filled(pos, c, CHUNK)[None, :], v, input_precision="ieee")
+        acc_m -= tl.sum(p, axis=1)
+    tl.store(PartT + r * stride_ptr + s * stride_pts + g[:, None] * stride_ptg + d[None, :],
+             acc)
+    tl.store(PartM + r * stride_pmr + s * stride_pms + g, acc_m)
+
+
+@triton.jit
+def tail_merge_kernel(
+    Out, LseAtt, Total, PartT, PartM, Res, G,
+    stride_or, stride_og, stride_lr, stride_tr,
+    stride_ptr, stride_pts, stride_ptg, stride_pmr, stride_pms, stride_rr, stride_rg,
+    D: tl.constexpr, G_PAD: tl.constexpr, N_PARTS: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    tail = tl.zeros((G_PAD, D), dtype=tl.float32)
+    mass = tl.zeros((G_PAD,), dtype=tl.float32)
+    for s in range(0, N_PARTS):
+        tail += tl.load(PartT + r * stride_ptr + s * stride_pts + g[:, None] * stride_ptg
+                        + d[None, :])
+        mass += tl.load(PartM + r * stride_pmr + s * stride_pms + g)
+    rows = g < G
+    out = tl.load(Out + r * stride_or + g[:, None] * stride_og + d[None, :],
+                  mask=rows[:, None], other=0.0).to(tl.float32)
+    lse_att = tl.load(LseAtt + r * stride_lr + g, mask=rows, other=0.0)
+    total = tl.load(Total + r * stride_tr + g, mask=rows, other=0.0)
+    ratio = tl.exp(total - lse_att)  # tail mass is relative to total, out's to lse_att
+    merged = (out + ratio[:, None] * tail) / (1.0 + ratio * mass)[:, None]
+    tl.store(Res + r * stride_rr + g[:, None] * stride_rg + d[None, :],
+             merged.to(Res.dtype.element_ty), mask=rows[:, None])

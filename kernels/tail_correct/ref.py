@@ -1,0 +1,41 @@
+"""Reference tail_correct: plain float32 PyTorch, same signature and layout."""
+
+import torch
+
+SPLITS = 64  # the chunk axis is summed as SPLITS batched products: as one [G, M] @ [M, D]
+# product per kv head (M = 16K chunks at 1M) cuBLAS picked a kernel without split-K that
+# took 0.5 ms per layer on an H100
+
+
+def tail_correct_ref(out: torch.Tensor, lse_att: torch.Tensor, mass: torch.Tensor,
+                     total_lse: torch.Tensor, selected: torch.Tensor,
+                     selected_scores: torch.Tensor, count: torch.Tensor, pos: torch.Tensor,
+                     sums: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
+    """Merge the estimated tail into the exact part of a decode step (offload/tail.py).
+
+    out [R, G, D], lse_att [R, G]: attention over window ∪ selected, and its log-sum-exp.
+    mass [R, G, Mm]: per head, the sketch's softmax mass exp(score · scale - total_lse) in
+    each chunk of `chunk` positions (Mm <= M chunks). total_lse [R, G]: the log-sum-exp
+    the mass is relative to. selected [R, K] positions attended exactly, selected_scores
+    [R, G, K] their sketch scores, count [1] how many of the K are real. pos [1]: the
+    current position (a chunk's V sum covers min(chunk, pos + 1 - start) tokens). sums
+    [R, M, D] float32: V summed per chunk, M a multiple of SPLITS. Returns [R, G, D] in
+    out's dtype: (out + r · tail) / (1 + r · tail mass), r = exp(total_lse - lse_att).
+    """
+    R, G = mass.shape[:2]
+    M = sums.shape[1]
+    mass = torch.nn.functional.pad(mass.float(), (0, M - mass.shape[2]))  # [R, G, M]
+    # the selected tokens are attended exactly: take their sketch mass out of the tail
+    real = torch.arange(selected.shape[1], device=mass.device) < count  # [K]
+    p_sel = torch.exp((selected_scores.float() * scale - total_lse[..., None])
+                      .masked_fill(~real, -torch.inf))
+    chunks = (selected // chunk)[:, None].expand(-1, G, -1)  # [R, G, K]
+    mass = mass.scatter_add(2, chunks, -p_sel).clamp_min_(0.0)
+    start = torch.arange(M, device=mass.device) * chunk
+    filled = torch.clamp(pos + 1 - start, 0, chunk).clamp_min_(1)  # [M]
+    weights = (mass / filled).view(R, G, SPLITS, -1).transpose(1, 2)  # [R, S, G, M/S]
+    parts = sums.view(R, SPLITS, -1, sums.shape[-1])  # [R, S, M/S, D]
+    tail = (weights @ parts).sum(dim=1)  # [R, G, D]: sum_m mass_m · sums_m / filled_m
+    r = torch.exp(total_lse - lse_att)[..., None]  # tail mass is relative to total_lse
+    merged = (out.float() + r * tail) / (1.0 + r * mass.sum(dim=-1, keepdim=True))
+    return merged.to(out.dtype)

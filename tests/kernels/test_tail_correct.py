@@ -1,0 +1,75 @@
+"""tail_correct against tail_correct_ref: the tail estimate's merge into a decode step."""
+
+import pytest
+import torch
+
+from retrieval_attn.kernels import tail_correct, tail_correct_ref
+from retrieval_attn.offload.tail import CHUNK, padded_chunks
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(r, g, d, n, k, count, pos, dtype=torch.float32, device="cpu", seed=0):
+    """Consistent inputs: each chunk's sketch mass holds at least the selected tokens' own
+    mass in it (as the sketch's scores make it), so the reference clamps nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    mm, scale = -(-n // CHUNK), d**-0.5
+    selected = torch.stack([torch.randperm(pos - 600, generator=gen)[:k] + 4
+                            for _ in range(r)])  # [R, K] distinct, in the region
+    scores = torch.randn(r, g, k, generator=gen) * 3
+    total = torch.randn(r, g, generator=gen) + 9
+    real = torch.arange(k) < count
+    p_sel = torch.exp(scores * scale - total[..., None]) * real
+    mass = torch.rand(r, g, mm, generator=gen) * 1e-3
+    mass[:, :, (pos + 1) // CHUNK + 1:] = 0  # no mass past the context
+    mass = mass.scatter_add(2, (selected // CHUNK)[:, None].expand(-1, g, -1), p_sel)
+    sums = torch.zeros(r, padded_chunks(n), d)
+    sums[:, :mm] = torch.randn(r, mm, d, generator=gen) * 8
+    out = torch.randn(r, g, d, generator=gen).to(dtype)
+    lse_att = torch.randn(r, g, generator=gen) + 9
+    t = (out, lse_att, mass, total, selected, scores, torch.tensor([count]),
+         torch.tensor([pos]), sums)
+    return [x.to(device) for x in t], scale
+
+
+@pytest.mark.parametrize("r, g, d, n, k, count, pos, dtype", [
+    pytest.param(2, 3, 32, 1000, 40, 40, 990, torch.float32, id="g3-full"),
+    pytest.param(1, 7, 64, 3000, 100, 70, 2900, torch.bfloat16, id="g7-count<k-bf16"),
+    pytest.param(3, 4, 16, 5000, 130, 130, 4100, torch.float32, id="many-splits"),
+])
+def test_tail_correct_matches_reference(r, g, d, n, k, count, pos, dtype):
+    args, scale = _inputs(r, g, d, n, k, count, pos, dtype)
+    want = tail_correct_ref(*args, scale, CHUNK)
+    got = tail_correct(*(a.to(DEVICE) for a in args), scale, CHUNK)
+    assert got.shape == (r, g, d) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
+    assert not torch.allclose(want.float(), args[0].float(), atol=1e-3)  # a real change
+
+
+def test_no_tail_mass_leaves_the_output_alone():
+    args, scale = _inputs(2, 3, 32, 1000, 40, 40, 990)
+    out, lse_att, mass, total, selected, scores, count, pos, sums = args
+    p_sel = torch.exp(scores * scale - total[..., None])
+    mass = torch.zeros_like(mass).scatter_add(  # only what the selection attends anyway
+        2, (selected // CHUNK)[:, None].expand(-1, 3, -1), p_sel)
+    got = tail_correct(*(a.to(DEVICE) for a in (out, lse_att, mass, total, selected, scores,
+                                                 count, pos, sums)), scale, CHUNK)
+    torch.testing.assert_close(got.cpu(), out, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_shapes_are_refused():
+    args, scale = _inputs(2, 3, 32, 1000, 40, 40, 990)
+    args[8] = args[8][:, :63]  # M not a multiple of SPLITS
+    with pytest.raises(ValueError, match="tail_correct"):
+        tail_correct(*args, scale, CHUNK)
+
+
+@pytest.mark.gpu
+def test_tail_correct_qwen_7b_shape_1m():
+    """Qwen2.5-7B shape at 1M: 4 kv-head rows, G = 7, D = 128, 16K chunks, top_k 2048."""
+    args, scale = _inputs(4, 7, 128, 1 << 20, 2048, 2048, (1 << 20) - 10, torch.bfloat16,
+                          device="cuda")
+    want = tail_correct_ref(*args, scale, CHUNK)
+    got = tail_correct(*args, scale, CHUNK)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
