@@ -268,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gathers", action="store_true",
                    help="first time the host gathers alone at each context")
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise RetrievalAttnError("bench times decode on a GPU and this machine has no CUDA "
+                                 "device: run it where one is (CPU speed is not the target)")
     if args.gathers:
         for n in args.contexts:
             g = bench_gathers(args.shape, n, args.top_k * args.rerank_factor, args.top_k)

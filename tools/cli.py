@@ -1,5 +1,5 @@
-"""retrieval-attn: command-line entry point (generate, niah, eval, plan, save-context,
-inspect)."""
+"""retrieval-attn: command-line entry point (generate, niah, eval, plan, check-plan, bench,
+save-context, inspect)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,14 @@ def main(argv: list[str] | None = None) -> int:
         from .inspect_index import main as inspect_main
 
         return _guarded(lambda: inspect_main(argv[1:]))
+    if argv[:1] == ["bench"]:  # its own argument parser: decode speed against baselines
+        from .bench_decode import main as bench_main
+
+        return _guarded(lambda: bench_main(argv[1:]))
+    if argv[:1] == ["check-plan"]:  # its own argument parser: planned vs measured memory
+        from .check_plan import main as check_main
+
+        return _guarded(lambda: check_main(argv[1:]))
     parser = argparse.ArgumentParser(prog="retrieval-attn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -60,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                    "(see plan --help)")
     sub.add_parser("inspect", help="recall vs keys visited of a saved context's indexes "
                    "(see inspect --help)")
+    sub.add_parser("bench", help="decode ms/token of retrieval vs dense vs full offload at "
+                   "long contexts, one table (GPU; see bench --help)")
+    sub.add_parser("check-plan", help="a config's planned vs measured GPU and host memory "
+                   "(see check-plan --help)")
 
     args = parser.parse_args(argv)
 
@@ -120,10 +132,6 @@ def _niah(llm: LLM, args: argparse.Namespace) -> int:
     return 0 if found == len(rows) else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _save_context(llm: LLM, args: argparse.Namespace) -> int:
     from .niah import build_prompt
 
@@ -134,3 +142,7 @@ def _save_context(llm: LLM, args: argparse.Namespace) -> int:
     path = llm.save_context(prompt, args.out)
     print(f"saved {len(llm.encode(prompt))} tokens to {path}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
