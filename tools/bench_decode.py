@@ -208,6 +208,29 @@ def bench_gathers(shape: str, n: int, candidates: int, top_k: int, reps: int = 4
     return row
 
 
+def bench_topk(shape: str, n: int, k: int, reps: int = 5) -> dict:
+    """µs per call of the candidate top-k (k of [Hkv, n] shares, unsorted) in float32 and
+    in bfloat16 (what select_scores now writes for it), cycling through one buffer per
+    layer, and the share of the float32 top-k that the bfloat16 one keeps."""
+    spec = LLM_spec(shape)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    # shares-like values: softmax shares summed over a group, a few heavy hitters
+    f32 = [torch.softmax(torch.randn(spec.num_kv_heads, n, device="cuda", generator=gen) * 3,
+                         dim=-1) * (spec.num_heads // spec.num_kv_heads)
+           for _ in range(spec.num_layers)]
+    bf16 = [x.bfloat16() for x in f32]
+    row = {"context": n}
+    for name, xs in (("float32", f32), ("bfloat16", bf16)):
+        row[name] = _time_calls({name: lambda i, xs=xs: xs[i].topk(k, dim=-1, sorted=False)},
+                                spec.num_layers, reps)[name]
+    kept = [len(set(a.topk(k).indices[0].tolist()) & set(b.topk(k).indices[0].tolist())) / k
+            for a, b in zip(f32[:4], bf16[:4], strict=True)]
+    row["bfloat16 keeps"] = sum(kept) / len(kept)
+    del f32, bf16
+    free_device()
+    return row
+
+
 def _time_calls(calls: dict, L: int, reps: int) -> dict:
     """µs per call of each fn(layer), cycling through the layers."""
     row = {}
@@ -267,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--gathers", action="store_true",
                    help="first time the host gathers alone at each context")
+    p.add_argument("--topk", action="store_true",
+                   help="first time the candidate top-k in float32 vs bfloat16 at each context")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise RetrievalAttnError("bench times decode on a GPU and this machine has no CUDA "
@@ -277,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
             print("gathers, µs/call: " + "  ".join(
                 f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in g.items()),
                 flush=True)
+    if args.topk:
+        for n in args.contexts:
+            t = bench_topk(args.shape, n, args.top_k * args.rerank_factor)
+            print(f"candidate top-k of {args.top_k * args.rerank_factor} among {n}, µs/call: "
+                  f"float32 {t['float32']:.1f}  bfloat16 {t['bfloat16']:.1f}  (bfloat16 keeps "
+                  f"{t['bfloat16 keeps']:.2%} of the float32 top-k)", flush=True)
     def one(policy: str, n: int, batch: str) -> dict:
         b = (int(batch) if batch != "max" else
              largest_batch_here(args.shape, policy, n, args.new_tokens, args.top_k, args.rank))
