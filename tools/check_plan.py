@@ -17,6 +17,7 @@ import argparse
 import json
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -48,7 +49,13 @@ def _stop_after(kv, layers: int) -> None:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """This process's peak RSS: VmHWM, the high-water mark of its own memory map. Not
+    getrusage's ru_maxrss, which Linux carries across exec: a process started from a big
+    parent (pytest, a notebook) would report the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: KiB
 
 
 def measure(config: str, new_tokens: int = 8, layers: int = 0,
