@@ -34,6 +34,7 @@ def gather_kv(
     v_src: torch.Tensor,
     idx: torch.Tensor,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_host_span: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather k_src[h, idx[h, j]] and v_src[h, idx[h, j]] into [Hkv, K, D] outputs.
 
@@ -47,6 +48,8 @@ def gather_kv(
             checking would need a device-to-host sync per call.
         out: optional preallocated (k_out, v_out), each [Hkv, K, D] on idx's device in the
             sources' dtype with last dim contiguous, reused across decode steps.
+        max_host_span: bytes of host rows one launch may read (default MAX_HOST_SPAN);
+            a benchmark's knob.
 
     Returns:
         (k_out, v_out): [Hkv, K, D] on idx's device, dtype of the sources.
@@ -71,14 +74,16 @@ def gather_kv(
     if not use_triton(device):
         return gather_kv_ref(k_src, v_src, idx, out=(k_out, v_out))
 
-    _launch(k_src, v_src, idx, k_out, v_out, has_v=True)
+    _launch(k_src, v_src, idx, k_out, v_out, True, max_host_span or MAX_HOST_SPAN)
     return k_out, v_out
 
 
-def gather_k(k_src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def gather_k(k_src: torch.Tensor, idx: torch.Tensor,
+             max_host_span: int | None = None) -> torch.Tensor:
     """Rows of one source only: k_src[h, idx[h, j]] -> [Hkv, K, D] on idx's device. Half the
     traffic of gather_kv: K of candidates whose values are not needed, or V of tokens whose
-    keys are already on the device; same rules for where k_src may live."""
+    keys are already on the device; same rules for where k_src may live (and the same
+    max_host_span)."""
     _check_sources(k_src, k_src, idx)
     hkv, k, d = k_src.shape[0], idx.shape[1], k_src.shape[2]
     k_out = torch.empty(hkv, k, d, dtype=k_src.dtype, device=idx.device)
@@ -86,7 +91,7 @@ def gather_k(k_src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return k_out
     if not use_triton(idx.device):
         return gather_kv_ref(k_src, k_src, idx)[0]
-    _launch(k_src, k_src, idx, k_out, k_out, has_v=False)
+    _launch(k_src, k_src, idx, k_out, k_out, False, max_host_span or MAX_HOST_SPAN)
     return k_out
 
 
@@ -113,7 +118,7 @@ def _check_sources(k_src: torch.Tensor, v_src: torch.Tensor, idx: torch.Tensor) 
 
 
 def _launch(k_src: torch.Tensor, v_src: torch.Tensor, idx: torch.Tensor, k_out: torch.Tensor,
-            v_out: torch.Tensor, has_v: bool) -> None:
+            v_out: torch.Tensor, has_v: bool, max_span: int) -> None:
     from .kernel import gather_kv_kernel
 
     # A pinned CPU tensor is passed as is: Triton's CUDA launcher turns every pointer
@@ -125,12 +130,12 @@ def _launch(k_src: torch.Tensor, v_src: torch.Tensor, idx: torch.Tensor, k_out: 
     span = k_src.shape[1] * k_src.stride(1) * k_src.element_size()  # one head's rows
     if k_src.is_cuda:
         step = hkv  # device memory: one launch
-    elif has_v and 2 * span > MAX_HOST_SPAN:  # K and V apart: half the span per launch
-        _launch(k_src, k_src, idx, k_out, k_out, False)
-        _launch(v_src, v_src, idx, v_out, v_out, False)
+    elif has_v and 2 * span > max_span:  # K and V apart: half the span per launch
+        _launch(k_src, k_src, idx, k_out, k_out, False, max_span)
+        _launch(v_src, v_src, idx, v_out, v_out, False, max_span)
         return
     else:
-        step = max(1, MAX_HOST_SPAN // (span * (2 if has_v else 1)))
+        step = max(1, max_span // (span * (2 if has_v else 1)))
     for h in range(0, hkv, step):
         heads = slice(h, min(h + step, hkv))
         ks, vs, ix, ko, vo = (t[heads] for t in (k_src, v_src, idx, k_out, v_out))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from retrieval_attn.kernels import gather_kv, gather_kv_ref
+from retrieval_attn.kernels import gather_k, gather_kv, gather_kv_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -135,7 +135,6 @@ def test_gather_rejects_pageable_host_source():
 @pytest.mark.parametrize("hkv, n, d, k", [pytest.param(3, 100, 64, 37, id="k37"),
                                           pytest.param(1, 10, 48, 1, id="one-row-d48")])
 def test_gather_k_matches_the_k_half_of_the_reference(hkv, n, d, k):
-    from retrieval_attn.kernels import gather_k
 
     k_src = torch.randn(hkv, n, d)
     idx = torch.randint(0, n, (hkv, k))
@@ -145,15 +144,12 @@ def test_gather_k_matches_the_k_half_of_the_reference(hkv, n, d, k):
 
 
 @pytest.mark.parametrize("heads_per_span", [1, 2, 3], ids=["1-head", "2-heads", "3-heads"])
-def test_host_gather_in_head_groups(monkeypatch, heads_per_span):
-    """Host sources are gathered in launches of a few heads each (MAX_HOST_SPAN; K and V
-    apart when a head's K+V alone exceed it): every grouping gives the reference's rows."""
-    import importlib
-
-    gk = importlib.import_module("retrieval_attn.kernels.gather_kv")  # the module
+def test_host_gather_in_head_groups(heads_per_span):
+    """Host sources are gathered in launches of a few heads each (max_host_span, default
+    MAX_HOST_SPAN; K and V apart when a head's K+V alone exceed it): every grouping gives
+    the reference's rows."""
     hkv, n, d, k = 5, 64, 32, 21
-    span = n * d * 2  # one head's bytes in bf16
-    monkeypatch.setattr(gk, "MAX_HOST_SPAN", heads_per_span * span)
+    span = heads_per_span * n * d * 2  # heads_per_span heads' bytes in bf16
     if DEVICE == "cuda":
         k_store, v_store = _pinned_store(hkv, n, d, torch.bfloat16, layers=2)
         k_src, v_src = k_store[1], v_store[1]
@@ -161,6 +157,7 @@ def test_host_gather_in_head_groups(monkeypatch, heads_per_span):
         k_src, v_src = _store(hkv, n, d, torch.bfloat16, "layer-slice")
     idx = torch.randint(0, n, (hkv, k), device=DEVICE)
     k_ref, v_ref = gather_kv_ref(k_src, v_src, idx.cpu())
-    k_out, v_out = gk.gather_kv(k_src, v_src, idx)
+    k_out, v_out = gather_kv(k_src, v_src, idx, max_host_span=span)
     assert torch.equal(k_out.cpu(), k_ref) and torch.equal(v_out.cpu(), v_ref)
-    assert torch.equal(gk.gather_k(v_src, idx).cpu(), v_ref)
+    assert torch.equal(gather_k(v_src, idx, max_host_span=span).cpu(), v_ref)
+    assert torch.equal(gather_k(v_src, idx).cpu(), v_ref)  # the default span
