@@ -3,8 +3,10 @@
 builder "ray": one Ray task per (layer, group of kv heads) on a local Ray (ray.init())
 or an existing cluster (index.ray_address). A worker that dies mid-build is replaced and
 its task retried by Ray (max_retries); a task that still fails leaves its layer on the
-low-rank retriever, logged, never without a retriever. builder "inline": the build runs
-in the calling process when the layer is submitted (small runs, machines without Ray).
+low-rank retriever, logged, never without a retriever. builder "threads": a pool of host
+threads in this process (machines without Ray): the layer's prefill goes on while its
+index builds, since the C++ and numpy parts release the GIL. builder "inline": the build
+runs in the calling process when the layer is submitted (small runs, tests).
 
 Results come back as plain arrays (index states), never pickled objects, and are turned
 into index objects over the host store's own key rows by the caller.
@@ -13,7 +15,9 @@ into index objects over the host store's own key rows by the caller.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,13 +47,17 @@ class IndexBuildService:
         self._heads: dict[int, int] = {}  # layer -> kv heads
         self._bar: tqdm | None = None
         self.failed: list[int] = []
+        self._futures: dict[Future, tuple[int, float]] = {}  # threads: -> (layer, submit time)
         if builder == "ray":
             self._remote = _ray_task(ray_address, max_retries)
+        elif builder == "threads":
+            self._pool = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2),
+                                            thread_name_prefix="index-build")
 
     @property
     def pending(self) -> int:
         """Layers submitted and not yet handed back."""
-        return len(self._heads)
+        return len(self._heads) + len(self._futures)
 
     def submit(self, layer: int, keys: np.ndarray, queries: np.ndarray) -> None:
         """keys [Hkv, n, D], queries [Hkv, M, D] float32 of one layer."""
@@ -57,6 +65,10 @@ class IndexBuildService:
         if self.builder == "inline":
             self._ready.append(BuiltLayer(layer, build_layer_states(self.kind, keys, queries),
                                           time.perf_counter() - t0))
+            return
+        if self.builder == "threads":  # keys, queries are the caller's copies, not views
+            fut = self._pool.submit(build_layer_states, self.kind, keys, queries)
+            self._futures[fut] = (layer, t0)
             return
         import ray
 
@@ -76,6 +88,14 @@ class IndexBuildService:
     def collect(self, wait: bool = False) -> list[BuiltLayer]:
         """Layers whose every kv head is built, since the last call. wait: block until
         nothing is pending."""
+        for fut in [f for f in self._futures if wait or f.done()]:
+            layer, t0 = self._futures.pop(fut)
+            try:
+                self._ready.append(BuiltLayer(layer, fut.result(), time.perf_counter() - t0))
+            except Exception as e:  # a failed build leaves the layer on the low-rank path
+                LOG.error("index build of layer %d failed (%s); the layer stays on the "
+                          "low-rank retriever", layer, str(e).splitlines()[0])
+                self.failed.append(layer)
         if self._tasks:
             import ray
 
@@ -122,6 +142,9 @@ class IndexBuildService:
             for ref in self._tasks:
                 ray.cancel(ref, force=True)
         self._tasks.clear()
+        for fut in self._futures:  # queued builds never start; running ones are ignored
+            fut.cancel()
+        self._futures.clear()
         self._parts.clear()
         self._heads.clear()
         self._ready.clear()

@@ -26,7 +26,7 @@ KV_POLICIES = ("dense", "streaming", "quest", "retrieval")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 INDEX_KINDS = ("lowrank", "attention", "faiss-hnsw", "faiss-ivf", "hnswlib", "hybrid")
-BUILDERS = ("ray", "inline")
+BUILDERS = ("ray", "threads", "inline")
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class IndexConfig:
     #   hybrid      attention-aware candidates merged with the low-rank ones, exact re-rank
     # Until a layer's host index is built, that layer is served by the low-rank retriever.
     kind: str = "lowrank"
-    builder: str = "ray"  # ray: Ray tasks off the decode path; inline: in-process, blocking
+    builder: str = "ray"  # ray: Ray tasks; threads: host threads here; inline: blocking
     ray_address: str | None = None  # an existing Ray cluster; None starts a local one
     build_queries: int = 2048  # prefill positions per layer whose queries build the graph
     search_ef: float = 1.5  # beam width (efSearch / nprobe scale) as a multiple of top_k
@@ -134,7 +134,8 @@ class IndexConfig:
             raise ConfigError(f"index.kind is {self.kind!r}: valid kinds are "
                               f"{', '.join(INDEX_KINDS)}")
         if self.builder not in BUILDERS:
-            raise ConfigError(f"index.builder is {self.builder!r}: use ray or inline")
+            raise ConfigError(f"index.builder is {self.builder!r}: use ray, threads or "
+                              "inline")
         if self.build_queries < 1:
             raise ConfigError(f"index.build_queries is {self.build_queries}: it must be >= 1")
         if self.search_ef < 1.0:

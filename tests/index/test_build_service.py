@@ -1,5 +1,5 @@
-"""IndexBuildService: inline and Ray builds agree, and a Ray worker killed mid-build is
-retried with every layer still built."""
+"""IndexBuildService: inline, thread and Ray builds agree, a Ray worker killed mid-build is
+retried with every layer still built, and a failed thread build leaves its layer out."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import pytest
 from retrieval_attn.index.build_service import IndexBuildService
 
 pytest.importorskip("faiss")
-ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
 def local_ray():
+    ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     yield
@@ -41,12 +41,48 @@ def test_ray_builds_equal_inline_builds(local_ray):
     assert remote.pending == 3
     a = {b.layer: b.states for b in inline.collect()}
     b = {b.layer: b.states for b in remote.collect(wait=True)}
-    assert remote.pending == 0 and sorted(a) == sorted(b) == [0, 1, 2]
+    assert remote.pending == 0 and sorted(a) == [0, 1, 2]
+    assert all(len(states) == 2 for states in b.values())  # one state per kv head
+    _same_states(a, b)
+
+
+def _same_states(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
     for layer in a:
-        assert len(a[layer]) == len(b[layer]) == 2  # one state per kv head
         for sa, sb in zip(a[layer], b[layer], strict=True):
             for name in ("indptr", "indices", "centroids", "entry_table"):
                 np.testing.assert_array_equal(sa[name], sb[name])
+
+
+def test_thread_builds_equal_inline_builds_and_run_in_the_background():
+    inline = IndexBuildService("attention", "inline")
+    threads = IndexBuildService("attention", "threads")
+    for layer in range(3):
+        keys, queries = _layer(layer)
+        inline.submit(layer, keys, queries)
+        threads.submit(layer, keys, queries)
+    assert inline.pending == 0 and threads.pending == 3  # submit returned before the build
+    b = {x.layer: x.states for x in threads.collect(wait=True)}
+    assert threads.pending == 0 and threads.failed == []
+    _same_states({x.layer: x.states for x in inline.collect()}, b)
+
+
+def test_failed_thread_build_leaves_the_layer_to_the_low_rank_path(caplog):
+    service = IndexBuildService("attention", "threads")
+    keys, queries = _layer(0)
+    service.submit(0, keys, queries[:, :, :7])  # queries of another dim: the build raises
+    service.submit(1, keys, queries)
+    built = service.collect(wait=True)
+    assert [b.layer for b in built] == [1] and service.failed == [0]
+    assert "index build of layer 0 failed" in caplog.text
+
+
+def test_cancel_drops_pending_thread_builds():
+    service = IndexBuildService("attention", "threads")
+    for layer in range(4):
+        service.submit(layer, *_layer(layer))
+    service.cancel()
+    assert service.pending == 0 and service.collect(wait=True) == []
 
 
 def _busy_build_workers() -> list[int]:

@@ -56,3 +56,21 @@ def test_decode_runs_during_ray_build_and_matches_inline(cpu_llm):
     assert kv.ann.served["index"] - before == 16 * llm.loaded.spec.num_layers
     assert got == want
     ray.shutdown()
+
+
+@pytest.mark.slow
+def test_thread_builds_serve_decode_like_inline(cpu_llm):
+    """builder threads (machines without Ray): prefill returns with builds still running
+    or done on host threads; once installed, decode gives the inline run's tokens."""
+    ids = cpu_llm.encode(build_prompt(cpu_llm, 1500, 0.4, "4817263"))
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    inline = LLM(config=_config("inline"))
+    want = list(inline.engine.generate_ids(ids, params, GenerationStats()))
+    del inline
+    llm = LLM(config=_config("threads"))
+    kv, stats = llm.engine.kv, GenerationStats()
+    logits = llm.engine.prefill(ids, stats)
+    kv.install_ready(wait=True)
+    assert sorted(kv.ann.layers) == list(range(llm.loaded.spec.num_layers))
+    got = list(llm.engine.decode(logits, len(ids), params, stats))
+    assert kv.ann.served["lowrank"] == 0 and got == want
