@@ -13,7 +13,13 @@ from .sparse import SparseKV
 from .window import WindowCache
 
 __all__ = ["AttnStep", "DenseKV", "HostKVStore", "KVPolicy", "LowRankKeys", "SparseKV",
-           "WindowCache", "dense_decode_attention", "make_kv_policy"]
+           "WindowCache", "dense_decode_attention", "make_kv_policy", "policy_class"]
+
+
+def policy_class(policy: str) -> type[DenseKV] | type[SparseKV]:
+    """The class behind kv.policy: what the planner asks (e.g. layer_major) without
+    allocating one."""
+    return DenseKV if policy == "dense" else SparseKV
 
 
 def make_kv_policy(cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads: int,
@@ -21,7 +27,7 @@ def make_kv_policy(cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads:
                    dtype: torch.dtype, index: IndexConfig | None = None,
                    progress: bool = False, batch: int = 1) -> DenseKV | SparseKV:
     """The policy cfg names, sized for `batch` sequences decoded together."""
-    if cfg.policy == "dense":
+    if policy_class(cfg.policy) is DenseKV:
         return DenseKV(num_layers, batch, num_kv_heads, max_tokens, head_dim, device, dtype)
     return SparseKV(cfg, num_layers, num_heads, num_kv_heads, head_dim, max_tokens, device,
                     dtype, index, progress, batch)

@@ -38,6 +38,7 @@ import yaml
 from .config import EngineConfig
 from .errors import ConfigError
 from .model.spec import ModelSpec
+from .offload import policy_class
 from .offload.tail import CHUNK as TAIL_CHUNK
 from .offload.tail import padded_chunks
 
@@ -184,7 +185,7 @@ def plan_memory(spec: ModelSpec, config: EngineConfig, device_type: str,
 
     # prefill (engine/runner.py): offloading policies run it layer-major, every token's
     # hidden state staying on the device; dense chunk-major, one chunk's at a time
-    if kv.policy == "dense":
+    if not policy_class(kv.policy).layer_major:
         add("prefill: hidden states", dev, T * C * b,
             "T·C·b  x [1, T, C] of one chunk (chunk-major prefill)", "prefill")
     else:
