@@ -2,7 +2,8 @@
 
 For one decode step: attention-output relative error, share of the true softmax mass on
 the attended tokens, and recall of the true top-k (by the group's summed attention
-probability, within the offloaded region). Also recall vs rank of the low-rank sketch.
+probability, within the offloaded region). Also recall vs rank of the low-rank sketch, and
+vs the re-rank factor.
 """
 
 from __future__ import annotations
@@ -63,19 +64,23 @@ def layer_diagnostics(entries: list[TraceEntry], kv: SparseKV, cfg: KVConfig) ->
 
 
 def rank_recall(entries: list[TraceEntry], kv: SparseKV, cfg: KVConfig,
-                ranks: tuple[int, ...] = (2, 4, 8, 16, 32, 64)) -> dict:
-    """Recall of the true top-k vs sketch rank, sketch alone and with re-ranking."""
+                ranks: tuple[int, ...] = (2, 4, 8, 16, 32, 64),
+                factors: tuple[int, ...] = (2, 4, 8)) -> dict:
+    """Recall of the true top-k vs sketch rank: the sketch alone, and re-ranking the top
+    top_k × f sketch candidates with exact keys for each re-rank factor f."""
     ranks = tuple(r for r in ranks if r <= kv.D)
     n0 = entries[0].n - 1  # prompt length: the sketch is fitted on the prompt's keys
+
+    def exact(layer, pos):
+        return kv.store.k[layer].float().gather(1, pos[..., None].expand(-1, -1, kv.D))
+
     rows = []
     for rank in ranks:
         sketch = LowRankKeys(kv.L, kv.Hkv, entries[0].n, kv.D, rank, torch.device("cpu"),
                              torch.float32)
-        plain = LowRankRetriever(sketch, kv.D)
-        rerank = LowRankRetriever(sketch, kv.D, cfg.rerank_factor,
-                                  lambda layer, pos: kv.store.k[layer].float().gather(
-                                      1, pos[..., None].expand(-1, -1, kv.D)))
-        got = {"plain": [], "rerank": []}
+        retrievers = {"plain": LowRankRetriever(sketch, kv.D)}
+        retrievers |= {f"x{f}": LowRankRetriever(sketch, kv.D, f, exact) for f in factors}
+        got = {name: [] for name in retrievers}
         for e in entries:
             k = kv.store.k[e.layer, :, :e.n].float()
             sketch.build(e.layer, k)
@@ -85,12 +90,14 @@ def rank_recall(entries: list[TraceEntry], kv: SparseKV, cfg: KVConfig,
             q = e.q.float().cpu().reshape(kv.Hkv, -1, kv.D)
             wlse = kv._window_lse(e.layer, e.q.reshape(kv.Hkv, -1, kv.D),
                                   torch.tensor([e.n - 1], device=e.q.device)).cpu()
-            for name, retriever in (("plain", plain), ("rerank", rerank)):
+            for name, retriever in retrievers.items():
                 sel, count = retriever.select(e.layer, q, lo, torch.tensor([hi]), kv.budget,
                                               wlse)
                 got[name].append(_recall(sel[:, :int(count)], truth))
         rows.append({"rank": rank, **{m: sum(v) / len(v) for m, v in got.items()}})
-    lines = [f"{'rank':>6}{'recall':>9}{f'rerank x{cfg.rerank_factor}':>12}   "
-             f"(top-{kv.budget} of {n0} prompt tokens, mean over layers)"]
-    lines += [f"{r['rank']:>6}{r['plain']:>9.3f}{r['rerank']:>12.3f}" for r in rows]
+    names = list(rows[0])[1:] if rows else []
+    lines = [f"{'rank':>6}" + "".join(f"{'recall' if n == 'plain' else 'rerank ' + n:>12}"
+                                      for n in names)
+             + f"   (top-{kv.budget} of {n0} prompt tokens, mean over layers)"]
+    lines += [f"{r['rank']:>6}" + "".join(f"{r[n]:>12.3f}" for n in names) for r in rows]
     return {"rows": rows, "lines": lines}
