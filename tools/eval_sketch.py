@@ -1,0 +1,100 @@
+"""Recall of the true top-k by sketch rank, sketch precision and re-rank factor, on real
+captured queries and keys (tools/capture_qk.py output).
+
+For each captured layer and held-out decode query: the truth is the top-k positions of
+the offloaded region [sinks, n - window) by the group's summed exact attention
+probability; the low-rank retriever picks k with the window's log-sum-exp, as decode
+does. `int8` quantises the projected keys per (kv head, sketch dim) to int8 (absmax) and
+back: what an int8 sketch of the same rank would score with. An int8 sketch of rank 2r
+takes the bytes of a bfloat16 one of rank r.
+
+    python -m retrieval_attn.tools.eval_sketch --qk out/qk --tokens 8100 --budget 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retrieval_attn.index import LowRankRetriever
+from retrieval_attn.offload import LowRankKeys
+
+
+def quantise_int8(keys: torch.Tensor) -> torch.Tensor:
+    """keys [Hkv, N, r] -> int8 per (head, dim) absmax scale, returned dequantised."""
+    scale = keys.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+    return (keys / scale).round().clamp(-127, 127) * scale
+
+
+def layer_recall(k: torch.Tensor, q_decode: torch.Tensor, rank: int, int8: bool,
+                 factor: int, budget: int, sinks: int, window: int, stride: int = 1) -> float:
+    """k [Hkv, n, D], q_decode [H, T, D] float32 -> mean recall of the true top-budget."""
+    hkv, n, d = k.shape
+    g = q_decode.shape[0] // hkv
+    lo, hi = sinks, n - window
+    sketch = LowRankKeys(1, hkv, n, d, rank, torch.device("cpu"), torch.float32)
+    sketch.build(0, k)
+    if int8:
+        sketch.keys[0] = quantise_int8(sketch.keys[0])
+
+    def exact(_layer, pos):
+        return k.gather(1, pos[..., None].expand(-1, -1, d))
+
+    retriever = LowRankRetriever(sketch, d, factor, exact if factor > 1 else None)
+    recalls = []
+    for t in range(0, q_decode.shape[1], stride):
+        q = q_decode[:, t].reshape(hkv, g, d)
+        logits = q @ k.transpose(1, 2) * d**-0.5  # [Hkv, G, n]
+        truth = torch.softmax(logits, -1).sum(1)[:, lo:hi].topk(budget, -1).indices + lo
+        window_lse = torch.cat([logits[..., :lo], logits[..., hi:]], -1).logsumexp(-1)
+        sel, count = retriever.select(0, q, lo, torch.tensor([hi]), budget, window_lse)
+        hits = sum(len(set(s[:int(count)].tolist()) & set(r.tolist()))
+                   for s, r in zip(sel, truth, strict=True))
+        recalls.append(hits / truth.numel())
+    return float(np.mean(recalls))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="eval_sketch", description=__doc__.splitlines()[0])
+    p.add_argument("--qk", type=Path, default=Path("out/qk"), help="capture_qk.py output")
+    p.add_argument("--tokens", type=int, default=8100)
+    p.add_argument("--budget", type=int, default=40, help="top_k per kv head")
+    p.add_argument("--ranks", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--stride", type=int, default=4, help="every stride-th decode query")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    folder = args.qk / f"n{args.tokens}"
+    meta = json.loads((folder / "meta.json").read_text())
+    rows = []
+    for rank in args.ranks:
+        for int8 in (False, True):
+            for factor in args.factors:
+                per_layer = []
+                for layer in meta["layers"]:
+                    z = np.load(folder / f"layer{layer}.npz")
+                    per_layer.append(layer_recall(
+                        torch.from_numpy(z["k"]).float(), torch.from_numpy(z["q_decode"]).float(),
+                        rank, int8, factor, args.budget, args.sinks, args.window, args.stride))
+                rows.append({"rank": rank, "sketch": "int8" if int8 else "float32",
+                             "rerank": factor, "recall": float(np.mean(per_layer)),
+                             "per_layer": per_layer})
+    print(f"recall of the true top-{args.budget} of {meta['tokens']} tokens (window "
+          f"{args.window} + {args.sinks} sinks), layers {meta['layers']}, mean over layers")
+    print(f"{'rank':>5} {'sketch':<8}{'rerank':>7}{'recall':>8}   per layer")
+    for r in rows:
+        print(f"{r['rank']:>5} {r['sketch']:<8}{'x' + str(r['rerank']):>7}{r['recall']:>8.3f}   "
+              + " ".join(f"{x:.3f}" for x in r["per_layer"]))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
