@@ -118,8 +118,8 @@ class AnnRetriever:
 
         The host searches start as soon as q reaches the host, one job per (kv head, query
         head); hybrid's low-rank picks (GPU kernels) and the copy of the window's log-sum-exp
-        run while they search. Each head's exact re-rank
-        starts when its G searches are done."""
+        run while they search. Each head's exact re-rank starts when its G searches are
+        done."""
         index = self.layers.get(layer)
         hi_i = int(hi.reshape(-1)[0])
         k = min(k, self.keys.shape[2] - lo)

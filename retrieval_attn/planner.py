@@ -197,8 +197,8 @@ def plan_memory(spec: ModelSpec, config: EngineConfig, device_type: str,
     add("prefill: chunk activations", dev, T * max(b * attn, b * mlp, 8 * C + b * C),
         "T·max(b·(C + (H+2Hkv)·D + 3·H·D + Hkv·D), b·(2·C + 4·I), 8·C + b·C): "
         "qkv + RoPE temporaries, SwiGLU [T, 4·I], RMSNorm float32", "chunk")
-    # later chunks pass a bool mask [T, end]; SDPA turns it into an additive one, padded in
-    # place when end % 16 != 0 (no further copy: H200, torch 2.11, T = 2048, end ≈ 1M)
+    # later chunks pass a bool mask [T, end]; SDPA turns it into an additive one, and makes
+    # no further copy when end % 16 != 0 (measured: H200, torch 2.11, T = 2048, end ≈ 1M)
     if n > T:
         add("prefill: chunk attention mask", dev, T * n * (1 + b),
             "T·n·(1 + b)  bool [T, n] + SDPA's additive copy [T, n] in the model dtype", "chunk")

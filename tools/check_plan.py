@@ -24,7 +24,7 @@ import torch
 from retrieval_attn import LLM, EngineConfig, SamplingParams
 from retrieval_attn.engine import GenerationStats
 from retrieval_attn.errors import ConfigError
-from retrieval_attn.planner import plan_memory, spec_for
+from retrieval_attn.planner import plan_memory
 
 GiB = 1 << 30
 
@@ -63,14 +63,12 @@ def measure(config: str, new_tokens: int = 8, layers: int = 0,
     """Run `config` (a preset name or YAML path) and return planned vs measured peaks."""
     cfg = EngineConfig.load(config).replace(runtime={"progress_bar": False})
     n = prompt_tokens or cfg.runtime.max_context_tokens - new_tokens
-    spec = spec_for(cfg.model.path)
-    device = cfg.runtime.device
-    plan = plan_memory(spec, cfg, "cuda" if device.startswith("cuda") else "cpu",
-                       prompt_tokens=n)
-    cuda = torch.cuda.is_available() and device.startswith("cuda")
-    if cuda:
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     llm = LLM(config=cfg)
+    cuda = llm.device.type == "cuda"
+    spec = llm.loaded.spec
+    plan = plan_memory(spec, cfg, llm.device.type, prompt_tokens=n)  # as LLM(...) plans
     if layers:
         _stop_after(llm.engine.kv, layers)
     ids = torch.randint(0, spec.vocab_size, (n,), generator=torch.Generator().manual_seed(0))

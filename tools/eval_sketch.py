@@ -23,6 +23,8 @@ import torch
 from retrieval_attn.index import LowRankRetriever
 from retrieval_attn.offload import LowRankKeys
 
+from .longctx_diagnostics import _recall, _true_topk
+
 
 def quantise_int8(keys: torch.Tensor) -> torch.Tensor:
     """keys [Hkv, N, r] -> int8 per (head, dim) absmax scale, returned dequantised."""
@@ -49,12 +51,10 @@ def layer_recall(k: torch.Tensor, q_decode: torch.Tensor, rank: int, int8: bool,
     for t in range(0, q_decode.shape[1], stride):
         q = q_decode[:, t].reshape(hkv, g, d)
         logits = q @ k.transpose(1, 2) * d**-0.5  # [Hkv, G, n]
-        truth = torch.softmax(logits, -1).sum(1)[:, lo:hi].topk(budget, -1).indices + lo
+        truth = _true_topk(torch.softmax(logits, -1), lo, hi, budget)
         window_lse = torch.cat([logits[..., :lo], logits[..., hi:]], -1).logsumexp(-1)
         sel, count = retriever.select(0, q, lo, torch.tensor([hi]), budget, window_lse)
-        hits = sum(len(set(s[:int(count)].tolist()) & set(r.tolist()))
-                   for s, r in zip(sel, truth, strict=True))
-        recalls.append(hits / truth.numel())
+        recalls.append(_recall(sel[:, :int(count)], truth))
     return float(np.mean(recalls))
 
 
