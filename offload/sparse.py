@@ -79,7 +79,7 @@ class SparseKV:
         self.selector: LowRankRetriever | QuestRetriever | None = None
         if cfg.policy == "retrieval":
             self.sketch = LowRankKeys(num_layers, rows, max_tokens, head_dim,
-                                      cfg.rank, device, dtype)
+                                      cfg.rank, device, dtype, cfg.sketch_dtype)
             self.selector = LowRankRetriever(self.sketch, head_dim, cfg.rerank_factor,
                                              self._exact_keys)
         elif cfg.policy == "quest":

@@ -25,6 +25,7 @@ from .errors import ConfigError
 KV_POLICIES = ("dense", "streaming", "quest", "retrieval")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SKETCH_DTYPES = ("auto", "int8", "int4")  # kv.sketch_dtype (offload.lowrank)
 INDEX_KINDS = ("lowrank", "attention", "faiss-hnsw", "faiss-ivf", "hnswlib", "hybrid")
 BUILDERS = ("ray", "threads", "inline")
 
@@ -86,6 +87,9 @@ class KVConfig:
     window_tokens: int = 512  # most recent tokens always attended, kept exact on the device
     top_k: int | float = 0.05  # tokens retrieved per kv head: int = count, float = share of prompt
     rank: int = 16  # retrieval: PCA dimensions per kv head of the low-rank key sketch
+    # retrieval: how the sketch stores its projected keys: auto (runtime.dtype), int8 or
+    # int4 (per-dim scales). At equal bytes int4 of rank 4r ranks best: README, accuracy.
+    sketch_dtype: str = "auto"
     rerank_factor: int = 4  # retrieval: re-score top_k * factor candidates exactly; 1 = off
     page_tokens: int = 16  # quest: tokens per page
     tail_estimate: bool = True  # retrieval: add the unselected tokens' attention, estimated
@@ -106,6 +110,12 @@ class KVConfig:
             raise ConfigError(f"kv.top_k is {self.top_k}: it must be >= 1 tokens")
         if self.rank < 1 or self.rerank_factor < 1 or self.page_tokens < 1:
             raise ConfigError("kv.rank, kv.rerank_factor and kv.page_tokens must be >= 1")
+        if self.sketch_dtype not in SKETCH_DTYPES:
+            raise ConfigError(f"kv.sketch_dtype is {self.sketch_dtype!r}: valid values are "
+                              f"{', '.join(SKETCH_DTYPES)}")
+        if self.sketch_dtype == "int4" and self.rank % 2:
+            raise ConfigError(f"kv.rank is {self.rank} with kv.sketch_dtype int4, which packs "
+                              "two dims per byte: use an even rank")
 
     def budget(self, prompt_tokens: int) -> int:
         """top_k as a token count for a prompt of this length."""

@@ -6,6 +6,7 @@ A context is a folder:
   kv.safetensors         k, v [L, Hkv, n, D] (post-RoPE) as the host store holds them
   logits.safetensors     the prompt's last logits [V] (float32): the first new token
   lowrank.safetensors    mean [L, Hkv, D], basis [L, Hkv, D, r], keys [L, Hkv, n, r]
+                         (int8, or uint8 [.., r / 2] packed int4, with scale [L, Hkv, r])
   index/layerNNN.safetensors   per kv head h, the index state arrays "h{h}.{name}"
   queries.safetensors    float16, per layer "build.{l}" [Hkv, G·M, D], the prefill queries
                          the index was built from, and "probe.{l}" [H, P, D], the last P
@@ -66,8 +67,9 @@ def save_context(engine, prompt_ids: list[int], logits: torch.Tensor, path: str 
                                "v": kv.store.v[:, :, :n].contiguous()})
         if kv.sketch is not None:
             s = kv.sketch
+            scale = {"scale": s.scale.cpu()} if s.sketch != "auto" else {}
             put("lowrank.safetensors", {"mean": s.mean.cpu(), "basis": s.basis.cpu(),
-                                        "keys": s.keys[:, :, :n].contiguous().cpu()})
+                                        "keys": s.keys[:, :, :n].contiguous().cpu(), **scale})
         if kv.ann is not None:
             kv.install_ready(wait=True)  # every layer's index, not a partial set
             put("queries.safetensors", kv.saved_queries(), numpy=True)
@@ -175,6 +177,8 @@ def restore_context(engine, ctx: SavedContext) -> torch.Tensor:
             s.mean.copy_(saved["mean"])
             s.basis.copy_(saved["basis"])
             s.keys[:, :, :n].copy_(saved["keys"])
+            if s.sketch != "auto":  # kv.sketch_dtype is checked equal with the manifest
+                s.scale.copy_(saved["scale"])
         if kv.ann is not None:
             for name, q in load_np(str(path / "queries.safetensors")).items():
                 part, layer = name.split(".")

@@ -17,9 +17,12 @@ Phases (a part lives only in its phase; MemoryPlan.peak adds up what coexists):
   runtime      outside torch's allocator (CUDA context, libraries): estimates
 
 search_config prefers, in order: (1) kv.policy dense, exact, if it fits at any prefill chunk;
-(2) kv.policy retrieval with the largest rank (powers of two, up to max_rank:
-head_dim // 2 unless raised, at most head_dim) that fits at any chunk; (3) at that rank,
-the largest prefill chunk that fits.
+(2) kv.policy retrieval with the best sketch that fits at any chunk: the largest rank
+(powers of two, up to max_rank, at most head_dim), and at that rank the most precise of
+kv.sketch_dtype auto, int8, int4, among sketches of at most half the bytes of the dense
+keys (more is no longer cheap to score). Rank first: tools/eval_sketch measured int4 of
+rank 64 (of 64) above float32 of rank 32, at half its bytes; (3) at that sketch, the largest
+prefill chunk that fits.
 top_k, window and sinks barely move memory; they are inputs (default: the issue's headline
 2048 tokens + window 512 + 4 sinks), checked, not searched.
 """
@@ -236,9 +239,15 @@ def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) ->
         * D * b, "2·L·B·Hkv·(S + W" + (" + k" if extra else "") + ")·D·b", "held")
     r, G = kv.rank, H // spec.num_kv_heads
     if kv.policy == "retrieval":
-        add("kv: low-rank keys", dev, L * Hkv * (D + D * r + N * r) * b,
-            "L·B·Hkv·(D + D·r + N·r)·b  mean, basis [L, B·Hkv, D, r], keys [L, B·Hkv, N, r]",
-            "held")
+        if kv.sketch_dtype == "auto":
+            add("kv: low-rank keys", dev, L * Hkv * (D + D * r + N * r) * b,
+                "L·B·Hkv·(D + D·r + N·r)·b  mean, basis [L, B·Hkv, D, r], keys "
+                "[L, B·Hkv, N, r]", "held")
+        else:  # offload/lowrank.py: integer keys, float32 basis and per-dim scales
+            per = {"int8": 1, "int4": 0.5}[kv.sketch_dtype]
+            add("kv: low-rank keys", dev, L * Hkv * (D * b + (D * r + r) * 4 + int(N * r * per)),
+                f"L·B·Hkv·(D·b + (D·r + r)·4 + N·r·{per:g})  mean, float32 basis and scales, "
+                f"{kv.sketch_dtype} keys [L, B·Hkv, N, r]", "held")
         if kv.tail_estimate and plan.config.index.kind == "lowrank":  # offload/tail.py
             chunks = padded_chunks(N)
             add("kv: tail V chunk sums", dev, L * Hkv * chunks * D * 4,
@@ -328,15 +337,25 @@ def _fixes(plan: MemoryPlan, gpu: int, host: int) -> list[str]:
         lo, hi = (mid, hi) if fits(runtime={"max_context_tokens": mid}) else (lo, mid)
     if lo >= 2 and fits(runtime={"max_context_tokens": lo}):
         fixes.append(f"lower runtime.max_context_tokens to {lo}")
+    b = dtype_bytes(plan.config.runtime.dtype, plan.device_type)
     if kv.policy == "retrieval":
-        rank = next((r for r in _ranks(kv.rank - 1) if fits(kv={"rank": r})), None)
+        rank = next((r for r in _ranks(kv.rank - 1) if r % 2 == 0 or kv.sketch_dtype != "int4"
+                     if fits(kv={"rank": r})), None)
         if rank:
             fixes.append(f"lower kv.rank to {rank}")
+        smaller = [d for d in ("int8", "int4")
+                   if _SKETCH_BYTES[d] < _SKETCH_BYTES.get(kv.sketch_dtype, b)]
+        sketch = next((d for d in smaller if (d != "int4" or kv.rank % 2 == 0)
+                       and fits(kv={"sketch_dtype": d})), None)
+        if sketch:
+            fixes.append(f"set kv.sketch_dtype {sketch} (same rank, fewer bytes)")
     if kv.policy == "dense" and plan.device_type == "cuda":
-        rank = next((r for r in _ranks(max(1, plan.spec.head_dim // 2))
-                     if fits(kv={"policy": "retrieval", "rank": r})), None)
-        if rank:
-            fixes.append(f"use kv.policy retrieval (with kv.rank {rank})")
+        best = next((c for c in _sketches(plan.spec.head_dim, b)
+                     if fits(kv={"policy": "retrieval", "rank": c[0], "sketch_dtype": c[1]})),
+                    None)
+        if best:
+            fixes.append(f"use kv.policy retrieval (with kv.rank {best[0]}, kv.sketch_dtype "
+                         f"{best[1]})")
     chunk = largest_prefill_chunk(plan, gpu, host, rt.prefill_chunk_tokens - 1)
     if chunk:
         fixes.append(f"lower runtime.prefill_chunk_tokens to {chunk}")
@@ -374,6 +393,23 @@ def _ranks(top: int) -> list[int]:
     return [1 << i for i in range(max(top, 0).bit_length() - 1, -1, -1)]
 
 
+_SKETCH_BYTES = {"int8": 1.0, "int4": 0.5}  # bytes per sketch value; auto: the dtype's
+
+
+def _sketches(head_dim: int, dtype_bytes: int, max_rank: int | None = None
+              ) -> list[tuple[int, str]]:
+    """(kv.rank, kv.sketch_dtype) in search order (module docstring): rank first, then
+    precision, each at most half the bytes of the dense keys per token."""
+    cap = head_dim * dtype_bytes / 2
+    out = []
+    for rank in _ranks(min(max_rank or head_dim, head_dim)):
+        for sketch in ("auto", "int8", "int4"):
+            per = _SKETCH_BYTES.get(sketch, dtype_bytes)
+            if rank * per <= cap and not (sketch == "int4" and rank % 2):
+                out.append((rank, sketch))
+    return out
+
+
 def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_bytes: int, *,
                   device_type: str = "cuda", model_path: str | None = None,
                   policy: str | None = None, dtype: str = "auto", top_k: int | float = 2048,
@@ -386,8 +422,8 @@ def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_byt
     context_tokens is runtime.max_context_tokens (prompt + new tokens); policy restricts the
     search to one kv.policy; max_kv_gpu_bytes caps the KV state on the GPU; headroom is the
     share of each budget the search leaves free (allocator fragmentation, what no plan sees).
-    max_rank defaults to head_dim // 2: a sketch of more than half the head dim reads more
-    than half the dense keys every decode step, and is no longer cheap to score.
+    max_rank caps kv.rank (default head_dim); sketches are also capped at half the bytes of
+    the dense keys (module docstring).
     """
     gpu_bytes, host_bytes = int(gpu_bytes * (1 - headroom)), int(host_bytes * (1 - headroom))
     if dtype == "auto":
@@ -412,8 +448,8 @@ def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_byt
     order = [policy] if policy else ["dense", "retrieval"]
     for pol in order:
         if pol == "retrieval":
-            for rank in _ranks(min(max_rank or max(1, spec.head_dim // 2), spec.head_dim)):
-                if cfg := first_fit({"policy": pol, "rank": rank}):
+            for rank, sketch in _sketches(spec.head_dim, DTYPE_BYTES[dtype], max_rank):
+                if cfg := first_fit({"policy": pol, "rank": rank, "sketch_dtype": sketch}):
                     return cfg
         elif cfg := first_fit({"policy": pol}):
             return cfg

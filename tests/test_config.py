@@ -244,6 +244,8 @@ def test_build_accepts_int_for_float_field():
     pytest.param("runtime", "device", "cpu:1", ["'cpu:1'"], id="device-cpu-1"),
     pytest.param("runtime", "dtype", "int8", ["'int8'", *DTYPES], id="dtype-int8"),
     pytest.param("kv", "policy", "magic", ["'magic'", *KV_POLICIES], id="policy-magic"),
+    pytest.param("kv", "sketch_dtype", "fp8", ["'fp8'", "auto", "int8", "int4"],
+                 id="sketch-fp8"),
     pytest.param("model", "path", "  ", ["model.path is empty", "null"], id="path-blank"),
 ])
 def test_impossible_value(section, key, value, expect):
@@ -334,3 +336,9 @@ def test_replace_validates(values, part):
 def test_config_errors_are_value_errors():
     with pytest.raises(ValueError):
         EngineConfig.from_dict({"runtime": {"dtype": "int8"}})
+
+
+def test_int4_sketch_needs_an_even_rank():
+    with pytest.raises(ConfigError, match="kv.rank is 3 with kv.sketch_dtype int4"):
+        EngineConfig.from_dict({"kv": {"rank": 3, "sketch_dtype": "int4"}})
+    assert EngineConfig.from_dict({"kv": {"rank": 3, "sketch_dtype": "int8"}}).kv.rank == 3

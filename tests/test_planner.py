@@ -215,13 +215,46 @@ def test_search_falls_back_to_retrieval_with_largest_rank():
     # dense at 1M just fits 80 GiB (a 512-token prefill chunk); 72 GiB it does not
     assert search_config(QWEN, 1 << 20, 80 * GiB, 128 * GiB).kv.policy == "dense"
     cfg = search_config(QWEN, 1 << 20, 72 * GiB, 128 * GiB)
-    assert cfg.kv.policy == "retrieval" and cfg.kv.rank == QWEN.head_dim // 2
+    # full rank in int8: half the dense keys' bytes, the most a sketch may take
+    assert (cfg.kv.policy, cfg.kv.rank, cfg.kv.sketch_dtype) == ("retrieval", 128, "int8")
     capped = search_config(QWEN, (1 << 20) + 4096, 80 * GiB, 128 * GiB, max_kv_gpu_bytes=12e9)
-    assert capped.kv.rank == 32  # powers of two only: 64 would need 15 GB
+    # int8 at rank 128 would need 15 GB; int4 keeps the rank at the bytes of bf16 rank 32
+    assert (capped.kv.rank, capped.kv.sketch_dtype) == (128, "int4")
     assert plan_memory(QWEN, capped, "cuda").kv_bytes("gpu") <= 12e9
-    cfg = search_config(QWEN, 1 << 20, 40 * GiB, 128 * GiB)  # a smaller GPU: a smaller rank
+    cfg = search_config(QWEN, 1 << 20, 40 * GiB, 128 * GiB)  # a smaller GPU: a smaller sketch
     plan = plan_memory(QWEN, cfg, "cuda")
-    assert cfg.kv.rank in (8, 16, 32) and plan.peak("gpu") <= 40 * GiB * 0.95
+    assert plan.peak("gpu") <= 40 * GiB * 0.95
+    assert cfg.kv.rank < 128 or cfg.kv.sketch_dtype == "int4"
+
+
+def test_sketch_search_order_is_rank_then_precision_within_half_the_dense_keys():
+    from retrieval_attn.planner import _sketches
+
+    order = _sketches(128, 2)  # bfloat16 keys: 256 bytes per token, the cap 128
+    assert order[:4] == [(128, "int8"), (128, "int4"), (64, "auto"), (64, "int8")]
+    assert all(r * {"auto": 2, "int8": 1, "int4": 0.5}[d] <= 128 for r, d in order)
+    assert _sketches(64, 4)[:2] == [(64, "int8"), (64, "int4")]  # float32: 4 bytes a value
+    assert (1, "int4") not in _sketches(64, 2)  # int4 packs pairs of dims
+
+
+def test_quantised_sketch_arithmetic():
+    L, Hkv, D, N = 28, 4, 128, 1 << 20
+    for sketch, per in (("int8", 1), ("int4", 0.5)):
+        plan = plan_memory(QWEN, config("retrieval", rank=128).replace(
+            kv={"sketch_dtype": sketch}), "cuda")
+        assert part(plan, "kv: low-rank keys") == L * Hkv * (D * 2 + (D * 128 + 128) * 4
+                                                          + int(N * 128 * per))
+    # int4 of rank 128 holds the bytes of bfloat16 rank 32, plus float32 basis and scales
+    bf16 = part(plan_memory(QWEN, config("retrieval", rank=32), "cuda"), "kv: low-rank keys")
+    assert 0 < part(plan, "kv: low-rank keys") - bf16 < 0.01 * bf16
+
+
+def test_over_budget_retrieval_suggests_a_smaller_sketch_dtype():
+    cfg = config("retrieval", rank=128).replace(kv={"sketch_dtype": "int8"})
+    plan = plan_memory(QWEN, cfg, "cuda")
+    need = plan.peak("gpu")
+    with pytest.raises(ConfigError, match="set kv.sketch_dtype int4"):
+        check_budget(plan, need - 2 * GiB, 128 * GiB)
 
 
 def test_yaml_round_trip(tmp_path):

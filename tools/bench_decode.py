@@ -36,6 +36,24 @@ from .bench_grid import free_device, run_grid, write_json
 GiB = 1 << 30
 # bench policy -> kv.policy; retrieval-ann also sets index.kind attention (host graphs)
 POLICY = {"full-offload": "dense", "retrieval-notail": "retrieval", "retrieval-ann": "retrieval"}
+# per-policy overrides of the retrieval sketch, e.g. retrieval:sketch=int4,rank=128,rerank=2
+OVERRIDES = {"sketch": ("sketch_dtype", str), "rank": ("rank", int),
+             "rerank": ("rerank_factor", int)}
+
+
+def parse_policy(name: str) -> tuple[str, dict]:
+    """'retrieval:sketch=int4,rank=128,rerank=2' -> ('retrieval', kv overrides): variants
+    of the retrieval sketch side by side in one run."""
+    base, _, rest = name.partition(":")
+    kv = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in OVERRIDES or not value or not base.startswith("retrieval"):
+            raise RetrievalAttnError(f"policy {name!r}: overrides are retrieval policies' "
+                                     f"{', '.join(k + '=' for k in OVERRIDES)}")
+        field, kind = OVERRIDES[key]
+        kv[field] = kind(value)
+    return base, kv
 
 
 def fill(llm: LLM, n: int, seed: int = 0, batch: int = 1) -> None:
@@ -68,13 +86,14 @@ def fill(llm: LLM, n: int, seed: int = 0, batch: int = 1) -> None:
 
 def bench_config(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: int,
                  rerank_factor: int = 4, batch: int = 1) -> EngineConfig:
+    policy, overrides = parse_policy(policy)
     return EngineConfig.load("default").replace(
         model={"path": f"random:{shape}"},
         runtime={"device": "cuda", "dtype": "bfloat16", "max_context_tokens": n + new_tokens + 8,
                  "prefill_chunk_tokens": 2048, "progress_bar": False, "max_batch": batch},
         kv={"policy": POLICY.get(policy, policy),
             "top_k": top_k, "rank": rank, "rerank_factor": rerank_factor,
-            "tail_estimate": policy == "retrieval"},
+            "tail_estimate": policy == "retrieval", **overrides},
         # the ANN path: attention-aware graphs, built in-process (no Ray on the GPU machine)
         index={"kind": "attention" if policy == "retrieval-ann" else "lowrank",
                "builder": "inline"})
@@ -117,6 +136,8 @@ def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: 
                  else plan_memory(LLM_spec(shape), cfg, "cuda", prompt_tokens=n))
     torch.cuda.reset_peak_memory_stats()
     llm = LLM(config=cfg) if policy != "full-offload" else _full_offload_llm(cfg)
+    print(f"  kv: rank {cfg.kv.rank} {cfg.kv.sketch_dtype} sketch, rerank x"
+          f"{cfg.kv.rerank_factor}, tail {cfg.kv.tail_estimate}", flush=True)
     t = time.perf_counter()
     fill(llm, n, batch=batch)
     fill_s = time.perf_counter() - t
@@ -273,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", nargs="*", default=["retrieval", "dense", "full-offload"],
                    help="retrieval, retrieval-notail (kv.tail_estimate off), retrieval-ann "
                         "(host attention-aware graphs: built here, minutes per 128K), "
-                        "dense, full-offload; none: only --gathers")
+                        "dense, full-offload; none: only --gathers. A retrieval policy takes "
+                        "sketch overrides: retrieval:sketch=int4,rank=128,rerank=2")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--top-k", type=int, default=2048)
     p.add_argument("--rank", type=int, default=32)
@@ -319,12 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.shape}, random weights, synthetic prompt K/V, top_k {args.top_k}, "
           f"window 512 + 4 sinks, rank {args.rank}, rerank x{args.rerank_factor}, "
           f"{torch.cuda.get_device_name()}")
-    print(f"{'context':>9} {'policy':<13}{'batch':>6}{'ms/token':>9}{'tok/s':>8}"
+    width = max(13, *(len(p) + 1 for p in args.policies))
+    print(f"{'context':>9} {'policy':<{width}}{'batch':>6}{'ms/token':>9}{'tok/s':>8}"
           f"{'vs dense':>9}{'vs offload':>11}{'KV GPU GiB':>11}{'KV host':>8}{'peak GPU':>9}"
           f"{'planned':>8}")
     for i, r in enumerate(rows):
         if "error" in r:
-            print(f"{r['context']:>9} {r['policy']:<13}  {r['error'][:70]}")
+            print(f"{r['context']:>9} {r['policy']:<{width}}  {r['error'][:70]}")
             continue
         # ratios of time per generated token (1 / tok/s) against the baselines of the same
         # context and --batches item (at batch 1: of ms/token)
@@ -333,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                 and "error" not in x}
         ratio = {b: (f"{same[b]['tokens_per_s'] / r['tokens_per_s']:.2f}" if b in same
                      else "-") for b in ("dense", "full-offload")}  # time per token
-        print(f"{r['context']:>9} {r['policy']:<13}{r['batch']:>6}{r['ms_per_token']:>9.2f}"
+        print(f"{r['context']:>9} {r['policy']:<{width}}{r['batch']:>6}{r['ms_per_token']:>9.2f}"
               f"{r['tokens_per_s']:>8.1f}{ratio['dense']:>9}{ratio['full-offload']:>11}"
               f"{r['kv_gpu_gib']:>11.2f}{r['kv_host_gib']:>8.1f}{r['peak_gpu_gib']:>9.1f}"
               f"{_num(r['planned_peak_gpu_gib']):>8}")

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=512, help="kv.window_tokens when searching")
     p.add_argument("--sinks", type=int, default=4, help="kv.sink_tokens when searching")
     p.add_argument("--max-rank", type=int, default=None,
-                   help="largest kv.rank to consider (default: head_dim // 2)")
+                   help="largest kv.rank to consider (default: head_dim; sketches are also "
+                        "capped at half the bytes of the dense keys)")
     p.add_argument("--max-kv-gpu-mem", default=None,
                    help="cap on the KV state on the GPU, e.g. 12GB (bounds decode reads)")
     p.add_argument("--chunk", type=int, default=SEARCH_CHUNK_TOKENS,

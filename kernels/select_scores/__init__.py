@@ -20,14 +20,18 @@ from .._launch import (
     sm_count,
     use_triton,
 )
-from .ref import select_scores_ref
+from .ref import pack_int4, select_scores_ref, sketch_values, unpack_int4
 
-__all__ = ["select_scores", "select_scores_ref"]
+__all__ = ["pack_int4", "select_scores", "select_scores_ref", "sketch_values",
+           "unpack_int4"]
 
 BLOCK_N = 256  # positions per tile
 MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a kv head are padded to this
 MAX_SPLITS = 256  # chunks per kv head (the merge reads all partials in one tile)
 NUM_WARPS = 4
+# storage bits per sketch value by keys dtype (uint8: packed int4, see ref.py)
+KEY_BITS = {torch.float32: 16, torch.float16: 16, torch.bfloat16: 16, torch.int8: 8,
+            torch.uint8: 4}
 
 
 def select_scores(
@@ -47,7 +51,9 @@ def select_scores(
     Args:
         q: [Hkv, G, D] queries, grouped by kv head.
         basis: [Hkv, D, r]; mean: [Hkv, D]; keys: [Hkv, N, r] projected centred keys, last
-            dim contiguous (a layer of LowRankKeys). r a power of two >= 16.
+            dim contiguous (a layer of LowRankKeys). r a power of two >= 16. Quantised
+            sketches: int8 [Hkv, N, r], or packed int4 uint8 [Hkv, N, r / 2] (ref.py's
+            format), with the per-dim scales folded into basis.
         lo: first position scored (python int, fixed per CUDA graph).
         hi: [1] int tensor on keys' device; positions >= hi get share 0 and no lse mass.
         scale: score scale (D**-0.5).
@@ -70,10 +76,13 @@ def select_scores(
     hkv, g, d = q.shape
     r = basis.shape[-1]
     n = keys.shape[1]
-    if basis.shape != (hkv, d, r) or mean.shape != (hkv, d) or keys.shape != (hkv, n, r):
-        raise ValueError(f"need basis [Hkv, D, r], mean [Hkv, D], keys [Hkv, N, r] for q "
+    width = r // 2 if keys.dtype == torch.uint8 else r  # uint8: two int4 dims per byte
+    if (basis.shape != (hkv, d, r) or mean.shape != (hkv, d) or keys.shape != (hkv, n, width)
+            or (keys.dtype == torch.uint8 and r % 2)):
+        raise ValueError(f"need basis [Hkv, D, r], mean [Hkv, D], keys [Hkv, N, r] "
+                         f"([Hkv, N, r / 2] packed int4 uint8, r even) for q "
                          f"{tuple(q.shape)}; got {tuple(basis.shape)}, {tuple(mean.shape)}, "
-                         f"{tuple(keys.shape)}")
+                         f"{tuple(keys.shape)} {keys.dtype}")
     if not 0 <= lo <= n:
         raise ValueError(f"lo={lo} outside [0, N={n}]")
     if chunk and (chunk & (chunk - 1) or chunk > BLOCK_N):
@@ -90,15 +99,26 @@ def select_scores(
             (("other_lse", other_lse),) if other_lse is not None else ()):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device}, keys on {device}")
-    if (not use_triton(device) or r < 16 or r & (r - 1) or keys.stride(-1) != 1
-            or keys.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
+    if keys.dtype not in KEY_BITS:
+        raise ValueError(f"keys dtype {keys.dtype}: one of {', '.join(map(str, KEY_BITS))}")
+    bits = KEY_BITS[keys.dtype]
+    if (not use_triton(device) or r < (32 if bits == 4 else 16) or r & (r - 1)
+            or keys.stride(-1) != 1):  # tl.dot needs >= 16 columns (int4: per half)
         return select_scores_ref(q, basis, mean, keys, lo, hi, scale, other_lse, chunk,
                                  shares_dtype)
     from .kernel import lse_partial_kernel, shares_kernel
 
     qr = q.float() @ basis.float()  # [Hkv, G, r], tiny
-    qr_hi = qr.to(keys.dtype)
-    qr_lo = (qr - qr_hi.float()).to(keys.dtype)  # all zero when keys are float32
+    if keys.dtype.is_floating_point:
+        mul = torch.ones(hkv, dtype=torch.float32, device=device)
+        dot_dtype = keys.dtype
+    else:  # integer keys, exact in float16: q @ basis over a power of two per kv head
+        top = qr.abs().amax(dim=(1, 2)).clamp_min(2.0**-100)
+        mul = torch.exp2(torch.ceil(torch.log2(top)))  # [Hkv], no host sync
+        qr = qr / mul[:, None, None]
+        dot_dtype = torch.float16
+    qr_hi = qr.to(dot_dtype)
+    qr_lo = (qr - qr_hi.float()).to(dot_dtype)  # all zero when keys are float32
     const = (q.float() @ mean.float()[..., None])[..., 0].contiguous()  # [Hkv, G]
     shares = torch.empty(hkv, n - lo, dtype=shares_dtype, device=device)
     lse = torch.empty(hkv, g, dtype=torch.float32, device=device)
@@ -116,20 +136,21 @@ def select_scores(
     f32_dot = keys.dtype == torch.float32 or interpreting()
     common = (qr_hi.stride(0), qr_hi.stride(1), const.stride(0), keys.stride(0), keys.stride(1),
               part_m.stride(0), part_m.stride(1))
+    hi_lo = keys.dtype.is_floating_point  # integer keys: one dot (kernel.py, _scores)
     lse_partial_kernel[(hkv, splits)](
-        qr_hi, qr_lo, const, keys, hi, part_m, part_l, lo, origin, n, *common, scale, g,
+        qr_hi, qr_lo, const, mul, keys, hi, part_m, part_l, lo, origin, n, *common, scale, g,
         G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N, F32_DOT=f32_dot, CHUNK=per_split,
-        num_warps=NUM_WARPS)
+        HI_LO=hi_lo, KEY_BITS=bits, num_warps=NUM_WARPS)
     # other_lse is unread when None, mass when chunk is 0 (lse stands in for the pointers)
     other = other_lse.float().contiguous() if other_lse is not None else lse
     nm = cdiv(n, chunk) if chunk else 0
     mass = (torch.zeros(hkv, g, nm, dtype=torch.float32, device=device) if chunk
             else lse[:, :, None])
     shares_kernel[(hkv, splits)](
-        qr_hi, qr_lo, const, keys, hi, part_m, part_l, other, shares, lse, mass,
+        qr_hi, qr_lo, const, mul, keys, hi, part_m, part_l, other, shares, lse, mass,
         lo, origin, n, splits, nm, *common,
         other.stride(0), shares.stride(0), lse.stride(0), mass.stride(0), mass.stride(1),
         scale, g, G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N, S_PAD=next_power_of_2(splits),
         HAS_OTHER=other_lse is not None, F32_DOT=f32_dot, CHUNK=per_split,
-        MASS_CHUNK=chunk, num_warps=NUM_WARPS)
+        MASS_CHUNK=chunk, HI_LO=hi_lo, KEY_BITS=bits, num_warps=NUM_WARPS)
     return (shares, lse, mass) if chunk else (shares, lse)

@@ -7,6 +7,10 @@ log-sum-exp) into each head's lse, recomputes the scores of its chunk and writes
 sum_g exp(score - lse_g), one float per position. The [Hkv, G, N] scores are never stored.
 q @ basis is computed by the wrapper in float32 and handed over as a hi + lo pair in the
 keys' dtype, so the scores come from tensor-core dots yet are float32-accurate.
+Quantised sketches (KEY_BITS 8: int8 keys; 4: two int4 per uint8 byte, ref.py's format) are
+converted to float16 in registers, exactly, and scored with one dot against a float16
+q @ basis normalised per kv head (see _scores): their own rounding is far coarser than a
+float16 query's, so the lo dot would buy nothing.
 """
 
 import triton
@@ -14,63 +18,99 @@ import triton.language as tl
 
 
 @triton.jit
-def _query(QrHi, QrLo, C, h, stride_qh, stride_qg, stride_ch, G,
-           G_PAD: tl.constexpr, R: tl.constexpr):
-    """q @ basis of kv head h as a (hi, lo) pair in the keys' dtype, and q·mean [G_PAD]."""
+def _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD: tl.constexpr, WIDTH: tl.constexpr,
+           OFFSET: tl.constexpr):
+    """Columns [OFFSET, OFFSET + WIDTH) of kv head h's q @ basis, as a (hi, lo) pair."""
     g = tl.arange(0, G_PAD)
-    r = tl.arange(0, R)
+    r = OFFSET + tl.arange(0, WIDTH)
     off = h * stride_qh + g[:, None] * stride_qg + r[None, :]
     qr_hi = tl.load(QrHi + off, mask=g[:, None] < G, other=0.0)
     qr_lo = tl.load(QrLo + off, mask=g[:, None] < G, other=0.0)
-    c = tl.load(C + h * stride_ch + g, mask=g < G, other=0.0)
-    return qr_hi, qr_lo, c
+    return qr_hi, qr_lo
 
 
 @triton.jit
-def _scores(qr_hi, qr_lo, c, Keys, h, n, ok, stride_kh, stride_kn, scale, G,
-            G_PAD: tl.constexpr, R: tl.constexpr, F32_DOT: tl.constexpr):
-    """Scaled scores [G_PAD, BLOCK_N] of positions n (rows >= G and columns not ok: -inf).
-
-    Two tensor-core dots, hi and lo halves of q @ basis against the exact keys, accumulate
-    in float32: the score is float32-accurate to about 2**-16 of |q @ basis| |k|. F32_DOT
-    (float32 keys; the interpreter, whose bf16/fp16 dot is wrong in Triton 3.6) upcasts to
-    full-precision float32 dots instead."""
+def _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg, stride_ch, G,
+             G_PAD: tl.constexpr, R: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Kv head h's q @ basis as (hi, lo) pairs, split in halves for packed int4 keys (whose
+    bytes hold dims j and j + R/2), q·mean [G_PAD] and the scores' multiplier."""
+    if KEY_BITS == 4:
+        qa_hi, qa_lo = _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD, R // 2, 0)
+        qb_hi, qb_lo = _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD, R // 2, R // 2)
+    else:
+        qa_hi, qa_lo = _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD, R, 0)
+        qb_hi, qb_lo = qa_hi, qa_lo  # unused
     g = tl.arange(0, G_PAD)
-    r = tl.arange(0, R)
-    k = tl.load(Keys + h * stride_kh + n[:, None].to(tl.int64) * stride_kn + r[None, :],
-                mask=ok[:, None], other=0.0)
-    kt = tl.trans(k)
+    c = tl.load(C + h * stride_ch + g, mask=g < G, other=0.0)
+    mul = tl.load(Mul + h)
+    return qa_hi, qa_lo, qb_hi, qb_lo, c, mul
+
+
+@triton.jit
+def _dot(qr_hi, qr_lo, k, F32_DOT: tl.constexpr, HI_LO: tl.constexpr):
+    """[G_PAD, W] x keys [BLOCK_N, W] -> float32 [G_PAD, BLOCK_N]."""
     if F32_DOT:
-        kt = kt.to(tl.float32)
+        kt = tl.trans(k.to(tl.float32))
         x = (tl.dot(qr_hi.to(tl.float32), kt, input_precision="ieee")
              + tl.dot(qr_lo.to(tl.float32), kt, input_precision="ieee"))
     else:
-        x = tl.dot(qr_hi, kt) + tl.dot(qr_lo, kt)
-    x = (x + c[:, None]) * scale
+        kt = tl.trans(k.to(qr_hi.dtype))  # a no-op for float keys
+        x = tl.dot(qr_hi, kt)
+        if HI_LO:
+            x += tl.dot(qr_lo, kt)
+    return x
+
+
+@triton.jit
+def _scores(qa_hi, qa_lo, qb_hi, qb_lo, c, mul, Keys, h, n, ok, stride_kh, stride_kn, scale,
+            G, G_PAD: tl.constexpr, R: tl.constexpr, F32_DOT: tl.constexpr,
+            HI_LO: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Scaled scores [G_PAD, BLOCK_N] of positions n (rows >= G and columns not ok: -inf).
+
+    Float keys: two tensor-core dots, hi and lo halves of q @ basis against the exact keys,
+    accumulate in float32: the score is float32-accurate to about 2**-16 of
+    |q @ basis| |k|. Integer keys: one float16 dot (HI_LO off), q @ basis normalised per
+    kv head by mul, a power of two, so float16 neither overflows nor loses range: 2**-12
+    of max |q @ basis| per value, far below an int8 or int4 step. F32_DOT (float32 keys;
+    the interpreter, whose bf16/fp16 dot is wrong in Triton 3.6) upcasts to float32 dots."""
+    g = tl.arange(0, G_PAD)
+    row = Keys + h * stride_kh + n[:, None].to(tl.int64) * stride_kn
+    if KEY_BITS == 4:
+        b = tl.load(row + tl.arange(0, R // 2)[None, :], mask=ok[:, None], other=0)
+        low = (b & 15).to(tl.int8) - 8  # dims [0, R/2)
+        high = (b >> 4).to(tl.int8) - 8  # dims [R/2, R)
+        x = _dot(qa_hi, qa_lo, low, F32_DOT, HI_LO) + _dot(qb_hi, qb_lo, high, F32_DOT, HI_LO)
+    else:
+        k = tl.load(row + tl.arange(0, R)[None, :], mask=ok[:, None], other=0)
+        x = _dot(qa_hi, qa_lo, k, F32_DOT, HI_LO)
+    x = (x * mul + c[:, None]) * scale
     return tl.where((g[:, None] < G) & ok[None, :], x, float("-inf"))
 
 
 @triton.jit
 def lse_partial_kernel(
-    QrHi, QrLo, C, Keys, Hi, M, L,  # [Hkv, G, r] x2 keys' dtype, [Hkv, G] f32, [Hkv, N, r],
-    # [1], [Hkv, S, G_PAD] f32 x2
+    QrHi, QrLo, C, Mul, Keys, Hi, M, L,  # [Hkv, G, r] x2 dot dtype, [Hkv, G] f32, [Hkv] f32,
+    # [Hkv, N, r] (r / 2 packed int4), [1], [Hkv, S, G_PAD] f32 x2
     lo, origin, N,  # first position scored, first position of tile 0, capacity
     stride_qh, stride_qg, stride_ch, stride_kh, stride_kn, stride_mh, stride_ms,
     scale, G,
     G_PAD: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr,
     CHUNK: tl.constexpr,  # positions per program, a multiple of BLOCK_N (fixed trip count)
+    HI_LO: tl.constexpr,  # dot the lo half of q @ basis too (float keys)
+    KEY_BITS: tl.constexpr,  # 16 (float keys), 8 (int8) or 4 (packed int4)
 ):
     h = tl.program_id(0).to(tl.int64)  # h * stride_kh passes 2**31 at B·Hkv·N·r >= 2**31
     split = tl.program_id(1)
     hi = tl.minimum(tl.load(Hi).to(tl.int32), N)
-    qr_hi, qr_lo, c = _query(QrHi, QrLo, C, h, stride_qh, stride_qg, stride_ch, G, G_PAD, R)
+    qa_hi, qa_lo, qb_hi, qb_lo, c, mul = _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg,
+                                                  stride_ch, G, G_PAD, R, KEY_BITS)
     start = origin + split * CHUNK
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     acc = tl.zeros([G_PAD], tl.float32)
     for off in range(0, CHUNK, BLOCK_N):
         n = start + off + tl.arange(0, BLOCK_N)
-        x = _scores(qr_hi, qr_lo, c, Keys, h, n, (n >= lo) & (n < hi), stride_kh, stride_kn,
-                    scale, G, G_PAD, R, F32_DOT)
+        x = _scores(qa_hi, qa_lo, qb_hi, qb_lo, c, mul, Keys, h, n, (n >= lo) & (n < hi),
+                    stride_kh, stride_kn, scale, G, G_PAD, R, F32_DOT, HI_LO, KEY_BITS)
         m_new = tl.maximum(m, tl.max(x, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all excluded so far
         acc = acc * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
@@ -82,7 +122,7 @@ def lse_partial_kernel(
 
 @triton.jit
 def shares_kernel(
-    QrHi, QrLo, C, Keys, Hi, M, L, Other, Out, Lse,  # Other, Lse [Hkv, G]; Out [Hkv, N - lo]
+    QrHi, QrLo, C, Mul, Keys, Hi, M, L, Other, Out, Lse,  # Other, Lse [Hkv, G]; Out [Hkv, N - lo]
     Mass,  # [Hkv, G, NM] float32, zeroed: sums of exp(score - lse) per MASS_CHUNK positions
     lo, origin, N, S, NM,
     stride_qh, stride_qg, stride_ch, stride_kh, stride_kn, stride_mh, stride_ms,
@@ -91,6 +131,7 @@ def shares_kernel(
     G_PAD: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, S_PAD: tl.constexpr,
     HAS_OTHER: tl.constexpr, F32_DOT: tl.constexpr, CHUNK: tl.constexpr,
     MASS_CHUNK: tl.constexpr,  # 0: no Mass; else a power of two dividing BLOCK_N
+    HI_LO: tl.constexpr, KEY_BITS: tl.constexpr,
 ):
     h = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -112,12 +153,13 @@ def shares_kernel(
     if split == 0:
         tl.store(Lse + h * stride_lh + g, lse, mask=g < G)
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # no mass anywhere: shares 0
-    qr_hi, qr_lo, c = _query(QrHi, QrLo, C, h, stride_qh, stride_qg, stride_ch, G, G_PAD, R)
+    qa_hi, qa_lo, qb_hi, qb_lo, c, mul = _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg,
+                                                  stride_ch, G, G_PAD, R, KEY_BITS)
     start = origin + split * CHUNK  # origin is a multiple of BLOCK_N: tiles hold whole chunks
     for off in range(0, CHUNK, BLOCK_N):
         n = start + off + tl.arange(0, BLOCK_N)
-        x = _scores(qr_hi, qr_lo, c, Keys, h, n, (n >= lo) & (n < hi), stride_kh, stride_kn,
-                    scale, G, G_PAD, R, F32_DOT)
+        x = _scores(qa_hi, qa_lo, qb_hi, qb_lo, c, mul, Keys, h, n, (n >= lo) & (n < hi),
+                    stride_kh, stride_kn, scale, G, G_PAD, R, F32_DOT, HI_LO, KEY_BITS)
         p = tl.exp(x - lse[:, None])  # [G_PAD, BLOCK_N], 0 where excluded
         shares = tl.sum(p, axis=0)  # [BLOCK_N]
         out = shares.to(Out.dtype.element_ty, fp_downcast_rounding="rtne")  # f32 or bf16

@@ -1,6 +1,39 @@
-"""Reference select_scores: plain float32 PyTorch, same signature and layout."""
+"""Reference select_scores: plain float32 PyTorch, same signature and layout.
+
+Also the storage formats of a quantised sketch, which kernel and reference share:
+int8 keys [Hkv, N, r] hold integers in [-127, 127]; uint8 keys [Hkv, N, r / 2] hold two
+signed 4-bit integers in [-7, 7] per byte, dim j in the low nibble and dim j + r / 2 in the
+high one (so a kernel unpacks two contiguous halves, no shuffle), each stored plus 8.
+Either way the per-dim scales are folded into the basis by the caller, so scores need only
+the integers.
+"""
 
 import torch
+
+INT4_OFFSET = 8
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """int tensor [..., r] (r even) in [-7, 7] -> uint8 [..., r / 2]."""
+    if values.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even last dim; got {values.shape[-1]}")
+    v = (values.to(torch.int16) + INT4_OFFSET).to(torch.uint8)
+    half = v.shape[-1] // 2
+    return v[..., :half] | (v[..., half:] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., r / 2] -> int8 [..., r] in [-8, 7] (pack_int4's inverse)."""
+    low = (packed & 15).to(torch.int8) - INT4_OFFSET
+    high = (packed >> 4).to(torch.int8) - INT4_OFFSET
+    return torch.cat([low, high], dim=-1)
+
+
+def sketch_values(keys: torch.Tensor) -> torch.Tensor:
+    """A sketch's keys as float32 [Hkv, N, r], whatever their storage (see above)."""
+    if keys.dtype == torch.uint8:
+        return unpack_int4(keys).float()
+    return keys.float()
 
 
 def select_scores_ref(
@@ -18,7 +51,8 @@ def select_scores_ref(
     """Group shares of the sketched scores of positions [lo, N), and the log-sum-exp used.
 
     q [Hkv, G, D]; basis [Hkv, D, r]; mean [Hkv, D]; keys [Hkv, N, r] (centred keys projected
-    on the basis); hi [1]: positions >= hi are excluded; other_lse [Hkv, G] or None.
+    on the basis; int8, or uint8 [Hkv, N, r / 2] packed int4, see above); hi [1]:
+    positions >= hi are excluded; other_lse [Hkv, G] or None.
     Score of position n for head (h, g): s = q·mean + (q @ basis)·keys[n], scaled by
     `scale`. lse [Hkv, G] = log-sum-exp of the scaled scores over [lo, hi), log-added to
     other_lse when given. shares [Hkv, N - lo] = sum over g of exp(scaled score - lse);
@@ -29,7 +63,7 @@ def select_scores_ref(
     """
     qr = q.float() @ basis.float()  # [Hkv, G, r]
     const = q.float() @ mean.float()[..., None]  # [Hkv, G, 1]
-    logits = (qr @ keys[:, lo:].float().transpose(1, 2) + const) * scale  # [Hkv, G, N - lo]
+    logits = (qr @ sketch_values(keys[:, lo:]).transpose(1, 2) + const) * scale  # [Hkv, G, N - lo]
     positions = torch.arange(lo, keys.shape[1], device=keys.device)
     logits = logits.masked_fill(positions >= hi.to(keys.device), float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)

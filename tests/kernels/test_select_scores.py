@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from retrieval_attn.kernels import select_scores, select_scores_ref
+from retrieval_attn.kernels import (
+    pack_int4,
+    select_scores,
+    select_scores_ref,
+    sketch_values,
+    unpack_int4,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -138,3 +144,72 @@ def test_chunk_mass_matches_reference(lo, hi, n):
     logits = (q @ basis @ keys[:, lo:hi].transpose(1, 2) + (q @ mean[..., None])) * 0.2
     total = torch.exp(logits - want[1][..., None]).sum(-1)
     torch.testing.assert_close(want[2].sum(-1), total, rtol=1e-5, atol=1e-7)
+
+
+def _quantised(keys: torch.Tensor, bits: int) -> torch.Tensor:
+    """keys [Hkv, N, r] float -> int8 (bits 8) or packed int4 uint8 (bits 4), unit scale."""
+    top = 2 ** (bits - 1) - 1
+    ints = keys.round().clamp(-top, top).to(torch.int8)
+    return ints if bits == 8 else pack_int4(ints)
+
+
+def test_int4_packing_round_trips():
+    values = torch.randint(-7, 8, (3, 5, 16), dtype=torch.int8)
+    packed = pack_int4(values)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 8)
+    assert torch.equal(unpack_int4(packed), values)
+    assert torch.equal(sketch_values(packed), values.float())
+    with pytest.raises(ValueError, match="even"):
+        pack_int4(values[..., :3])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("lo, hi, n, chunk", [(4, 250, 300, 64), (0, 517, 517, 0)])
+def test_quantised_sketch_matches_reference(bits, lo, hi, n, chunk):
+    """int8 and packed-int4 keys: the kernel scores the same integers the reference does
+    (in bfloat16 on a GPU, exactly), shares, lse and chunk masses agree."""
+    # int4 kernels need rank >= 32 (16 columns per packed half)
+    q, basis, mean, keys, other = _inputs(2, 7, 32, 32, n, torch.float32)
+    keys = _quantised(3 * keys, bits)
+    hi_t = torch.tensor([hi])
+    want = select_scores_ref(q, basis, mean, keys, lo, hi_t, 0.2, other, chunk=chunk)
+    got = select_scores(*(t.to(DEVICE) for t in (q, basis, mean, keys)), lo, hi_t.to(DEVICE),
+                        0.2, other.to(DEVICE), chunk=chunk)
+    for w, g_ in zip(want, got, strict=True):
+        torch.testing.assert_close(g_.cpu(), w, rtol=1e-4, atol=1e-7)
+    # the reference scores the integers themselves
+    ints = keys.float() if bits == 8 else unpack_int4(keys).float()
+    logits = (q @ basis @ ints[:, lo:hi].transpose(1, 2) + q @ mean[..., None]) * 0.2
+    torch.testing.assert_close(want[1], torch.logaddexp(logits.logsumexp(-1), other))
+
+
+def test_quantised_sketch_rejects_bad_layouts():
+    q, basis, mean, keys, _ = _inputs(2, 3, 32, 16, 50, torch.float32)
+    hi = torch.tensor([40])
+    with pytest.raises(ValueError, match="packed int4"):  # uint8 must be [Hkv, N, r / 2]
+        select_scores(q, basis, mean, keys.to(torch.uint8), 4, hi, 0.2)
+    with pytest.raises(ValueError, match="dtype"):
+        select_scores(q, basis, mean, keys.to(torch.int16), 4, hi, 0.2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits, r", [(8, 64), (4, 128)], ids=["int8-r64", "int4-r128"])
+def test_quantised_sketch_qwen_7b_shape_1m(bits, r):
+    """The 1M preset's shapes: Hkv=4, G=7, D=128, a quantised sketch of 64 bytes per token.
+    The GPU scores integer keys with one float16 dot; with q in {-1, 0, 1} and a basis of
+    quarters, q @ basis is exact in float16, so the kernel must match the reference to
+    float32 accuracy; with Gaussian inputs, to the float16 rounding of q @ basis."""
+    hkv, g, d, n, lo = 4, 7, 128, 1048576, 4
+    q, basis, mean, keys, other = _inputs(hkv, g, d, r, n, torch.float32, device="cuda")
+    keys = _quantised(3 * keys, bits)
+    hi = torch.tensor([n - 600], device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q_int = torch.randint(-1, 2, q.shape, device="cuda", generator=gen).float()
+    basis_q = torch.randint(-4, 5, basis.shape, device="cuda", generator=gen).float() / 4
+    scale = d**-0.5 / 8  # keeps the integer-valued scores in a softmax's useful range
+    for q_, basis_, rtol, atol in ((q_int, basis_q, 1e-4, 1e-5), (q, basis, 2e-2, 5e-3)):
+        want, want_lse = select_scores_ref(q_, basis_, mean, keys, lo, hi, scale, other)
+        got, got_lse = select_scores(q_, basis_, mean, keys, lo, hi, scale, other)
+        torch.testing.assert_close(got_lse, want_lse, rtol=rtol / 10, atol=atol)
+        torch.testing.assert_close(got, want, rtol=rtol, atol=1e-9)
+        _same_topk_up_to_ties(got, want, 4096, rtol=rtol)

@@ -31,15 +31,16 @@ def qkv(T):
 
 
 @pytest.mark.parametrize("policy", ["streaming", "quest", "retrieval", "retrieval+attention",
-                                    "retrieval+faiss-hnsw"])
+                                    "retrieval+faiss-hnsw", "retrieval/int8", "retrieval/int4"])
 def test_budget_covering_everything_is_exact(policy):
     # top_k >= every offloaded token: sparse attention must equal dense attention exactly
+    policy, _, sketch = policy.partition("/")
     policy, _, kind = policy.partition("+")
     if kind:
         pytest.importorskip("faiss")
     index = IndexConfig(kind=kind or "lowrank", builder="inline", build_queries=16)
     cfg = KVConfig(policy=policy, sink_tokens=3, window_tokens=10, top_k=N, page_tokens=1,
-                   rank=4, rerank_factor=2)
+                   rank=4, rerank_factor=2, sketch_dtype=sketch or "auto")
     q, k, v = qkv(70)
     dense = run_policy(DenseKV(L, 1, HKV, N, D, torch.device("cpu"), torch.float32),
                        q, k, v, 50)

@@ -8,8 +8,9 @@ import torch
 
 from retrieval_attn import LLM
 from retrieval_attn.engine import GenerationStats
+from retrieval_attn.errors import RetrievalAttnError
 from retrieval_attn.sampling import SamplingParams
-from retrieval_attn.tools.bench_decode import bench_config, fill
+from retrieval_attn.tools.bench_decode import bench_config, fill, parse_policy
 
 pytest.importorskip("faiss")
 
@@ -24,6 +25,19 @@ def test_bench_policies_map_to_configs(policy, kv_policy, index, tail):
     cfg = bench_config("qwen2.5-7b-1m", policy, 131072, 16, 2048, 32)
     assert (cfg.kv.policy, cfg.index.kind, cfg.kv.tail_estimate) == (kv_policy, index, tail)
     assert cfg.index.builder == "inline"  # the GPU machine has no Ray
+
+
+def test_policy_overrides_set_the_sketch():
+    cfg = bench_config("qwen2.5-7b-1m", "retrieval:sketch=int4,rank=128,rerank=2", 131072, 16,
+                       2048, 32)
+    assert (cfg.kv.sketch_dtype, cfg.kv.rank, cfg.kv.rerank_factor) == ("int4", 128, 2)
+    assert cfg.kv.tail_estimate
+    cfg = bench_config("qwen2.5-7b-1m", "retrieval-notail:sketch=int8", 131072, 16, 2048, 64)
+    assert (cfg.kv.sketch_dtype, cfg.kv.rank, cfg.kv.tail_estimate) == ("int8", 64, False)
+    assert parse_policy("dense") == ("dense", {})
+    for bad in ("dense:rank=8", "retrieval:colour=red", "retrieval:rank="):
+        with pytest.raises(RetrievalAttnError, match="overrides"):
+            parse_policy(bad)
 
 
 def test_ann_fill_installs_every_layer_and_serves_decode():
