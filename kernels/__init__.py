@@ -9,12 +9,20 @@ fall back to their references.
 
 from .gather_kv import gather_k, gather_kv, gather_kv_ref
 from .rerank_shares import rerank_shares, rerank_shares_ref
-from .select_scores import pack_int4, select_scores, select_scores_ref, sketch_values, unpack_int4
+from .select_scores import (
+    pack_int4,
+    quantise_query,
+    select_scores,
+    select_scores_ref,
+    sketch_values,
+    unpack_int4,
+)
 from .sparse_attention import sparse_attention, sparse_attention_ref
 from .store_kv import store_kv, store_kv_ref
 from .tail_correct import tail_correct, tail_correct_ref
 
-__all__ = ["gather_k", "gather_kv", "gather_kv_ref", "pack_int4", "rerank_shares",
+__all__ = ["gather_k", "gather_kv", "gather_kv_ref", "pack_int4", "quantise_query",
+           "rerank_shares",
            "rerank_shares_ref", "select_scores", "select_scores_ref", "sketch_values",
            "unpack_int4", "sparse_attention", "sparse_attention_ref",
            "store_kv", "store_kv_ref", "tail_correct", "tail_correct_ref"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..config import SKETCH_DTYPES  # auto: the model's dtype
-from ..kernels import pack_int4, sketch_values
+from ..kernels import pack_int4, quantise_query, sketch_values
 
 _INT_MAX = {"int8": 127, "int4": 7}
 # tokens quantised at a time when a prompt is stored: bounds the temporaries of rounding
@@ -65,7 +65,8 @@ class LowRankKeys:
         self.basis[layer, heads] = basis.to(self.basis.dtype)
         projected = centred @ basis  # [Hkv, n, r] float32
         if self.sketch != "auto":
-            top = projected.abs().amax(dim=1).clamp_min(1e-12)  # [Hkv, r]
+            # absmax without an abs() copy of the prompt's projection
+            top = torch.maximum(projected.amax(dim=1), -projected.amin(dim=1)).clamp_min(1e-12)
             self.scale[layer, heads] = top / _INT_MAX[self.sketch]
         scale = self.scale[layer, heads]
         for i in range(0, k.shape[1], STORE_TOKENS):
@@ -87,6 +88,15 @@ class LowRankKeys:
         projected = (k.to(basis.dtype) - self.mean[layer, :, None].to(basis.dtype)) @ basis
         self.keys[layer].index_copy_(1, pos, self._store(projected.float(), self.scale[layer]))
 
+    def _query(self, q: torch.Tensor, layer: int) -> torch.Tensor:
+        """q [Hkv, G, D] -> q @ score_basis [Hkv, G, r] float32, as select_scores scores the
+        sketch: through int8 (kernels.quantise_query) when the keys are integers."""
+        qr = q.float() @ self.score_basis(layer).float()
+        if self.sketch == "auto":
+            return qr
+        ints, step = quantise_query(qr)
+        return ints.float() * step[:, None, None]
+
     def score_basis(self, layer: int) -> torch.Tensor:
         """[Hkv, D, r]: the basis with the per-dim scales folded in, so that
         q @ score_basis @ stored integers^T is the sketched q·(k - mean)."""
@@ -104,7 +114,7 @@ class LowRankKeys:
         if self.sketch == "auto":
             qr = q @ self.basis[layer]  # [Hkv, G, r]
             return qr @ self.keys[layer, :, lo:hi].transpose(1, 2) + constant
-        qr = q.float() @ self.score_basis(layer)
+        qr = self._query(q, layer)
         keys = sketch_values(self.keys[layer, :, lo:hi])
         return (qr @ keys.transpose(1, 2)).to(q.dtype) + constant
 
@@ -112,7 +122,7 @@ class LowRankKeys:
         """Approximate q·k of given positions, float32 (as select_scores scores them).
         q [Hkv, G, D], positions [Hkv, K] -> [Hkv, G, K]."""
         qf = q.float()
-        qr = qf @ self.score_basis(layer).float()  # [Hkv, G, r]
+        qr = self._query(q, layer)  # [Hkv, G, r]
         width = self.keys.shape[-1]
         keys = self.keys[layer].gather(1, positions[..., None].expand(-1, -1, width))
         return qr @ sketch_values(keys).transpose(1, 2) + qf @ self.mean[layer, :, :, None].float()

@@ -260,11 +260,11 @@ def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) ->
                 "update" + ("" if fused else " + B·H·N·4 padded probabilities (PyTorch "
                             "path)"), "decode")
         f32 = b != 4  # a float32 model's keys are used in place, not copied
+        cast = b * f32 if kv.sketch_dtype == "auto" else 0  # quantised: stored in pieces
         one_seq = spec.num_kv_heads  # the fit runs on one sequence's keys at a time
-        add("layer end: low-rank fit", dev, one_seq * n * (4 * D * (1 + f32)
-                                                          + r * (4 + b * f32)),
+        add("layer end: low-rank fit", dev, one_seq * n * (4 * D * (1 + f32) + r * (4 + cast)),
             "Hkv·n·(4·D·2 + r·(4 + b))  keys and centred keys in float32, projection "
-            "(float32 model: Hkv·n·(4·D + 4·r))", "layer-end")
+            "(float32 model: Hkv·n·(4·D + 4·r); int8/int4 sketch: no b·r cast)", "layer-end")
         if dev == "gpu" and r >= 16 and r & (r - 1) == 0:  # kernels/select_scores
             sb = 2 if kv.rerank_factor > 1 else 4  # re-rank candidates need only bfloat16
             add("decode: low-rank selection scores", dev, Hkv * N * sb,
@@ -416,6 +416,7 @@ def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_byt
                   window_tokens: int = 512, sink_tokens: int = 4, max_rank: int | None = None,
                   max_kv_gpu_bytes: int | None = None,
                   prefill_chunk_tokens: int = SEARCH_CHUNK_TOKENS, tail_estimate: bool = True,
+                  rerank_factor: int = 4,
                   headroom: float = SEARCH_HEADROOM) -> EngineConfig:
     """The config of best expected quality that fits (preference order: module docstring).
 
@@ -433,7 +434,8 @@ def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_byt
         "runtime": {"device": device_type, "dtype": dtype, "max_context_tokens": context_tokens,
                     "cuda_graphs": device_type == "cuda"},
         "kv": {"policy": "dense", "sink_tokens": sink_tokens, "window_tokens": window_tokens,
-               "top_k": top_k, "tail_estimate": tail_estimate}})
+               "top_k": top_k, "tail_estimate": tail_estimate,
+               "rerank_factor": rerank_factor}})
     chunks = [c for c in CHUNK_CHOICES if c <= prefill_chunk_tokens] or [CHUNK_CHOICES[-1]]
     kv_cap = max_kv_gpu_bytes if max_kv_gpu_bytes is not None else math.inf
 

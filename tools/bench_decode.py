@@ -85,7 +85,8 @@ def fill(llm: LLM, n: int, seed: int = 0, batch: int = 1) -> None:
 
 
 def bench_config(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: int,
-                 rerank_factor: int = 4, batch: int = 1) -> EngineConfig:
+                 rerank_factor: int = 4, batch: int = 1,
+                 sketch_dtype: str = "auto") -> EngineConfig:
     policy, overrides = parse_policy(policy)
     return EngineConfig.load("default").replace(
         model={"path": f"random:{shape}"},
@@ -93,6 +94,7 @@ def bench_config(shape: str, policy: str, n: int, new_tokens: int, top_k: int, r
                  "prefill_chunk_tokens": 2048, "progress_bar": False, "max_batch": batch},
         kv={"policy": POLICY.get(policy, policy),
             "top_k": top_k, "rank": rank, "rerank_factor": rerank_factor,
+            "sketch_dtype": sketch_dtype,
             "tail_estimate": policy == "retrieval", **overrides},
         # the ANN path: attention-aware graphs, built in-process (no Ray on the GPU machine)
         index={"kind": "attention" if policy == "retrieval-ann" else "lowrank",
@@ -114,20 +116,21 @@ def fit_prefill_chunk(shape: str, cfg: EngineConfig) -> EngineConfig:
 
 
 def largest_batch_here(shape: str, policy: str, n: int, new_tokens: int, top_k: int,
-                       rank: int) -> int:
+                       rank: int, sketch_dtype: str = "auto") -> int:
     """The planner's largest batch for this policy in the memory free right now."""
     from retrieval_attn.planner import available_memory, largest_batch
 
     free_device()
     cfg = bench_config(shape, "retrieval" if policy == "full-offload" else policy, n,
-                       new_tokens, top_k, rank)
+                       new_tokens, top_k, rank, sketch_dtype=sketch_dtype)
     return largest_batch(LLM_spec(shape), cfg, *available_memory(torch.device("cuda")))
 
 
 def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: int,
-            profile: bool = False, rerank_factor: int = 4,
+            profile: bool = False, rerank_factor: int = 4, sketch_dtype: str = "auto",
             profile_path: str | None = None, batch: int = 1) -> dict:
-    cfg = bench_config(shape, policy, n, new_tokens, top_k, rank, rerank_factor, batch)
+    cfg = bench_config(shape, policy, n, new_tokens, top_k, rank, rerank_factor, batch,
+                       sketch_dtype)
     if policy != "full-offload":
         cfg = fit_prefill_chunk(shape, cfg)
     # The planner knows dense and sparse policies, not full offload (built here by hand):
@@ -298,10 +301,12 @@ def main(argv: list[str] | None = None) -> int:
                         "sketch overrides: retrieval:sketch=int4,rank=128,rerank=2")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--top-k", type=int, default=2048)
-    p.add_argument("--rank", type=int, default=32)
+    # defaults: the 1m-single-gpu preset's sketch
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--sketch-dtype", default="int8", choices=["auto", "int8", "int4"])
     p.add_argument("--profile", nargs="*", default=[], help="policies to profile (per kernel)")
     p.add_argument("--profile-out", default=None, help="append profile tables to this file")
-    p.add_argument("--rerank-factor", type=int, default=4)
+    p.add_argument("--rerank-factor", type=int, default=2)
     p.add_argument("--batches", nargs="+", default=["1"],
                    help="sequences decoded together: numbers, or max (planner's largest)")
     p.add_argument("--json", default=None)
@@ -327,19 +332,22 @@ def main(argv: list[str] | None = None) -> int:
                   f"{t['bfloat16 keeps']:.2%} of the float32 top-k)", flush=True)
     def one(policy: str, n: int, batch: str) -> dict:
         b = (int(batch) if batch != "max" else
-             largest_batch_here(args.shape, policy, n, args.new_tokens, args.top_k, args.rank))
+             largest_batch_here(args.shape, policy, n, args.new_tokens, args.top_k, args.rank,
+                                args.sketch_dtype))
         if b < 1:
             raise RetrievalAttnError(f"no batch of {policy} fits at {n} tokens")
         print(f"{policy} at {n} tokens, batch {b}", flush=True)
         return run_one(args.shape, policy, n, args.new_tokens, args.top_k, args.rank,
-                       policy in args.profile, args.rerank_factor, args.profile_out, b)
+                       policy in args.profile, args.rerank_factor, args.sketch_dtype,
+                       args.profile_out, b)
 
     rows = []
     for batch in args.batches:
         rows += run_grid(args.contexts, args.policies,
                          lambda policy, n, batch=batch: one(policy, n, batch))
     print(f"\n{args.shape}, random weights, synthetic prompt K/V, top_k {args.top_k}, "
-          f"window 512 + 4 sinks, rank {args.rank}, rerank x{args.rerank_factor}, "
+          f"window 512 + 4 sinks, rank {args.rank} {args.sketch_dtype} sketch, rerank "
+          f"x{args.rerank_factor} (a policy's overrides aside), "
           f"{torch.cuda.get_device_name()}")
     width = max(13, *(len(p) + 1 for p in args.policies))
     print(f"{'context':>9} {'policy':<{width}}{'batch':>6}{'ms/token':>9}{'tok/s':>8}"

@@ -20,10 +20,10 @@ from .._launch import (
     sm_count,
     use_triton,
 )
-from .ref import pack_int4, select_scores_ref, sketch_values, unpack_int4
+from .ref import pack_int4, quantise_query, select_scores_ref, sketch_values, unpack_int4
 
-__all__ = ["pack_int4", "select_scores", "select_scores_ref", "sketch_values",
-           "unpack_int4"]
+__all__ = ["pack_int4", "quantise_query", "select_scores", "select_scores_ref",
+           "sketch_values", "unpack_int4"]
 
 BLOCK_N = 256  # positions per tile
 MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a kv head are padded to this
@@ -102,8 +102,9 @@ def select_scores(
     if keys.dtype not in KEY_BITS:
         raise ValueError(f"keys dtype {keys.dtype}: one of {', '.join(map(str, KEY_BITS))}")
     bits = KEY_BITS[keys.dtype]
-    if (not use_triton(device) or r < (32 if bits == 4 else 16) or r & (r - 1)
-            or keys.stride(-1) != 1):  # tl.dot needs >= 16 columns (int4: per half)
+    # tl.dot needs >= 16 columns, an int8 one >= 32 (int4 keys: per half)
+    if (not use_triton(device) or r < {16: 16, 8: 32, 4: 64}[bits] or r & (r - 1)
+            or keys.stride(-1) != 1):
         return select_scores_ref(q, basis, mean, keys, lo, hi, scale, other_lse, chunk,
                                  shares_dtype)
     from .kernel import lse_partial_kernel, shares_kernel
@@ -111,14 +112,11 @@ def select_scores(
     qr = q.float() @ basis.float()  # [Hkv, G, r], tiny
     if keys.dtype.is_floating_point:
         mul = torch.ones(hkv, dtype=torch.float32, device=device)
-        dot_dtype = keys.dtype
-    else:  # integer keys, exact in float16: q @ basis over a power of two per kv head
-        top = qr.abs().amax(dim=(1, 2)).clamp_min(2.0**-100)
-        mul = torch.exp2(torch.ceil(torch.log2(top)))  # [Hkv], no host sync
-        qr = qr / mul[:, None, None]
-        dot_dtype = torch.float16
-    qr_hi = qr.to(dot_dtype)
-    qr_lo = (qr - qr_hi.float()).to(dot_dtype)  # all zero when keys are float32
+        qr_hi = qr.to(keys.dtype)
+        qr_lo = (qr - qr_hi.float()).to(keys.dtype)  # all zero when keys are float32
+    else:  # integer keys: an int8 query and its step per kv head
+        qr_hi, mul = quantise_query(qr)
+        qr_lo = torch.zeros_like(qr_hi)  # read only by the interpreter's float32 dots
     const = (q.float() @ mean.float()[..., None])[..., 0].contiguous()  # [Hkv, G]
     shares = torch.empty(hkv, n - lo, dtype=shares_dtype, device=device)
     lse = torch.empty(hkv, g, dtype=torch.float32, device=device)

@@ -29,6 +29,14 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([low, high], dim=-1)
 
 
+def quantise_query(qr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q @ basis [Hkv, G, r] float32 -> (int8 values [Hkv, G, r], step [Hkv] float32): what
+    an integer sketch is scored against (absmax per kv head, no host sync). Its rounding,
+    1/254 of the head's largest value, is no coarser than an int8 key's."""
+    step = qr.abs().amax(dim=(1, 2)).clamp_min(1e-30) / 127
+    return (qr / step[:, None, None]).round().clamp(-127, 127).to(torch.int8), step
+
+
 def sketch_values(keys: torch.Tensor) -> torch.Tensor:
     """A sketch's keys as float32 [Hkv, N, r], whatever their storage (see above)."""
     if keys.dtype == torch.uint8:
@@ -59,9 +67,13 @@ def select_scores_ref(
     0 at excluded positions. With chunk > 0, also mass [Hkv, G, ceil(N / chunk)]: per head,
     the sum of exp(scaled score - lse) over the positions of each chunk of `chunk` positions
     (positions [j·chunk, (j+1)·chunk), excluded ones counting 0). shares are computed in
-    float32 and rounded to shares_dtype at the end.
+    float32 and rounded to shares_dtype at the end. Integer keys are scored against
+    quantise_query's int8 q @ basis, as the kernel scores them.
     """
     qr = q.float() @ basis.float()  # [Hkv, G, r]
+    if not keys.dtype.is_floating_point:  # integer keys are scored against an int8 query
+        ints, step = quantise_query(qr)
+        qr = ints.float() * step[:, None, None]
     const = q.float() @ mean.float()[..., None]  # [Hkv, G, 1]
     logits = (qr @ sketch_values(keys[:, lo:]).transpose(1, 2) + const) * scale  # [Hkv, G, N - lo]
     positions = torch.arange(lo, keys.shape[1], device=keys.device)

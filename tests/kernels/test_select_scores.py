@@ -5,6 +5,7 @@ import torch
 
 from retrieval_attn.kernels import (
     pack_int4,
+    quantise_query,
     select_scores,
     select_scores_ref,
     sketch_values,
@@ -168,8 +169,8 @@ def test_int4_packing_round_trips():
 def test_quantised_sketch_matches_reference(bits, lo, hi, n, chunk):
     """int8 and packed-int4 keys: the kernel scores the same integers the reference does
     (in bfloat16 on a GPU, exactly), shares, lse and chunk masses agree."""
-    # int4 kernels need rank >= 32 (16 columns per packed half)
-    q, basis, mean, keys, other = _inputs(2, 7, 32, 32, n, torch.float32)
+    # int8 dots need >= 32 columns: rank 64 (int4: two halves of 32)
+    q, basis, mean, keys, other = _inputs(2, 7, 32, 64, n, torch.float32)
     keys = _quantised(3 * keys, bits)
     hi_t = torch.tensor([hi])
     want = select_scores_ref(q, basis, mean, keys, lo, hi_t, 0.2, other, chunk=chunk)
@@ -177,9 +178,13 @@ def test_quantised_sketch_matches_reference(bits, lo, hi, n, chunk):
                         0.2, other.to(DEVICE), chunk=chunk)
     for w, g_ in zip(want, got, strict=True):
         torch.testing.assert_close(g_.cpu(), w, rtol=1e-4, atol=1e-7)
-    # the reference scores the integers themselves
+    # the reference scores the integers themselves, against an int8 q @ basis
     ints = keys.float() if bits == 8 else unpack_int4(keys).float()
-    logits = (q @ basis @ ints[:, lo:hi].transpose(1, 2) + q @ mean[..., None]) * 0.2
+    qi, step = quantise_query(q @ basis)
+    assert ((qi.float() * step[:, None, None] - q @ basis).abs()
+            <= step[:, None, None] / 2 + 1e-6).all()
+    logits = (qi.float() @ ints[:, lo:hi].transpose(1, 2) * step[:, None, None]
+              + q @ mean[..., None]) * 0.2
     torch.testing.assert_close(want[1], torch.logaddexp(logits.logsumexp(-1), other))
 
 
@@ -195,21 +200,17 @@ def test_quantised_sketch_rejects_bad_layouts():
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits, r", [(8, 64), (4, 128)], ids=["int8-r64", "int4-r128"])
 def test_quantised_sketch_qwen_7b_shape_1m(bits, r):
-    """The 1M preset's shapes: Hkv=4, G=7, D=128, a quantised sketch of 64 bytes per token.
-    The GPU scores integer keys with one float16 dot; with q in {-1, 0, 1} and a basis of
-    quarters, q @ basis is exact in float16, so the kernel must match the reference to
-    float32 accuracy; with Gaussian inputs, to the float16 rounding of q @ basis."""
+    """The 1M preset's shapes: Hkv=4, G=7, D=128, a quantised sketch of 64 bytes per token,
+    scored by int8 dots (exact) against the reference's float32 sums of the same integers."""
     hkv, g, d, n, lo = 4, 7, 128, 1048576, 4
     q, basis, mean, keys, other = _inputs(hkv, g, d, r, n, torch.float32, device="cuda")
     keys = _quantised(3 * keys, bits)
     hi = torch.tensor([n - 600], device="cuda")
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    q_int = torch.randint(-1, 2, q.shape, device="cuda", generator=gen).float()
-    basis_q = torch.randint(-4, 5, basis.shape, device="cuda", generator=gen).float() / 4
-    scale = d**-0.5 / 8  # keeps the integer-valued scores in a softmax's useful range
-    for q_, basis_, rtol, atol in ((q_int, basis_q, 1e-4, 1e-5), (q, basis, 2e-2, 5e-3)):
-        want, want_lse = select_scores_ref(q_, basis_, mean, keys, lo, hi, scale, other)
-        got, got_lse = select_scores(q_, basis_, mean, keys, lo, hi, scale, other)
-        torch.testing.assert_close(got_lse, want_lse, rtol=rtol / 10, atol=atol)
-        torch.testing.assert_close(got, want, rtol=rtol, atol=1e-9)
-        _same_topk_up_to_ties(got, want, 4096, rtol=rtol)
+    want, want_lse = select_scores_ref(q, basis, mean, keys, lo, hi, d**-0.5, other)
+    got, got_lse = select_scores(q, basis, mean, keys, lo, hi, d**-0.5, other)
+    torch.testing.assert_close(got_lse, want_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
+    _same_topk_up_to_ties(got, want, 4096, rtol=1e-4)
+    got16, _ = select_scores(q, basis, mean, keys, lo, hi, d**-0.5, other,
+                             shares_dtype=torch.bfloat16)
+    torch.testing.assert_close(got16.float(), want, rtol=2**-8, atol=1e-9)

@@ -5,7 +5,7 @@ by build and by append, the fused shares equal to the scores they stand for."""
 import pytest
 import torch
 
-from retrieval_attn.kernels import unpack_int4
+from retrieval_attn.kernels import quantise_query, sketch_values, unpack_int4
 from retrieval_attn.offload import LowRankKeys
 
 HKV, G, N, D = 2, 3, 300, 32
@@ -31,8 +31,14 @@ def test_quantised_scores_are_the_float_sketch_within_half_a_step(sketch):
     assert quant.keys.shape[-1] == (16 if sketch == "int8" else 8)
     torch.testing.assert_close(quant.basis, exact.basis)
     want, got = exact.scores(0, q, 0, N), quant.scores(0, q, 0, N)
-    # each dim is off by at most half its step: |error| <= sum_d |q·basis_d| · scale_d / 2
-    bound = ((q @ exact.basis[0]).abs() * quant.scale[0, :, None, :]).sum(-1, keepdim=True) / 2
+    # each key dim is off by at most half its step, and so is each dim of the int8 query:
+    # |error| <= sum_d |q·basis_d| · scale_d / 2 + query step / 2 · sum_d |key_d|
+    qr = q @ exact.basis[0]  # [Hkv, G, r]
+    keys = sketch_values(quant.keys[0]) * quant.scale[0, :, None, :]  # [Hkv, N, r]
+    _, step = quantise_query(qr * quant.scale[0, :, None, :])
+    bound = ((qr.abs() * quant.scale[0, :, None, :]).sum(-1, keepdim=True) / 2
+             + step[:, None, None] / 2 * (keys / quant.scale[0, :, None, :]).abs().sum(-1)[
+                 :, None, :])
     assert ((got - want).abs() <= bound + 1e-4).all()
     assert (got - want).abs().max() > 0  # it is quantised
     at = torch.tensor([[5, 17, 299]] * HKV)
