@@ -4,9 +4,10 @@ captured queries and keys (tools/capture_qk.py output).
 For each captured layer and held-out decode query: the truth is the top-k positions of
 the offloaded region [sinks, n - window) by the group's summed exact attention
 probability; the low-rank retriever picks k with the window's log-sum-exp, as decode
-does. `int8` quantises the projected keys per (kv head, sketch dim) to int8 (absmax) and
-back: what an int8 sketch of the same rank would score with. An int8 sketch of rank 2r
-takes the bytes of a bfloat16 one of rank r.
+does. Each sketch is a real LowRankKeys: float32, or int8 / int4 projected keys with
+per-dim scales (kv.sketch_dtype), scored against an int8 query as the kernel scores them.
+An int8 sketch of rank 2r, or an int4 one of rank 4r, takes the bytes of a bfloat16 one
+of rank r.
 
     python -m retrieval_attn.tools.eval_sketch --qk out/qk --tokens 8100 --budget 40
 """
@@ -25,28 +26,24 @@ from retrieval_attn.offload import LowRankKeys
 
 from .longctx_diagnostics import _recall, _true_topk
 
-
-def quantise_int8(keys: torch.Tensor) -> torch.Tensor:
-    """keys [Hkv, N, r] -> int8 per (head, dim) absmax scale, returned dequantised."""
-    scale = keys.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
-    return (keys / scale).round().clamp(-127, 127) * scale
+SKETCHES = {"float32": "auto", "int8": "int8", "int4": "int4"}
 
 
-def layer_recall(k: torch.Tensor, q_decode: torch.Tensor, rank: int, int8: bool,
+def layer_recall(k: torch.Tensor, q_decode: torch.Tensor, rank: int, sketch: str,
                  factor: int, budget: int, sinks: int, window: int, stride: int = 1) -> float:
-    """k [Hkv, n, D], q_decode [H, T, D] float32 -> mean recall of the true top-budget."""
+    """k [Hkv, n, D], q_decode [H, T, D] float32 -> mean recall of the true top-budget.
+    sketch: float32, int8 or int4."""
     hkv, n, d = k.shape
     g = q_decode.shape[0] // hkv
     lo, hi = sinks, n - window
-    sketch = LowRankKeys(1, hkv, n, d, rank, torch.device("cpu"), torch.float32)
-    sketch.build(0, k)
-    if int8:
-        sketch.keys[0] = quantise_int8(sketch.keys[0])
+    keys = LowRankKeys(1, hkv, n, d, rank, torch.device("cpu"), torch.float32,
+                       SKETCHES[sketch])
+    keys.build(0, k)
 
     def exact(_layer, pos):
         return k.gather(1, pos[..., None].expand(-1, -1, d))
 
-    retriever = LowRankRetriever(sketch, d, factor, exact if factor > 1 else None)
+    retriever = LowRankRetriever(keys, d, factor, exact if factor > 1 else None)
     recalls = []
     for t in range(0, q_decode.shape[1], stride):
         q = q_decode[:, t].reshape(hkv, g, d)
@@ -63,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qk", type=Path, default=Path("out/qk"), help="capture_qk.py output")
     p.add_argument("--tokens", type=int, default=8100)
     p.add_argument("--budget", type=int, default=40, help="top_k per kv head")
-    p.add_argument("--ranks", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--sketches", nargs="+", choices=list(SKETCHES),
+                   default=["float32", "int8", "int4"])
     p.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--window", type=int, default=512)
@@ -74,15 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     meta = json.loads((folder / "meta.json").read_text())
     rows = []
     for rank in args.ranks:
-        for int8 in (False, True):
+        for sketch in args.sketches:
             for factor in args.factors:
                 per_layer = []
                 for layer in meta["layers"]:
                     z = np.load(folder / f"layer{layer}.npz")
                     per_layer.append(layer_recall(
                         torch.from_numpy(z["k"]).float(), torch.from_numpy(z["q_decode"]).float(),
-                        rank, int8, factor, args.budget, args.sinks, args.window, args.stride))
-                rows.append({"rank": rank, "sketch": "int8" if int8 else "float32",
+                        rank, sketch, factor, args.budget, args.sinks, args.window, args.stride))
+                rows.append({"rank": rank, "sketch": sketch,
                              "rerank": factor, "recall": float(np.mean(per_layer)),
                              "per_layer": per_layer})
     print(f"recall of the true top-{args.budget} of {meta['tokens']} tokens (window "
