@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from retrieval_attn import LLM, EngineConfig, SamplingParams
 from retrieval_attn.context import ContextError
@@ -92,3 +93,22 @@ def test_context_of_another_config_or_model_is_refused(llm, saved, tmp_path):
     (path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ContextError, match=r"another shape.*num_layers"):
         llm.load_context(path)
+
+
+@pytest.mark.slow
+def test_int4_sketch_round_trips_with_its_scales(llm, tmp_path):
+    """A quantised sketch's integers and per-dim scales come back from the files: the
+    loaded context decodes the same tokens with the low-rank retriever."""
+    cfg = llm.config.replace(kv={"rank": 32, "sketch_dtype": "int4", "top_k": 0.02},
+                             index={"kind": "lowrank"})
+    small = LLM(config=cfg)
+    prompt = build_prompt(small, 1200, 0.5, "2718281")
+    path = small.save_context(prompt, tmp_path / "int4")
+    want = small.generate(prompt, PARAMS)[0].token_ids
+    sketch = small.engine.kv.sketch
+    scale, keys = sketch.scale.clone(), sketch.keys.clone()
+    sketch.scale.fill_(1.0)
+    sketch.keys.zero_()
+    assert small.generate(small.load_context(path), PARAMS)[0].token_ids == want
+    assert torch.equal(sketch.scale, scale) and torch.equal(sketch.keys[:, :, :1200],
+                                                            keys[:, :, :1200])

@@ -77,7 +77,7 @@ def rank_recall(entries: list[TraceEntry], kv: SparseKV, cfg: KVConfig,
     rows = []
     for rank in ranks:
         sketch = LowRankKeys(kv.L, kv.Hkv, entries[0].n, kv.D, rank, torch.device("cpu"),
-                             torch.float32)
+                             torch.float32, cfg.sketch_dtype)  # the config's precision
         retrievers = {"plain": LowRankRetriever(sketch, kv.D)}
         retrievers |= {f"x{f}": LowRankRetriever(sketch, kv.D, f, exact) for f in factors}
         got = {name: [] for name in retrievers}
