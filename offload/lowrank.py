@@ -20,10 +20,14 @@ from ..config import SKETCH_DTYPES  # auto: the model's dtype
 from ..kernels import pack_int4, quantise_query, sketch_values
 
 _INT_MAX = {"int8": 127, "int4": 7}
-# tokens quantised at a time when a prompt is stored: bounds the temporaries of rounding
-# and packing (~10 bytes per sketch value) to a few MiB per kv head, where the prompt's
-# float32 projection is already 4·n·r bytes
-STORE_TOKENS = 1 << 16
+# tokens quantised at a time when a prompt is stored: the temporaries of rounding and
+# packing (~10 bytes per sketch value, STORE_BYTES_PER_VALUE) stay at 20 MiB per kv head
+# at rank 128, where the prompt's float32 projection is already 4·n·r bytes
+STORE_TOKENS = 1 << 14
+STORE_BYTES_PER_VALUE = 10
+# a sketch dim's integer step is at least this share of the head's largest: dims with no
+# spread in the prompt (shorter than the rank) still score decode tokens
+MIN_SCALE_RATIO = 1e-3
 
 
 class LowRankKeys:
@@ -40,9 +44,12 @@ class LowRankKeys:
             raise ValueError(f"an int4 sketch packs two dims per byte: rank {rank} must be even")
         self.rank, self.sketch = rank, sketch
         quantised = sketch != "auto"
-        # a quantised sketch's basis is tiny and scales it, so keep it in float32
+        # a quantised sketch's basis and mean are tiny: float32, so that decode tokens are
+        # centred and projected exactly as build did the prompt's (a rounded mean would
+        # shift every decode token's integers)
         basis_dtype = torch.float32 if quantised else dtype
-        self.mean = torch.zeros(num_layers, num_kv_heads, head_dim, device=device, dtype=dtype)
+        self.mean = torch.zeros(num_layers, num_kv_heads, head_dim, device=device,
+                                dtype=basis_dtype)
         self.basis = torch.zeros(num_layers, num_kv_heads, head_dim, rank, device=device,
                                  dtype=basis_dtype)
         width = rank // 2 if sketch == "int4" else rank
@@ -66,7 +73,9 @@ class LowRankKeys:
         projected = centred @ basis  # [Hkv, n, r] float32
         if self.sketch != "auto":
             # absmax without an abs() copy of the prompt's projection
-            top = torch.maximum(projected.amax(dim=1), -projected.amin(dim=1)).clamp_min(1e-12)
+            top = torch.maximum(projected.amax(dim=1), -projected.amin(dim=1))  # [Hkv, r]
+            top = torch.maximum(top, MIN_SCALE_RATIO * top.amax(-1, keepdim=True)).clamp_min(
+                1e-12)
             self.scale[layer, heads] = top / _INT_MAX[self.sketch]
         scale = self.scale[layer, heads]
         for i in range(0, k.shape[1], STORE_TOKENS):

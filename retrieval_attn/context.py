@@ -31,6 +31,7 @@ from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 from safetensors.torch import load_file, save_file
 
+from .config import IndexConfig, KVConfig
 from .errors import ConfigError, RetrievalAttnError
 
 FORMAT, VERSION = "retrieval-attn-context", 1
@@ -139,10 +140,12 @@ def open_context(engine, path: str | Path) -> SavedContext:
         raise ContextError(f"{path} was saved from a model of another shape "
                            f"({manifest['model']}); differs in {diff}: load it with that model")
     cfg = engine.config
-    for section, now in (("kv", dataclasses.asdict(cfg.kv)),
-                         ("index", dataclasses.asdict(cfg.index))):
+    for section, now, default in (("kv", dataclasses.asdict(cfg.kv), KVConfig()),
+                                  ("index", dataclasses.asdict(cfg.index), IndexConfig())):
         keys = ("kind",) if section == "index" else tuple(now)
-        diff = {k: (manifest[section][k], now[k]) for k in keys if manifest[section][k] != now[k]}
+        # a setting added since the context was saved had its default then
+        saved = {k: manifest[section].get(k, getattr(default, k)) for k in keys}
+        diff = {k: (saved[k], now[k]) for k in keys if saved[k] != now[k]}
         if diff:
             raise ContextError(f"{path} was saved with other {section} settings "
                                f"(saved, now): {diff}; load it with the config it was saved with")

@@ -40,8 +40,10 @@ import yaml
 
 from .config import EngineConfig
 from .errors import ConfigError
+from .kernels import kernel_scores
 from .model.spec import ModelSpec
 from .offload import policy_class
+from .offload.lowrank import STORE_BYTES_PER_VALUE, STORE_TOKENS
 from .offload.tail import CHUNK as TAIL_CHUNK
 from .offload.tail import padded_chunks
 
@@ -243,29 +245,37 @@ def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) ->
             add("kv: low-rank keys", dev, L * Hkv * (D + D * r + N * r) * b,
                 "L·B·Hkv·(D + D·r + N·r)·b  mean, basis [L, B·Hkv, D, r], keys "
                 "[L, B·Hkv, N, r]", "held")
-        else:  # offload/lowrank.py: integer keys, float32 basis and per-dim scales
-            per = {"int8": 1, "int4": 0.5}[kv.sketch_dtype]
-            add("kv: low-rank keys", dev, L * Hkv * (D * b + (D * r + r) * 4 + int(N * r * per)),
-                f"L·B·Hkv·(D·b + (D·r + r)·4 + N·r·{per:g})  mean, float32 basis and scales, "
+        else:  # offload/lowrank.py: integer keys, float32 mean, basis and per-dim scales
+            per = _SKETCH_BYTES[kv.sketch_dtype]
+            add("kv: low-rank keys", dev, L * Hkv * ((D + D * r + r) * 4 + int(N * r * per)),
+                f"L·B·Hkv·((D + D·r + r)·4 + N·r·{per:g})  float32 mean, basis and scales, "
                 f"{kv.sketch_dtype} keys [L, B·Hkv, N, r]", "held")
         if kv.tail_estimate and plan.config.index.kind == "lowrank":  # offload/tail.py
             chunks = padded_chunks(N)
             add("kv: tail V chunk sums", dev, L * Hkv * chunks * D * 4,
                 f"L·B·Hkv·M·D·4  float32 [L, B·Hkv, M, D], M = ceil(N/{TAIL_CHUNK}) rounded "
                 "up to a multiple of 64", "held")
-            fused = dev == "gpu" and r >= 16 and r & (r - 1) == 0  # kernels/select_scores
+            fused = dev == "gpu" and kernel_scores(r, _key_bits(kv.sketch_dtype))
             add("decode: tail chunk masses", dev, B * H * chunks * 8 + (0 if fused else
                                                                        B * H * N * 4),
                 "B·H·M·8  mass [B·Hkv, G, M] float32 and its "
                 "update" + ("" if fused else " + B·H·N·4 padded probabilities (PyTorch "
                             "path)"), "decode")
         f32 = b != 4  # a float32 model's keys are used in place, not copied
-        cast = b * f32 if kv.sketch_dtype == "auto" else 0  # quantised: stored in pieces
         one_seq = spec.num_kv_heads  # the fit runs on one sequence's keys at a time
-        add("layer end: low-rank fit", dev, one_seq * n * (4 * D * (1 + f32) + r * (4 + cast)),
-            "Hkv·n·(4·D·2 + r·(4 + b))  keys and centred keys in float32, projection "
-            "(float32 model: Hkv·n·(4·D + 4·r); int8/int4 sketch: no b·r cast)", "layer-end")
-        if dev == "gpu" and r >= 16 and r & (r - 1) == 0:  # kernels/select_scores
+        if kv.sketch_dtype == "auto":
+            add("layer end: low-rank fit", dev, one_seq * n * (4 * D * (1 + f32)
+                                                              + r * (4 + b * f32)),
+                "Hkv·n·(4·D·2 + r·(4 + b))  keys and centred keys in float32, projection "
+                "(float32 model: Hkv·n·(4·D + 4·r))", "layer-end")
+        else:  # quantised in pieces of STORE_TOKENS tokens
+            piece = min(n, STORE_TOKENS) * r * STORE_BYTES_PER_VALUE
+            add("layer end: low-rank fit", dev, one_seq * (n * (4 * D * (1 + f32) + 4 * r)
+                                                           + piece),
+                f"Hkv·(n·(4·D·2 + 4·r) + min(n, {STORE_TOKENS})·r·{STORE_BYTES_PER_VALUE})  "
+                "keys and centred keys in float32, projection, one piece's rounding and "
+                "packing (float32 model: 4·D·1)", "layer-end")
+        if dev == "gpu" and kernel_scores(r, _key_bits(kv.sketch_dtype)):
             sb = 2 if kv.rerank_factor > 1 else 4  # re-rank candidates need only bfloat16
             add("decode: low-rank selection scores", dev, Hkv * N * sb,
                 f"B·Hkv·N·{sb}  group shares [B·Hkv, N] {'bfloat16' if sb == 2 else 'float32'}"
@@ -345,7 +355,7 @@ def _fixes(plan: MemoryPlan, gpu: int, host: int) -> list[str]:
             fixes.append(f"lower kv.rank to {rank}")
         smaller = [d for d in ("int8", "int4")
                    if _SKETCH_BYTES[d] < _SKETCH_BYTES.get(kv.sketch_dtype, b)]
-        sketch = next((d for d in smaller if (d != "int4" or kv.rank % 2 == 0)
+        sketch = next((d for d in smaller if kernel_scores(kv.rank, _key_bits(d))
                        and fits(kv={"sketch_dtype": d})), None)
         if sketch:
             fixes.append(f"set kv.sketch_dtype {sketch} (same rank, fewer bytes)")
@@ -401,13 +411,20 @@ def _sketches(head_dim: int, dtype_bytes: int, max_rank: int | None = None
     """(kv.rank, kv.sketch_dtype) in search order (module docstring): rank first, then
     precision, each at most half the bytes of the dense keys per token."""
     cap = head_dim * dtype_bytes / 2
+    top = head_dim if max_rank is None else min(max_rank, head_dim)
     out = []
-    for rank in _ranks(min(max_rank or head_dim, head_dim)):
+    for rank in _ranks(top):
         for sketch in ("auto", "int8", "int4"):
             per = _SKETCH_BYTES.get(sketch, dtype_bytes)
-            if rank * per <= cap and not (sketch == "int4" and rank % 2):
+            # integer sketches only where the kernel scores them: the PyTorch fallback
+            # materialises [Hkv, G, N] and decodes several times slower
+            if rank * per <= cap and (sketch == "auto" or kernel_scores(rank, _key_bits(sketch))):
                 out.append((rank, sketch))
     return out
+
+
+def _key_bits(sketch_dtype: str) -> int:
+    return {"auto": 16, "int8": 8, "int4": 4}[sketch_dtype]
 
 
 def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_bytes: int, *,

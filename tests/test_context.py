@@ -96,6 +96,19 @@ def test_context_of_another_config_or_model_is_refused(llm, saved, tmp_path):
 
 
 @pytest.mark.slow
+def test_context_saved_before_a_setting_existed_loads_with_its_default(llm, saved, tmp_path):
+    path = _copy(saved[1], tmp_path)
+    m = json.loads((path / "manifest.json").read_text())
+    del m["kv"]["sketch_dtype"]  # as a context saved before kv.sketch_dtype existed
+    (path / "manifest.json").write_text(json.dumps(m))
+    assert llm.load_context(path).prompt_token_ids == llm.encode(saved[0])
+    m["kv"]["sketch_dtype"] = "int8"
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ContextError, match=r"'sketch_dtype': \('int8', 'auto'\)"):
+        llm.load_context(path)
+
+
+@pytest.mark.slow
 def test_int4_sketch_round_trips_with_its_scales(llm, tmp_path):
     """A quantised sketch's integers and per-dim scales come back from the files: the
     loaded context decodes the same tokens with the low-rank retriever."""

@@ -234,19 +234,42 @@ def test_sketch_search_order_is_rank_then_precision_within_half_the_dense_keys()
     assert order[:4] == [(128, "int8"), (128, "int4"), (64, "auto"), (64, "int8")]
     assert all(r * {"auto": 2, "int8": 1, "int4": 0.5}[d] <= 128 for r, d in order)
     assert _sketches(64, 4)[:2] == [(64, "int8"), (64, "int4")]  # float32: 4 bytes a value
-    assert (1, "int4") not in _sketches(64, 2)  # int4 packs pairs of dims
+    assert (32, "int4") not in _sketches(64, 2)  # the kernel dots int4 in halves of >= 32
 
 
-def test_quantised_sketch_arithmetic():
-    L, Hkv, D, N = 28, 4, 128, 1 << 20
-    for sketch, per in (("int8", 1), ("int4", 0.5)):
-        plan = plan_memory(QWEN, config("retrieval", rank=128).replace(
-            kv={"sketch_dtype": sketch}), "cuda")
-        assert part(plan, "kv: low-rank keys") == L * Hkv * (D * 2 + (D * 128 + 128) * 4
-                                                          + int(N * 128 * per))
-    # int4 of rank 128 holds the bytes of bfloat16 rank 32, plus float32 basis and scales
+@pytest.mark.parametrize("sketch, rank", [("auto", 32), ("int8", 64), ("int4", 128)])
+def test_sketch_bytes_are_what_low_rank_keys_allocates(sketch, rank):
+    from retrieval_attn.offload import LowRankKeys
+
+    N = 1 << 20
+    plan = plan_memory(QWEN, config("retrieval", rank=rank).replace(
+        kv={"sketch_dtype": sketch}), "cuda")
+    keys = LowRankKeys(QWEN.num_layers, QWEN.num_kv_heads, N, QWEN.head_dim, rank,
+                       torch.device("meta"), torch.bfloat16, sketch)
+    assert part(plan, "kv: low-rank keys") == sum(keys.memory_bytes().values())
+
+
+def test_quantised_sketch_of_the_same_bytes_costs_the_same():
+    # int8 of rank 64 and int4 of rank 128 hold the bytes of bfloat16 rank 32, plus float32
+    # basis and scales (< 1%)
     bf16 = part(plan_memory(QWEN, config("retrieval", rank=32), "cuda"), "kv: low-rank keys")
-    assert 0 < part(plan, "kv: low-rank keys") - bf16 < 0.01 * bf16
+    for sketch, rank in (("int8", 64), ("int4", 128)):
+        plan = plan_memory(QWEN, config("retrieval", rank=rank).replace(
+            kv={"sketch_dtype": sketch}), "cuda")
+        assert 0 < part(plan, "kv: low-rank keys") - bf16 < 0.01 * bf16
+
+
+def test_search_skips_integer_sketches_the_kernel_cannot_score():
+    from retrieval_attn.kernels import kernel_scores
+    from retrieval_attn.planner import _key_bits, _sketches
+
+    for rank, sketch in _sketches(128, 2) + _sketches(64, 4):
+        assert sketch == "auto" or kernel_scores(rank, _key_bits(sketch))
+    # a smaller GPU (where the first candidates do not fit): no integer sketch the kernel
+    # cannot score (rank 32 int4 fitted here before)
+    cfg = search_config(QWEN, 1 << 20, 34 * GiB, 128 * GiB)
+    assert cfg.kv.sketch_dtype == "auto" or kernel_scores(cfg.kv.rank,
+                                                          _key_bits(cfg.kv.sketch_dtype))
 
 
 def test_over_budget_retrieval_suggests_a_smaller_sketch_dtype():

@@ -22,8 +22,8 @@ from .._launch import (
 )
 from .ref import pack_int4, quantise_query, select_scores_ref, sketch_values, unpack_int4
 
-__all__ = ["pack_int4", "quantise_query", "select_scores", "select_scores_ref",
-           "sketch_values", "unpack_int4"]
+__all__ = ["KEY_BITS", "kernel_scores", "pack_int4", "quantise_query", "select_scores",
+           "select_scores_ref", "sketch_values", "unpack_int4"]
 
 BLOCK_N = 256  # positions per tile
 MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a kv head are padded to this
@@ -32,6 +32,14 @@ NUM_WARPS = 4
 # storage bits per sketch value by keys dtype (uint8: packed int4, see ref.py)
 KEY_BITS = {torch.float32: 16, torch.float16: 16, torch.bfloat16: 16, torch.int8: 8,
             torch.uint8: 4}
+
+
+def kernel_scores(rank: int, key_bits: int) -> bool:
+    """Whether the kernel scores a sketch of this rank and storage (KEY_BITS values); else
+    the wrapper falls back to the reference, which materialises [Hkv, G, N] (the planner
+    counts that). A power-of-two rank: tl.dot needs >= 16 columns, an int8 dot >= 32, and
+    int4 keys are dotted per half."""
+    return rank & (rank - 1) == 0 and rank >= {16: 16, 8: 32, 4: 64}[key_bits]
 
 
 def select_scores(
@@ -102,9 +110,7 @@ def select_scores(
     if keys.dtype not in KEY_BITS:
         raise ValueError(f"keys dtype {keys.dtype}: one of {', '.join(map(str, KEY_BITS))}")
     bits = KEY_BITS[keys.dtype]
-    # tl.dot needs >= 16 columns, an int8 one >= 32 (int4 keys: per half)
-    if (not use_triton(device) or r < {16: 16, 8: 32, 4: 64}[bits] or r & (r - 1)
-            or keys.stride(-1) != 1):
+    if not use_triton(device) or not kernel_scores(r, bits) or keys.stride(-1) != 1:
         return select_scores_ref(q, basis, mean, keys, lo, hi, scale, other_lse, chunk,
                                  shares_dtype)
     from .kernel import lse_partial_kernel, shares_kernel

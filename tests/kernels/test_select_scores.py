@@ -167,8 +167,8 @@ def test_int4_packing_round_trips():
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("lo, hi, n, chunk", [(4, 250, 300, 64), (0, 517, 517, 0)])
 def test_quantised_sketch_matches_reference(bits, lo, hi, n, chunk):
-    """int8 and packed-int4 keys: the kernel scores the same integers the reference does
-    (in bfloat16 on a GPU, exactly), shares, lse and chunk masses agree."""
+    """int8 and packed-int4 keys: the kernel scores the same integers against the same int8
+    query as the reference (int8 dots on a GPU, exact); shares, lse and chunk masses agree."""
     # int8 dots need >= 32 columns: rank 64 (int4: two halves of 32)
     q, basis, mean, keys, other = _inputs(2, 7, 32, 64, n, torch.float32)
     keys = _quantised(3 * keys, bits)

@@ -46,12 +46,16 @@ def test_quantised_scores_are_the_float_sketch_within_half_a_step(sketch):
         -1, G, -1)), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sketch", ["int8", "int4"])
-def test_append_stores_the_integers_build_stores(sketch):
+def test_append_stores_the_integers_build_stores(sketch, dtype):
+    """Also for a bfloat16 model with keys far from 0, where a mean rounded to bfloat16
+    would shift every decode token's integers."""
     k, _ = _keys(1)
-    a = LowRankKeys(1, HKV, N, D, 16, CPU, torch.float32, sketch)
+    k = (k + 20).to(dtype)
+    a = LowRankKeys(1, HKV, N, D, 16, CPU, dtype, sketch)
     a.build(0, k)
-    b = LowRankKeys(1, HKV, N, D, 16, CPU, torch.float32, sketch)
+    b = LowRankKeys(1, HKV, N, D, 16, CPU, dtype, sketch)
     b.build(0, k[:, :100])
     for name in ("basis", "mean", "scale"):  # the fit of the whole prompt
         getattr(b, name).copy_(getattr(a, name))
@@ -99,3 +103,24 @@ def test_bad_sketch_arguments_are_refused():
         LowRankKeys(1, HKV, N, D, 15, CPU, torch.float32, "int4")
     with pytest.raises(ValueError, match="int4"):
         LowRankKeys(1, HKV, N, D, 16, CPU, torch.float32, "fp8")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sketch, rank", [("int8", 64), ("int4", 128)])
+def test_kernel_shares_of_a_quantised_sketch_match_its_scores(sketch, rank):
+    """On the GPU `shares` runs kernels.select_scores with the scales folded into the
+    basis: it must agree with the sketch's own scores (what the tail estimate uses)."""
+    gen = torch.Generator().manual_seed(4)
+    n, d, g = 70000, 128, 7
+    k = (torch.randn(4, n, d, generator=gen) * torch.logspace(0.5, -1, d) + 3).cuda()
+    q = torch.randn(4, g, d, generator=gen).cuda()
+    s = LowRankKeys(1, 4, n, d, rank, torch.device("cuda"), torch.bfloat16, sketch)
+    s.build(0, k.bfloat16())
+    hi, scale, other = torch.tensor([n - 600], device="cuda"), d**-0.5, torch.zeros(4, g,
+                                                                                    device="cuda")
+    shares, lse = s.shares(0, q.bfloat16(), 4, hi, scale, other)
+    logits = s.scores_at(0, q.bfloat16(), torch.arange(4, n - 600, device="cuda").expand(4, -1))
+    want_lse = torch.logaddexp((logits * scale).logsumexp(-1), other)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-4)
+    want = torch.exp(logits * scale - want_lse[..., None]).sum(1)
+    torch.testing.assert_close(shares[:, :n - 604], want, rtol=1e-3, atol=1e-8)
