@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
           f"window 512 + 4 sinks, rank {args.rank} {args.sketch_dtype} sketch, rerank "
           f"x{args.rerank_factor} (a policy's overrides aside), "
           f"{torch.cuda.get_device_name()}")
-    width = max(13, *(len(p) + 1 for p in args.policies))
+    width = max([13] + [len(p) + 1 for p in args.policies])
     print(f"{'context':>9} {'policy':<{width}}{'batch':>6}{'ms/token':>9}{'tok/s':>8}"
           f"{'vs dense':>9}{'vs offload':>11}{'KV GPU GiB':>11}{'KV host':>8}{'peak GPU':>9}"
           f"{'planned':>8}")
