@@ -246,7 +246,7 @@ def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) ->
                 "L·B·Hkv·(D + D·r + N·r)·b  mean, basis [L, B·Hkv, D, r], keys "
                 "[L, B·Hkv, N, r]", "held")
         else:  # offload/lowrank.py: integer keys, float32 mean, basis and per-dim scales
-            per = _SKETCH_BYTES[kv.sketch_dtype]
+            per = _value_bytes(kv.sketch_dtype, b)
             add("kv: low-rank keys", dev, L * Hkv * ((D + D * r + r) * 4 + int(N * r * per)),
                 f"L·B·Hkv·((D + D·r + r)·4 + N·r·{per:g})  float32 mean, basis and scales, "
                 f"{kv.sketch_dtype} keys [L, B·Hkv, N, r]", "held")
@@ -354,7 +354,7 @@ def _fixes(plan: MemoryPlan, gpu: int, host: int) -> list[str]:
         if rank:
             fixes.append(f"lower kv.rank to {rank}")
         smaller = [d for d in ("int8", "int4")
-                   if _SKETCH_BYTES[d] < _SKETCH_BYTES.get(kv.sketch_dtype, b)]
+                   if _value_bytes(d, b) < _value_bytes(kv.sketch_dtype, b)]
         sketch = next((d for d in smaller if kernel_scores(kv.rank, _key_bits(d))
                        and fits(kv={"sketch_dtype": d})), None)
         if sketch:
@@ -403,9 +403,6 @@ def _ranks(top: int) -> list[int]:
     return [1 << i for i in range(max(top, 0).bit_length() - 1, -1, -1)]
 
 
-_SKETCH_BYTES = {"int8": 1.0, "int4": 0.5}  # bytes per sketch value; auto: the dtype's
-
-
 def _sketches(head_dim: int, dtype_bytes: int, max_rank: int | None = None
               ) -> list[tuple[int, str]]:
     """(kv.rank, kv.sketch_dtype) in search order (module docstring): rank first, then
@@ -415,7 +412,7 @@ def _sketches(head_dim: int, dtype_bytes: int, max_rank: int | None = None
     out = []
     for rank in _ranks(top):
         for sketch in ("auto", "int8", "int4"):
-            per = _SKETCH_BYTES.get(sketch, dtype_bytes)
+            per = _value_bytes(sketch, dtype_bytes)
             # integer sketches only where the kernel scores them: the PyTorch fallback
             # materialises [Hkv, G, N] and decodes several times slower
             if rank * per <= cap and (sketch == "auto" or kernel_scores(rank, _key_bits(sketch))):
@@ -424,7 +421,13 @@ def _sketches(head_dim: int, dtype_bytes: int, max_rank: int | None = None
 
 
 def _key_bits(sketch_dtype: str) -> int:
+    """kernels.KEY_BITS of a kv.sketch_dtype (auto: a float sketch)."""
     return {"auto": 16, "int8": 8, "int4": 4}[sketch_dtype]
+
+
+def _value_bytes(sketch_dtype: str, dtype_bytes: int) -> float:
+    """Bytes per stored sketch value: the model dtype's for auto, else the integers'."""
+    return dtype_bytes if sketch_dtype == "auto" else _key_bits(sketch_dtype) / 8
 
 
 def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_bytes: int, *,

@@ -115,15 +115,17 @@ def select_scores(
                                  shares_dtype)
     from .kernel import lse_partial_kernel, shares_kernel
 
+    f32_dot = keys.dtype == torch.float32 or interpreting()
     qr = q.float() @ basis.float()  # [Hkv, G, r], tiny
+    const = (q.float() @ mean.float()[..., None])[..., 0].contiguous()  # [Hkv, G]
     if keys.dtype.is_floating_point:
-        mul = torch.ones(hkv, dtype=torch.float32, device=device)
+        mul = const  # unread: float scores need no step (a stand-in pointer)
         qr_hi = qr.to(keys.dtype)
         qr_lo = (qr - qr_hi.float()).to(keys.dtype)  # all zero when keys are float32
     else:  # integer keys: an int8 query and its step per kv head
         qr_hi, mul = quantise_query(qr)
-        qr_lo = torch.zeros_like(qr_hi)  # read only by the interpreter's float32 dots
-    const = (q.float() @ mean.float()[..., None])[..., 0].contiguous()  # [Hkv, G]
+        # the lo half is read only by the interpreter's float32 dots; elsewhere a stand-in
+        qr_lo = torch.zeros_like(qr_hi) if f32_dot else qr_hi
     shares = torch.empty(hkv, n - lo, dtype=shares_dtype, device=device)
     lse = torch.empty(hkv, g, dtype=torch.float32, device=device)
     # tiles start at a multiple of BLOCK_N (positions before lo are masked), so that each
@@ -137,7 +139,6 @@ def select_scores(
     part_m = torch.empty(hkv, splits, g_pad, dtype=torch.float32, device=device)
     part_l = torch.empty_like(part_m)
     hi = hi.reshape(1)
-    f32_dot = keys.dtype == torch.float32 or interpreting()
     common = (qr_hi.stride(0), qr_hi.stride(1), const.stride(0), keys.stride(0), keys.stride(1),
               part_m.stride(0), part_m.stride(1))
     hi_lo = keys.dtype.is_floating_point  # integer keys: one dot (kernel.py, _scores)

@@ -42,7 +42,10 @@ def _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg, stride_ch, G,
         qb_hi, qb_lo = qa_hi, qa_lo  # unused
     g = tl.arange(0, G_PAD)
     c = tl.load(C + h * stride_ch + g, mask=g < G, other=0.0)
-    mul = tl.load(Mul + h)
+    if KEY_BITS == 16:
+        mul = 1.0  # float keys: Mul is unread
+    else:
+        mul = tl.load(Mul + h)
     return qa_hi, qa_lo, qb_hi, qb_lo, c, mul
 
 

@@ -96,21 +96,31 @@ def _same_topk_up_to_ties(got: torch.Tensor, want_scores: torch.Tensor, k: int,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [131072, 1048576], ids=["128K", "1M"])
-def test_select_scores_qwen_7b_shape(n):
-    """Qwen2.5-7B shape (Hkv=4, G=7, D=128), rank 32, bf16 sketch, n positions, the window's lse."""
-    hkv, g, d, r, lo = 4, 7, 128, 32, 4
-    q, basis, mean, keys, other = _inputs(hkv, g, d, r, n, torch.bfloat16, device="cuda")
+@pytest.mark.parametrize("n, bits, r, k", [
+    pytest.param(131072, 16, 32, 8192, id="bf16-r32-128K"),
+    pytest.param(1048576, 16, 32, 8192, id="bf16-r32-1M"),
+    pytest.param(1048576, 8, 64, 4096, id="int8-r64-1M"),
+    pytest.param(1048576, 4, 128, 4096, id="int4-r128-1M"),
+])
+def test_select_scores_qwen_7b_shape(n, bits, r, k):
+    """Qwen2.5-7B shape (Hkv=4, G=7, D=128), n positions, the window's lse: a bf16 sketch of
+    rank 32, or the 64 bytes per token of an int8 / int4 sketch, scored by int8 dots (exact)
+    against the reference's float32 sums of the same integers; k: the candidates taken."""
+    hkv, g, d, lo = 4, 7, 128, 4
+    dtype = torch.bfloat16 if bits == 16 else torch.float32
+    q, basis, mean, keys, other = _inputs(hkv, g, d, r, n, dtype, device="cuda")
+    if bits < 16:
+        keys = _quantised(3 * keys, bits)
     hi = torch.tensor([n - 600], device="cuda")
     want, want_lse = select_scores_ref(q, basis, mean, keys, lo, hi, d**-0.5, other)
     got, got_lse = select_scores(q, basis, mean, keys, lo, hi, d**-0.5, other)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
     torch.testing.assert_close(got_lse, want_lse, rtol=1e-5, atol=1e-5)
-    _same_topk_up_to_ties(got, want, 8192, rtol=1e-4)
+    _same_topk_up_to_ties(got, want, k, rtol=1e-4)
     got16, _ = select_scores(q, basis, mean, keys, lo, hi, d**-0.5, other,
                              shares_dtype=torch.bfloat16)  # what re-ranking selects from
     torch.testing.assert_close(got16.float(), want, rtol=2**-8, atol=1e-9)
-    _same_topk_up_to_ties(got16.float(), want, 8192, rtol=2**-7)
+    _same_topk_up_to_ties(got16.float(), want, k, rtol=2**-7)
 
 
 def test_bfloat16_shares_are_the_float32_shares_rounded():
@@ -195,22 +205,3 @@ def test_quantised_sketch_rejects_bad_layouts():
         select_scores(q, basis, mean, keys.to(torch.uint8), 4, hi, 0.2)
     with pytest.raises(ValueError, match="dtype"):
         select_scores(q, basis, mean, keys.to(torch.int16), 4, hi, 0.2)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("bits, r", [(8, 64), (4, 128)], ids=["int8-r64", "int4-r128"])
-def test_quantised_sketch_qwen_7b_shape_1m(bits, r):
-    """The 1M preset's shapes: Hkv=4, G=7, D=128, a quantised sketch of 64 bytes per token,
-    scored by int8 dots (exact) against the reference's float32 sums of the same integers."""
-    hkv, g, d, n, lo = 4, 7, 128, 1048576, 4
-    q, basis, mean, keys, other = _inputs(hkv, g, d, r, n, torch.float32, device="cuda")
-    keys = _quantised(3 * keys, bits)
-    hi = torch.tensor([n - 600], device="cuda")
-    want, want_lse = select_scores_ref(q, basis, mean, keys, lo, hi, d**-0.5, other)
-    got, got_lse = select_scores(q, basis, mean, keys, lo, hi, d**-0.5, other)
-    torch.testing.assert_close(got_lse, want_lse, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
-    _same_topk_up_to_ties(got, want, 4096, rtol=1e-4)
-    got16, _ = select_scores(q, basis, mean, keys, lo, hi, d**-0.5, other,
-                             shares_dtype=torch.bfloat16)
-    torch.testing.assert_close(got16.float(), want, rtol=2**-8, atol=1e-9)
