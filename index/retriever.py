@@ -17,6 +17,8 @@ from typing import Protocol
 
 import torch
 
+from .blocks import block_sums, block_tokens, blocks_for, partial_block, slots_for
+
 
 class KeySketch(Protocol):
     capacity: int
@@ -57,14 +59,23 @@ class LowRankRetriever:
     With rerank_factor m > 1, the top k·m candidates by sketch score are re-scored with
     their exact keys (gathered from the host store) and the best k kept: the sketch only
     has to get the true top-k into a candidate list m times larger.
+
+    With block P > 1 it picks aligned runs of P positions by their summed shares
+    (index/blocks.py): k rounded up to whole blocks, plus the partial block before the
+    window, so `select` returns slots_for(k, P) positions.
     """
 
     def __init__(self, sketch: KeySketch, head_dim: int, rerank_factor: int = 1,
-                 exact_keys: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
+                 exact_keys: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                 block: int = 1) -> None:
         if rerank_factor > 1 and exact_keys is None:
             raise ValueError("re-ranking needs exact_keys(layer, positions) -> keys")
         self.sketch, self.scale = sketch, head_dim**-0.5
         self.rerank_factor, self.exact_keys = rerank_factor, exact_keys
+        self.block = block
+        # blocks are picked only while the region holds the budget's whole blocks (see
+        # prepare); a shorter region is attended whole, position by position
+        self.use_blocks = False
         self.positions: torch.Tensor | None = None  # [N] arange on the sketch's device
         # the last select's per-head log-sum-exp [Hkv, G] over window + sketched region
         # (None without other_lse): what a tail estimate normalises the sketch scores by
@@ -77,6 +88,15 @@ class LowRankRetriever:
         # slots (count == k) may set ordered False to skip sorting the top-k
         self.ordered = True
 
+    def prepare(self, region: int, k: int) -> None:
+        """A prompt's first decode step will see `region` offloaded positions (the count
+        only grows from there) and a budget of k: settle what every step of it does, so
+        one CUDA graph serves them all."""
+        self.use_blocks = self.block > 1 and region >= blocks_for(k, self.block) * self.block
+        # when the region holds every slot at the first step, each step fills all of them
+        # and their order is never read
+        self.ordered = region < slots_for(k, self.block)
+
     def select(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
                other_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         positions, count, _ = self.select_with_keys(layer, q, lo, hi, k, other_lse)
@@ -88,6 +108,9 @@ class LowRankRetriever:
         """Like `select`, plus the chosen tokens' exact keys [Hkv, k, D] (the dtype
         exact_keys returns) when re-ranking fetched them, else None: the caller then
         needs only their values from the host store."""
+        if self.use_blocks:
+            return self._select_blocks(layer, q, lo, hi, k, other_lse)
+        k = slots_for(k, self.block)  # a region shorter than the blocks: attend it all
         n = self.sketch.capacity
         if self.positions is None:
             self.positions = torch.arange(n, device=q.device)
@@ -115,6 +138,39 @@ class LowRankRetriever:
         best = shares.topk(k, dim=-1, sorted=self.ordered).indices  # [Hkv, k]
         chosen = keys.gather(1, best[:, :, None].expand(-1, -1, keys.shape[2]))
         return cand.gather(1, best), count, chosen
+
+    def _select_blocks(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor,
+                       k: int, other_lse: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """select_with_keys by blocks: the best blocks(k) blocks by summed shares (re-ranked
+        by exact keys from blocks(k)·m candidates), then the partial block; count [1] is
+        the chosen blocks' positions plus the partial block's before hi."""
+        P, rows, n = self.block, q.shape[0], self.sketch.capacity
+        nb = blocks_for(k, P)
+        n_cand = min((n - lo) // P, nb * self.rerank_factor)
+        rerank = n_cand > nb and self.rerank_factor > 1
+        shares, total = self._shares(layer, q, lo, hi, other_lse, rerank)
+        self.last_total = total
+        sums = block_sums(shares, lo, hi, P)  # [R, blocks]
+        top = sums.topk(n_cand if rerank else nb, dim=-1, sorted=False).indices
+        cand = block_tokens(top, lo, P)  # [R, blocks·P]
+        part, part_count = partial_block(lo, hi, P, n)
+        part = part.expand(rows, P)
+        count = (nb * P + part_count).to(torch.int32)  # every chosen block is whole
+        if not rerank:
+            return torch.cat([cand, part], dim=1), count, None
+        keys = self.exact_keys(layer, torch.cat([cand, part], dim=1))  # [R, C + P, D]
+        ck = keys[:, :cand.shape[1]].to(q.dtype)
+        if other_lse is None:
+            exact = group_scores((q @ ck.transpose(1, 2)).masked_fill(
+                _mask_from(hi, cand)[:, None], float("-inf")), self.scale)
+        else:
+            exact = self._rerank_shares(q, ck, cand, hi, total)
+        best = exact.view(rows, n_cand, P).float().sum(-1).topk(nb, dim=-1, sorted=False)
+        within = block_tokens(best.indices, 0, P)  # [R, nb·P] indices into cand
+        chosen = keys.gather(1, within[..., None].expand(-1, -1, keys.shape[2]))
+        return (torch.cat([cand.gather(1, within), part], dim=1), count,
+                torch.cat([chosen, keys[:, cand.shape[1]:]], dim=1))
 
     def _rerank_shares(self, q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor,
                        hi: torch.Tensor, total: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,7 @@ class SparseKV:
             self.sketch = LowRankKeys(num_layers, rows, max_tokens, head_dim,
                                       cfg.rank, device, dtype, cfg.sketch_dtype)
             self.selector = LowRankRetriever(self.sketch, head_dim, cfg.rerank_factor,
-                                             self._exact_keys)
+                                             self._exact_keys, cfg.select_block)
         elif cfg.policy == "quest":
             self.selector = QuestRetriever(num_layers, rows, max_tokens, head_dim,
                                            cfg.page_tokens, device, dtype)
@@ -265,13 +265,13 @@ class SparseKV:
                                   self.cfg.window_tokens + extra, self.D, self.device,
                                   self.dtype)
         self.window_slots = torch.arange(self.window.k.shape[2], device=self.device)
-        # The offloaded region [sinks, pos + 1 - W) only grows while decoding: when it
-        # holds the whole budget at the first step, every step fills all top_k slots and
-        # the selection's order is never read (a CUDA graph is captured per prompt).
-        full = n + 1 - self.window.W - self.cfg.sink_tokens >= self.budget
+        # The offloaded region [sinks, pos + 1 - W) only grows while decoding: what it
+        # holds at the first step settles how every step selects (a CUDA graph is
+        # captured per prompt).
+        region = n + 1 - self.window.W - self.cfg.sink_tokens
         for sel in (self.selector, getattr(self.selector, "fallback", None)):
             if isinstance(sel, LowRankRetriever):
-                sel.ordered = not full
+                sel.prepare(region, self.budget)
         self.state_version += 1
 
     # -- attention ---------------------------------------------------------------------

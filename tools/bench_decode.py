@@ -37,9 +37,10 @@ from .bench_step_parts import bench_gathers, bench_topk
 GiB = 1 << 30
 # bench policy -> kv.policy; retrieval-ann also sets index.kind attention (host graphs)
 POLICY = {"full-offload": "dense", "retrieval-notail": "retrieval", "retrieval-ann": "retrieval"}
-# per-policy overrides of the retrieval sketch, e.g. retrieval:sketch=int4,rank=128,rerank=2
+# per-policy overrides of the retrieval sketch and selection, e.g.
+# retrieval:sketch=int4,rank=128,rerank=2,block=4
 OVERRIDES = {"sketch": ("sketch_dtype", str), "rank": ("rank", int),
-             "rerank": ("rerank_factor", int)}
+             "rerank": ("rerank_factor", int), "block": ("select_block", int)}
 
 
 def parse_policy(name: str) -> tuple[str, dict]:
@@ -141,7 +142,8 @@ def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: 
     torch.cuda.reset_peak_memory_stats()
     llm = LLM(config=cfg) if policy != "full-offload" else _full_offload_llm(cfg)
     print(f"  kv: rank {cfg.kv.rank} {cfg.kv.sketch_dtype} sketch, rerank x"
-          f"{cfg.kv.rerank_factor}, tail {cfg.kv.tail_estimate}", flush=True)
+          f"{cfg.kv.rerank_factor}, blocks of {cfg.kv.select_block}, tail {cfg.kv.tail_estimate}",
+          flush=True)
     t = time.perf_counter()
     fill(llm, n, batch=batch)
     fill_s = time.perf_counter() - t
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="retrieval, retrieval-notail (kv.tail_estimate off), retrieval-ann "
                         "(host attention-aware graphs: built here, minutes per 128K), "
                         "dense, full-offload; none: only --gathers. A retrieval policy takes "
-                        "sketch overrides: retrieval:sketch=int4,rank=128,rerank=2")
+                        "overrides: retrieval:sketch=int4,rank=128,rerank=2,block=4")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--top-k", type=int, default=2048)
     # defaults: the 1m-single-gpu preset's sketch

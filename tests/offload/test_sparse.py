@@ -52,6 +52,49 @@ def test_budget_covering_everything_is_exact(policy):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("sketch", ["auto", "int8"])
+def test_blocks_covering_the_region_are_exact(sketch):
+    """kv.select_block 4 with a budget of every whole block at the first decode step: the
+    blocks and the partial block before the window attend every offloaded position, for
+    as long as no new whole block appears (regions of 36 to 39 positions)."""
+    cfg = KVConfig(policy="retrieval", sink_tokens=3, window_tokens=10, top_k=36, rank=4,
+                   rerank_factor=2, select_block=4, sketch_dtype=sketch)
+    q, k, v = qkv(52)
+    dense = run_policy(DenseKV(L, 1, HKV, N, D, torch.device("cpu"), torch.float32),
+                       q, k, v, 48)
+    kv = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
+    kv.trace = []
+    sparse = run_policy(kv, q, k, v, 48)
+    assert kv.selector.use_blocks
+    assert [len(t.selected[0]) for t in kv.trace[::L]] == [36, 37, 38, 39]
+    for a, b in zip(sparse, dense, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_attend_window_and_chosen_blocks_once():
+    """A budget below the region: the output is exact attention over sinks, window and
+    the traced selection, which is whole aligned blocks plus the partial one, no repeats."""
+    cfg = KVConfig(policy="retrieval", sink_tokens=3, window_tokens=10, top_k=8, rank=4,
+                   rerank_factor=2, select_block=4, tail_estimate=False)
+    q, k, v = qkv(66)
+    kv = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
+    kv.trace = []
+    outs = run_policy(kv, q, k, v, 60)[L:]
+    for entry, out in zip(kv.trace, outs, strict=True):
+        n = entry.n
+        hi = n - 10
+        part = list(range(3 + (hi - 3) // 4 * 4, hi))
+        for h in range(HKV):
+            sel = entry.selected[h].tolist()
+            assert len(set(sel)) == len(sel) == 8 + len(part) and sel[8:] == part
+            assert all((p - 3) // 4 == (sel[i - i % 4] - 3) // 4 for i, p in enumerate(sel[:8]))
+            keep = [0, 1, 2] + sel + list(range(hi, n))
+            heads = slice(h * (H // HKV), (h + 1) * (H // HKV))
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                entry.q[None, heads, None], k[0, h, keep][None, None], v[0, h, keep][None, None])
+            torch.testing.assert_close(out[0, heads], ref[0], atol=1e-5, rtol=1e-5)
+
+
 def test_streaming_attends_sinks_and_window_only():
     cfg = KVConfig(policy="streaming", sink_tokens=2, window_tokens=5, top_k=3)
     kv = SparseKV(cfg, 1, 2, 1, 4, 64, torch.device("cpu"), torch.float32)

@@ -1,0 +1,84 @@
+"""Block selection (kv.select_block) against brute force on the same queries and keys."""
+
+import pytest
+import torch
+
+from retrieval_attn.index import LowRankRetriever, group_scores
+from retrieval_attn.index.blocks import block_sums, block_tokens, partial_block, slots_for
+from retrieval_attn.offload import LowRankKeys
+
+HKV, G, D, N = 2, 3, 16, 200
+
+
+def test_block_helpers_against_loops():
+    shares = torch.rand(HKV, N - 5)
+    lo, hi, P = 5, torch.tensor([47]), 4  # blocks [5, 9), ..., [41, 45) are whole
+    sums = block_sums(shares, lo, hi, P)
+    assert sums.shape == (HKV, (N - 5) // P)
+    for j in range(sums.shape[1]):
+        want = shares[:, j * P:j * P + P].sum(-1) if lo + j * P + P <= 47 else -torch.ones(HKV)
+        torch.testing.assert_close(sums[:, j], want)
+    assert block_tokens(torch.tensor([[0, 3]]), lo, P).tolist() == [[5, 6, 7, 8, 17, 18, 19, 20]]
+    part, count = partial_block(lo, hi, P, N)
+    assert part.tolist() == [45, 46, 47, 48] and count.tolist() == [2]
+    part, count = partial_block(lo, torch.tensor([N]), P, N)  # clamped to the capacity
+    assert part.max() == N - 1 and count.tolist() == [N - 5 - (N - 5) // P * P]
+    assert slots_for(10, 1) == 10 and slots_for(10, 4) == 16
+
+
+def _truth_blocks(q, k, lo, hi, P, nb, other_lse):
+    """Brute force: the nb blocks wholly in [lo, hi) with the largest exact group shares."""
+    scores = q @ k.transpose(1, 2)
+    scores[..., :lo] = scores[..., hi:] = float("-inf")
+    shares = group_scores(scores, D**-0.5, other_lse)  # [Hkv, N]
+    full = (hi - lo) // P
+    sums = torch.stack([shares[:, lo + j * P:lo + j * P + P].sum(-1) for j in range(full)], 1)
+    return [set(r.tolist()) for r in sums.topk(nb, dim=-1).indices]
+
+
+@pytest.mark.parametrize("rank,rerank,with_lse", [(D, 1, True), (2, 100, True), (2, 100, False)])
+def test_block_selection_picks_the_best_blocks_and_the_partial_one(rank, rerank, with_lse):
+    """A full-rank sketch (or re-ranking every block exactly) picks the blocks of largest
+    exact summed share; the partial block before hi follows them, counted up to hi."""
+    torch.manual_seed(0)
+    k, q = torch.randn(HKV, N, D), torch.randn(HKV, G, D)
+    sketch = LowRankKeys(1, HKV, N, D, rank, torch.device("cpu"), torch.float32)
+    sketch.build(0, k)
+    reads = []
+
+    def exact_keys(layer, pos):
+        reads.append(pos.shape)
+        return k.gather(1, pos[..., None].expand(-1, -1, D))
+
+    lo, hi, P, top = 6, 150, 4, 18  # 36 whole blocks; 5 blocks for a budget of 18
+    other = torch.randn(HKV, G) if with_lse else None
+    ret = LowRankRetriever(sketch, D, rerank, exact_keys, block=P)
+    ret.prepare(hi - lo, top)
+    assert ret.use_blocks
+    pos, count, keys = ret.select_with_keys(0, q, lo, torch.tensor([hi]), top, other)
+    assert pos.shape == (HKV, slots_for(top, P)) and count.tolist() == [5 * P + 0]
+    chosen = pos[:, :5 * P]
+    assert ((chosen - lo) % P == torch.arange(5 * P) % P).all()  # whole aligned blocks
+    assert [set(((r - lo) // P).tolist()) for r in chosen] == _truth_blocks(
+        q, k, lo, hi, P, 5, other)
+    assert pos[:, 5 * P:].tolist() == [[150, 151, 152, 153]] * HKV  # partial: none < hi
+    if rerank > 1:
+        assert reads == [(HKV, 48 * P + P)]  # all blocks to the capacity, and the partial
+        torch.testing.assert_close(keys, k.gather(1, pos[..., None].expand(-1, -1, D)))
+    else:
+        assert keys is None and not reads
+    pos2, count2, _ = ret.select_with_keys(0, q, lo, torch.tensor([hi + 3]), top, other)
+    assert count2.tolist() == [5 * P + 3]  # three positions of the partial block are in
+    assert pos2[:, 5 * P:].tolist() == [[150, 151, 152, 153]] * HKV
+
+
+def test_a_region_shorter_than_the_blocks_is_attended_whole():
+    k, q = torch.randn(HKV, N, D), torch.randn(HKV, G, D)
+    sketch = LowRankKeys(1, HKV, N, D, 4, torch.device("cpu"), torch.float32)
+    sketch.build(0, k)
+    ret = LowRankRetriever(sketch, D, block=8)
+    ret.prepare(30, 40)  # 40 tokens are 5 blocks; the region holds 30 positions
+    assert not ret.use_blocks and ret.ordered
+    pos, count = ret.select(0, q, 4, torch.tensor([34]), 40)
+    assert count.tolist() == [30] and pos.shape == (HKV, 48)
+    assert [sorted(r[:30].tolist()) for r in pos] == [list(range(4, 34))] * HKV
