@@ -275,15 +275,19 @@ def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) ->
                 f"Hkv·(n·(4·D·2 + 4·r) + min(n, {STORE_TOKENS})·r·{STORE_BYTES_PER_VALUE})  "
                 "keys and centred keys in float32, projection, one piece's rounding and "
                 "packing (float32 model: 4·D·1)", "layer-end")
+        P = kv.select_block
+        sums, sums_note = (Hkv * (N // P) * 4, f" + B·Hkv·N/{P}·4 block sums") if P > 1 else (0, "")
         if dev == "gpu" and kernel_scores(r, _key_bits(kv.sketch_dtype)):
             sb = 2 if kv.rerank_factor > 1 else 4  # re-rank candidates need only bfloat16
-            add("decode: low-rank selection scores", dev, Hkv * N * sb,
+            add("decode: low-rank selection scores", dev, Hkv * N * sb + sums,
                 f"B·Hkv·N·{sb}  group shares [B·Hkv, N] {'bfloat16' if sb == 2 else 'float32'}"
-                " (fused select_scores kernel)", "decode")
+                f" (fused select_scores kernel){sums_note}", "decode")
         else:  # its PyTorch reference
-            add("decode: low-rank selection scores", dev, B * H * N * (b + 8) + Hkv * N * 4,
+            add("decode: low-rank selection scores", dev,
+                B * H * N * (b + 8) + Hkv * N * 4 + sums,
                 "B·H·N·(b + 8) + B·Hkv·N·4  scores [B·Hkv, G, N], two float32 copies, group sum "
-                "(PyTorch path: a rank that is not a power of two >= 16, or no GPU)", "decode")
+                f"(PyTorch path: a rank that is not a power of two >= 16, or no GPU){sums_note}",
+                "decode")
     elif kv.policy == "quest":
         pages = -(-N // kv.page_tokens)
         add("kv: quest page bounds", dev, 2 * L * Hkv * pages * D * b,
@@ -436,7 +440,7 @@ def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_byt
                   window_tokens: int = 512, sink_tokens: int = 4, max_rank: int | None = None,
                   max_kv_gpu_bytes: int | None = None,
                   prefill_chunk_tokens: int = SEARCH_CHUNK_TOKENS, tail_estimate: bool = True,
-                  rerank_factor: int = 4,
+                  rerank_factor: int = 4, select_block: int = 1,
                   headroom: float = SEARCH_HEADROOM) -> EngineConfig:
     """The config of best expected quality that fits (preference order: module docstring).
 
@@ -455,7 +459,7 @@ def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_byt
                     "cuda_graphs": device_type == "cuda"},
         "kv": {"policy": "dense", "sink_tokens": sink_tokens, "window_tokens": window_tokens,
                "top_k": top_k, "tail_estimate": tail_estimate,
-               "rerank_factor": rerank_factor}})
+               "rerank_factor": rerank_factor, "select_block": select_block}})
     chunks = [c for c in CHUNK_CHOICES if c <= prefill_chunk_tokens] or [CHUNK_CHOICES[-1]]
     kv_cap = max_kv_gpu_bytes if max_kv_gpu_bytes is not None else math.inf
 

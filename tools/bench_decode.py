@@ -88,7 +88,7 @@ def fill(llm: LLM, n: int, seed: int = 0, batch: int = 1) -> None:
 
 def bench_config(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: int,
                  rerank_factor: int = 4, batch: int = 1,
-                 sketch_dtype: str = "auto") -> EngineConfig:
+                 sketch_dtype: str = "auto", select_block: int = 1) -> EngineConfig:
     policy, overrides = parse_policy(policy)
     return EngineConfig.load("default").replace(
         model={"path": f"random:{shape}"},
@@ -96,7 +96,7 @@ def bench_config(shape: str, policy: str, n: int, new_tokens: int, top_k: int, r
                  "prefill_chunk_tokens": 2048, "progress_bar": False, "max_batch": batch},
         kv={"policy": POLICY.get(policy, policy),
             "top_k": top_k, "rank": rank, "rerank_factor": rerank_factor,
-            "sketch_dtype": sketch_dtype,
+            "sketch_dtype": sketch_dtype, "select_block": select_block,
             "tail_estimate": policy == "retrieval", **overrides},
         # the ANN path: attention-aware graphs, built in-process (no Ray on the GPU machine)
         index={"kind": "attention" if policy == "retrieval-ann" else "lowrank",
@@ -118,21 +118,22 @@ def fit_prefill_chunk(shape: str, cfg: EngineConfig) -> EngineConfig:
 
 
 def largest_batch_here(shape: str, policy: str, n: int, new_tokens: int, top_k: int,
-                       rank: int, sketch_dtype: str = "auto") -> int:
+                       rank: int, sketch_dtype: str = "auto", select_block: int = 1) -> int:
     """The planner's largest batch for this policy in the memory free right now."""
     from retrieval_attn.planner import available_memory, largest_batch
 
     free_device()
     cfg = bench_config(shape, "retrieval" if policy == "full-offload" else policy, n,
-                       new_tokens, top_k, rank, sketch_dtype=sketch_dtype)
+                       new_tokens, top_k, rank, sketch_dtype=sketch_dtype,
+                       select_block=select_block)
     return largest_batch(LLM_spec(shape), cfg, *available_memory(torch.device("cuda")))
 
 
 def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: int,
             profile: bool = False, rerank_factor: int = 4, sketch_dtype: str = "auto",
-            profile_path: str | None = None, batch: int = 1) -> dict:
+            profile_path: str | None = None, batch: int = 1, select_block: int = 1) -> dict:
     cfg = bench_config(shape, policy, n, new_tokens, top_k, rank, rerank_factor, batch,
-                       sketch_dtype)
+                       sketch_dtype, select_block)
     if policy != "full-offload":
         cfg = fit_prefill_chunk(shape, cfg)
     # The planner knows dense and sparse policies, not full offload (built here by hand):
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     # defaults: the 1m-single-gpu preset's sketch
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--sketch-dtype", default="int8", choices=["auto", "int8", "int4"])
+    p.add_argument("--select-block", type=int, default=1, help="kv.select_block")
     p.add_argument("--profile", nargs="*", default=[], help="policies to profile (per kernel)")
     p.add_argument("--profile-out", default=None, help="append profile tables to this file")
     p.add_argument("--rerank-factor", type=int, default=2)
@@ -266,13 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     def one(policy: str, n: int, batch: str) -> dict:
         b = (int(batch) if batch != "max" else
              largest_batch_here(args.shape, policy, n, args.new_tokens, args.top_k, args.rank,
-                                args.sketch_dtype))
+                                args.sketch_dtype, args.select_block))
         if b < 1:
             raise RetrievalAttnError(f"no batch of {policy} fits at {n} tokens")
         print(f"{policy} at {n} tokens, batch {b}", flush=True)
         return run_one(args.shape, policy, n, args.new_tokens, args.top_k, args.rank,
                        policy in args.profile, args.rerank_factor, args.sketch_dtype,
-                       args.profile_out, b)
+                       args.profile_out, b, args.select_block)
 
     rows = []
     for batch in args.batches:
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                          lambda policy, n, batch=batch: one(policy, n, batch))
     print(f"\n{args.shape}, random weights, synthetic prompt K/V, top_k {args.top_k}, "
           f"window 512 + 4 sinks, rank {args.rank} {args.sketch_dtype} sketch, rerank "
-          f"x{args.rerank_factor} (a policy's overrides aside), "
+          f"x{args.rerank_factor}, blocks of {args.select_block} (a policy's overrides aside), "
           f"{torch.cuda.get_device_name()}")
     width = max([13] + [len(p) + 1 for p in args.policies])
     print(f"{'context':>9} {'policy':<{width}}{'batch':>6}{'ms/token':>9}{'tok/s':>8}"

@@ -15,7 +15,8 @@ from .bench_grid import free_device
 def bench_gathers(shape: str, n: int, candidates: int, top_k: int, reps: int = 4) -> dict:
     """µs per call of the decode step's host gathers on a store of n tokens, cycling
     through every layer (as decode does): K of the re-rank candidates, K+V of the final
-    set, V alone of the final set, and K of the candidates then V of the final set."""
+    set, V alone of the final set, K of the candidates then V of the final set, and that
+    again with the positions in aligned runs of 4 (kv.select_block 4)."""
     from retrieval_attn.kernels import gather_k, gather_kv
     from retrieval_attn.offload import HostKVStore
 
@@ -27,15 +28,24 @@ def bench_gathers(shape: str, n: int, candidates: int, top_k: int, reps: int = 4
     def idx(k):
         return torch.randint(0, n, (L, hkv, k), device="cuda")
 
+    def runs(k, block=4):  # aligned runs of `block` rows (kv.select_block)
+        starts = torch.randint(0, n // block, (L, hkv, k // block), device="cuda") * block
+        return (starts[..., None] + torch.arange(block, device="cuda")).reshape(L, hkv, k)
+
     cand, final = idx(candidates), idx(top_k)
     chosen = cand[:, :, :top_k].contiguous()  # the final set is among the candidates
+    run_cand = runs(candidates)
+    run_chosen = run_cand[:, :, :top_k].contiguous()
     calls = {"K of candidates": lambda i: gather_k(store.k[i], cand[i]),
              "K+V of final": lambda i: gather_kv(store.k[i], store.v[i], final[i]),
              "V of final": lambda i: gather_k(store.v[i], final[i]),
              # what decode does per layer: its sum beside the two parts timed apart shows
              # the cost of switching between the K and V regions
              "K of candidates then V of final": lambda i: (
-                 gather_k(store.k[i], cand[i]), gather_k(store.v[i], chosen[i]))}
+                 gather_k(store.k[i], cand[i]), gather_k(store.v[i], chosen[i])),
+             # the same in runs of 4 positions: reads of runs are not translation-bound
+             "the same, runs of 4": lambda i: (
+                 gather_k(store.k[i], run_cand[i]), gather_k(store.v[i], run_chosen[i]))}
     row = {"context": n}
     row.update(_time_calls(calls, L, reps))
     # the same K reads with every head in one launch (no MAX_HOST_SPAN grouping)
@@ -71,16 +81,25 @@ def bench_topk(shape: str, n: int, k: int, reps: int = 5) -> dict:
 
 
 def _time_calls(calls: dict, L: int, reps: int) -> dict:
-    """µs per call of each fn(layer), cycling through the layers."""
+    """µs per call of each fn(layer), cycling through the layers, replayed as one CUDA
+    graph of L calls (as decode runs them: no launch overhead from the host)."""
     row = {}
     for name, fn in calls.items():
-        for i in range(L):
-            fn(i)  # compile, warm
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile, warm
+            for i in range(L):
+                fn(i)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(L):
+                fn(i)
+        graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(reps):
-            for i in range(L):
-                fn(i)
+            graph.replay()
         end.record()
         torch.cuda.synchronize()
         row[name] = start.elapsed_time(end) * 1e3 / (reps * L)

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                         "1M on an H100; the long-context presets keep it)")
     p.add_argument("--rerank-factor", type=int, default=4,
                    help="kv.rerank_factor when searching (memory barely depends on it)")
+    p.add_argument("--select-block", type=int, default=1,
+                   help="kv.select_block when searching: positions per selected run")
     p.add_argument("--batch", type=int, default=None,
                    help="runtime.max_batch: sequences decoded together (default: the "
                         "config's, or 1 when searching)")
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             policy=args.policy, dtype=args.dtype, top_k=args.top_k, window_tokens=args.window,
             sink_tokens=args.sinks, max_rank=args.max_rank, prefill_chunk_tokens=args.chunk,
             tail_estimate=not args.no_tail_estimate, rerank_factor=args.rerank_factor,
+            select_block=args.select_block,
             max_kv_gpu_bytes=None if args.max_kv_gpu_mem is None
             else parse_bytes(args.max_kv_gpu_mem))
     else:
