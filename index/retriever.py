@@ -60,9 +60,11 @@ class LowRankRetriever:
     their exact keys (gathered from the host store) and the best k kept: the sketch only
     has to get the true top-k into a candidate list m times larger.
 
-    With block P > 1 it picks aligned runs of P positions by their summed shares
-    (index/blocks.py): k rounded up to whole blocks, plus the partial block before the
-    window, so `select` returns slots_for(k, P) positions.
+    With block P > 1 the host rows it reads come in aligned runs of P positions
+    (index/blocks.py): re-rank candidates are the runs of largest summed sketch shares,
+    and the final k (rounded up to whole runs) are still chosen one by one by exact shares;
+    without re-ranking the chosen runs are attended whole. The partial run before the
+    window is always attended, so `select` returns slots_for(k, P) positions.
     """
 
     def __init__(self, sketch: KeySketch, head_dim: int, rerank_factor: int = 1,
@@ -142,9 +144,11 @@ class LowRankRetriever:
     def _select_blocks(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor,
                        k: int, other_lse: torch.Tensor | None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """select_with_keys by blocks: the best blocks(k) blocks by summed shares (re-ranked
-        by exact keys from blocks(k)·m candidates), then the partial block; count [1] is
-        the chosen blocks' positions plus the partial block's before hi."""
+        """select_with_keys with candidates in aligned runs of P positions: the best
+        blocks(k)·m runs by summed sketch shares, whose keys are read (fast: runs), and the
+        best blocks(k)·P of their positions by exact shares, one by one; without re-ranking,
+        the best blocks(k) runs themselves. Then the partial block before hi; count [1] is
+        the chosen positions plus the partial block's before hi."""
         P, rows, n = self.block, q.shape[0], self.sketch.capacity
         nb = blocks_for(k, P)
         n_cand = min((n - lo) // P, nb * self.rerank_factor)
@@ -156,7 +160,7 @@ class LowRankRetriever:
         cand = block_tokens(top, lo, P)  # [R, blocks·P]
         part, part_count = partial_block(lo, hi, P, n)
         part = part.expand(rows, P)
-        count = (nb * P + part_count).to(torch.int32)  # every chosen block is whole
+        count = (nb * P + part_count).to(torch.int32)  # every chosen position is before hi
         if not rerank:
             return torch.cat([cand, part], dim=1), count, None
         keys = self.exact_keys(layer, torch.cat([cand, part], dim=1))  # [R, C + P, D]
@@ -166,10 +170,9 @@ class LowRankRetriever:
                 _mask_from(hi, cand)[:, None], float("-inf")), self.scale)
         else:
             exact = self._rerank_shares(q, ck, cand, hi, total)
-        best = exact.view(rows, n_cand, P).float().sum(-1).topk(nb, dim=-1, sorted=False)
-        within = block_tokens(best.indices, 0, P)  # [R, nb·P] indices into cand
-        chosen = keys.gather(1, within[..., None].expand(-1, -1, keys.shape[2]))
-        return (torch.cat([cand.gather(1, within), part], dim=1), count,
+        best = exact.topk(nb * P, dim=-1, sorted=False).indices  # [R, nb·P] into cand
+        chosen = keys.gather(1, best[..., None].expand(-1, -1, keys.shape[2]))
+        return (torch.cat([cand.gather(1, best), part], dim=1), count,
                 torch.cat([chosen, keys[:, cand.shape[1]:]], dim=1))
 
     def _rerank_shares(self, q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor,

@@ -26,20 +26,29 @@ def test_block_helpers_against_loops():
     assert slots_for(10, 1) == 10 and slots_for(10, 4) == 16
 
 
-def _truth_blocks(q, k, lo, hi, P, nb, other_lse):
-    """Brute force: the nb blocks wholly in [lo, hi) with the largest exact group shares."""
+def _truth(q, k, lo, hi, P, nb, other_lse, by_blocks, total=None):
+    """Brute force over the whole runs of [lo, hi): the nb runs of largest summed exact
+    group share (by_blocks), else the nb·P positions of largest share in those runs.
+    total [Hkv, G]: normalise each head's exact scores by this log-sum-exp instead (the
+    re-rank uses the sketch's, window included)."""
     scores = q @ k.transpose(1, 2)
     scores[..., :lo] = scores[..., hi:] = float("-inf")
-    shares = group_scores(scores, D**-0.5, other_lse)  # [Hkv, N]
+    if total is None:
+        shares = group_scores(scores, D**-0.5, other_lse)  # [Hkv, N]
+    else:
+        shares = torch.exp(scores * D**-0.5 - total[..., None]).sum(1)
     full = (hi - lo) // P
+    if not by_blocks:
+        return [set(r.tolist()) for r in shares[:, lo:lo + full * P].topk(nb * P).indices + lo]
     sums = torch.stack([shares[:, lo + j * P:lo + j * P + P].sum(-1) for j in range(full)], 1)
     return [set(r.tolist()) for r in sums.topk(nb, dim=-1).indices]
 
 
 @pytest.mark.parametrize("rank,rerank,with_lse", [(D, 1, True), (2, 100, True), (2, 100, False)])
-def test_block_selection_picks_the_best_blocks_and_the_partial_one(rank, rerank, with_lse):
-    """A full-rank sketch (or re-ranking every block exactly) picks the blocks of largest
-    exact summed share; the partial block before hi follows them, counted up to hi."""
+def test_block_selection_against_brute_force(rank, rerank, with_lse):
+    """Without re-ranking a full-rank sketch picks the runs of largest exact summed share;
+    re-ranking (here every run is a candidate) picks the best positions of the candidate
+    runs one by one. The partial run before hi follows, counted up to hi."""
     torch.manual_seed(0)
     k, q = torch.randn(HKV, N, D), torch.randn(HKV, G, D)
     sketch = LowRankKeys(1, HKV, N, D, rank, torch.device("cpu"), torch.float32)
@@ -58,18 +67,43 @@ def test_block_selection_picks_the_best_blocks_and_the_partial_one(rank, rerank,
     pos, count, keys = ret.select_with_keys(0, q, lo, torch.tensor([hi]), top, other)
     assert pos.shape == (HKV, slots_for(top, P)) and count.tolist() == [5 * P + 0]
     chosen = pos[:, :5 * P]
-    assert ((chosen - lo) % P == torch.arange(5 * P) % P).all()  # whole aligned blocks
-    assert [set(((r - lo) // P).tolist()) for r in chosen] == _truth_blocks(
-        q, k, lo, hi, P, 5, other)
     assert pos[:, 5 * P:].tolist() == [[150, 151, 152, 153]] * HKV  # partial: none < hi
     if rerank > 1:
+        assert [set(r.tolist()) for r in chosen] == _truth(q, k, lo, hi, P, 5, other, False,
+                                                           ret.last_total)
         assert reads == [(HKV, 48 * P + P)]  # all blocks to the capacity, and the partial
         torch.testing.assert_close(keys, k.gather(1, pos[..., None].expand(-1, -1, D)))
     else:
+        assert ((chosen - lo) % P == torch.arange(5 * P) % P).all()  # whole aligned runs
+        assert [set(((r - lo) // P).tolist()) for r in chosen] == _truth(
+            q, k, lo, hi, P, 5, other, True)
         assert keys is None and not reads
     pos2, count2, _ = ret.select_with_keys(0, q, lo, torch.tensor([hi + 3]), top, other)
     assert count2.tolist() == [5 * P + 3]  # three positions of the partial block are in
     assert pos2[:, 5 * P:].tolist() == [[150, 151, 152, 153]] * HKV
+
+
+def test_rerank_reads_candidate_keys_in_runs():
+    """With re-ranking the keys read from the host are whole runs of P (the point of
+    blocks), while the chosen positions need not be."""
+    torch.manual_seed(1)
+    k, q = torch.randn(HKV, N, D), torch.randn(HKV, G, D)
+    sketch = LowRankKeys(1, HKV, N, D, 4, torch.device("cpu"), torch.float32)
+    sketch.build(0, k)
+    reads = []
+
+    def exact_keys(layer, pos):
+        reads.append(pos.clone())
+        return k.gather(1, pos[..., None].expand(-1, -1, D))
+
+    ret = LowRankRetriever(sketch, D, 2, exact_keys, block=4)
+    ret.prepare(150, 16)
+    pos, _, _ = ret.select_with_keys(0, q, 2, torch.tensor([152]), 16, torch.randn(HKV, G))
+    runs = reads[0][:, :32]  # 8 candidate runs of 4, then the partial run
+    assert ((runs - 2) % 4 == torch.arange(32) % 4).all()
+    first = runs[:, ::4, None].expand(-1, -1, 4).reshape(HKV, 32)  # each run's start
+    assert ((runs - 2) // 4 == (first - 2) // 4).all()
+    assert all(set(p[:16].tolist()) <= set(r.tolist()) for p, r in zip(pos, runs, strict=True))
 
 
 def test_a_region_shorter_than_the_blocks_is_attended_whole():
