@@ -16,7 +16,7 @@ def bench_gathers(shape: str, n: int, candidates: int, top_k: int, reps: int = 4
     """µs per call of the decode step's host gathers on a store of n tokens, cycling
     through every layer (as decode does): K of the re-rank candidates, K+V of the final
     set, V alone of the final set, K of the candidates then V of the final set, and that
-    again with the positions in aligned runs of 4 (kv.select_block 4)."""
+    again with the candidates in aligned runs of 4 (kv.select_block 4)."""
     from retrieval_attn.kernels import gather_k, gather_kv
     from retrieval_attn.offload import HostKVStore
 
@@ -35,7 +35,8 @@ def bench_gathers(shape: str, n: int, candidates: int, top_k: int, reps: int = 4
     cand, final = idx(candidates), idx(top_k)
     chosen = cand[:, :, :top_k].contiguous()  # the final set is among the candidates
     run_cand = runs(candidates)
-    run_chosen = run_cand[:, :, :top_k].contiguous()
+    # kv.select_block re-ranks position by position: the final set is scattered in the runs
+    run_chosen = run_cand[:, :, torch.randperm(candidates, device="cuda")[:top_k]].contiguous()
     calls = {"K of candidates": lambda i: gather_k(store.k[i], cand[i]),
              "K+V of final": lambda i: gather_kv(store.k[i], store.v[i], final[i]),
              "V of final": lambda i: gather_k(store.v[i], final[i]),
@@ -43,8 +44,9 @@ def bench_gathers(shape: str, n: int, candidates: int, top_k: int, reps: int = 4
              # the cost of switching between the K and V regions
              "K of candidates then V of final": lambda i: (
                  gather_k(store.k[i], cand[i]), gather_k(store.v[i], chosen[i])),
-             # the same in runs of 4 positions: reads of runs are not translation-bound
-             "the same, runs of 4": lambda i: (
+             # candidates in runs of 4 positions (kv.select_block 4), V of final among them:
+             # reads of runs are not translation-bound
+             "the same, candidates in runs of 4": lambda i: (
                  gather_k(store.k[i], run_cand[i]), gather_k(store.v[i], run_chosen[i]))}
     row = {"context": n}
     row.update(_time_calls(calls, L, reps))

@@ -11,7 +11,7 @@ from retrieval_attn.tools.bench_step_parts import bench_gathers, bench_topk
 def test_gathers_and_topk_report_every_part():
     row = bench_gathers("smollm2-135m", 65536, 512, 128, reps=1)
     assert set(row) == {"context", "K of candidates", "K+V of final", "V of final",
-                        "K of candidates then V of final", "the same, runs of 4",
+                        "K of candidates then V of final", "the same, candidates in runs of 4",
                         "K of candidates, one launch"}
     assert all(v > 0 for k, v in row.items() if k != "context")
     top = bench_topk("smollm2-135m", 65536, 512, reps=1)
