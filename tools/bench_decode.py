@@ -38,9 +38,10 @@ GiB = 1 << 30
 # bench policy -> kv.policy; retrieval-ann also sets index.kind attention (host graphs)
 POLICY = {"full-offload": "dense", "retrieval-notail": "retrieval", "retrieval-ann": "retrieval"}
 # per-policy overrides of the retrieval sketch and selection, e.g.
-# retrieval:sketch=int4,rank=128,rerank=2,block=4
+# retrieval:sketch=int4,rank=128,rerank=2,block=4,topk=4096
 OVERRIDES = {"sketch": ("sketch_dtype", str), "rank": ("rank", int),
-             "rerank": ("rerank_factor", int), "block": ("select_block", int)}
+             "rerank": ("rerank_factor", int), "block": ("select_block", int),
+             "topk": ("top_k", int)}
 
 
 def parse_policy(name: str) -> tuple[str, dict]:
