@@ -342,3 +342,17 @@ def test_int4_sketch_needs_an_even_rank():
     with pytest.raises(ConfigError, match="kv.rank is 3 with kv.sketch_dtype int4"):
         EngineConfig.from_dict({"kv": {"rank": 3, "sketch_dtype": "int4"}})
     assert EngineConfig.from_dict({"kv": {"rank": 3, "sketch_dtype": "int8"}}).kv.rank == 3
+
+
+@pytest.mark.parametrize("block", [0, 65])
+def test_select_block_range(block):
+    with pytest.raises(ConfigError, match=f"kv.select_block is {block}: use 1"):
+        EngineConfig.from_dict({"kv": {"policy": "retrieval", "select_block": block}})
+
+
+def test_select_block_needs_the_lowrank_retriever():
+    with pytest.raises(ConfigError, match="set kv.select_block: 1 or index.kind: lowrank"):
+        EngineConfig.from_dict({"kv": {"policy": "retrieval", "select_block": 4},
+                                "index": {"kind": "attention"}})
+    cfg = EngineConfig.from_dict({"kv": {"policy": "retrieval", "select_block": 4}})
+    assert cfg.kv.select_block == 4
