@@ -31,12 +31,10 @@ def slots_for(k: int, block: int) -> int:
 
 def block_sums(shares: torch.Tensor, lo: int, hi: torch.Tensor, block: int) -> torch.Tensor:
     """shares [R, N - lo] (per position from lo, any float dtype) -> [R, (N - lo) // P]
-    sums per block in shares' dtype (one reduction, accumulated in float32: bfloat16
-    shares only rank re-rank candidates); blocks not wholly before hi ([1] on the device)
-    get -1."""
+    float32 sums per block; blocks not wholly before hi ([1] on the device) get -1."""
     rows, m = shares.shape
     nblk = m // block
-    sums = shares[:, :nblk * block].view(rows, nblk, block).sum(-1)
+    sums = shares[:, :nblk * block].view(rows, nblk, block).float().sum(-1)
     full = (hi - lo) // block  # [1]: blocks wholly in [lo, hi)
     ids = torch.arange(nblk, device=shares.device)
     return sums.masked_fill(ids >= full, -1.0)

@@ -143,20 +143,16 @@ class LowRankKeys:
         shares_dtype (bfloat16 where only their top-k is wanted), lse [Hkv, G] float32).
         shares = group_scores of the scores of positions [lo, N) with positions >= hi
         ([1] device tensor) excluded; lse = each head's log-sum-exp over [lo, hi) of the
-        scaled scores, log-added to other_lse. With chunk > 0 also each head's mass per
-        chunk of positions [Hkv, G, ceil(N / chunk)]. Scores are float32 throughout; for
-        bfloat16 shares (re-rank candidates) the kernel's second pass reads them back from
-        a float16 [Hkv, G, N] cache instead of the sketch (kernels.select_scores,
-        score_cache: at 1M, 14 bytes a position instead of 64)."""
+        scaled scores, log-added to other_lse. Scores are float32 throughout and
+        [Hkv, G, N] is never stored (kernels.select_scores). With chunk > 0 also each
+        head's mass per chunk of positions [Hkv, G, ceil(N / chunk)]."""
         from .. import kernels
 
-        args = (q, self.score_basis(layer), self.mean[layer], self.keys[layer], lo, hi,
-                scale, other_lse, chunk, shares_dtype)
         # the Triton kernel on a GPU; elsewhere its reference (not the interpreter, which
         # tests may have switched on for the whole process)
-        if self.keys.is_cuda:
-            return kernels.select_scores(*args, score_cache=shares_dtype == torch.bfloat16)
-        return kernels.select_scores_ref(*args)
+        fn = kernels.select_scores if self.keys.is_cuda else kernels.select_scores_ref
+        return fn(q, self.score_basis(layer), self.mean[layer], self.keys[layer], lo, hi,
+                  scale, other_lse, chunk, shares_dtype)
 
     def memory_bytes(self) -> dict[str, int]:
         parts = (self.mean, self.basis, self.keys) + ((self.scale,) if self.sketch != "auto"

@@ -279,11 +279,9 @@ def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) ->
         sums, sums_note = (Hkv * (N // P) * 4, f" + B·Hkv·N/{P}·4 block sums") if P > 1 else (0, "")
         if dev == "gpu" and kernel_scores(r, _key_bits(kv.sketch_dtype)):
             sb = 2 if kv.rerank_factor > 1 else 4  # re-rank candidates need only bfloat16
-            cache = B * H * N * 2 if sb == 2 else 0  # and are scored from a float16 cache
-            add("decode: low-rank selection scores", dev, Hkv * N * sb + cache + sums,
+            add("decode: low-rank selection scores", dev, Hkv * N * sb + sums,
                 f"B·Hkv·N·{sb}  group shares [B·Hkv, N] {'bfloat16' if sb == 2 else 'float32'}"
-                f" (fused select_scores kernel)"
-                + (" + B·H·N·2 float16 score cache" if cache else "") + sums_note, "decode")
+                f" (fused select_scores kernel){sums_note}", "decode")
         else:  # its PyTorch reference
             add("decode: low-rank selection scores", dev,
                 B * H * N * (b + 8) + Hkv * N * 4 + sums,

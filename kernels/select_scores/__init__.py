@@ -53,7 +53,6 @@ def select_scores(
     other_lse: torch.Tensor | None = None,
     chunk: int = 0,
     shares_dtype: torch.dtype = torch.float32,
-    score_cache: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group shares of the low-rank scores of positions [lo, N) of one layer.
 
@@ -73,13 +72,6 @@ def select_scores(
         shares_dtype: float32, or bfloat16 where only a top-k of the shares is taken
             (re-rank candidates): it is rounded once at the store, and torch.topk of 1M
             bfloat16 values per row is ~30% faster than of float32 (H200).
-        score_cache: the first pass also stores the scaled scores in float16 (minus
-            other_lse, so that the values that carry mass sit near 0, where float16 is
-            finest) and the second pass reads them instead of the sketch: [Hkv, G, N]
-            float16 of scratch, and 2·G bytes per position read back instead of the
-            sketch's r (int8) or 2·r (bfloat16). Shares and mass then carry that
-            rounding (~2**-11 of |score - other_lse|, exponentiated): for re-rank
-            candidates. The lse is exact either way.
 
     Returns:
         shares: [Hkv, N - lo] shares_dtype, sum_g exp(scale * score - lse_g); 0 where
@@ -150,29 +142,20 @@ def select_scores(
     common = (qr_hi.stride(0), qr_hi.stride(1), const.stride(0), keys.stride(0), keys.stride(1),
               part_m.stride(0), part_m.stride(1))
     hi_lo = keys.dtype.is_floating_point  # integer keys: one dot (kernel.py, _scores)
-    if score_cache:  # [Hkv, G, tiles] of float16 scores from origin, centred per head
-        cache = torch.empty(hkv, g, splits * per_split, dtype=torch.float16, device=device)
-        centre = (other_lse.float().contiguous() if other_lse is not None
-                  else torch.zeros(hkv, g, dtype=torch.float32, device=device))
-    else:  # unread stand-ins
-        cache, centre = part_m, const
-    cached = (cache, centre)
-    cache_strides = (cache.stride(0), cache.stride(1), centre.stride(0))
     lse_partial_kernel[(hkv, splits)](
-        qr_hi, qr_lo, const, mul, keys, hi, part_m, part_l, *cached, lo, origin, n, *common,
-        *cache_strides, scale, g, G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N, F32_DOT=f32_dot,
-        CHUNK=per_split, HI_LO=hi_lo, KEY_BITS=bits, STORE=score_cache, num_warps=NUM_WARPS)
+        qr_hi, qr_lo, const, mul, keys, hi, part_m, part_l, lo, origin, n, *common, scale, g,
+        G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N, F32_DOT=f32_dot, CHUNK=per_split,
+        HI_LO=hi_lo, KEY_BITS=bits, num_warps=NUM_WARPS)
     # other_lse is unread when None, mass when chunk is 0 (lse stands in for the pointers)
     other = other_lse.float().contiguous() if other_lse is not None else lse
     nm = cdiv(n, chunk) if chunk else 0
     mass = (torch.zeros(hkv, g, nm, dtype=torch.float32, device=device) if chunk
             else lse[:, :, None])
     shares_kernel[(hkv, splits)](
-        qr_hi, qr_lo, const, mul, keys, hi, part_m, part_l, other, shares, lse, mass, *cached,
+        qr_hi, qr_lo, const, mul, keys, hi, part_m, part_l, other, shares, lse, mass,
         lo, origin, n, splits, nm, *common,
         other.stride(0), shares.stride(0), lse.stride(0), mass.stride(0), mass.stride(1),
-        *cache_strides, scale, g, G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N,
-        S_PAD=next_power_of_2(splits), HAS_OTHER=other_lse is not None, F32_DOT=f32_dot,
-        CHUNK=per_split, MASS_CHUNK=chunk, HI_LO=hi_lo, KEY_BITS=bits, CACHED=score_cache,
-        num_warps=NUM_WARPS)
+        scale, g, G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N, S_PAD=next_power_of_2(splits),
+        HAS_OTHER=other_lse is not None, F32_DOT=f32_dot, CHUNK=per_split,
+        MASS_CHUNK=chunk, HI_LO=hi_lo, KEY_BITS=bits, num_warps=NUM_WARPS)
     return (shares, lse, mass) if chunk else (shares, lse)

@@ -93,16 +93,13 @@ def _scores(qa_hi, qa_lo, qb_hi, qb_lo, c, mul, Keys, h, n, ok, stride_kh, strid
 def lse_partial_kernel(
     QrHi, QrLo, C, Mul, Keys, Hi, M, L,  # [Hkv, G, r] x2 dot dtype, [Hkv, G] f32, [Hkv] f32,
     # [Hkv, N, r] (r / 2 packed int4), [1], [Hkv, S, G_PAD] f32 x2
-    Cache, Centre,  # float16 [Hkv, G, T] scores minus Centre [Hkv, G] f32 (STORE only)
     lo, origin, N,  # first position scored, first position of tile 0, capacity
     stride_qh, stride_qg, stride_ch, stride_kh, stride_kn, stride_mh, stride_ms,
-    stride_zh, stride_zg, stride_eh,
     scale, G,
     G_PAD: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr,
     CHUNK: tl.constexpr,  # positions per program, a multiple of BLOCK_N (fixed trip count)
     HI_LO: tl.constexpr,  # dot the lo half of q @ basis too (float keys)
     KEY_BITS: tl.constexpr,  # 16 (float keys), 8 (int8) or 4 (packed int4)
-    STORE: tl.constexpr,  # also keep the scaled scores for shares_kernel (score cache)
 ):
     h = tl.program_id(0).to(tl.int64)  # h * stride_kh passes 2**31 at B·Hkv·N·r >= 2**31
     split = tl.program_id(1)
@@ -112,20 +109,15 @@ def lse_partial_kernel(
     start = origin + split * CHUNK
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     acc = tl.zeros([G_PAD], tl.float32)
-    g = tl.arange(0, G_PAD)
-    if STORE:
-        centre = tl.load(Centre + h * stride_eh + g, mask=g < G, other=0.0)
     for off in range(0, CHUNK, BLOCK_N):
         n = start + off + tl.arange(0, BLOCK_N)
         x = _scores(qa_hi, qa_lo, qb_hi, qb_lo, c, mul, Keys, h, n, (n >= lo) & (n < hi),
                     stride_kh, stride_kn, scale, G, G_PAD, R, F32_DOT, HI_LO, KEY_BITS)
-        if STORE:  # float16 near 0 where it matters: scores minus a head's window lse
-            tl.store(Cache + h * stride_zh + g[:, None] * stride_zg + (n - origin)[None, :],
-                     (x - centre[:, None]).to(tl.float16), mask=(g[:, None] < G) & (n < N)[None, :])
         m_new = tl.maximum(m, tl.max(x, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all excluded so far
         acc = acc * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
         m = m_new
+    g = tl.arange(0, G_PAD)
     tl.store(M + h * stride_mh + split * stride_ms + g, m)
     tl.store(L + h * stride_mh + split * stride_ms + g, acc)
 
@@ -134,16 +126,14 @@ def lse_partial_kernel(
 def shares_kernel(
     QrHi, QrLo, C, Mul, Keys, Hi, M, L, Other, Out, Lse,  # Other, Lse [Hkv, G]; Out [Hkv, N - lo]
     Mass,  # [Hkv, G, NM] float32, zeroed: sums of exp(score - lse) per MASS_CHUNK positions
-    Cache, Centre,  # lse_partial_kernel's float16 scores and their centres (CACHED only)
     lo, origin, N, S, NM,
     stride_qh, stride_qg, stride_ch, stride_kh, stride_kn, stride_mh, stride_ms,
-    stride_xh, stride_oh, stride_lh, stride_ah, stride_ag, stride_zh, stride_zg, stride_eh,
+    stride_xh, stride_oh, stride_lh, stride_ah, stride_ag,
     scale, G,
     G_PAD: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, S_PAD: tl.constexpr,
     HAS_OTHER: tl.constexpr, F32_DOT: tl.constexpr, CHUNK: tl.constexpr,
     MASS_CHUNK: tl.constexpr,  # 0: no Mass; else a power of two dividing BLOCK_N
     HI_LO: tl.constexpr, KEY_BITS: tl.constexpr,
-    CACHED: tl.constexpr,  # read the cached scores instead of the sketch (a quarter the bytes)
 ):
     h = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -165,22 +155,13 @@ def shares_kernel(
     if split == 0:
         tl.store(Lse + h * stride_lh + g, lse, mask=g < G)
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # no mass anywhere: shares 0
-    if CACHED:
-        lse = lse - tl.load(Centre + h * stride_eh + g, mask=g < G, other=0.0)
-    else:
-        qa_hi, qa_lo, qb_hi, qb_lo, c, mul = _queries(QrHi, QrLo, C, Mul, h, stride_qh,
-                                                      stride_qg, stride_ch, G, G_PAD, R,
-                                                      KEY_BITS)
+    qa_hi, qa_lo, qb_hi, qb_lo, c, mul = _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg,
+                                                  stride_ch, G, G_PAD, R, KEY_BITS)
     start = origin + split * CHUNK  # origin is a multiple of BLOCK_N: tiles hold whole chunks
     for off in range(0, CHUNK, BLOCK_N):
         n = start + off + tl.arange(0, BLOCK_N)
-        if CACHED:  # excluded positions were stored as -inf
-            x = tl.load(Cache + h * stride_zh + g[:, None] * stride_zg + (n - origin)[None, :],
-                        mask=(g[:, None] < G) & (n < N)[None, :], other=float("-inf"))
-            x = x.to(tl.float32)
-        else:
-            x = _scores(qa_hi, qa_lo, qb_hi, qb_lo, c, mul, Keys, h, n, (n >= lo) & (n < hi),
-                        stride_kh, stride_kn, scale, G, G_PAD, R, F32_DOT, HI_LO, KEY_BITS)
+        x = _scores(qa_hi, qa_lo, qb_hi, qb_lo, c, mul, Keys, h, n, (n >= lo) & (n < hi),
+                    stride_kh, stride_kn, scale, G, G_PAD, R, F32_DOT, HI_LO, KEY_BITS)
         p = tl.exp(x - lse[:, None])  # [G_PAD, BLOCK_N], 0 where excluded
         shares = tl.sum(p, axis=0)  # [BLOCK_N]
         out = shares.to(Out.dtype.element_ty, fp_downcast_rounding="rtne")  # f32 or bf16

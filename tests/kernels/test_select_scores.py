@@ -121,11 +121,6 @@ def test_select_scores_qwen_7b_shape(n, bits, r, k):
                              shares_dtype=torch.bfloat16)  # what re-ranking selects from
     torch.testing.assert_close(got16.float(), want, rtol=2**-8, atol=1e-9)
     _same_topk_up_to_ties(got16.float(), want, k, rtol=2**-7)
-    cached, cached_lse = select_scores(q, basis, mean, keys, lo, hi, d**-0.5, other,
-                                       shares_dtype=torch.bfloat16, score_cache=True)
-    torch.testing.assert_close(cached_lse, want_lse, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cached.float(), want, rtol=2**-6, atol=1e-9)
-    _same_topk_up_to_ties(cached.float(), want, k, rtol=2**-5)
 
 
 def test_bfloat16_shares_are_the_float32_shares_rounded():
@@ -210,24 +205,3 @@ def test_quantised_sketch_rejects_bad_layouts():
         select_scores(q, basis, mean, keys.to(torch.uint8), 4, hi, 0.2)
     with pytest.raises(ValueError, match="dtype"):
         select_scores(q, basis, mean, keys.to(torch.int16), 4, hi, 0.2)
-
-
-@pytest.mark.parametrize("with_other", [True, False])
-def test_score_cache_reads_back_what_the_sketch_scores(with_other):
-    """score_cache: the second pass reads float16 scores (centred on other_lse) kept by the
-    first instead of the sketch: the same lse, shares and chunk masses to float16's
-    rounding of score - other_lse, and zero past hi."""
-    q, basis, mean, keys, other = _inputs(2, 7, 64, 32, 900, torch.bfloat16)
-    other = other if with_other else None
-    hi = torch.tensor([850])
-    want, want_lse, want_mass = select_scores_ref(q, basis, mean, keys, 4, hi, 0.125, other, 64)
-    dev = [t.to(DEVICE) for t in (q, basis, mean, keys)]
-    got, got_lse, got_mass = select_scores(
-        *dev, 4, hi.to(DEVICE), 0.125, other.to(DEVICE) if with_other else None, 64,
-        score_cache=True)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got_lse.cpu(), want_lse, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got.cpu(), want, rtol=2**-7, atol=1e-9)
-    torch.testing.assert_close(got_mass.cpu(), want_mass, rtol=2**-7, atol=1e-9)
-    assert (got[:, 850 - 4:] == 0).all()
-    _same_topk_up_to_ties(got.cpu(), want, 64, rtol=2**-6)
