@@ -11,7 +11,7 @@ when TRITON_INTERPRET=1 (tests); otherwise the float32 reference `tail_correct_r
 
 import torch
 
-from .._launch import cdiv, next_power_of_2, use_triton
+from .._launch import PROGRAMS_PER_SM, cdiv, next_power_of_2, sm_count, use_triton
 from .ref import SPLITS, tail_correct_ref
 
 __all__ = ["tail_correct", "tail_correct_ref"]
@@ -19,6 +19,7 @@ __all__ = ["tail_correct", "tail_correct_ref"]
 BLOCK = 64  # chunks, or selected tokens, per step of a program
 MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a row are padded to this
 NUM_WARPS = 4
+MERGE_TILE = 32  # partials the merge reads per step
 
 
 def tail_correct(out: torch.Tensor, lse_att: torch.Tensor, mass: torch.Tensor,
@@ -52,7 +53,9 @@ def tail_correct(out: torch.Tensor, lse_att: torch.Tensor, mass: torch.Tensor,
     mass, scores = mass.float().contiguous(), selected_scores.float().contiguous()
     total, lse_att = total_lse.float().contiguous(), lse_att.float().contiguous()
     selected, out = selected.contiguous(), out.contiguous()
-    per_split = cdiv(max(Mm, 1), SPLITS)
+    # enough programs for the chunk sums to fill the GPU: a 1M-token row has 16K chunks
+    want = max(SPLITS, cdiv(PROGRAMS_PER_SM * sm_count(device), R))
+    per_split = cdiv(max(Mm, 1), min(want, cdiv(max(Mm, 1), BLOCK)))
     n_splits = cdiv(max(Mm, 1), per_split)
     n_parts = n_splits + cdiv(K, BLOCK)
     g_pad = max(MIN_HEAD_ROWS, next_power_of_2(G))
@@ -68,10 +71,10 @@ def tail_correct(out: torch.Tensor, lse_att: torch.Tensor, mass: torch.Tensor,
         D=D, G_PAD=g_pad, CHUNK=chunk, BLOCK=BLOCK, PER_SPLIT=per_split,
         num_warps=NUM_WARPS)
     res = torch.empty_like(out)
-    tail_merge_kernel[(R,)](
+    tail_merge_kernel[(R, G)](
         out, lse_att, total, part_t, part_m, res, G,
         out.stride(0), out.stride(1), lse_att.stride(0), total.stride(0),
         part_t.stride(0), part_t.stride(1), part_t.stride(2),
         part_m.stride(0), part_m.stride(1), res.stride(0), res.stride(1),
-        D=D, G_PAD=g_pad, N_PARTS=n_parts, num_warps=NUM_WARPS)
+        D=D, N_PARTS=n_parts, PARTS_TILE=MERGE_TILE, num_warps=NUM_WARPS)
     return res

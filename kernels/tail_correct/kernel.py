@@ -3,7 +3,8 @@
 `tail_partials_kernel` sums, per kv-head row, mass_c / filled_c · sums_c over a split of
 the chunks (programs s < n_splits) and subtracts the selected tokens' own sketch mass
 p_i / filled_c(i) · sums_c(i) (programs s >= n_splits, one block of selected tokens each);
-`tail_merge_kernel` adds the partials up and merges the tail into the exact output. The
+`tail_merge_kernel` (one program per row and head) adds the partials up and merges the
+tail into the exact output. The
 reference (ref.py) takes the selected mass out of each chunk and clamps it at 0 first;
 here the two sums are apart, which differs only where a chunk's float32 masses round
 below what was taken out of it.
@@ -70,23 +71,26 @@ def tail_merge_kernel(
     Out, LseAtt, Total, PartT, PartM, Res, G,
     stride_or, stride_og, stride_lr, stride_tr,
     stride_ptr, stride_pts, stride_ptg, stride_pmr, stride_pms, stride_rr, stride_rg,
-    D: tl.constexpr, G_PAD: tl.constexpr, N_PARTS: tl.constexpr,
+    D: tl.constexpr, N_PARTS: tl.constexpr,
+    PARTS_TILE: tl.constexpr,  # partials read per step
 ):
+    # one program per (row, head): the partials of a row are summed by G programs at once
     r = tl.program_id(0).to(tl.int64)
-    g = tl.arange(0, G_PAD)
+    g = tl.program_id(1).to(tl.int64)
     d = tl.arange(0, D)
-    tail = tl.zeros((G_PAD, D), dtype=tl.float32)
-    mass = tl.zeros((G_PAD,), dtype=tl.float32)
-    for s in range(0, N_PARTS):
-        tail += tl.load(PartT + r * stride_ptr + s * stride_pts + g[:, None] * stride_ptg
-                        + d[None, :])
-        mass += tl.load(PartM + r * stride_pmr + s * stride_pms + g)
-    rows = g < G
-    out = tl.load(Out + r * stride_or + g[:, None] * stride_og + d[None, :],
-                  mask=rows[:, None], other=0.0).to(tl.float32)
-    lse_att = tl.load(LseAtt + r * stride_lr + g, mask=rows, other=0.0)
-    total = tl.load(Total + r * stride_tr + g, mask=rows, other=0.0)
+    tail = tl.zeros((D,), dtype=tl.float32)
+    mass = tl.zeros((1,), dtype=tl.float32)
+    for t in range(0, N_PARTS, PARTS_TILE):
+        s = t + tl.arange(0, PARTS_TILE)
+        ok = s < N_PARTS
+        tile = tl.load(PartT + r * stride_ptr + s[:, None] * stride_pts + g * stride_ptg
+                       + d[None, :], mask=ok[:, None], other=0.0)  # [PARTS_TILE, D]
+        tail += tl.sum(tile, axis=0)
+        mass += tl.sum(tl.load(PartM + r * stride_pmr + s * stride_pms + g, mask=ok,
+                               other=0.0), axis=0)
+    out = tl.load(Out + r * stride_or + g * stride_og + d).to(tl.float32)
+    lse_att = tl.load(LseAtt + r * stride_lr + g + tl.arange(0, 1))
+    total = tl.load(Total + r * stride_tr + g + tl.arange(0, 1))
     ratio = tl.exp(total - lse_att)  # tail mass is relative to total, out's to lse_att
-    merged = (out + ratio[:, None] * tail) / (1.0 + ratio * mass)[:, None]
-    tl.store(Res + r * stride_rr + g[:, None] * stride_rg + d[None, :],
-             merged.to(Res.dtype.element_ty), mask=rows[:, None])
+    merged = (out + ratio * tail) / (1.0 + ratio * mass)
+    tl.store(Res + r * stride_rr + g * stride_rg + d, merged.to(Res.dtype.element_ty))
