@@ -4,8 +4,10 @@ Why: the GPU reads selected rows of the host store over PCIe, and at long contex
 of scattered 256-byte rows is limited by address translation, not by bytes. On the H100,
 over a 28-layer 1M-token store, K of 4096 scattered rows per head took 197 µs a layer
 (~21 GB/s), the same rows in runs of 4 tokens 97 µs (~43 GB/s, what a narrow span gets);
-K of candidates then V of the final set, 422 vs ~140 µs. The price is accuracy per token:
-a run carries its neighbours, which the query may not want (README, accuracy).
+K of candidates then V of the final set, 429 vs 202 µs with the candidates in runs and
+the final set chosen among them position by position (LowRankRetriever). The price is
+accuracy: runs are ranked by their summed sketch shares, so a strong position beside weak
+neighbours may be left out (README, accuracy).
 
 Blocks are aligned at `lo` (the first offloaded position, past the sinks): block j holds
 positions [lo + j·P, lo + j·P + P). Only blocks wholly before `hi` (the start of the

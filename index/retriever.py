@@ -131,12 +131,7 @@ class LowRankRetriever:
         if not rerank:
             return cand[:, :k], count, None
         keys = self.exact_keys(layer, cand)  # [Hkv, C, D]
-        if other_lse is None:
-            exact = (q @ keys.to(q.dtype).transpose(1, 2)).masked_fill(
-                _mask_from(hi, cand)[:, None], float("-inf"))
-            shares = group_scores(exact, self.scale)
-        else:  # shares of each head's whole attention: window + the region as sketched
-            shares = self._rerank_shares(q, keys.to(q.dtype), cand, hi, total)
+        shares = self._exact_shares(q, keys.to(q.dtype), cand, hi, total)
         best = shares.topk(k, dim=-1, sorted=self.ordered).indices  # [Hkv, k]
         chosen = keys.gather(1, best[:, :, None].expand(-1, -1, keys.shape[2]))
         return cand.gather(1, best), count, chosen
@@ -164,16 +159,22 @@ class LowRankRetriever:
         if not rerank:
             return torch.cat([cand, part], dim=1), count, None
         keys = self.exact_keys(layer, torch.cat([cand, part], dim=1))  # [R, C + P, D]
-        ck = keys[:, :cand.shape[1]].to(q.dtype)
-        if other_lse is None:
-            exact = group_scores((q @ ck.transpose(1, 2)).masked_fill(
-                _mask_from(hi, cand)[:, None], float("-inf")), self.scale)
-        else:
-            exact = self._rerank_shares(q, ck, cand, hi, total)
+        exact = self._exact_shares(q, keys[:, :cand.shape[1]].to(q.dtype), cand, hi, total)
         best = exact.topk(nb * P, dim=-1, sorted=False).indices  # [R, nb·P] into cand
         chosen = keys.gather(1, best[..., None].expand(-1, -1, keys.shape[2]))
         return (torch.cat([cand.gather(1, best), part], dim=1), count,
                 torch.cat([chosen, keys[:, cand.shape[1]:]], dim=1))
+
+    def _exact_shares(self, q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor,
+                      hi: torch.Tensor, total: torch.Tensor | None) -> torch.Tensor:
+        """[Hkv, C] group shares of the candidates cand [Hkv, C] by their exact keys
+        [Hkv, C, D] (q's dtype), candidates at or past hi excluded: of each head's whole
+        attention (window + the region as sketched) when total [Hkv, G] is given."""
+        if total is None:
+            exact = (q @ keys.transpose(1, 2)).masked_fill(_mask_from(hi, cand)[:, None],
+                                                           float("-inf"))
+            return group_scores(exact, self.scale)
+        return self._rerank_shares(q, keys, cand, hi, total)
 
     def _rerank_shares(self, q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor,
                        hi: torch.Tensor, total: torch.Tensor) -> torch.Tensor:

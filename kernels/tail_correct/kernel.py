@@ -4,10 +4,9 @@
 the chunks (programs s < n_splits) and subtracts the selected tokens' own sketch mass
 p_i / filled_c(i) · sums_c(i) (programs s >= n_splits, one block of selected tokens each);
 `tail_merge_kernel` (one program per row and head) adds the partials up and merges the
-tail into the exact output. The
-reference (ref.py) takes the selected mass out of each chunk and clamps it at 0 first;
-here the two sums are apart, which differs only where a chunk's float32 masses round
-below what was taken out of it.
+tail into the exact output. The reference (ref.py) takes the selected mass out of each
+chunk and clamps it at 0 first; here the two sums are apart, which differs only where a
+chunk's float32 masses round below what was taken out of it.
 """
 
 import triton
