@@ -65,16 +65,24 @@ class LowRankRetriever:
     and the final k (rounded up to whole runs) are still chosen one by one by exact shares;
     without re-ranking the chosen runs are attended whole. The partial run before the
     window is always attended, so `select` returns slots_for(k, P) positions.
+
+    With reuse_lse (the default) and a window lse, a fused sketch scores in one pass: each
+    head's shares are normalised by the previous step's log-sum-exp over the region (the
+    same layer's; none at a prompt's first step) log-added to this step's window lse,
+    instead of this step's exact one, which would take a second pass over the sketch
+    (kernels.select_scores, lse_state; README: one-pass scoring).
     """
 
     def __init__(self, sketch: KeySketch, head_dim: int, rerank_factor: int = 1,
                  exact_keys: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-                 block: int = 1) -> None:
+                 block: int = 1, reuse_lse: bool = True) -> None:
         if rerank_factor > 1 and exact_keys is None:
             raise ValueError("re-ranking needs exact_keys(layer, positions) -> keys")
         self.sketch, self.scale = sketch, head_dim**-0.5
         self.rerank_factor, self.exact_keys = rerank_factor, exact_keys
         self.block = block
+        self.reuse_lse = reuse_lse
+        self.lse_state: dict[int, torch.Tensor] = {}  # layer -> [Hkv, G] float32
         # blocks are picked only while the region holds the budget's whole blocks (see
         # prepare); a shorter region is attended whole, position by position
         self.use_blocks = False
@@ -95,6 +103,8 @@ class LowRankRetriever:
         only grows from there) and a budget of k: settle what every step of it does, so
         one CUDA graph serves them all."""
         self.use_blocks = self.block > 1 and region >= blocks_for(k, self.block) * self.block
+        for state in self.lse_state.values():  # a new prompt: no previous step
+            state.fill_(float("-inf"))
         # when the region holds every slot at the first step, each step fills all of them
         # and their order is never read
         self.ordered = region < slots_for(k, self.block)
@@ -197,8 +207,10 @@ class LowRankRetriever:
         n = self.sketch.capacity
         if hasattr(self.sketch, "shares"):
             dtype = torch.bfloat16 if candidates and q.is_cuda else torch.float32
+            state = (self._lse_state(layer, q) if self.reuse_lse and other_lse is not None
+                     else None)
             shares, lse, *mass = self.sketch.shares(layer, q, lo, hi, self.scale, other_lse,
-                                                    self.tail_chunk, dtype)
+                                                    self.tail_chunk, dtype, state)
             self.last_mass = mass[0] if mass else None
             return shares, (lse if other_lse is not None else None)
         excluded = _mask_from(hi, self.positions[lo:])  # [N - lo]
@@ -208,6 +220,14 @@ class LowRankRetriever:
             total = torch.logaddexp(other_lse.float(),
                                     torch.logsumexp(approx.float() * self.scale, dim=-1))
         return group_scores(approx, self.scale, other_lse), total
+
+    def _lse_state(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """The layer's previous-step region lse [Hkv, G] (-inf before its first step)."""
+        state = self.lse_state.get(layer)
+        if state is None or state.shape != q.shape[:2] or state.device != q.device:
+            state = torch.full(q.shape[:2], float("-inf"), device=q.device)
+            self.lse_state[layer] = state
+        return state
 
 
 class QuestRetriever:

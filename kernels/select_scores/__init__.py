@@ -53,6 +53,7 @@ def select_scores(
     other_lse: torch.Tensor | None = None,
     chunk: int = 0,
     shares_dtype: torch.dtype = torch.float32,
+    lse_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group shares of the low-rank scores of positions [lo, N) of one layer.
 
@@ -72,12 +73,20 @@ def select_scores(
         shares_dtype: float32, or bfloat16 where only a top-k of the shares is taken
             (re-rank candidates): it is rounded once at the store, and torch.topk of 1M
             bfloat16 values per row is ~30% faster than of float32 (H200).
+        lse_state: None (exact: two passes over the keys), or [Hkv, G] float32, a
+            log-sum-exp over the region known before this call (one pass): shares and mass
+            are normalised by it log-added to other_lse (required then), and it is then
+            overwritten with this call's exact log-sum-exp over [lo, hi). A decode step
+            passes the previous step's (the same layer's buffer): a head's lse moves little
+            from one token to the next, and only the heads' relative weights depend on it
+            (README: one-pass scoring). -inf (no previous step) normalises by other_lse.
 
     Returns:
         shares: [Hkv, N - lo] shares_dtype, sum_g exp(scale * score - lse_g); 0 where
             excluded.
-        lse: [Hkv, G] float32, log-sum-exp over [lo, hi) of the scaled scores, log-added
-            to other_lse when given.
+        lse: [Hkv, G] float32, what shares and mass are normalised by: the log-sum-exp over
+            [lo, hi) of the scaled scores (lse_state's given value instead when given),
+            log-added to other_lse when given.
         mass (only with chunk > 0): [Hkv, G, ceil(N / chunk)] float32, per head the sum of
             exp(scale * score - lse) over positions [j·chunk, (j+1)·chunk) in [lo, hi).
     """
@@ -102,9 +111,15 @@ def select_scores(
     if other_lse is not None and other_lse.shape != (hkv, g):
         raise ValueError(f"other_lse must be [Hkv, G]=[{hkv}, {g}]; got "
                          f"{tuple(other_lse.shape)}")
+    if lse_state is not None and (other_lse is None or lse_state.shape != (hkv, g)
+                                  or lse_state.dtype != torch.float32):
+        raise ValueError(f"lse_state must be float32 [Hkv, G]=[{hkv}, {g}] and come with "
+                         f"other_lse; got {tuple(lse_state.shape)} {lse_state.dtype}, "
+                         f"other_lse {'None' if other_lse is None else 'given'}")
     device = keys.device
     for name, t in (("q", q), ("basis", basis), ("mean", mean), ("hi", hi)) + (
-            (("other_lse", other_lse),) if other_lse is not None else ()):
+            (("other_lse", other_lse),) if other_lse is not None else ()) + (
+            (("lse_state", lse_state),) if lse_state is not None else ()):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device}, keys on {device}")
     if keys.dtype not in KEY_BITS:
@@ -112,8 +127,8 @@ def select_scores(
     bits = KEY_BITS[keys.dtype]
     if not use_triton(device) or not kernel_scores(r, bits) or keys.stride(-1) != 1:
         return select_scores_ref(q, basis, mean, keys, lo, hi, scale, other_lse, chunk,
-                                 shares_dtype)
-    from .kernel import lse_partial_kernel, shares_kernel
+                                 shares_dtype, lse_state)
+    from .kernel import lse_partial_kernel, lse_state_kernel, shares_kernel
 
     f32_dot = keys.dtype == torch.float32 or interpreting()
     qr = q.float() @ basis.float()  # [Hkv, G, r], tiny
@@ -142,20 +157,28 @@ def select_scores(
     common = (qr_hi.stride(0), qr_hi.stride(1), const.stride(0), keys.stride(0), keys.stride(1),
               part_m.stride(0), part_m.stride(1))
     hi_lo = keys.dtype.is_floating_point  # integer keys: one dot (kernel.py, _scores)
-    lse_partial_kernel[(hkv, splits)](
-        qr_hi, qr_lo, const, mul, keys, hi, part_m, part_l, lo, origin, n, *common, scale, g,
-        G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N, F32_DOT=f32_dot, CHUNK=per_split,
-        HI_LO=hi_lo, KEY_BITS=bits, num_warps=NUM_WARPS)
+    one_pass = lse_state is not None
+    if not one_pass:
+        lse_partial_kernel[(hkv, splits)](
+            qr_hi, qr_lo, const, mul, keys, hi, part_m, part_l, lo, origin, n, *common, scale,
+            g, G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N, F32_DOT=f32_dot, CHUNK=per_split,
+            HI_LO=hi_lo, KEY_BITS=bits, num_warps=NUM_WARPS)
     # other_lse is unread when None, mass when chunk is 0 (lse stands in for the pointers)
     other = other_lse.float().contiguous() if other_lse is not None else lse
     nm = cdiv(n, chunk) if chunk else 0
     mass = (torch.zeros(hkv, g, nm, dtype=torch.float32, device=device) if chunk
             else lse[:, :, None])
+    state = lse_state if one_pass else lse  # unread without one_pass
     shares_kernel[(hkv, splits)](
-        qr_hi, qr_lo, const, mul, keys, hi, part_m, part_l, other, shares, lse, mass,
+        qr_hi, qr_lo, const, mul, keys, hi, part_m, part_l, other, shares, lse, mass, state,
         lo, origin, n, splits, nm, *common,
         other.stride(0), shares.stride(0), lse.stride(0), mass.stride(0), mass.stride(1),
-        scale, g, G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N, S_PAD=next_power_of_2(splits),
-        HAS_OTHER=other_lse is not None, F32_DOT=f32_dot, CHUNK=per_split,
-        MASS_CHUNK=chunk, HI_LO=hi_lo, KEY_BITS=bits, num_warps=NUM_WARPS)
+        state.stride(0), scale, g, G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N,
+        S_PAD=next_power_of_2(splits), HAS_OTHER=other_lse is not None, F32_DOT=f32_dot,
+        CHUNK=per_split, MASS_CHUNK=chunk, HI_LO=hi_lo, KEY_BITS=bits, ONE_PASS=one_pass,
+        num_warps=NUM_WARPS)
+    if one_pass:  # after the pass: every program has read the state
+        lse_state_kernel[(hkv,)](part_m, part_l, lse_state, splits, part_m.stride(0),
+                                 part_m.stride(1), lse_state.stride(0), g, G_PAD=g_pad,
+                                 S_PAD=next_power_of_2(splits))
     return (shares, lse, mass) if chunk else (shares, lse)

@@ -1,10 +1,13 @@
 """Triton kernels: low-rank scores -> per-head log-sum-exp -> group shares, fused.
 
-Two passes over the sketch keys (rank r, so each pass reads N*r values per kv head):
-`lse_partial_kernel` keeps a running max and sum of exp per query head over one chunk of
-positions and writes the partials; `shares_kernel` merges the partials (and the window's
-log-sum-exp) into each head's lse, recomputes the scores of its chunk and writes
-sum_g exp(score - lse_g), one float per position. The [Hkv, G, N] scores are never stored.
+Exact normalisation takes two passes over the sketch keys (rank r, so each pass reads
+N*r values per kv head): `lse_partial_kernel` keeps a running max and sum of exp per query
+head over one chunk of positions and writes the partials; `shares_kernel` merges the
+partials (and the window's log-sum-exp) into each head's lse, recomputes the scores of its
+chunk and writes sum_g exp(score - lse_g), one float per position. The [Hkv, G, N] scores
+are never stored. With ONE_PASS, shares_kernel normalises by a log-sum-exp known before the
+pass (the previous decode step's, see __init__.py) and writes this pass's partials, which
+`lse_state_kernel` merges into the next step's: the sketch is read once.
 q @ basis is computed by the wrapper in float32 and handed over as a hi + lo pair in the
 keys' dtype, so the scores come from tensor-core dots yet are float32-accurate.
 Quantised sketches (KEY_BITS 8: int8 keys; 4: two int4 per uint8 byte, ref.py's format) are
@@ -90,6 +93,27 @@ def _scores(qa_hi, qa_lo, qb_hi, qb_lo, c, mul, Keys, h, n, ok, stride_kh, strid
 
 
 @triton.jit
+def _merged_lse(M, L, h, S, stride_mh, stride_ms, G_PAD: tl.constexpr, S_PAD: tl.constexpr):
+    """Kv head h's S partial (max, sum) pairs [S, G_PAD] -> lse [G_PAD] (-inf if none)."""
+    g = tl.arange(0, G_PAD)
+    s = tl.arange(0, S_PAD)
+    part = h * stride_mh + s[:, None] * stride_ms + g[None, :]
+    pm = tl.load(M + part, mask=s[:, None] < S, other=float("-inf"))  # [S_PAD, G_PAD]
+    pl = tl.load(L + part, mask=s[:, None] < S, other=0.0)
+    mx = tl.max(pm, axis=0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    return mx_safe + tl.log(tl.sum(pl * tl.exp(pm - mx_safe[None, :]), axis=0))
+
+
+@triton.jit
+def _log_add(a, b):
+    """log(exp(a) + exp(b)), -inf when both are."""
+    top = tl.maximum(a, b)
+    top_safe = tl.where(top == float("-inf"), 0.0, top)
+    return top_safe + tl.log(tl.exp(a - top_safe) + tl.exp(b - top_safe))
+
+
+@triton.jit
 def lse_partial_kernel(
     QrHi, QrLo, C, Mul, Keys, Hi, M, L,  # [Hkv, G, r] x2 dot dtype, [Hkv, G] f32, [Hkv] f32,
     # [Hkv, N, r] (r / 2 packed int4), [1], [Hkv, S, G_PAD] f32 x2
@@ -126,42 +150,45 @@ def lse_partial_kernel(
 def shares_kernel(
     QrHi, QrLo, C, Mul, Keys, Hi, M, L, Other, Out, Lse,  # Other, Lse [Hkv, G]; Out [Hkv, N - lo]
     Mass,  # [Hkv, G, NM] float32, zeroed: sums of exp(score - lse) per MASS_CHUNK positions
+    State,  # ONE_PASS: [Hkv, G] float32, the region's lse known before the pass
     lo, origin, N, S, NM,
     stride_qh, stride_qg, stride_ch, stride_kh, stride_kn, stride_mh, stride_ms,
-    stride_xh, stride_oh, stride_lh, stride_ah, stride_ag,
+    stride_xh, stride_oh, stride_lh, stride_ah, stride_ag, stride_th,
     scale, G,
     G_PAD: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, S_PAD: tl.constexpr,
     HAS_OTHER: tl.constexpr, F32_DOT: tl.constexpr, CHUNK: tl.constexpr,
     MASS_CHUNK: tl.constexpr,  # 0: no Mass; else a power of two dividing BLOCK_N
     HI_LO: tl.constexpr, KEY_BITS: tl.constexpr,
+    ONE_PASS: tl.constexpr,  # normalise by State (+ Other); write partials to M, L
 ):
     h = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     hi = tl.minimum(tl.load(Hi).to(tl.int32), N)
     g = tl.arange(0, G_PAD)
-    # Merge the S partial (max, sum) pairs of this kv head into one lse per query head.
-    s = tl.arange(0, S_PAD)
-    part = h * stride_mh + s[:, None] * stride_ms + g[None, :]
-    pm = tl.load(M + part, mask=s[:, None] < S, other=float("-inf"))  # [S_PAD, G_PAD]
-    pl = tl.load(L + part, mask=s[:, None] < S, other=0.0)
-    mx = tl.max(pm, axis=0)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    lse = mx_safe + tl.log(tl.sum(pl * tl.exp(pm - mx_safe[None, :]), axis=0))  # -inf if none
+    if ONE_PASS:  # the lse known before the pass (State); this pass's partials go to M, L
+        lse = tl.load(State + h * stride_th + g, mask=g < G, other=float("-inf"))
+    else:
+        lse = _merged_lse(M, L, h, S, stride_mh, stride_ms, G_PAD, S_PAD)
     if HAS_OTHER:
         o = tl.load(Other + h * stride_xh + g, mask=g < G, other=float("-inf")).to(tl.float32)
-        top = tl.maximum(lse, o)
-        top_safe = tl.where(top == float("-inf"), 0.0, top)
-        lse = top_safe + tl.log(tl.exp(lse - top_safe) + tl.exp(o - top_safe))
+        lse = _log_add(lse, o)
     if split == 0:
         tl.store(Lse + h * stride_lh + g, lse, mask=g < G)
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # no mass anywhere: shares 0
     qa_hi, qa_lo, qb_hi, qb_lo, c, mul = _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg,
                                                   stride_ch, G, G_PAD, R, KEY_BITS)
     start = origin + split * CHUNK  # origin is a multiple of BLOCK_N: tiles hold whole chunks
+    m = tl.full([G_PAD], float("-inf"), tl.float32)  # ONE_PASS: this pass's partials
+    acc = tl.zeros([G_PAD], tl.float32)
     for off in range(0, CHUNK, BLOCK_N):
         n = start + off + tl.arange(0, BLOCK_N)
         x = _scores(qa_hi, qa_lo, qb_hi, qb_lo, c, mul, Keys, h, n, (n >= lo) & (n < hi),
                     stride_kh, stride_kn, scale, G, G_PAD, R, F32_DOT, HI_LO, KEY_BITS)
+        if ONE_PASS:
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            acc = acc * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+            m = m_new
         p = tl.exp(x - lse[:, None])  # [G_PAD, BLOCK_N], 0 where excluded
         shares = tl.sum(p, axis=0)  # [BLOCK_N]
         out = shares.to(Out.dtype.element_ty, fp_downcast_rounding="rtne")  # f32 or bf16
@@ -171,3 +198,16 @@ def shares_kernel(
             j = (start + off) // MASS_CHUNK + tl.arange(0, BLOCK_N // MASS_CHUNK)
             tl.store(Mass + h * stride_ah + g[:, None] * stride_ag + j[None, :], per,
                      mask=(g[:, None] < G) & (j[None, :] < NM))
+    if ONE_PASS:
+        tl.store(M + h * stride_mh + split * stride_ms + g, m)
+        tl.store(L + h * stride_mh + split * stride_ms + g, acc)
+
+
+@triton.jit
+def lse_state_kernel(M, L, State, S, stride_mh, stride_ms, stride_th, G,
+                     G_PAD: tl.constexpr, S_PAD: tl.constexpr):
+    """State [Hkv, G] = the log-sum-exp of a one-pass shares_kernel's partials."""
+    h = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, G_PAD)
+    lse = _merged_lse(M, L, h, S, stride_mh, stride_ms, G_PAD, S_PAD)
+    tl.store(State + h * stride_th + g, lse, mask=g < G)

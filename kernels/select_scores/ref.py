@@ -55,6 +55,7 @@ def select_scores_ref(
     other_lse: torch.Tensor | None = None,
     chunk: int = 0,
     shares_dtype: torch.dtype = torch.float32,
+    lse_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group shares of the sketched scores of positions [lo, N), and the log-sum-exp used.
 
@@ -68,7 +69,9 @@ def select_scores_ref(
     the sum of exp(scaled score - lse) over the positions of each chunk of `chunk` positions
     (positions [j·chunk, (j+1)·chunk), excluded ones counting 0). shares are computed in
     float32 and rounded to shares_dtype at the end. Integer keys are scored against
-    quantise_query's int8 q @ basis, as the kernel scores them.
+    quantise_query's int8 q @ basis, as the kernel scores them. With lse_state [Hkv, G]
+    (one pass, see select_scores) its value stands in for the region's log-sum-exp, and it
+    is then overwritten with the exact one.
     """
     qr = q.float() @ basis.float()  # [Hkv, G, r]
     if not keys.dtype.is_floating_point:  # integer keys are scored against an int8 query
@@ -79,9 +82,13 @@ def select_scores_ref(
     positions = torch.arange(lo, keys.shape[1], device=keys.device)
     logits = logits.masked_fill(positions >= hi.to(keys.device), float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)
+    if lse_state is not None:
+        lse, exact = lse_state.clone(), lse
+        lse_state.copy_(exact)
     if other_lse is not None:
         lse = torch.logaddexp(lse, other_lse.float().to(lse.device))
-    probs = torch.exp(logits - lse[..., None]).nan_to_num_(0.0)  # [Hkv, G, N - lo]
+    norm = lse.masked_fill(lse == float("-inf"), float("inf"))  # no mass anywhere: 0
+    probs = torch.exp(logits - norm[..., None]).nan_to_num_(0.0)  # [Hkv, G, N - lo]
     shares = probs.sum(dim=1).to(shares_dtype)
     if not chunk:
         return shares, lse

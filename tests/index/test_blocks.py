@@ -61,7 +61,7 @@ def test_block_selection_against_brute_force(rank, rerank, with_lse):
 
     lo, hi, P, top = 6, 150, 4, 18  # 36 whole blocks; 5 blocks for a budget of 18
     other = torch.randn(HKV, G) if with_lse else None
-    ret = LowRankRetriever(sketch, D, rerank, exact_keys, block=P)
+    ret = LowRankRetriever(sketch, D, rerank, exact_keys, block=P, reuse_lse=False)
     ret.prepare(hi - lo, top)
     assert ret.use_blocks
     pos, count, keys = ret.select_with_keys(0, q, lo, torch.tensor([hi]), top, other)

@@ -104,8 +104,8 @@ def _fused_and_unfused(k, q, rank, top, rerank, hi, other_lse, dtype=torch.float
     def exact(layer, pos):
         return k.to(dtype).gather(1, pos[..., None].expand(-1, -1, d))
 
-    got = [LowRankRetriever(s, d, rerank, exact).select(0, q.to(dtype), 4, hi, top, other_lse)
-           for s in (sketch, _Unfused(sketch))]
+    got = [LowRankRetriever(s, d, rerank, exact, reuse_lse=False).select(
+        0, q.to(dtype), 4, hi, top, other_lse) for s in (sketch, _Unfused(sketch))]
     return got[0], got[1]
 
 
@@ -150,7 +150,7 @@ def test_select_with_keys_hands_back_the_chosen_rows_exact_keys(rerank_factor):
         reads.append(pos.shape)
         return k.gather(1, pos[..., None].expand(-1, -1, D))
 
-    ret = LowRankRetriever(sketch, D, rerank_factor, exact_keys)
+    ret = LowRankRetriever(sketch, D, rerank_factor, exact_keys, reuse_lse=False)
     hi, lse = torch.tensor([N - 20]), torch.randn(HKV, G)
     pos, count, keys = ret.select_with_keys(0, q, 4, hi, 12, lse)
     assert pos.shape == (HKV, 12) and count.tolist() == [12]
@@ -197,3 +197,33 @@ def test_sparse_decode_with_reranked_keys_equals_gathering_k_and_v(monkeypatch):
     both = decode()
     assert all(keys_seen) and len(keys_seen) == 11
     torch.testing.assert_close(v_only, both, rtol=0, atol=0)
+
+
+def test_reused_lse_normalises_by_the_previous_steps_region():
+    """reuse_lse (the default): a prompt's first step ranks by shares of the window lse
+    alone, the next by the previous step's region lse log-added to its own window lse;
+    prepare (a new prompt) forgets it. Brute force on the sketch's own scores."""
+    torch.manual_seed(3)
+    k = torch.randn(HKV, N, D)
+    q1, q2 = torch.randn(HKV, G, D), torch.randn(HKV, G, D)
+    w1, w2 = torch.randn(HKV, G) + 2, torch.randn(HKV, G) + 2
+    sketch = LowRankKeys(1, HKV, N, D, 8, torch.device("cpu"), torch.float32)
+    sketch.build(0, k)
+    ret = LowRankRetriever(sketch, D)
+    lo, hi, top = 4, torch.tensor([150]), 10
+
+    def truth(q, norm):
+        logits = sketch.scores(0, q, lo, 150) * D**-0.5  # [Hkv, G, hi - lo]
+        shares = torch.exp(logits - norm[..., None]).sum(1)
+        return [set(r.tolist()) for r in shares.topk(top).indices + lo], logits.logsumexp(-1)
+
+    for _ in range(2):  # the second prompt starts afresh
+        ret.prepare(146, top)
+        want1, region1 = truth(q1, w1)
+        got1, _ = ret.select(0, q1, lo, hi, top, w1)
+        assert [set(r.tolist()) for r in got1] == want1
+        torch.testing.assert_close(ret.last_total, w1)
+        want2, _ = truth(q2, torch.logaddexp(region1, w2))
+        got2, _ = ret.select(0, q2, lo, hi, top, w2)
+        assert [set(r.tolist()) for r in got2] == want2
+        torch.testing.assert_close(ret.last_total, torch.logaddexp(region1, w2))

@@ -205,3 +205,44 @@ def test_quantised_sketch_rejects_bad_layouts():
         select_scores(q, basis, mean, keys.to(torch.uint8), 4, hi, 0.2)
     with pytest.raises(ValueError, match="dtype"):
         select_scores(q, basis, mean, keys.to(torch.int16), 4, hi, 0.2)
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+@pytest.mark.parametrize("lo, hi, n", [(4, 250, 300), (300, 517, 517)])
+def test_one_pass_matches_reference(bits, lo, hi, n):
+    """lse_state: the kernel normalises shares and chunk masses by the given state log-added
+    to other_lse, and leaves this call's exact region lse in the state, as the reference."""
+    q, basis, mean, keys, other = _inputs(2, 7, 32, 64, n, torch.float32)
+    if bits == 8:
+        keys = _quantised(3 * keys, bits)
+    state = torch.randn(2, 7) + 2
+    state[1, 3] = float("-inf")  # no previous step: other_lse alone
+    hi_t = torch.tensor([hi])
+    want_state = state.clone()
+    want = select_scores_ref(q, basis, mean, keys, lo, hi_t, 0.2, other, chunk=64,
+                             lse_state=want_state)
+    got_state = state.clone().to(DEVICE)
+    got = select_scores(*(t.to(DEVICE) for t in (q, basis, mean, keys)), lo, hi_t.to(DEVICE),
+                        0.2, other.to(DEVICE), chunk=64, lse_state=got_state)
+    for w, g_ in zip(want, got, strict=True):
+        torch.testing.assert_close(g_.cpu(), w, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(got[1].cpu(), torch.logaddexp(state, other))
+    torch.testing.assert_close(got_state.cpu(), want_state, rtol=1e-5, atol=1e-5)
+    # the state left behind is the exact region lse: given back, one pass is exact
+    exact = select_scores_ref(q, basis, mean, keys, lo, hi_t, 0.2, other, chunk=64)
+    again = select_scores(*(t.to(DEVICE) for t in (q, basis, mean, keys)), lo,
+                          hi_t.to(DEVICE), 0.2, other.to(DEVICE), chunk=64,
+                          lse_state=got_state)
+    for w, g_ in zip(exact, again, strict=True):
+        torch.testing.assert_close(g_.cpu(), w, rtol=1e-4, atol=1e-6)
+
+
+def test_one_pass_rejects_a_state_without_other_lse_or_of_the_wrong_shape():
+    q, basis, mean, keys, other = _inputs(2, 3, 32, 16, 40, torch.float32)
+    dev = [t.to(DEVICE) for t in (q, basis, mean, keys)]
+    hi = torch.tensor([30], device=DEVICE)
+    with pytest.raises(ValueError, match="lse_state"):
+        select_scores(*dev, 4, hi, 0.2, lse_state=torch.zeros(2, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="lse_state"):
+        select_scores(*dev, 4, hi, 0.2, other.to(DEVICE),
+                      lse_state=torch.zeros(2, 4, device=DEVICE))
