@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import block_sums_ref as block_sums  # noqa: F401 (part of this module's API)
+
 
 def blocks_for(k: int, block: int) -> int:
     """Blocks holding a budget of k tokens (rounded up)."""
@@ -29,17 +31,6 @@ def blocks_for(k: int, block: int) -> int:
 def slots_for(k: int, block: int) -> int:
     """Positions a block selection of budget k returns: its blocks and the partial one."""
     return k if block == 1 else blocks_for(k, block) * block + block
-
-
-def block_sums(shares: torch.Tensor, lo: int, hi: torch.Tensor, block: int) -> torch.Tensor:
-    """shares [R, N - lo] (per position from lo, any float dtype) -> [R, (N - lo) // P]
-    float32 sums per block; blocks not wholly before hi ([1] on the device) get -1."""
-    rows, m = shares.shape
-    nblk = m // block
-    sums = shares[:, :nblk * block].view(rows, nblk, block).float().sum(-1)
-    full = (hi - lo) // block  # [1]: blocks wholly in [lo, hi)
-    ids = torch.arange(nblk, device=shares.device)
-    return sums.masked_fill(ids >= full, -1.0)
 
 
 def block_tokens(blocks: torch.Tensor, start: int, block: int) -> torch.Tensor:

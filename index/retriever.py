@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from ..kernels import LseState
 from .blocks import block_sums, block_tokens, blocks_for, partial_block, slots_for
 
 
@@ -82,7 +83,7 @@ class LowRankRetriever:
         self.rerank_factor, self.exact_keys = rerank_factor, exact_keys
         self.block = block
         self.reuse_lse = reuse_lse
-        self.lse_state: dict[int, torch.Tensor] = {}  # layer -> [Hkv, G] float32
+        self.lse_state: dict[int, LseState] = {}  # per layer
         # blocks are picked only while the region holds the budget's whole blocks (see
         # prepare); a shorter region is attended whole, position by position
         self.use_blocks = False
@@ -104,7 +105,7 @@ class LowRankRetriever:
         one CUDA graph serves them all."""
         self.use_blocks = self.block > 1 and region >= blocks_for(k, self.block) * self.block
         for state in self.lse_state.values():  # a new prompt: no previous step
-            state.fill_(float("-inf"))
+            state.reset()
         # when the region holds every slot at the first step, each step fills all of them
         # and their order is never read
         self.ordered = region < slots_for(k, self.block)
@@ -158,9 +159,8 @@ class LowRankRetriever:
         nb = blocks_for(k, P)
         n_cand = min((n - lo) // P, nb * self.rerank_factor)
         rerank = n_cand > nb and self.rerank_factor > 1
-        shares, total = self._shares(layer, q, lo, hi, other_lse, rerank)
+        sums, total = self._shares(layer, q, lo, hi, other_lse, rerank, P)  # [R, blocks]
         self.last_total = total
-        sums = block_sums(shares, lo, hi, P)  # [R, blocks]
         top = sums.topk(n_cand if rerank else nb, dim=-1, sorted=False).indices
         cand = block_tokens(top, lo, P)  # [R, blocks·P]
         part, part_count = partial_block(lo, hi, P, n)
@@ -198,19 +198,20 @@ class LowRankRetriever:
         return kernels.rerank_shares_ref(q, keys, cand, hi.reshape(1), total, self.scale)
 
     def _shares(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor,
-                other_lse: torch.Tensor | None, candidates: bool = False
+                other_lse: torch.Tensor | None, candidates: bool = False, block: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(group shares [Hkv, N - lo], total lse [Hkv, G] or None without other_lse).
-        Sketches with a fused `shares` (LowRankKeys) never store [Hkv, G, N] scores, and
-        on a GPU round them to bfloat16 when they only pick re-rank candidates (a faster
-        top-k there; on the CPU it would only change results)."""
+        """(group shares [Hkv, N - lo], or their float32 sums per block of `block`
+        positions [Hkv, (N - lo) // block] (blocks.block_sums); total lse [Hkv, G] or None
+        without other_lse). Sketches with a fused `shares` (LowRankKeys) never store
+        [Hkv, G, N] scores, and on a GPU round them to bfloat16 when they only pick re-rank
+        candidates (a faster top-k there; on the CPU it would only change results)."""
         n = self.sketch.capacity
         if hasattr(self.sketch, "shares"):
             dtype = torch.bfloat16 if candidates and q.is_cuda else torch.float32
             state = (self._lse_state(layer, q) if self.reuse_lse and other_lse is not None
                      else None)
             shares, lse, *mass = self.sketch.shares(layer, q, lo, hi, self.scale, other_lse,
-                                                    self.tail_chunk, dtype, state)
+                                                    self.tail_chunk, dtype, state, block)
             self.last_mass = mass[0] if mass else None
             return shares, (lse if other_lse is not None else None)
         excluded = _mask_from(hi, self.positions[lo:])  # [N - lo]
@@ -219,13 +220,14 @@ class LowRankRetriever:
         if other_lse is not None:
             total = torch.logaddexp(other_lse.float(),
                                     torch.logsumexp(approx.float() * self.scale, dim=-1))
-        return group_scores(approx, self.scale, other_lse), total
+        shares = group_scores(approx, self.scale, other_lse)
+        return (shares if block == 1 else block_sums(shares, lo, hi, block)), total
 
-    def _lse_state(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """The layer's previous-step region lse [Hkv, G] (-inf before its first step)."""
+    def _lse_state(self, layer: int, q: torch.Tensor) -> LseState:
+        """The layer's region lse of its previous steps (kernels.LseState)."""
         state = self.lse_state.get(layer)
-        if state is None or state.shape != q.shape[:2] or state.device != q.device:
-            state = torch.full(q.shape[:2], float("-inf"), device=q.device)
+        if state is None or state.lse.shape[1:] != q.shape[:2] or state.lse.device != q.device:
+            state = LseState.empty(q.shape[0], q.shape[1], q.device)
             self.lse_state[layer] = state
         return state
 

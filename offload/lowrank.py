@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..config import SKETCH_DTYPES  # auto: the model's dtype
-from ..kernels import pack_int4, quantise_query, sketch_values
+from ..kernels import LseState, pack_int4, quantise_query, sketch_values
 
 _INT_MAX = {"int8": 127, "int4": 7}
 # tokens quantised at a time when a prompt is stored: the temporaries of rounding and
@@ -139,23 +139,25 @@ class LowRankKeys:
     def shares(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, scale: float,
                other_lse: torch.Tensor | None = None, chunk: int = 0,
                shares_dtype: torch.dtype = torch.float32,
-               lse_state: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+               lse_state: LseState | None = None, block: int = 1
+               ) -> tuple[torch.Tensor, ...]:
         """What the retriever ranks by, fused: q [Hkv, G, D] -> (shares [Hkv, N - lo]
         shares_dtype (bfloat16 where only their top-k is wanted), lse [Hkv, G] float32).
         shares = group_scores of the scores of positions [lo, N) with positions >= hi
         ([1] device tensor) excluded; lse = each head's log-sum-exp over [lo, hi) of the
         scaled scores, log-added to other_lse. Scores are float32 throughout and
         [Hkv, G, N] is never stored (kernels.select_scores). With chunk > 0 also each
-        head's mass per chunk of positions [Hkv, G, ceil(N / chunk)]. With lse_state
-        [Hkv, G], one pass normalised by it instead (select_scores), and it is left
-        holding this step's region lse."""
+        head's mass per chunk of positions [Hkv, G, ceil(N / chunk)]. With lse_state,
+        one pass normalised by the previous step's region lse instead; with block > 1,
+        the shares' float32 sums per block of positions instead of the shares
+        (select_scores)."""
         from .. import kernels
 
         # the Triton kernel on a GPU; elsewhere its reference (not the interpreter, which
         # tests may have switched on for the whole process)
         fn = kernels.select_scores if self.keys.is_cuda else kernels.select_scores_ref
         return fn(q, self.score_basis(layer), self.mean[layer], self.keys[layer], lo, hi,
-                  scale, other_lse, chunk, shares_dtype, lse_state)
+                  scale, other_lse, chunk, shares_dtype, lse_state, block)
 
     def memory_bytes(self) -> dict[str, int]:
         parts = (self.mean, self.basis, self.keys) + ((self.scale,) if self.sketch != "auto"

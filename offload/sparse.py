@@ -81,7 +81,8 @@ class SparseKV:
             self.sketch = LowRankKeys(num_layers, rows, max_tokens, head_dim,
                                       cfg.rank, device, dtype, cfg.sketch_dtype)
             self.selector = LowRankRetriever(self.sketch, head_dim, cfg.rerank_factor,
-                                             self._exact_keys, cfg.select_block)
+                                             self._exact_keys, cfg.select_block,
+                                             reuse_lse=cfg.score_passes == 1)
         elif cfg.policy == "quest":
             self.selector = QuestRetriever(num_layers, rows, max_tokens, head_dim,
                                            cfg.page_tokens, device, dtype)

@@ -95,6 +95,10 @@ class KVConfig:
     # retrieval: positions per selection unit; P > 1 picks aligned runs of P tokens, which
     # the GPU reads from host memory ~2x faster at 1M, at some accuracy per token (README)
     select_block: int = 1
+    # retrieval: passes over the sketch per decode step. 1 normalises the shares by the
+    # previous step's log-sum-exp over the region (README: one-pass scoring); 2 computes
+    # this step's exactly first, reading the sketch twice
+    score_passes: int = 1
     page_tokens: int = 16  # quest: tokens per page
     tail_estimate: bool = True  # retrieval: add the unselected tokens' attention, estimated
 
@@ -117,6 +121,9 @@ class KVConfig:
         if not 1 <= self.select_block <= MAX_SELECT_BLOCK:
             raise ConfigError(f"kv.select_block is {self.select_block}: use 1 (single "
                               f"tokens) to {MAX_SELECT_BLOCK} positions per block")
+        if self.score_passes not in (1, 2):
+            raise ConfigError(f"kv.score_passes is {self.score_passes}: use 1 (normalise by "
+                              "the previous step's lse) or 2 (exact, reads the sketch twice)")
         if self.sketch_dtype not in SKETCH_DTYPES:
             raise ConfigError(f"kv.sketch_dtype is {self.sketch_dtype!r}: valid values are "
                               f"{', '.join(SKETCH_DTYPES)}")

@@ -356,3 +356,10 @@ def test_select_block_needs_the_lowrank_retriever():
                                 "index": {"kind": "attention"}})
     cfg = EngineConfig.from_dict({"kv": {"policy": "retrieval", "select_block": 4}})
     assert cfg.kv.select_block == 4
+
+
+@pytest.mark.parametrize("passes", [0, 3])
+def test_score_passes_are_one_or_two(passes):
+    with pytest.raises(ConfigError, match=f"kv.score_passes is {passes}: use 1"):
+        EngineConfig.from_dict({"kv": {"policy": "retrieval", "score_passes": passes}})
+    assert EngineConfig.from_dict({"kv": {"score_passes": 2}}).kv.score_passes == 2

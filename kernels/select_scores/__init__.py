@@ -20,10 +20,18 @@ from .._launch import (
     sm_count,
     use_triton,
 )
-from .ref import pack_int4, quantise_query, select_scores_ref, sketch_values, unpack_int4
+from .ref import (
+    LseState,
+    block_sums_ref,
+    pack_int4,
+    quantise_query,
+    select_scores_ref,
+    sketch_values,
+    unpack_int4,
+)
 
-__all__ = ["KEY_BITS", "kernel_scores", "pack_int4", "quantise_query", "select_scores",
-           "select_scores_ref", "sketch_values", "unpack_int4"]
+__all__ = ["KEY_BITS", "LseState", "block_sums_ref", "kernel_scores", "pack_int4", "quantise_query",
+           "select_scores", "select_scores_ref", "sketch_values", "unpack_int4"]
 
 BLOCK_N = 256  # positions per tile
 MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a kv head are padded to this
@@ -53,7 +61,8 @@ def select_scores(
     other_lse: torch.Tensor | None = None,
     chunk: int = 0,
     shares_dtype: torch.dtype = torch.float32,
-    lse_state: torch.Tensor | None = None,
+    lse_state: LseState | None = None,
+    block: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group shares of the low-rank scores of positions [lo, N) of one layer.
 
@@ -73,19 +82,23 @@ def select_scores(
         shares_dtype: float32, or bfloat16 where only a top-k of the shares is taken
             (re-rank candidates): it is rounded once at the store, and torch.topk of 1M
             bfloat16 values per row is ~30% faster than of float32 (H200).
-        lse_state: None (exact: two passes over the keys), or [Hkv, G] float32, a
-            log-sum-exp over the region known before this call (one pass): shares and mass
-            are normalised by it log-added to other_lse (required then), and it is then
-            overwritten with this call's exact log-sum-exp over [lo, hi). A decode step
-            passes the previous step's (the same layer's buffer): a head's lse moves little
-            from one token to the next, and only the heads' relative weights depend on it
-            (README: one-pass scoring). -inf (no previous step) normalises by other_lse.
+        lse_state: None (exact: two passes over the keys), or the layer's LseState (one
+            pass): shares and mass are normalised by the region's log-sum-exp at the
+            previous step, log-added to other_lse (required then), and this step's exact
+            one is left in the state for the next. A head's lse moves little from one
+            token to the next, and only the heads' relative weights depend on it (README:
+            one-pass scoring). None yet (-inf) normalises by other_lse alone.
+        block: 1, or P: return the shares summed per aligned block of P positions
+            [lo + j·P, lo + j·P + P) instead (block_sums_ref), what a block selection ranks
+            by. Where P divides BLOCK_N and lo, the kernel sums them as it scores and the
+            per-position shares are never stored; otherwise they are summed afterwards.
 
     Returns:
         shares: [Hkv, N - lo] shares_dtype, sum_g exp(scale * score - lse_g); 0 where
-            excluded.
+            excluded. With block P > 1: [Hkv, (N - lo) // P] float32 block sums, -1 for
+            blocks not wholly before hi.
         lse: [Hkv, G] float32, what shares and mass are normalised by: the log-sum-exp over
-            [lo, hi) of the scaled scores (lse_state's given value instead when given),
+            [lo, hi) of the scaled scores (lse_state's previous one instead when given),
             log-added to other_lse when given.
         mass (only with chunk > 0): [Hkv, G, ceil(N / chunk)] float32, per head the sum of
             exp(scale * score - lse) over positions [j·chunk, (j+1)·chunk) in [lo, hi).
@@ -104,6 +117,8 @@ def select_scores(
         raise ValueError(f"lo={lo} outside [0, N={n}]")
     if chunk and (chunk & (chunk - 1) or chunk > BLOCK_N):
         raise ValueError(f"chunk={chunk}: a power of two <= {BLOCK_N}, or 0")
+    if block < 1:
+        raise ValueError(f"block={block}: a count of positions >= 1")
     if shares_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"shares_dtype {shares_dtype}: float32 or bfloat16")
     if hi.numel() != 1 or hi.dtype not in (torch.int32, torch.int64):
@@ -111,15 +126,19 @@ def select_scores(
     if other_lse is not None and other_lse.shape != (hkv, g):
         raise ValueError(f"other_lse must be [Hkv, G]=[{hkv}, {g}]; got "
                          f"{tuple(other_lse.shape)}")
-    if lse_state is not None and (other_lse is None or lse_state.shape != (hkv, g)
-                                  or lse_state.dtype != torch.float32):
-        raise ValueError(f"lse_state must be float32 [Hkv, G]=[{hkv}, {g}] and come with "
-                         f"other_lse; got {tuple(lse_state.shape)} {lse_state.dtype}, "
-                         f"other_lse {'None' if other_lse is None else 'given'}")
+    if lse_state is not None and (other_lse is None or lse_state.lse.shape != (2, hkv, g)
+                                  or lse_state.lse.dtype != torch.float32
+                                  or lse_state.hi.shape != (1,)
+                                  or lse_state.hi.dtype != torch.long):
+        raise ValueError(f"lse_state must be LseState.empty({hkv}, {g}, device) and come "
+                         f"with other_lse; got lse {tuple(lse_state.lse.shape)} "
+                         f"{lse_state.lse.dtype}, hi {tuple(lse_state.hi.shape)} "
+                         f"{lse_state.hi.dtype}, other_lse "
+                         f"{'None' if other_lse is None else 'given'}")
     device = keys.device
     for name, t in (("q", q), ("basis", basis), ("mean", mean), ("hi", hi)) + (
             (("other_lse", other_lse),) if other_lse is not None else ()) + (
-            (("lse_state", lse_state),) if lse_state is not None else ()):
+            (("lse_state", lse_state.lse),) if lse_state is not None else ()):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device}, keys on {device}")
     if keys.dtype not in KEY_BITS:
@@ -127,7 +146,11 @@ def select_scores(
     bits = KEY_BITS[keys.dtype]
     if not use_triton(device) or not kernel_scores(r, bits) or keys.stride(-1) != 1:
         return select_scores_ref(q, basis, mean, keys, lo, hi, scale, other_lse, chunk,
-                                 shares_dtype, lse_state)
+                                 shares_dtype, lse_state, block)
+    if lo % block or BLOCK_N % block:  # blocks would straddle the tiles: sum them after
+        shares, *rest = select_scores(q, basis, mean, keys, lo, hi, scale, other_lse, chunk,
+                                      torch.float32, lse_state)
+        return (block_sums_ref(shares, lo, hi, block), *rest)
     from .kernel import lse_partial_kernel, lse_state_kernel, shares_kernel
 
     f32_dot = keys.dtype == torch.float32 or interpreting()
@@ -141,7 +164,9 @@ def select_scores(
         qr_hi, mul = quantise_query(qr)
         # the lo half is read only by the interpreter's float32 dots; elsewhere a stand-in
         qr_lo = torch.zeros_like(qr_hi) if f32_dot else qr_hi
-    shares = torch.empty(hkv, n - lo, dtype=shares_dtype, device=device)
+    nb = (n - lo) // block
+    shares = (torch.empty(hkv, n - lo, dtype=shares_dtype, device=device) if block == 1
+              else torch.empty(hkv, nb, dtype=torch.float32, device=device))
     lse = torch.empty(hkv, g, dtype=torch.float32, device=device)
     # tiles start at a multiple of BLOCK_N (positions before lo are masked), so that each
     # tile holds whole mass chunks
@@ -168,17 +193,17 @@ def select_scores(
     nm = cdiv(n, chunk) if chunk else 0
     mass = (torch.zeros(hkv, g, nm, dtype=torch.float32, device=device) if chunk
             else lse[:, :, None])
-    state = lse_state if one_pass else lse  # unread without one_pass
+    state, state_hi = lse_state if one_pass else (lse, hi)  # unread without one_pass
     shares_kernel[(hkv, splits)](
         qr_hi, qr_lo, const, mul, keys, hi, part_m, part_l, other, shares, lse, mass, state,
-        lo, origin, n, splits, nm, *common,
+        state_hi, lo, origin, n, splits, nm, nb, *common,
         other.stride(0), shares.stride(0), lse.stride(0), mass.stride(0), mass.stride(1),
-        state.stride(0), scale, g, G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N,
+        state.stride(0), state.stride(-2), scale, g, G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N,
         S_PAD=next_power_of_2(splits), HAS_OTHER=other_lse is not None, F32_DOT=f32_dot,
         CHUNK=per_split, MASS_CHUNK=chunk, HI_LO=hi_lo, KEY_BITS=bits, ONE_PASS=one_pass,
-        num_warps=NUM_WARPS)
+        BLOCK=block, num_warps=NUM_WARPS)
     if one_pass:  # after the pass: every program has read the state
-        lse_state_kernel[(hkv,)](part_m, part_l, lse_state, splits, part_m.stride(0),
-                                 part_m.stride(1), lse_state.stride(0), g, G_PAD=g_pad,
-                                 S_PAD=next_power_of_2(splits))
+        lse_state_kernel[(1,)](part_m, part_l, state, state_hi, hi, splits, part_m.stride(0),
+                               part_m.stride(1), state.stride(0), state.stride(1), g, HKV=hkv,
+                               G_PAD=g_pad, S_PAD=next_power_of_2(splits))
     return (shares, lse, mass) if chunk else (shares, lse)

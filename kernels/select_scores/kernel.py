@@ -7,7 +7,7 @@ partials (and the window's log-sum-exp) into each head's lse, recomputes the sco
 chunk and writes sum_g exp(score - lse_g), one float per position. The [Hkv, G, N] scores
 are never stored. With ONE_PASS, shares_kernel normalises by a log-sum-exp known before the
 pass (the previous decode step's, see __init__.py) and writes this pass's partials, which
-`lse_state_kernel` merges into the next step's: the sketch is read once.
+`lse_state_kernel` merges into the state the next step reads: the sketch is read once.
 q @ basis is computed by the wrapper in float32 and handed over as a hi + lo pair in the
 keys' dtype, so the scores come from tensor-core dots yet are float32-accurate.
 Quantised sketches (KEY_BITS 8: int8 keys; 4: two int4 per uint8 byte, ref.py's format) are
@@ -150,23 +150,27 @@ def lse_partial_kernel(
 def shares_kernel(
     QrHi, QrLo, C, Mul, Keys, Hi, M, L, Other, Out, Lse,  # Other, Lse [Hkv, G]; Out [Hkv, N - lo]
     Mass,  # [Hkv, G, NM] float32, zeroed: sums of exp(score - lse) per MASS_CHUNK positions
-    State,  # ONE_PASS: [Hkv, G] float32, the region's lse known before the pass
-    lo, origin, N, S, NM,
+    State, StateHi,  # ONE_PASS: [2, Hkv, G] float32 (previous step's, latest), [1] int64
+    lo, origin, N, S, NM, NB,
     stride_qh, stride_qg, stride_ch, stride_kh, stride_kn, stride_mh, stride_ms,
-    stride_xh, stride_oh, stride_lh, stride_ah, stride_ag, stride_th,
+    stride_xh, stride_oh, stride_lh, stride_ah, stride_ag, stride_ts, stride_th,
     scale, G,
     G_PAD: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, S_PAD: tl.constexpr,
     HAS_OTHER: tl.constexpr, F32_DOT: tl.constexpr, CHUNK: tl.constexpr,
     MASS_CHUNK: tl.constexpr,  # 0: no Mass; else a power of two dividing BLOCK_N
     HI_LO: tl.constexpr, KEY_BITS: tl.constexpr,
     ONE_PASS: tl.constexpr,  # normalise by State (+ Other); write partials to M, L
+    BLOCK: tl.constexpr,  # 1: Out [Hkv, N - lo] per position; else [Hkv, NB] block sums
 ):
     h = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     hi = tl.minimum(tl.load(Hi).to(tl.int32), N)
     g = tl.arange(0, G_PAD)
     if ONE_PASS:  # the lse known before the pass (State); this pass's partials go to M, L
-        lse = tl.load(State + h * stride_th + g, mask=g < G, other=float("-inf"))
+        # a step of a new hi reads the latest lse, a repeat of the step the one before
+        slot = (tl.load(StateHi) != tl.load(Hi).to(tl.int64)).to(tl.int64)
+        lse = tl.load(State + slot * stride_ts + h * stride_th + g, mask=g < G,
+                      other=float("-inf"))
     else:
         lse = _merged_lse(M, L, h, S, stride_mh, stride_ms, G_PAD, S_PAD)
     if HAS_OTHER:
@@ -191,8 +195,15 @@ def shares_kernel(
             m = m_new
         p = tl.exp(x - lse[:, None])  # [G_PAD, BLOCK_N], 0 where excluded
         shares = tl.sum(p, axis=0)  # [BLOCK_N]
-        out = shares.to(Out.dtype.element_ty, fp_downcast_rounding="rtne")  # f32 or bf16
-        tl.store(Out + h * stride_oh + (n - lo), out, mask=(n >= lo) & (n < N))
+        if BLOCK == 1:
+            out = shares.to(Out.dtype.element_ty, fp_downcast_rounding="rtne")  # f32 or bf16
+            tl.store(Out + h * stride_oh + (n - lo), out, mask=(n >= lo) & (n < N))
+        else:  # blocks [lo + j·P, lo + j·P + P): lo % P == 0, so a tile holds whole ones
+            sums = tl.sum(tl.reshape(shares, (BLOCK_N // BLOCK, BLOCK)), axis=1)
+            j = (start + off - lo) // BLOCK + tl.arange(0, BLOCK_N // BLOCK)
+            whole = lo + (j + 1) * BLOCK <= hi
+            tl.store(Out + h * stride_oh + j, tl.where(whole, sums, -1.0),
+                     mask=(j >= 0) & (j < NB))
         if MASS_CHUNK > 0:
             per = tl.sum(tl.reshape(p, (G_PAD, BLOCK_N // MASS_CHUNK, MASS_CHUNK)), axis=2)
             j = (start + off) // MASS_CHUNK + tl.arange(0, BLOCK_N // MASS_CHUNK)
@@ -204,10 +215,18 @@ def shares_kernel(
 
 
 @triton.jit
-def lse_state_kernel(M, L, State, S, stride_mh, stride_ms, stride_th, G,
-                     G_PAD: tl.constexpr, S_PAD: tl.constexpr):
-    """State [Hkv, G] = the log-sum-exp of a one-pass shares_kernel's partials."""
-    h = tl.program_id(0).to(tl.int64)
+def lse_state_kernel(M, L, State, StateHi, Hi, S, stride_mh, stride_ms, stride_ts, stride_th,
+                     G, HKV: tl.constexpr, G_PAD: tl.constexpr, S_PAD: tl.constexpr):
+    """After a one-pass shares_kernel at Hi: State[1] = the log-sum-exp of its partials
+    (per kv head and query head), State[0] = the lse that pass read, StateHi = Hi. One
+    program, so that StateHi is read before it is written."""
+    hi = tl.load(Hi).to(tl.int64)
+    fresh = tl.load(StateHi) != hi  # else a repeat of the latest step (graph warm-up)
     g = tl.arange(0, G_PAD)
-    lse = _merged_lse(M, L, h, S, stride_mh, stride_ms, G_PAD, S_PAD)
-    tl.store(State + h * stride_th + g, lse, mask=g < G)
+    for h in range(HKV):
+        row = State + h * stride_th + g
+        used = tl.load(row + fresh.to(tl.int64) * stride_ts, mask=g < G)
+        tl.store(row, used, mask=g < G)
+        lse = _merged_lse(M, L, h, S, stride_mh, stride_ms, G_PAD, S_PAD)
+        tl.store(row + stride_ts, lse, mask=g < G)
+    tl.store(StateHi, hi)

@@ -8,9 +8,32 @@ Either way the per-dim scales are folded into the basis by the caller, so scores
 the integers.
 """
 
+from typing import NamedTuple
+
 import torch
 
 INT4_OFFSET = 8
+
+
+class LseState(NamedTuple):
+    """What a one-pass select_scores normalises by, one per layer: lse [2, Hkv, G] float32,
+    the region's log-sum-exp at the step before the latest and at the latest, and hi [1]
+    int64, the latest step's hi (-1: none). A step of a new hi reads lse[1]; a repeat of
+    the latest step (a CUDA graph's warm-up and capture run a step more than once) reads
+    lse[0], so repeats select what the first run did."""
+
+    lse: torch.Tensor
+    hi: torch.Tensor
+
+    @classmethod
+    def empty(cls, hkv: int, g: int, device: torch.device | str) -> "LseState":
+        return cls(torch.full((2, hkv, g), float("-inf"), device=device),
+                   torch.full((1,), -1, dtype=torch.long, device=device))
+
+    def reset(self) -> None:
+        """A new prompt: no previous step (normalise by the window alone)."""
+        self.lse.fill_(float("-inf"))
+        self.hi.fill_(-1)
 
 
 def pack_int4(values: torch.Tensor) -> torch.Tensor:
@@ -55,7 +78,8 @@ def select_scores_ref(
     other_lse: torch.Tensor | None = None,
     chunk: int = 0,
     shares_dtype: torch.dtype = torch.float32,
-    lse_state: torch.Tensor | None = None,
+    lse_state: LseState | None = None,
+    block: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group shares of the sketched scores of positions [lo, N), and the log-sum-exp used.
 
@@ -69,9 +93,10 @@ def select_scores_ref(
     the sum of exp(scaled score - lse) over the positions of each chunk of `chunk` positions
     (positions [j·chunk, (j+1)·chunk), excluded ones counting 0). shares are computed in
     float32 and rounded to shares_dtype at the end. Integer keys are scored against
-    quantise_query's int8 q @ basis, as the kernel scores them. With lse_state [Hkv, G]
-    (one pass, see select_scores) its value stands in for the region's log-sum-exp, and it
-    is then overwritten with the exact one.
+    quantise_query's int8 q @ basis, as the kernel scores them. With lse_state (one pass,
+    see select_scores and LseState) the state's lse stands in for the region's, and the
+    exact one is left in the state. With block P > 1 the first output is
+    block_sums_ref of the float32 shares instead.
     """
     qr = q.float() @ basis.float()  # [Hkv, G, r]
     if not keys.dtype.is_floating_point:  # integer keys are scored against an int8 query
@@ -83,16 +108,33 @@ def select_scores_ref(
     logits = logits.masked_fill(positions >= hi.to(keys.device), float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)
     if lse_state is not None:
-        lse, exact = lse_state.clone(), lse
-        lse_state.copy_(exact)
+        hi_now = hi.reshape(1).to(lse_state.hi.device, torch.long)
+        used = torch.where(lse_state.hi != hi_now, lse_state.lse[1], lse_state.lse[0])
+        lse_state.lse[0].copy_(used)
+        lse_state.lse[1].copy_(lse)
+        lse_state.hi.copy_(hi_now)
+        lse = used
     if other_lse is not None:
         lse = torch.logaddexp(lse, other_lse.float().to(lse.device))
     norm = lse.masked_fill(lse == float("-inf"), float("inf"))  # no mass anywhere: 0
     probs = torch.exp(logits - norm[..., None]).nan_to_num_(0.0)  # [Hkv, G, N - lo]
-    shares = probs.sum(dim=1).to(shares_dtype)
+    shares = probs.sum(dim=1)
+    shares = shares.to(shares_dtype) if block == 1 else block_sums_ref(shares, lo, hi, block)
     if not chunk:
         return shares, lse
     n = keys.shape[1]
     m = -(-n // chunk)
     padded = torch.nn.functional.pad(probs, (lo, m * chunk - n))  # positions [0, m·chunk)
     return shares, lse, padded.view(*probs.shape[:2], m, chunk).sum(dim=-1)
+
+
+def block_sums_ref(shares: torch.Tensor, lo: int, hi: torch.Tensor, block: int) -> torch.Tensor:
+    """shares [R, N - lo] (per position from lo, any float dtype) -> [R, (N - lo) // P]
+    float32 sums per aligned block [lo + j·P, lo + j·P + P); blocks not wholly before hi
+    ([1] on the device) get -1."""
+    rows, m = shares.shape
+    nblk = m // block
+    sums = shares[:, :nblk * block].view(rows, nblk, block).float().sum(-1)
+    full = (hi.reshape(1).to(shares.device) - lo) // block  # [1]: blocks wholly in [lo, hi)
+    ids = torch.arange(nblk, device=shares.device)
+    return sums.masked_fill(ids >= full, -1.0)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from retrieval_attn.kernels import (
+    LseState,
     pack_int4,
     quantise_query,
     select_scores,
@@ -210,31 +211,46 @@ def test_quantised_sketch_rejects_bad_layouts():
 @pytest.mark.parametrize("bits", [16, 8])
 @pytest.mark.parametrize("lo, hi, n", [(4, 250, 300), (300, 517, 517)])
 def test_one_pass_matches_reference(bits, lo, hi, n):
-    """lse_state: the kernel normalises shares and chunk masses by the given state log-added
-    to other_lse, and leaves this call's exact region lse in the state, as the reference."""
+    """lse_state: the kernel normalises shares and chunk masses by the state's lse
+    log-added to other_lse, and leaves this call's exact region lse in the state, as the
+    reference does; a repeat of the same step reads what the first run read."""
     q, basis, mean, keys, other = _inputs(2, 7, 32, 64, n, torch.float32)
     if bits == 8:
         keys = _quantised(3 * keys, bits)
-    state = torch.randn(2, 7) + 2
-    state[1, 3] = float("-inf")  # no previous step: other_lse alone
+    dev = [t.to(DEVICE) for t in (q, basis, mean, keys)]
+    before = torch.randn(2, 7) + 2
+    before[1, 3] = float("-inf")  # no previous step: other_lse alone
     hi_t = torch.tensor([hi])
-    want_state = state.clone()
+    want_state, got_state = LseState.empty(2, 7, "cpu"), LseState.empty(2, 7, DEVICE)
+    for state in (want_state, got_state):
+        state.lse[1].copy_(before)
+        state.hi.fill_(hi - 1)  # the previous step
     want = select_scores_ref(q, basis, mean, keys, lo, hi_t, 0.2, other, chunk=64,
                              lse_state=want_state)
-    got_state = state.clone().to(DEVICE)
-    got = select_scores(*(t.to(DEVICE) for t in (q, basis, mean, keys)), lo, hi_t.to(DEVICE),
-                        0.2, other.to(DEVICE), chunk=64, lse_state=got_state)
+    got = select_scores(*dev, lo, hi_t.to(DEVICE), 0.2, other.to(DEVICE), chunk=64,
+                        lse_state=got_state)
     for w, g_ in zip(want, got, strict=True):
         torch.testing.assert_close(g_.cpu(), w, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(got[1].cpu(), torch.logaddexp(state, other))
-    torch.testing.assert_close(got_state.cpu(), want_state, rtol=1e-5, atol=1e-5)
-    # the state left behind is the exact region lse: given back, one pass is exact
+    torch.testing.assert_close(got[1].cpu(), torch.logaddexp(before, other))
     exact = select_scores_ref(q, basis, mean, keys, lo, hi_t, 0.2, other, chunk=64)
-    again = select_scores(*(t.to(DEVICE) for t in (q, basis, mean, keys)), lo,
-                          hi_t.to(DEVICE), 0.2, other.to(DEVICE), chunk=64,
+    region = exact[1] + torch.log1p(-torch.exp(other - exact[1]))  # exact lse less other's
+    for state in (want_state, got_state):
+        torch.testing.assert_close(state.lse[0].cpu(), before)
+        torch.testing.assert_close(state.lse[1].cpu(), region, rtol=1e-4, atol=1e-4)
+        assert state.hi.tolist() == [hi]
+    # the same step again (a graph's warm-up, then capture): the same normaliser
+    again = select_scores(*dev, lo, hi_t.to(DEVICE), 0.2, other.to(DEVICE), chunk=64,
                           lse_state=got_state)
-    for w, g_ in zip(exact, again, strict=True):
-        torch.testing.assert_close(g_.cpu(), w, rtol=1e-4, atol=1e-6)
+    for w, g_ in zip(want, again, strict=True):
+        torch.testing.assert_close(g_.cpu(), w, rtol=1e-4, atol=1e-7)
+    # the next step reads this one's exact region lse
+    nxt = select_scores(*dev, lo, (hi_t + 1).to(DEVICE), 0.2, other.to(DEVICE), chunk=64,
+                        lse_state=got_state)
+    want_next = select_scores_ref(q, basis, mean, keys, lo, hi_t + 1, 0.2, other, chunk=64)
+    region_next = want_next[1] + torch.log1p(-torch.exp(other - want_next[1]))
+    torch.testing.assert_close(nxt[1].cpu(), torch.logaddexp(region, other), rtol=1e-4,
+                               atol=1e-4)
+    torch.testing.assert_close(got_state.lse[1].cpu(), region_next, rtol=1e-4, atol=1e-4)
 
 
 def test_one_pass_rejects_a_state_without_other_lse_or_of_the_wrong_shape():
@@ -242,7 +258,37 @@ def test_one_pass_rejects_a_state_without_other_lse_or_of_the_wrong_shape():
     dev = [t.to(DEVICE) for t in (q, basis, mean, keys)]
     hi = torch.tensor([30], device=DEVICE)
     with pytest.raises(ValueError, match="lse_state"):
-        select_scores(*dev, 4, hi, 0.2, lse_state=torch.zeros(2, 3, device=DEVICE))
+        select_scores(*dev, 4, hi, 0.2, lse_state=LseState.empty(2, 3, DEVICE))
     with pytest.raises(ValueError, match="lse_state"):
-        select_scores(*dev, 4, hi, 0.2, other.to(DEVICE),
-                      lse_state=torch.zeros(2, 4, device=DEVICE))
+        select_scores(*dev, 4, hi, 0.2, other.to(DEVICE), lse_state=LseState.empty(2, 4, DEVICE))
+
+
+@pytest.mark.parametrize("block, lo, hi, n, one_pass", [
+    (4, 4, 250, 300, False), (4, 4, 517, 517, True), (64, 0, 700, 700, True),
+    (8, 4, 250, 300, True),  # lo not a multiple of the block: shares summed after
+    (3, 6, 250, 300, True),  # nor a divisor of the kernel's tile
+])
+def test_block_sums_match_reference(block, lo, hi, n, one_pass):
+    """block P: the kernel writes the shares' sums per aligned block of P positions from
+    lo (-1 where a block is not wholly before hi), never the shares themselves."""
+    q, basis, mean, keys, other = _inputs(2, 7, 32, 64, n, torch.float32)
+    keys = _quantised(3 * keys, 8)
+    hi_t = torch.tensor([hi])
+    want_state, got_state = LseState.empty(2, 7, "cpu"), LseState.empty(2, 7, DEVICE)
+    want = select_scores_ref(q, basis, mean, keys, lo, hi_t, 0.2, other, chunk=64,
+                             lse_state=want_state if one_pass else None, block=block)
+    got = select_scores(*(t.to(DEVICE) for t in (q, basis, mean, keys)), lo, hi_t.to(DEVICE),
+                        0.2, other.to(DEVICE), chunk=64,
+                        lse_state=got_state if one_pass else None, block=block)
+    assert got[0].shape == (2, (n - lo) // block) and got[0].dtype == torch.float32
+    for w, g_ in zip(want, got, strict=True):
+        torch.testing.assert_close(g_.cpu(), w, rtol=1e-4, atol=1e-7)
+    shares = select_scores_ref(q, basis, mean, keys, lo, hi_t, 0.2, other,
+                               lse_state=LseState.empty(2, 7, "cpu") if one_pass else None)[0]
+    whole = (hi - lo) // block
+    torch.testing.assert_close(
+        want[0][:, :whole], shares[:, :whole * block].view(2, whole, block).sum(-1))
+    assert (want[0][:, whole:] == -1).all()
+    with pytest.raises(ValueError, match="block"):
+        select_scores(*(t.to(DEVICE) for t in (q, basis, mean, keys)), lo, hi_t.to(DEVICE),
+                      0.2, block=0)

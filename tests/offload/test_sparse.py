@@ -178,3 +178,19 @@ def test_unsorted_selection_when_every_step_fills_top_k():
     short = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
     run_policy(short, q[:, :, :18], k[:, :, :18], v[:, :, :18], 15)  # 15 + 1 - 13 < 8
     assert short.selector.ordered is True
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_score_passes_choose_the_retrievers_normalisation(passes):
+    """kv.score_passes 2 scores with this step's exact lse (reuse_lse off), 1 with the
+    previous step's; with a budget covering the region both are exact attention."""
+    cfg = KVConfig(policy="retrieval", sink_tokens=3, window_tokens=10, top_k=N, rank=4,
+                   rerank_factor=2, score_passes=passes)
+    q, k, v = qkv(60)
+    dense = run_policy(DenseKV(L, 1, HKV, N, D, torch.device("cpu"), torch.float32),
+                       q, k, v, 50)
+    kv = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
+    assert kv.selector.reuse_lse == (passes == 1)
+    for a, b in zip(run_policy(kv, q, k, v, 50), dense, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert bool(kv.selector.lse_state) == (passes == 1)  # one state per layer, or none
