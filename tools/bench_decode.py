@@ -32,7 +32,7 @@ from retrieval_attn.planner import plan_memory
 from retrieval_attn.sampling import SamplingParams
 
 from .bench_grid import free_device, run_grid, write_json
-from .bench_step_parts import bench_gathers, bench_topk
+from .bench_step_parts import bench_gathers, bench_scores, bench_topk
 
 GiB = 1 << 30
 # bench policy -> kv.policy; retrieval-ann also sets index.kind attention (host graphs)
@@ -251,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="first time the host gathers alone at each context")
     p.add_argument("--topk", action="store_true",
                    help="first time the candidate top-k in float32 vs bfloat16 at each context")
+    p.add_argument("--scores", action="store_true",
+                   help="first time the sketch scoring pass (select_scores) under launch "
+                        "variants at each context, one and two passes")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise RetrievalAttnError("bench times decode on a GPU and this machine has no CUDA "
@@ -267,6 +270,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"candidate top-k of {args.top_k * args.rerank_factor} among {n}, µs/call: "
                   f"float32 {t['float32']:.1f}  bfloat16 {t['bfloat16']:.1f}  (bfloat16 keeps "
                   f"{t['bfloat16 keeps']:.2%} of the float32 top-k)", flush=True)
+    if args.scores:
+        for n in args.contexts:
+            print(f"select_scores at {n} tokens, rank {args.rank} {args.sketch_dtype}, blocks "
+                  f"of {args.select_block}, µs/call (one layer):", flush=True)
+            for r in bench_scores(args.shape, n, args.rank, args.sketch_dtype,
+                                  args.select_block):
+                print(f"  {r['variant']:<26} passes {r['passes']}  {r['us']:8.1f} µs  "
+                      f"{r['GB/s']:7.0f} GB/s  max diff {r['max diff']:.2e}", flush=True)
     def one(policy: str, n: int, batch: str) -> dict:
         b = (int(batch) if batch != "max" else
              largest_batch_here(args.shape, policy, n, args.new_tokens, args.top_k, args.rank,

@@ -1,6 +1,7 @@
 """Micro-benchmarks of a decode step's parts at long contexts, on the GPU: the host
-gathers (zero-copy reads of pinned host memory) and the candidate top-k.
-`retrieval-attn bench --policies --gathers --topk` runs them (bench_decode's flags).
+gathers (zero-copy reads of pinned host memory), the candidate top-k and the sketch
+scoring pass (select_scores) under variants of its launch constants.
+`retrieval-attn bench --policies --gathers --topk --scores` runs them (bench_decode's flags).
 """
 
 from __future__ import annotations
@@ -80,6 +81,95 @@ def bench_topk(shape: str, n: int, k: int, reps: int = 5) -> dict:
     del f32, bf16
     free_device()
     return row
+
+
+# launch variants of select_scores timed by bench_scores: module constants of
+# retrieval_attn.kernels.select_scores (tiles of BLOCK_N positions, warps, pipeline stages,
+# programs per SM in the split over positions), or of its outputs (chunk: tail masses per
+# this many positions, 0 none; block: shares summed per this many); "as built" keeps all
+SCORE_VARIANTS = {
+    "as built": {},
+    "warps 8": {"NUM_WARPS": 8},
+    "stages 2": {"NUM_STAGES": 2},
+    "stages 4": {"NUM_STAGES": 4},
+    "tile 64": {"BLOCK_N": 64},
+    "tile 256": {"BLOCK_N": 256},
+    "tile 512": {"BLOCK_N": 512},
+    "4 programs/SM": {"PROGRAMS_PER_SM": 4},
+    "8 programs/SM": {"PROGRAMS_PER_SM": 8},
+    # what the pass's outputs cost: without the tail's chunk masses, per-position shares
+    "no chunk masses": {"chunk": 0},
+    "per-position shares": {"block": 1},
+}
+
+
+def bench_scores(shape: str, n: int, rank: int, sketch_dtype: str, block: int,
+                 variants: dict = SCORE_VARIANTS, reps: int = 20) -> list[dict]:
+    """µs per call of select_scores over one layer's sketch of n tokens (cycling through
+    the layers), as a decode step of the long-context presets calls it: one pass (the
+    previous step's lse), window lse given, chunk masses for the tail estimate, and block
+    sums when block > 1; then two passes (kv.score_passes 2). Per launch variant: µs,
+    GB/s of sketch read (Hkv·n·r·bits/8 bytes a pass / time) and the largest difference of
+    its block sums from the built launch's (launch variants must compute the same thing;
+    0 for a variant of other outputs)."""
+    import importlib
+
+    from retrieval_attn.kernels import LseState, select_scores
+    from retrieval_attn.offload.tail import CHUNK as TAIL_CHUNK
+
+    ss = importlib.import_module("retrieval_attn.kernels.select_scores")
+    spec = named_shape(shape)
+    L, hkv, d = spec.num_layers, spec.num_kv_heads, spec.head_dim
+    g = spec.num_heads // hkv
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bits = 16 if sketch_dtype == "auto" else {"int8": 8, "int4": 4}[sketch_dtype]
+    width = rank // 2 if bits == 4 else rank
+    if bits == 16:
+        keys = torch.randn(L, hkv, n, width, device="cuda", generator=gen).bfloat16()
+    else:
+        keys = torch.randint(-100 if bits == 8 else 0, 100 if bits == 8 else 255,
+                             (L, hkv, n, width), device="cuda", generator=gen,
+                             dtype=torch.int32).to(torch.int8 if bits == 8 else torch.uint8)
+    q = torch.randn(hkv, g, d, device="cuda", generator=gen)
+    basis = torch.randn(hkv, d, rank, device="cuda", generator=gen) * d**-0.5
+    mean = torch.zeros(hkv, d, device="cuda")
+    other = torch.randn(hkv, g, device="cuda", generator=gen)
+    lo, hi = 4, torch.tensor([n - 600], device="cuda")
+    states = [LseState.empty(hkv, g, torch.device("cuda")) for _ in range(L)]
+
+    def call(i, passes=1, at=hi, chunk=TAIL_CHUNK, block=block):
+        return select_scores(q, basis, mean, keys[i], lo, at, d**-0.5, other, chunk,
+                             torch.bfloat16, states[i] if passes == 1 else None, block)
+
+    for i in range(L):  # a previous step: every later call normalises by its region lse
+        call(i, at=hi - 1)
+
+    nbytes = hkv * n * width * keys.element_size()  # read per call and pass
+    built = {k: getattr(ss, k) for k in ("BLOCK_N", "NUM_WARPS", "NUM_STAGES",
+                                           "PROGRAMS_PER_SM")}
+    want = call(0)[0].float()
+    rows = []
+    try:
+        for name, variant in variants.items():
+            args = {k: v for k, v in variant.items() if k in ("chunk", "block")}
+            for k, v in {**built, **variant}.items():
+                if k not in args:
+                    setattr(ss, k, v)
+            out = call(0, **args)[0].float()
+            diff = (out - want).abs().max().item() if out.shape == want.shape else 0.0
+            t = _time_calls({name: lambda i, args=args: call(i, **args)}, L, reps)[name]
+            rows.append({"variant": name, "passes": 1, "us": t, "GB/s": nbytes / t / 1e3,
+                         "max diff": diff})
+            if name == "as built":
+                t2 = _time_calls({name: lambda i: call(i, 2)}, L, reps)[name]
+                rows.append({"variant": name, "passes": 2, "us": t2,
+                             "GB/s": 2 * nbytes / t2 / 1e3, "max diff": 0.0})
+    finally:
+        for k, v in built.items():
+            setattr(ss, k, v)
+    keys = states = None  # free the sketch before the next context
+    free_device()
+    return rows
 
 
 def _time_calls(calls: dict, L: int, reps: int) -> dict:

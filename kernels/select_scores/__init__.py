@@ -33,10 +33,12 @@ from .ref import (
 __all__ = ["KEY_BITS", "LseState", "block_sums_ref", "kernel_scores", "pack_int4", "quantise_query",
            "select_scores", "select_scores_ref", "sketch_values", "unpack_int4"]
 
-BLOCK_N = 256  # positions per tile
+# positions per tile: 256 made the one-pass scoring ~30% slower at 1M (H200, bench --scores)
+BLOCK_N = 128
 MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a kv head are padded to this
 MAX_SPLITS = 256  # chunks per kv head (the merge reads all partials in one tile)
 NUM_WARPS = 4
+NUM_STAGES = 3  # software pipelining of the key loads in the position loop
 # storage bits per sketch value by keys dtype (uint8: packed int4, see ref.py)
 KEY_BITS = {torch.float32: 16, torch.float16: 16, torch.bfloat16: 16, torch.int8: 8,
             torch.uint8: 4}
@@ -187,7 +189,7 @@ def select_scores(
         lse_partial_kernel[(hkv, splits)](
             qr_hi, qr_lo, const, mul, keys, hi, part_m, part_l, lo, origin, n, *common, scale,
             g, G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N, F32_DOT=f32_dot, CHUNK=per_split,
-            HI_LO=hi_lo, KEY_BITS=bits, num_warps=NUM_WARPS)
+            HI_LO=hi_lo, KEY_BITS=bits, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     # other_lse is unread when None, mass when chunk is 0 (lse stands in for the pointers)
     other = other_lse.float().contiguous() if other_lse is not None else lse
     nm = cdiv(n, chunk) if chunk else 0
@@ -201,9 +203,10 @@ def select_scores(
         state.stride(0), state.stride(-2), scale, g, G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N,
         S_PAD=next_power_of_2(splits), HAS_OTHER=other_lse is not None, F32_DOT=f32_dot,
         CHUNK=per_split, MASS_CHUNK=chunk, HI_LO=hi_lo, KEY_BITS=bits, ONE_PASS=one_pass,
-        BLOCK=block, num_warps=NUM_WARPS)
+        BLOCK=block, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if one_pass:  # after the pass: every program has read the state
-        lse_state_kernel[(1,)](part_m, part_l, state, state_hi, hi, splits, part_m.stride(0),
-                               part_m.stride(1), state.stride(0), state.stride(1), g, HKV=hkv,
-                               G_PAD=g_pad, S_PAD=next_power_of_2(splits))
+        lse_state_kernel[(1,)](part_m, part_l, lse, state, state_hi, hi, splits,
+                               part_m.stride(0), part_m.stride(1), lse.stride(0),
+                               state.stride(0), state.stride(1), g, HKV=hkv, G_PAD=g_pad,
+                               S_PAD=next_power_of_2(splits))
     return (shares, lse, mass) if chunk else (shares, lse)

@@ -6,8 +6,9 @@ head over one chunk of positions and writes the partials; `shares_kernel` merges
 partials (and the window's log-sum-exp) into each head's lse, recomputes the scores of its
 chunk and writes sum_g exp(score - lse_g), one float per position. The [Hkv, G, N] scores
 are never stored. With ONE_PASS, shares_kernel normalises by a log-sum-exp known before the
-pass (the previous decode step's, see __init__.py) and writes this pass's partials, which
-`lse_state_kernel` merges into the state the next step reads: the sketch is read once.
+pass (the previous decode step's, see __init__.py) and writes this pass's partials (the
+largest score, and the sum of the shares' own exps in that frame), which `lse_state_kernel`
+merges into the state the next step reads: the sketch is read once.
 q @ basis is computed by the wrapper in float32 and handed over as a hi + lo pair in the
 keys' dtype, so the scores come from tensor-core dots yet are float32-accurate.
 Quantised sketches (KEY_BITS 8: int8 keys; 4: two int4 per uint8 byte, ref.py's format) are
@@ -182,18 +183,18 @@ def shares_kernel(
     qa_hi, qa_lo, qb_hi, qb_lo, c, mul = _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg,
                                                   stride_ch, G, G_PAD, R, KEY_BITS)
     start = origin + split * CHUNK  # origin is a multiple of BLOCK_N: tiles hold whole chunks
-    m = tl.full([G_PAD], float("-inf"), tl.float32)  # ONE_PASS: this pass's partials
-    acc = tl.zeros([G_PAD], tl.float32)
+    # ONE_PASS: the largest score and the sum of p, kept per lane and reduced once after
+    # the loop (a reduction across lanes per tile cost more than the scoring itself)
+    m = tl.full([G_PAD, BLOCK_N], float("-inf"), tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_N], tl.float32)
     for off in range(0, CHUNK, BLOCK_N):
         n = start + off + tl.arange(0, BLOCK_N)
         x = _scores(qa_hi, qa_lo, qb_hi, qb_lo, c, mul, Keys, h, n, (n >= lo) & (n < hi),
                     stride_kh, stride_kn, scale, G, G_PAD, R, F32_DOT, HI_LO, KEY_BITS)
-        if ONE_PASS:
-            m_new = tl.maximum(m, tl.max(x, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            acc = acc * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
-            m = m_new
         p = tl.exp(x - lse[:, None])  # [G_PAD, BLOCK_N], 0 where excluded
+        if ONE_PASS:
+            acc += p
+            m = tl.maximum(m, x)
         shares = tl.sum(p, axis=0)  # [BLOCK_N]
         if BLOCK == 1:
             out = shares.to(Out.dtype.element_ty, fp_downcast_rounding="rtne")  # f32 or bf16
@@ -209,24 +210,35 @@ def shares_kernel(
             j = (start + off) // MASS_CHUNK + tl.arange(0, BLOCK_N // MASS_CHUNK)
             tl.store(Mass + h * stride_ah + g[:, None] * stride_ag + j[None, :], per,
                      mask=(g[:, None] < G) & (j[None, :] < NM))
-    if ONE_PASS:
-        tl.store(M + h * stride_mh + split * stride_ms + g, m)
-        tl.store(L + h * stride_mh + split * stride_ms + g, acc)
+    if ONE_PASS:  # partials: the largest score, and the sum of p in the frame of the lse
+        # the shares used (Lse), so no second exp per score (the kernel is bound by its
+        # arithmetic, not by the sketch's bytes: bench --scores)
+        tl.store(M + h * stride_mh + split * stride_ms + g, tl.max(m, axis=1))
+        tl.store(L + h * stride_mh + split * stride_ms + g, tl.sum(acc, axis=1))
 
 
 @triton.jit
-def lse_state_kernel(M, L, State, StateHi, Hi, S, stride_mh, stride_ms, stride_ts, stride_th,
-                     G, HKV: tl.constexpr, G_PAD: tl.constexpr, S_PAD: tl.constexpr):
-    """After a one-pass shares_kernel at Hi: State[1] = the log-sum-exp of its partials
-    (per kv head and query head), State[0] = the lse that pass read, StateHi = Hi. One
-    program, so that StateHi is read before it is written."""
+def lse_state_kernel(M, L, Lse, State, StateHi, Hi, S, stride_mh, stride_ms, stride_lh,
+                     stride_ts, stride_th, G, HKV: tl.constexpr, G_PAD: tl.constexpr,
+                     S_PAD: tl.constexpr):
+    """After a one-pass shares_kernel at Hi: State[1] = the region's log-sum-exp from its
+    partials (per kv head and query head), State[0] = the lse that pass read, StateHi = Hi.
+    The region's lse is the frame (Lse) + log(sum of p); where that is not finite (p
+    overflowed or underflowed: scores over e**88 from the frame) the largest score, which
+    is within log(N) of it. One program, so that StateHi is read before it is written."""
     hi = tl.load(Hi).to(tl.int64)
     fresh = tl.load(StateHi) != hi  # else a repeat of the latest step (graph warm-up)
     g = tl.arange(0, G_PAD)
+    s = tl.arange(0, S_PAD)
     for h in range(HKV):
         row = State + h * stride_th + g
         used = tl.load(row + fresh.to(tl.int64) * stride_ts, mask=g < G)
         tl.store(row, used, mask=g < G)
-        lse = _merged_lse(M, L, h, S, stride_mh, stride_ms, G_PAD, S_PAD)
+        part = h * stride_mh + s[:, None] * stride_ms + g[None, :]
+        mx = tl.max(tl.load(M + part, mask=s[:, None] < S, other=float("-inf")), axis=0)
+        total = tl.sum(tl.load(L + part, mask=s[:, None] < S, other=0.0), axis=0)
+        frame = tl.load(Lse + h * stride_lh + g, mask=g < G, other=0.0)
+        ok = (total > 0) & (total < float("inf")) & (tl.abs(frame) < float("inf"))
+        lse = tl.where(ok, frame + tl.log(tl.where(ok, total, 1.0)), mx)
         tl.store(row + stride_ts, lse, mask=g < G)
     tl.store(StateHi, hi)

@@ -253,6 +253,25 @@ def test_one_pass_matches_reference(bits, lo, hi, n):
     torch.testing.assert_close(got_state.lse[1].cpu(), region_next, rtol=1e-4, atol=1e-4)
 
 
+def test_one_pass_state_survives_scores_far_above_its_frame():
+    """A first step whose region scores exceed the window's lse by more than float32's
+    exp range: its shares overflow (as the reference's do), but the state it leaves is
+    the largest score, within log(N) of the exact region lse, so the next step is sane."""
+    q, basis, mean, keys, other = _inputs(2, 7, 32, 64, 300, torch.float32)
+    dev = [t.to(DEVICE) for t in (q, basis, mean, keys)]
+    far = (other - 300).to(DEVICE)  # the window's lse, ~300 below the region's
+    state = LseState.empty(2, 7, DEVICE)
+    shares = select_scores(*dev, 4, torch.tensor([250], device=DEVICE), 0.2, far,
+                           lse_state=state)[0]
+    assert torch.isinf(shares).any()
+    exact = select_scores_ref(q, basis, mean, keys, 4, torch.tensor([250]), 0.2)[1]
+    got = state.lse[1].cpu()
+    assert (got <= exact + 1e-4).all() and (exact <= got + torch.log(torch.tensor(246.0))).all()
+    nxt = select_scores(*dev, 4, torch.tensor([251], device=DEVICE), 0.2, far,
+                        lse_state=state)[0]
+    assert torch.isfinite(nxt).all() and nxt.sum() > 0
+
+
 def test_one_pass_rejects_a_state_without_other_lse_or_of_the_wrong_shape():
     q, basis, mean, keys, other = _inputs(2, 3, 32, 16, 40, torch.float32)
     dev = [t.to(DEVICE) for t in (q, basis, mean, keys)]

@@ -16,3 +16,13 @@ def test_gathers_and_topk_report_every_part():
     assert all(v > 0 for k, v in row.items() if k != "context")
     top = bench_topk("smollm2-135m", 65536, 512, reps=1)
     assert top["float32"] > 0 and top["bfloat16"] > 0 and 0.9 <= top["bfloat16 keeps"] <= 1
+
+
+@pytest.mark.gpu
+def test_score_variants_compute_the_built_launchs_block_sums():
+    from retrieval_attn.tools.bench_step_parts import SCORE_VARIANTS, bench_scores
+
+    rows = bench_scores("smollm2-135m", 65536, 32, "int8", 4, reps=1)
+    assert [r["variant"] for r in rows if r["passes"] == 1] == list(SCORE_VARIANTS)
+    assert [r["passes"] for r in rows].count(2) == 1
+    assert all(r["us"] > 0 and r["max diff"] < 1e-4 for r in rows)
