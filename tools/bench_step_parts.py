@@ -52,8 +52,12 @@ def bench_gathers(shape: str, n: int, candidates: int, top_k: int, reps: int = 4
     row = {"context": n}
     row.update(_time_calls(calls, L, reps))
     # the same K reads with every head in one launch (no MAX_HOST_SPAN grouping)
+    wide = 1 << 62
     one = {"K of candidates, one launch":
-           lambda i: gather_k(store.k[i], cand[i], max_host_span=1 << 62)}
+           lambda i: gather_k(store.k[i], cand[i], max_host_span=wide),
+           "runs of 4, one launch each": lambda i: (
+               gather_k(store.k[i], run_cand[i], max_host_span=wide),
+               gather_k(store.v[i], run_chosen[i], max_host_span=wide))}
     row.update(_time_calls(one, L, reps))
     store = calls = None  # free the pinned store before the next one is made
     free_device()

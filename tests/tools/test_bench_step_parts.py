@@ -12,7 +12,7 @@ def test_gathers_and_topk_report_every_part():
     row = bench_gathers("smollm2-135m", 65536, 512, 128, reps=1)
     assert set(row) == {"context", "K of candidates", "K+V of final", "V of final",
                         "K of candidates then V of final", "the same, candidates in runs of 4",
-                        "K of candidates, one launch"}
+                        "K of candidates, one launch", "runs of 4, one launch each"}
     assert all(v > 0 for k, v in row.items() if k != "context")
     top = bench_topk("smollm2-135m", 65536, 512, reps=1)
     assert top["float32"] > 0 and top["bfloat16"] > 0 and 0.9 <= top["bfloat16 keeps"] <= 1
