@@ -43,7 +43,9 @@ def layer_recall(k: torch.Tensor, q_decode: torch.Tensor, rank: int, sketch: str
     def exact(_layer, pos):
         return k.gather(1, pos[..., None].expand(-1, -1, d))
 
-    retriever = LowRankRetriever(keys, d, factor, exact if factor > 1 else None)
+    # independent queries, not one decode sequence: each normalised by its own region lse
+    retriever = LowRankRetriever(keys, d, factor, exact if factor > 1 else None,
+                                 reuse_lse=False)
     recalls = []
     for t in range(0, q_decode.shape[1], stride):
         q = q_decode[:, t].reshape(hkv, g, d)

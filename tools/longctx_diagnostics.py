@@ -78,8 +78,10 @@ def rank_recall(entries: list[TraceEntry], kv: SparseKV, cfg: KVConfig,
     for rank in ranks:
         sketch = LowRankKeys(kv.L, kv.Hkv, entries[0].n, kv.D, rank, torch.device("cpu"),
                              torch.float32, cfg.sketch_dtype)  # the config's precision
-        retrievers = {"plain": LowRankRetriever(sketch, kv.D)}
-        retrievers |= {f"x{f}": LowRankRetriever(sketch, kv.D, f, exact) for f in factors}
+        # one query per prompt, not a decode sequence: exact region lse (two passes)
+        retrievers = {"plain": LowRankRetriever(sketch, kv.D, reuse_lse=False)}
+        retrievers |= {f"x{f}": LowRankRetriever(sketch, kv.D, f, exact, reuse_lse=False)
+                       for f in factors}
         got = {name: [] for name in retrievers}
         for e in entries:
             k = kv.store.k[e.layer, :, :e.n].float()
