@@ -200,8 +200,8 @@ class LowRankRetriever:
     def _shares(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor,
                 other_lse: torch.Tensor | None, candidates: bool = False, block: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(group shares [Hkv, N - lo], or their float32 sums per block of `block`
-        positions [Hkv, (N - lo) // block] (blocks.block_sums); total lse [Hkv, G] or None
+        """(group shares [Hkv, N - lo], or their sums per block of `block` positions
+        [Hkv, (N - lo) // block] (blocks.block_sums); total lse [Hkv, G] or None
         without other_lse). Sketches with a fused `shares` (LowRankKeys) never store
         [Hkv, G, N] scores, and on a GPU round them to bfloat16 when they only pick re-rank
         candidates (a faster top-k there; on the CPU it would only change results)."""

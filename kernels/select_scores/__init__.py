@@ -97,8 +97,8 @@ def select_scores(
 
     Returns:
         shares: [Hkv, N - lo] shares_dtype, sum_g exp(scale * score - lse_g); 0 where
-            excluded. With block P > 1: [Hkv, (N - lo) // P] float32 block sums, -1 for
-            blocks not wholly before hi.
+            excluded. With block P > 1: [Hkv, (N - lo) // P] shares_dtype block sums
+            (summed in float32), -1 for blocks not wholly before hi.
         lse: [Hkv, G] float32, what shares and mass are normalised by: the log-sum-exp over
             [lo, hi) of the scaled scores (lse_state's previous one instead when given),
             log-added to other_lse when given.
@@ -152,7 +152,7 @@ def select_scores(
     if lo % block or BLOCK_N % block:  # blocks would straddle the tiles: sum them after
         shares, *rest = select_scores(q, basis, mean, keys, lo, hi, scale, other_lse, chunk,
                                       torch.float32, lse_state)
-        return (block_sums_ref(shares, lo, hi, block), *rest)
+        return (block_sums_ref(shares, lo, hi, block).to(shares_dtype), *rest)
     from .kernel import lse_partial_kernel, lse_state_kernel, shares_kernel
 
     f32_dot = keys.dtype == torch.float32 or interpreting()
@@ -167,8 +167,7 @@ def select_scores(
         # the lo half is read only by the interpreter's float32 dots; elsewhere a stand-in
         qr_lo = torch.zeros_like(qr_hi) if f32_dot else qr_hi
     nb = (n - lo) // block
-    shares = (torch.empty(hkv, n - lo, dtype=shares_dtype, device=device) if block == 1
-              else torch.empty(hkv, nb, dtype=torch.float32, device=device))
+    shares = torch.empty(hkv, n - lo if block == 1 else nb, dtype=shares_dtype, device=device)
     lse = torch.empty(hkv, g, dtype=torch.float32, device=device)
     # tiles start at a multiple of BLOCK_N (positions before lo are masked), so that each
     # tile holds whole mass chunks

@@ -203,8 +203,9 @@ def shares_kernel(
             sums = tl.sum(tl.reshape(shares, (BLOCK_N // BLOCK, BLOCK)), axis=1)
             j = (start + off - lo) // BLOCK + tl.arange(0, BLOCK_N // BLOCK)
             whole = lo + (j + 1) * BLOCK <= hi
-            tl.store(Out + h * stride_oh + j, tl.where(whole, sums, -1.0),
-                     mask=(j >= 0) & (j < NB))
+            out = tl.where(whole, sums, -1.0).to(Out.dtype.element_ty,
+                                                 fp_downcast_rounding="rtne")
+            tl.store(Out + h * stride_oh + j, out, mask=(j >= 0) & (j < NB))
         if MASS_CHUNK > 0:
             per = tl.sum(tl.reshape(p, (G_PAD, BLOCK_N // MASS_CHUNK, MASS_CHUNK)), axis=2)
             j = (start + off) // MASS_CHUNK + tl.arange(0, BLOCK_N // MASS_CHUNK)

@@ -96,7 +96,7 @@ def select_scores_ref(
     quantise_query's int8 q @ basis, as the kernel scores them. With lse_state (one pass,
     see select_scores and LseState) the state's lse stands in for the region's, and the
     exact one is left in the state. With block P > 1 the first output is
-    block_sums_ref of the float32 shares instead.
+    block_sums_ref of the float32 shares instead, rounded to shares_dtype.
     """
     qr = q.float() @ basis.float()  # [Hkv, G, r]
     if not keys.dtype.is_floating_point:  # integer keys are scored against an int8 query
@@ -119,7 +119,7 @@ def select_scores_ref(
     norm = lse.masked_fill(lse == float("-inf"), float("inf"))  # no mass anywhere: 0
     probs = torch.exp(logits - norm[..., None]).nan_to_num_(0.0)  # [Hkv, G, N - lo]
     shares = probs.sum(dim=1)
-    shares = shares.to(shares_dtype) if block == 1 else block_sums_ref(shares, lo, hi, block)
+    shares = (shares if block == 1 else block_sums_ref(shares, lo, hi, block)).to(shares_dtype)
     if not chunk:
         return shares, lse
     n = keys.shape[1]

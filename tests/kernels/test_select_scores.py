@@ -287,9 +287,11 @@ def test_one_pass_rejects_a_state_without_other_lse_or_of_the_wrong_shape():
     (8, 4, 250, 300, True),  # lo not a multiple of the block: shares summed after
     (3, 6, 250, 300, True),  # nor a divisor of the kernel's tile
 ])
-def test_block_sums_match_reference(block, lo, hi, n, one_pass):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_sums_match_reference(block, lo, hi, n, one_pass, dtype):
     """block P: the kernel writes the shares' sums per aligned block of P positions from
-    lo (-1 where a block is not wholly before hi), never the shares themselves."""
+    lo (-1 where a block is not wholly before hi), never the shares themselves; summed in
+    float32, rounded to the shares' dtype."""
     q, basis, mean, keys, other = _inputs(2, 7, 32, 64, n, torch.float32)
     keys = _quantised(3 * keys, 8)
     hi_t = torch.tensor([hi])
@@ -297,10 +299,13 @@ def test_block_sums_match_reference(block, lo, hi, n, one_pass):
     want = select_scores_ref(q, basis, mean, keys, lo, hi_t, 0.2, other, chunk=64,
                              lse_state=want_state if one_pass else None, block=block)
     got = select_scores(*(t.to(DEVICE) for t in (q, basis, mean, keys)), lo, hi_t.to(DEVICE),
-                        0.2, other.to(DEVICE), chunk=64,
+                        0.2, other.to(DEVICE), chunk=64, shares_dtype=dtype,
                         lse_state=got_state if one_pass else None, block=block)
-    assert got[0].shape == (2, (n - lo) // block) and got[0].dtype == torch.float32
-    for w, g_ in zip(want, got, strict=True):
+    assert got[0].shape == (2, (n - lo) // block) and got[0].dtype == dtype
+    # bfloat16: float32 sums that agree to 1e-4 round to the same bfloat16 or a neighbour
+    tol = dict(rtol=1e-4, atol=1e-7) if dtype == torch.float32 else dict(rtol=2**-7, atol=0)
+    torch.testing.assert_close(got[0].cpu(), want[0].to(dtype), **tol)
+    for w, g_ in zip(want[1:], got[1:], strict=True):
         torch.testing.assert_close(g_.cpu(), w, rtol=1e-4, atol=1e-7)
     shares = select_scores_ref(q, basis, mean, keys, lo, hi_t, 0.2, other,
                                lse_state=LseState.empty(2, 7, "cpu") if one_pass else None)[0]
