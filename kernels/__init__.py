@@ -9,6 +9,8 @@ fall back to their references.
 
 from .gather_kv import gather_k, gather_kv, gather_kv_ref
 from .rerank_shares import rerank_shares, rerank_shares_ref
+from .rms_norm import rms_norm, rms_norm_ref
+from .rope import rope, rope_ref
 from .select_scores import (
     KEY_BITS,
     LseState,
@@ -27,8 +29,8 @@ from .tail_correct import tail_correct, tail_correct_ref
 
 __all__ = [
     "KEY_BITS", "LseState", "block_sums_ref", "gather_k", "gather_kv", "gather_kv_ref",
-    "kernel_scores", "pack_int4", "quantise_query", "rerank_shares",
-    "rerank_shares_ref", "select_scores", "select_scores_ref", "sketch_values",
-    "sparse_attention", "sparse_attention_ref", "store_kv", "store_kv_ref",
+    "kernel_scores", "pack_int4", "quantise_query", "rerank_shares", "rerank_shares_ref",
+    "rms_norm", "rms_norm_ref", "rope", "rope_ref", "select_scores", "select_scores_ref",
+    "sketch_values", "sparse_attention", "sparse_attention_ref", "store_kv", "store_kv_ref",
     "tail_correct", "tail_correct_ref", "unpack_int4",
 ]
