@@ -104,8 +104,10 @@ class LowRankRetriever:
         only grows from there) and a budget of k: settle what every step of it does, so
         one CUDA graph serves them all."""
         self.use_blocks = self.block > 1 and region >= blocks_for(k, self.block) * self.block
-        for state in self.lse_state.values():  # a new prompt: no previous step
-            state.reset()
+        # a new prompt: no previous step. The states are made afresh by its first step
+        # (a prompt's CUDA graph is captured anew), in whatever inference mode that step
+        # runs: resetting tensors made under inference_mode outside it would fail
+        self.lse_state.clear()
         # when the region holds every slot at the first step, each step fills all of them
         # and their order is never read
         self.ordered = region < slots_for(k, self.block)

@@ -30,11 +30,6 @@ class LseState(NamedTuple):
         return cls(torch.full((2, hkv, g), float("-inf"), device=device),
                    torch.full((1,), -1, dtype=torch.long, device=device))
 
-    def reset(self) -> None:
-        """A new prompt: no previous step (normalise by the window alone)."""
-        self.lse.fill_(float("-inf"))
-        self.hi.fill_(-1)
-
 
 def pack_int4(values: torch.Tensor) -> torch.Tensor:
     """int tensor [..., r] (r even) in [-7, 7] -> uint8 [..., r / 2]."""

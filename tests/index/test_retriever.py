@@ -229,3 +229,20 @@ def test_reused_lse_normalises_by_the_previous_steps_region():
         want2, _ = truth(q2, 151, torch.logaddexp(region1, w2))
         assert select(q2, 151, w2) == want2 and select(q2, 151, w2) == want2
         torch.testing.assert_close(ret.last_total, torch.logaddexp(region1, w2))
+
+
+def test_prepare_after_a_step_under_inference_mode():
+    """Decode steps run under torch.inference_mode and a restored context prepares the
+    next prompt outside it: prepare forgets the states instead of writing into them."""
+    torch.manual_seed(4)
+    sketch = LowRankKeys(1, HKV, N, D, 8, torch.device("cpu"), torch.float32)
+    sketch.build(0, torch.randn(HKV, N, D))
+    ret = LowRankRetriever(sketch, D)
+    q, w = torch.randn(HKV, G, D), torch.randn(HKV, G)
+    ret.prepare(146, 10)
+    with torch.inference_mode():
+        first = ret.select(0, q, 4, torch.tensor([150]), 10, w)[0]
+    ret.prepare(146, 10)
+    assert not ret.lse_state
+    again = ret.select(0, q, 4, torch.tensor([150]), 10, w)[0]
+    assert torch.equal(first, again)
