@@ -149,8 +149,8 @@ class LowRankKeys:
         [Hkv, G, N] is never stored (kernels.select_scores). With chunk > 0 also each
         head's mass per chunk of positions [Hkv, G, ceil(N / chunk)]. With lse_state,
         one pass normalised by the previous step's region lse instead; with block > 1,
-        the shares' float32 sums per block of positions instead of the shares
-        (select_scores)."""
+        the shares' sums per block of positions (summed in float32, stored in
+        shares_dtype) instead of the shares (select_scores)."""
         from .. import kernels
 
         # the Triton kernel on a GPU; elsewhere its reference (not the interpreter, which

@@ -70,7 +70,8 @@ def rope_tables(inv_freq: torch.Tensor, max_positions: int, device: torch.device
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, D]; cos, sin [T, D] -> rotated [B, H, T, D]: one Triton launch on a
-    GPU (bit-identical to the reference), the reference elsewhere."""
+    GPU (rounded once; up to a step or two of the dtype from the reference, which rounds
+    each product), the reference elsewhere."""
     if x.is_cuda and cos.dtype == x.dtype:
         return kernels.rope(x, cos, sin)
     return kernels.rope_ref(x, cos, sin)
