@@ -7,6 +7,15 @@ package needs torch alone; without CUDA and without TRITON_INTERPRET=1 the publi
 fall back to their references.
 """
 
+from .append_token import (
+    SketchLayer,
+    TailLayer,
+    add_to_tail,
+    append_token,
+    append_token_ref,
+    sketch_rows,
+    sketch_storage,
+)
 from .gather_kv import gather_k, gather_kv, gather_kv_ref
 from .rerank_shares import rerank_shares, rerank_shares_ref
 from .rms_norm import rms_norm, rms_norm_ref
@@ -28,7 +37,9 @@ from .store_kv import store_kv, store_kv_ref
 from .tail_correct import tail_correct, tail_correct_ref
 
 __all__ = [
-    "KEY_BITS", "LseState", "block_sums_ref", "gather_k", "gather_kv", "gather_kv_ref",
+    "KEY_BITS", "SketchLayer", "TailLayer", "add_to_tail", "append_token", "append_token_ref",
+    "sketch_rows", "sketch_storage", "LseState", "block_sums_ref", "gather_k", "gather_kv",
+    "gather_kv_ref",
     "kernel_scores", "pack_int4", "quantise_query", "rerank_shares", "rerank_shares_ref",
     "rms_norm", "rms_norm_ref", "rope", "rope_ref", "select_scores", "select_scores_ref",
     "sketch_values", "sparse_attention", "sparse_attention_ref", "store_kv", "store_kv_ref",

@@ -17,7 +17,14 @@ from __future__ import annotations
 import torch
 
 from ..config import SKETCH_DTYPES  # auto: the model's dtype
-from ..kernels import LseState, pack_int4, quantise_query, sketch_values
+from ..kernels import (
+    LseState,
+    SketchLayer,
+    quantise_query,
+    sketch_rows,
+    sketch_storage,
+    sketch_values,
+)
 
 _INT_MAX = {"int8": 127, "int4": 7}
 # tokens quantised at a time when a prompt is stored: the temporaries of rounding and
@@ -80,22 +87,19 @@ class LowRankKeys:
         scale = self.scale[layer, heads]
         for i in range(0, k.shape[1], STORE_TOKENS):
             part = projected[:, i:i + STORE_TOKENS]
-            self.keys[layer, heads, i:i + part.shape[1]] = self._store(part, scale)
+            self.keys[layer, heads, i:i + part.shape[1]] = sketch_storage(
+                part, scale, self.keys.dtype)
 
-    def _store(self, projected: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """float32 [Hkv, n, r] -> the stored form; scale [Hkv, r]. A decode token beyond the
-        prompt's range saturates at the largest integer."""
-        if self.sketch == "auto":
-            return projected.to(self.keys.dtype)
-        top = _INT_MAX[self.sketch]
-        ints = (projected / scale[:, None]).round_().clamp_(-top, top).to(torch.int8)
-        return ints if self.sketch == "int8" else pack_int4(ints)
+    def layer(self, layer: int) -> SketchLayer:
+        """One layer's sketch (views), as kernels.append_token writes decode tokens into it."""
+        return SketchLayer(self.mean[layer], self.basis[layer], self.scale[layer],
+                           self.keys[layer])
 
     def append(self, layer: int, pos: torch.Tensor, k: torch.Tensor) -> None:
-        """k [Hkv, 1, D] of the token at position pos ([1] on the device; no sync)."""
-        basis = self.basis[layer]  # float32 for a quantised sketch: rounding comes after
-        projected = (k.to(basis.dtype) - self.mean[layer, :, None].to(basis.dtype)) @ basis
-        self.keys[layer].index_copy_(1, pos, self._store(projected.float(), self.scale[layer]))
+        """k [Hkv, 1, D] of the token at position pos ([1] on the device; no sync), projected
+        in float32 (a decode token beyond the prompt's range saturates at the largest
+        integer). A decode step appends through kernels.append_token instead."""
+        self.keys[layer].index_copy_(1, pos, sketch_rows(k[:, 0], self.layer(layer))[:, None])
 
     def _query(self, q: torch.Tensor, layer: int) -> torch.Tensor:
         """q [Hkv, G, D] -> q @ score_basis [Hkv, G, r] float32, as select_scores scores the

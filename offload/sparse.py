@@ -108,7 +108,7 @@ class SparseKV:
         self.budget = self.prompt_tokens = 0
         self.state_version = 0
         self.trace: list[TraceEntry] | None = None  # set to [] to record decode steps
-        self._gather, self._attention, self._store = _ops(device)
+        self._gather, self._attention = _ops(device)
 
     @property
     def graph_safe(self) -> bool:
@@ -292,13 +292,8 @@ class SparseKV:
         # same code runs eagerly and inside a captured CUDA graph.
         pos = step.positions  # [1]: the sequences decode in lockstep
         k1, v1 = k.reshape(rows, 1, self.D), v.reshape(rows, 1, self.D)  # [B·Hkv, 1, D]
-        self._store(self.store.k[layer], self.store.v[layer], pos, k1, v1)
-        self.window.append(layer, pos, k1, v1)
-        if self.tail is not None:
-            self.tail.append(layer, pos, v1)
-        if self.sketch is not None:
-            self.sketch.append(layer, pos, k1)
-        elif isinstance(self.selector, QuestRetriever):
+        self._append(layer, pos, k1[:, 0], v1[:, 0])
+        if isinstance(self.selector, QuestRetriever):
             self.selector.append(layer, pos, k1)
         lo, hi = self.cfg.sink_tokens, torch.clamp(pos + 1 - self.window.W,
                                                    min=self.cfg.sink_tokens)
@@ -331,6 +326,17 @@ class SparseKV:
             self.trace.append(TraceEntry(layer, n, q[0, :, 0].clone(), out[0].clone(),
                                          sel[:self.Hkv, :int(count[0])]))  # sequence 0
         return out[:, :, None]  # [B, H, 1, D]
+
+    def _append(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The decode token's k, v [B·Hkv, D] into the store, window, tail sums and sketch:
+        one fused kernel on a GPU; its reference elsewhere (not the interpreter)."""
+        from .. import kernels
+
+        fn = kernels.append_token if k.is_cuda else kernels.append_token_ref
+        fn(pos, k, v, (self.store.k[layer], self.store.v[layer]),
+           (self.window.k[layer], self.window.v[layer]), self.window.S,
+           self.tail.layer(layer) if self.tail is not None else None,
+           self.sketch.layer(layer) if self.sketch is not None else None)
 
     def _per_seq(self, x: torch.Tensor) -> torch.Tensor:
         """[B·Hkv, N, D] -> [B, Hkv, N, D] (a view)."""
@@ -391,5 +397,5 @@ def _ops(device: torch.device):
     from .. import kernels
 
     if device.type == "cuda":
-        return kernels.gather_kv, kernels.sparse_attention, kernels.store_kv
-    return kernels.gather_kv_ref, kernels.sparse_attention_ref, kernels.store_kv_ref
+        return kernels.gather_kv, kernels.sparse_attention
+    return kernels.gather_kv_ref, kernels.sparse_attention_ref

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import TailLayer, add_to_tail
 from ..kernels.tail_correct import SPLITS  # the chunk axis is summed in SPLITS pieces
 
 CHUNK = 64  # tokens per value chunk: V sums take 1/CHUNK of V's rows on the GPU
@@ -43,10 +44,11 @@ class TailEstimate:
         self.sums = torch.zeros(num_layers, rows, self.M, head_dim, dtype=torch.float32,
                                 device=device)
         self.chunk_start = torch.arange(self.M, device=device) * CHUNK  # [M]
-        # the last position appended per layer: a CUDA graph capture runs the decode step
-        # more than once at one position (warm-up, then replay), and a sum must not count
-        # a token twice (every other decode-time write overwrites)
-        self.last_pos = torch.full((num_layers, 1), -1, dtype=torch.long, device=device)
+        # the last position appended per layer and row: a CUDA graph capture runs the
+        # decode step more than once at one position (warm-up, then replay), and a sum must
+        # not count a token twice (every other decode-time write overwrites). Per row, so
+        # that the fused append's programs (one a row) never race on it.
+        self.last_pos = torch.full((num_layers, rows), -1, dtype=torch.long, device=device)
 
     def build(self, layer: int, v: torch.Tensor, heads: slice = slice(None)) -> None:
         """A prompt's values v [heads, n, D]: the chunk sums of those heads."""
@@ -57,14 +59,17 @@ class TailEstimate:
         sums = self.sums[layer, heads]  # a view
         sums.zero_()
         sums[:, :m] = padded.view(rows, m, CHUNK, d).sum(dim=2)
-        self.last_pos[layer] = -1
+        self.last_pos[layer, heads] = -1
+
+    def layer(self, layer: int) -> TailLayer:
+        """One layer's sums and last positions (views), as kernels.append_token adds to them."""
+        return TailLayer(self.sums[layer], self.last_pos[layer], CHUNK)
 
     def append(self, layer: int, pos: torch.Tensor, v: torch.Tensor) -> None:
         """v [R, 1, D] of the token at position pos ([1] on the device; no sync). Appending
-        the same position again (a graph's warm-up and replay) adds nothing."""
-        new = (pos != self.last_pos[layer]).float()  # [1]
-        self.sums[layer].index_add_(1, pos // CHUNK, v.float() * new)
-        self.last_pos[layer].copy_(pos)
+        the same position again (a graph's warm-up and replay) adds nothing. A decode step
+        appends through kernels.append_token instead."""
+        add_to_tail(pos, v[:, 0], self.layer(layer))
 
     def correct(self, layer: int, out: torch.Tensor, lse_att: torch.Tensor,
                 mass: torch.Tensor, total_lse: torch.Tensor, selected: torch.Tensor,

@@ -9,7 +9,8 @@ class WindowCache:
     """K, V [L, Hkv, S + W, D]: slots [0, S) hold the sinks, [S, S + W) a ring of recent tokens.
 
     Order inside the buffer does not matter to attention (RoPE is already applied to the
-    keys), so a ring avoids shifting memory every step.
+    keys), so a ring avoids shifting memory every step. Decode tokens are written by
+    kernels.append_token (its window_slot is `slot` on the device).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, sink_tokens: int,
@@ -32,13 +33,6 @@ class WindowCache:
         slots = torch.tensor([self.slot(p) for p in keep], dtype=torch.long, device=self.k.device)
         self.k[layer, heads, slots] = k[:, pos].to(self.k.device)
         self.v[layer, heads, slots] = v[:, pos].to(self.v.device)
-
-    def append(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v [Hkv, 1, D] of the token at position pos ([1] on the device; no sync)."""
-        ring = self.S + (pos - self.S) % self.W
-        slot = torch.where(pos < self.S, pos, ring)
-        self.k[layer].index_copy_(1, slot, k)
-        self.v[layer].index_copy_(1, slot, v)
 
     def valid_slots(self, pos: torch.Tensor) -> torch.Tensor:
         """Filled slots once the token at pos is in: [1] int32 on the device."""

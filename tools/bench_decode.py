@@ -132,7 +132,8 @@ def largest_batch_here(shape: str, policy: str, n: int, new_tokens: int, top_k: 
 
 def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: int,
             profile: bool = False, rerank_factor: int = 4, sketch_dtype: str = "auto",
-            profile_path: str | None = None, batch: int = 1, select_block: int = 1) -> dict:
+            profile_path: str | None = None, batch: int = 1, select_block: int = 1,
+            profile_rows: int = 30) -> dict:
     cfg = bench_config(shape, policy, n, new_tokens, top_k, rank, rerank_factor, batch,
                        sketch_dtype, select_block)
     if policy != "full-offload":
@@ -162,7 +163,7 @@ def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: 
     torch.cuda.synchronize()
     ms = (time.perf_counter() - t) / (new_tokens - 1) * 1e3
     if profile:
-        table = profile_table(engine, logits, n)
+        table = profile_table(engine, logits, n, profile_rows)
         print(table, flush=True)
         if profile_path:
             with open(profile_path, "a") as f:
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="kv.select_block (the 1m-single-gpu preset has 4: retrieval:block=4)")
     p.add_argument("--profile", nargs="*", default=[], help="policies to profile (per kernel)")
     p.add_argument("--profile-out", default=None, help="append profile tables to this file")
+    p.add_argument("--profile-rows", type=int, default=30, help="kernels each profile lists")
     p.add_argument("--rerank-factor", type=int, default=2)
     p.add_argument("--batches", nargs="+", default=["1"],
                    help="sequences decoded together: numbers, or max (planner's largest)")
@@ -287,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{policy} at {n} tokens, batch {b}", flush=True)
         return run_one(args.shape, policy, n, args.new_tokens, args.top_k, args.rank,
                        policy in args.profile, args.rerank_factor, args.sketch_dtype,
-                       args.profile_out, b, args.select_block)
+                       args.profile_out, b, args.select_block, args.profile_rows)
 
     rows = []
     for batch in args.batches:

@@ -1,0 +1,82 @@
+"""Triton kernel: one decode token into the host store, window, tail sums and sketch.
+
+One program per row (kv head of a sequence); everything it writes is that row's, so the
+programs never race (the tail's last-added position is kept per row for that reason).
+"""
+
+import triton
+import triton.language as tl
+
+# SKETCH: what the sketch stores
+NO_SKETCH, FLOAT_SKETCH, INT8_SKETCH, INT4_SKETCH = 0, 1, 2, 3
+
+
+@triton.jit
+def _round_half_even(x):
+    """torch.round's rounding (ties to even), in plain float ops the interpreter runs."""
+    r = tl.floor(x + 0.5)
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(((r - x) == 0.5) & odd, r - 1.0, r)
+
+
+@triton.jit
+def _sketch_half(x, Basis, Scale, stride_bd, dm, d, j, TOP: tl.constexpr,
+                 QUANTISE: tl.constexpr):
+    """x [BLOCK_D] centred key -> its projection on basis columns j (float32), rounded
+    to integers in [-TOP, TOP] when QUANTISE."""
+    b = tl.load(Basis + d[:, None] * stride_bd + j[None, :], mask=dm[:, None], other=0.0)
+    p = tl.sum(x[:, None] * b.to(tl.float32), axis=0)
+    if QUANTISE:
+        p = _round_half_even(tl.math.div_rn(p, tl.load(Scale + j)))
+        p = tl.minimum(tl.maximum(p, -TOP), TOP)
+    return p
+
+
+@triton.jit
+def append_token_kernel(
+    Pos, K, V,  # [1], [R, D] x2
+    StoreK, StoreV, WinK, WinV,  # [R, N, D] x2 (host), [R, S + W, D] x2
+    Sums, Last,  # [R, M, D] float32, [R] int64 (unread without HAS_TAIL)
+    Mean, Basis, Scale, Keys,  # [R, D], [R, D, r], [R, r], [R, N, w] (unread: NO_SKETCH)
+    stride_k, stride_v,
+    stride_skr, stride_skn, stride_svr, stride_svn,
+    stride_wkr, stride_wkn, stride_wvr, stride_wvn,
+    stride_sumr, stride_summ,
+    stride_meanr, stride_br, stride_bd, stride_scr, stride_keyr, stride_keyn,
+    sinks, window,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, HAS_TAIL: tl.constexpr,
+    SKETCH: tl.constexpr, R_HALF: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    pos = tl.load(Pos).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    k = tl.load(K + row * stride_k + d, mask=dm, other=0.0)
+    v = tl.load(V + row * stride_v + d, mask=dm, other=0.0)
+    tl.store(StoreK + row * stride_skr + pos * stride_skn + d, k, mask=dm)
+    tl.store(StoreV + row * stride_svr + pos * stride_svn + d, v, mask=dm)
+    slot = tl.where(pos < sinks, pos, sinks + (pos - sinks) % window)
+    tl.store(WinK + row * stride_wkr + slot * stride_wkn + d, k, mask=dm)
+    tl.store(WinV + row * stride_wvr + slot * stride_wvn + d, v, mask=dm)
+    if HAS_TAIL:
+        last = tl.load(Last + row)
+        at = Sums + row * stride_sumr + (pos // CHUNK) * stride_summ + d
+        old = tl.load(at, mask=dm, other=0.0)
+        tl.store(at, tl.where(pos != last, old + v.to(tl.float32), old), mask=dm)
+        tl.store(Last + row, pos)
+    if SKETCH != NO_SKETCH:
+        x = k.to(tl.float32) - tl.load(Mean + row * stride_meanr + d, mask=dm,
+                                       other=0.0).to(tl.float32)
+        j = tl.arange(0, R_HALF)
+        top: tl.constexpr = 127.0 if SKETCH == INT8_SKETCH else 7.0
+        quantise: tl.constexpr = SKETCH != FLOAT_SKETCH
+        basis, scale = Basis + row * stride_br, Scale + row * stride_scr
+        low = _sketch_half(x, basis, scale, stride_bd, dm, d, j, top, quantise)
+        high = _sketch_half(x, basis, scale, stride_bd, dm, d, j + R_HALF, top, quantise)
+        out = Keys + row * stride_keyr + pos * stride_keyn
+        if SKETCH == INT4_SKETCH:  # dim j in the low nibble, dim j + r / 2 in the high
+            packed = (low.to(tl.int32) + 8) | ((high.to(tl.int32) + 8) << 4)
+            tl.store(out + j, packed.to(tl.uint8))
+        else:
+            tl.store(out + j, low.to(Keys.dtype.element_ty))
+            tl.store(out + R_HALF + j, high.to(Keys.dtype.element_ty))

@@ -1,0 +1,95 @@
+"""Reference append_token: plain PyTorch, same signature and layout.
+
+One decode token's K, V [R, D] (R = batch · Hkv rows) go to every place a sparse decode
+keeps them: the host store, the window ring, the tail estimate's chunk sums of V, and the
+low-rank key sketch (projected onto the row's basis; rounded to its integers when the
+sketch is quantised, in the storage format of kernels.select_scores).
+"""
+
+from typing import NamedTuple
+
+import torch
+
+from ..select_scores.ref import pack_int4
+
+INT_MAX = {torch.int8: 127, torch.uint8: 7}  # int8, packed int4 (see select_scores/ref.py)
+
+
+class TailLayer(NamedTuple):
+    """One layer of a tail estimate: sums [R, M, D] float32 of V per chunk of `chunk`
+    positions, last [R] int64 the position last added to each row (-1: none): a graph's
+    warm-up and replay append the same token twice, and a sum must count it once."""
+
+    sums: torch.Tensor
+    last: torch.Tensor
+    chunk: int
+
+
+class SketchLayer(NamedTuple):
+    """One layer of a low-rank key sketch: mean [R, D], basis [R, D, r], per-dim integer
+    step scale [R, r] float32 (unread for a float sketch), keys [R, N, w]: int8 (w = r),
+    packed int4 uint8 (w = r / 2) or a float dtype (w = r)."""
+
+    mean: torch.Tensor
+    basis: torch.Tensor
+    scale: torch.Tensor
+    keys: torch.Tensor
+
+
+def window_slot(pos: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """Slot of position pos in a window of `sinks` sinks and a ring of `window` recent
+    tokens (offload/window.py)."""
+    return torch.where(pos < sinks, pos, sinks + (pos - sinks) % window)
+
+
+def sketch_storage(projected: torch.Tensor, scale: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """float32 projections [R, n, r] -> a sketch's stored form in `dtype`: integers
+    projected / scale ([R, r] steps) rounded and saturated for int8 / packed int4 uint8,
+    a plain cast for a float dtype."""
+    if dtype.is_floating_point:
+        return projected.to(dtype)
+    top = INT_MAX[dtype]
+    ints = (projected / scale[:, None]).round_().clamp_(-top, top).to(torch.int8)
+    return ints if dtype == torch.int8 else pack_int4(ints)
+
+
+def sketch_rows(k: torch.Tensor, sketch: SketchLayer) -> torch.Tensor:
+    """k [R, D] -> the sketch's stored form [R, w] of (k - mean) @ basis, in float32."""
+    projected = (k.float() - sketch.mean.float())[:, None] @ sketch.basis.float()
+    return sketch_storage(projected, sketch.scale, sketch.keys.dtype)[:, 0]
+
+
+def add_to_tail(pos: torch.Tensor, v: torch.Tensor, tail: TailLayer) -> None:
+    """Add v [R, D] to each row's sum of the chunk holding pos, unless the row's last
+    added position was pos already."""
+    fresh = (pos != tail.last).float()[:, None, None]  # [R, 1, 1]
+    tail.sums.index_add_(1, pos // tail.chunk, v[:, None].float() * fresh)
+    tail.last.copy_(pos.expand_as(tail.last))
+
+
+def append_token_ref(
+    pos: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    store: tuple[torch.Tensor, torch.Tensor],
+    window: tuple[torch.Tensor, torch.Tensor],
+    sinks: int,
+    tail: TailLayer | None = None,
+    sketch: SketchLayer | None = None,
+) -> None:
+    """Write the token at position pos ([1] int) with keys and values k, v [R, D].
+
+    store: (K, V) [R, N, D] of one layer of the host store; window: (K, V) [R, S + W, D]
+    of one layer of the window (sinks = S); tail, sketch: that layer's, or None.
+    """
+    at = pos.to(store[0].device)
+    store[0].index_copy_(1, at, k[:, None].to(store[0].device))
+    store[1].index_copy_(1, at, v[:, None].to(store[1].device))
+    slot = window_slot(pos, sinks, window[0].shape[1] - sinks)
+    window[0].index_copy_(1, slot, k[:, None])
+    window[1].index_copy_(1, slot, v[:, None])
+    if tail is not None:
+        add_to_tail(pos, v, tail)
+    if sketch is not None:
+        sketch.keys.index_copy_(1, pos, sketch_rows(k, sketch)[:, None])
