@@ -95,6 +95,9 @@ class LowRankRetriever:
         # chunk of positions, last_mass [Hkv, G, ceil(N / tail_chunk)] (from the same pass)
         self.tail_chunk = 0
         self.last_mass: torch.Tensor | None = None
+        # the last select's query as the sketch scored it (LowRankKeys.query), for scoring
+        # the selected positions alike (a tail estimate)
+        self.last_query = None
         # positions come back best first; a caller that knows every step fills all k
         # slots (count == k) may set ordered False to skip sorting the top-k
         self.ordered = True
@@ -212,8 +215,10 @@ class LowRankRetriever:
             dtype = torch.bfloat16 if candidates and q.is_cuda else torch.float32
             state = (self._lse_state(layer, q) if self.reuse_lse and other_lse is not None
                      else None)
+            self.last_query = self.sketch.query(layer, q)
             shares, lse, *mass = self.sketch.shares(layer, q, lo, hi, self.scale, other_lse,
-                                                    self.tail_chunk, dtype, state, block)
+                                                    self.tail_chunk, dtype, state, block,
+                                                    self.last_query)
             self.last_mass = mass[0] if mass else None
             return shares, (lse if other_lse is not None else None)
         excluded = _mask_from(hi, self.positions[lo:])  # [N - lo]

@@ -32,16 +32,18 @@ from .select_scores import (
     sketch_values,
     unpack_int4,
 )
+from .sketch_query import SketchQuery, sketch_query, sketch_query_ref
 from .sparse_attention import sparse_attention, sparse_attention_ref
 from .store_kv import store_kv, store_kv_ref
 from .tail_correct import tail_correct, tail_correct_ref
+from .window_lse import window_lse, window_lse_ref
 
 __all__ = [
-    "KEY_BITS", "SketchLayer", "TailLayer", "add_to_tail", "append_token", "append_token_ref",
-    "sketch_rows", "sketch_storage", "LseState", "block_sums_ref", "gather_k", "gather_kv",
-    "gather_kv_ref",
-    "kernel_scores", "pack_int4", "quantise_query", "rerank_shares", "rerank_shares_ref",
-    "rms_norm", "rms_norm_ref", "rope", "rope_ref", "select_scores", "select_scores_ref",
-    "sketch_values", "sparse_attention", "sparse_attention_ref", "store_kv", "store_kv_ref",
-    "tail_correct", "tail_correct_ref", "unpack_int4",
+    "add_to_tail", "append_token", "append_token_ref", "block_sums_ref", "gather_k", "gather_kv",
+    "gather_kv_ref", "kernel_scores", "KEY_BITS", "LseState", "pack_int4", "quantise_query",
+    "rerank_shares", "rerank_shares_ref", "rms_norm", "rms_norm_ref", "rope", "rope_ref",
+    "select_scores", "select_scores_ref", "sketch_query", "sketch_query_ref", "sketch_rows",
+    "sketch_storage", "sketch_values", "SketchLayer", "SketchQuery", "sparse_attention",
+    "sparse_attention_ref", "store_kv", "store_kv_ref", "tail_correct", "tail_correct_ref",
+    "TailLayer", "unpack_int4", "window_lse", "window_lse_ref",
 ]

@@ -20,7 +20,7 @@ from ..config import SKETCH_DTYPES  # auto: the model's dtype
 from ..kernels import (
     LseState,
     SketchLayer,
-    quantise_query,
+    SketchQuery,
     sketch_rows,
     sketch_storage,
     sketch_values,
@@ -101,21 +101,15 @@ class LowRankKeys:
         integer). A decode step appends through kernels.append_token instead."""
         self.keys[layer].index_copy_(1, pos, sketch_rows(k[:, 0], self.layer(layer))[:, None])
 
-    def _query(self, q: torch.Tensor, layer: int) -> torch.Tensor:
-        """q [Hkv, G, D] -> q @ score_basis [Hkv, G, r] float32, as select_scores scores the
-        sketch: through int8 (kernels.quantise_query) when the keys are integers."""
-        qr = q.float() @ self.score_basis(layer).float()
-        if self.sketch == "auto":
-            return qr
-        ints, step = quantise_query(qr)
-        return ints.float() * step[:, None, None]
+    def query(self, layer: int, q: torch.Tensor) -> SketchQuery:
+        """q [Hkv, G, D] as select_scores scores this layer's sketch (kernels.sketch_query;
+        through int8 when the keys are integers): for `shares` and `scores_at`."""
+        from .. import kernels
 
-    def score_basis(self, layer: int) -> torch.Tensor:
-        """[Hkv, D, r]: the basis with the per-dim scales folded in, so that
-        q @ score_basis @ stored integers^T is the sketched q·(k - mean)."""
-        if self.sketch == "auto":
-            return self.basis[layer]
-        return self.basis[layer] * self.scale[layer, :, None, :]
+        # the Triton kernel on a GPU; elsewhere its reference (not the interpreter)
+        fn = kernels.sketch_query if self.keys.is_cuda else kernels.sketch_query_ref
+        return fn(q, self.basis[layer], None if self.sketch == "auto" else self.scale[layer],
+                  self.mean[layer], self.sketch != "auto")
 
     @property
     def capacity(self) -> int:
@@ -127,24 +121,24 @@ class LowRankKeys:
         if self.sketch == "auto":
             qr = q @ self.basis[layer]  # [Hkv, G, r]
             return qr @ self.keys[layer, :, lo:hi].transpose(1, 2) + constant
-        qr = self._query(q, layer)
+        qr = self.query(layer, q).values()
         keys = sketch_values(self.keys[layer, :, lo:hi])
         return (qr @ keys.transpose(1, 2)).to(q.dtype) + constant
 
-    def scores_at(self, layer: int, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def scores_at(self, layer: int, query: SketchQuery, positions: torch.Tensor
+                  ) -> torch.Tensor:
         """Approximate q·k of given positions, float32 (as select_scores scores them).
-        q [Hkv, G, D], positions [Hkv, K] -> [Hkv, G, K]."""
-        qf = q.float()
-        qr = self._query(q, layer)  # [Hkv, G, r]
+        query: self.query(layer, q) of q [Hkv, G, D]; positions [Hkv, K] -> [Hkv, G, K]."""
         width = self.keys.shape[-1]
         keys = self.keys[layer].gather(1, positions[..., None].expand(-1, -1, width))
-        return qr @ sketch_values(keys).transpose(1, 2) + qf @ self.mean[layer, :, :, None].float()
+        return torch.baddbmm(query.const[..., None], query.values(),
+                             sketch_values(keys).transpose(1, 2))
 
     def shares(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, scale: float,
                other_lse: torch.Tensor | None = None, chunk: int = 0,
                shares_dtype: torch.dtype = torch.float32,
-               lse_state: LseState | None = None, block: int = 1
-               ) -> tuple[torch.Tensor, ...]:
+               lse_state: LseState | None = None, block: int = 1,
+               query: SketchQuery | None = None) -> tuple[torch.Tensor, ...]:
         """What the retriever ranks by, fused: q [Hkv, G, D] -> (shares [Hkv, N - lo]
         shares_dtype (bfloat16 where only their top-k is wanted), lse [Hkv, G] float32).
         shares = group_scores of the scores of positions [lo, N) with positions >= hi
@@ -154,14 +148,17 @@ class LowRankKeys:
         head's mass per chunk of positions [Hkv, G, ceil(N / chunk)]. With lse_state,
         one pass normalised by the previous step's region lse instead; with block > 1,
         the shares' sums per block of positions (summed in float32, stored in
-        shares_dtype) instead of the shares (select_scores)."""
+        shares_dtype) instead of the shares (select_scores). query: self.query(layer, q),
+        when the caller has it."""
         from .. import kernels
 
         # the Triton kernel on a GPU; elsewhere its reference (not the interpreter, which
         # tests may have switched on for the whole process)
         fn = kernels.select_scores if self.keys.is_cuda else kernels.select_scores_ref
-        return fn(q, self.score_basis(layer), self.mean[layer], self.keys[layer], lo, hi,
-                  scale, other_lse, chunk, shares_dtype, lse_state, block)
+        query = self.query(layer, q) if query is None else query
+        # with the query made, select_scores reads the basis for its shape only
+        return fn(q, self.basis[layer], self.mean[layer], self.keys[layer], lo, hi,
+                  scale, other_lse, chunk, shares_dtype, lse_state, block, query)
 
     def memory_bytes(self) -> dict[str, int]:
         parts = (self.mean, self.basis, self.keys) + ((self.scale,) if self.sketch != "auto"

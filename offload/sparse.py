@@ -108,6 +108,8 @@ class SparseKV:
         self.budget = self.prompt_tokens = 0
         self.state_version = 0
         self.trace: list[TraceEntry] | None = None  # set to [] to record decode steps
+        self._bounds_step: AttnStep | None = None  # the step _bounds were computed for
+        self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None
         self._gather, self._attention = _ops(device)
 
     @property
@@ -265,7 +267,6 @@ class SparseKV:
         self.window = WindowCache(self.L, self.B * self.Hkv, self.cfg.sink_tokens,
                                   self.cfg.window_tokens + extra, self.D, self.device,
                                   self.dtype)
-        self.window_slots = torch.arange(self.window.k.shape[2], device=self.device)
         # The offloaded region [sinks, pos + 1 - W) only grows while decoding: what it
         # holds at the first step settles how every step selects (a CUDA graph is
         # captured per prompt).
@@ -295,15 +296,14 @@ class SparseKV:
         self._append(layer, pos, k1[:, 0], v1[:, 0])
         if isinstance(self.selector, QuestRetriever):
             self.selector.append(layer, pos, k1)
-        lo, hi = self.cfg.sink_tokens, torch.clamp(pos + 1 - self.window.W,
-                                                   min=self.cfg.sink_tokens)
+        lo, (hi, window) = self.cfg.sink_tokens, self._step_bounds(layer, step)
         qg = q[:, :, 0].reshape(rows, self.H // self.Hkv, self.D)  # [B·Hkv, G, D]
         k_sel = None
         if self.selector is None:
             sel = torch.zeros(rows, 0, dtype=torch.long, device=q.device)
             count = torch.zeros(1, dtype=torch.int32, device=q.device)
         else:
-            window_lse = self._window_lse(layer, qg, pos)
+            window_lse = self._window_lse(layer, qg, window)
             args = (layer, qg, lo, hi, self.budget, window_lse)
             if hasattr(self.selector, "select_with_keys"):  # re-ranking may have read K
                 sel, count, k_sel = self.selector.select_with_keys(*args)
@@ -313,9 +313,8 @@ class SparseKV:
             k_sel, v_sel = self._gather(self.store.k[layer], self.store.v[layer], sel)
         else:  # values only: half the host reads
             v_sel = self._gather_rows(self.store.v[layer], sel)
-        window = self.window.valid_slots(pos).expand(B)
         out, lse = self._attention(q[:, :, 0], self._per_seq(self.window.k[layer]),
-                                   self._per_seq(self.window.v[layer]), window,
+                                   self._per_seq(self.window.v[layer]), window.expand(B),
                                    self._per_seq(k_sel), self._per_seq(v_sel),
                                    count.expand(B))  # out [B, H, D], lse [B, H]
         if (self.tail is not None and self.selector.last_total is not None
@@ -347,18 +346,31 @@ class SparseKV:
         """out [B, H, D] over window ∪ selected -> with the estimated tail (offload/tail.py);
         the sketch's mass per chunk came from the selection's own scoring pass."""
         rows, G = qg.shape[0], qg.shape[1]
+        sel_scores = self.sketch.scores_at(layer, self.selector.last_query, sel)
         merged = self.tail.correct(
             layer, out.reshape(rows, G, self.D), lse.reshape(rows, G), self.selector.last_mass,
-            self.selector.last_total, sel, self.sketch.scores_at(layer, qg, sel), count, pos,
-            self.D**-0.5)
+            self.selector.last_total, sel, sel_scores, count, pos, self.D**-0.5)
         return merged.reshape(out.shape)
 
-    def _window_lse(self, layer: int, qg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Log-sum-exp [B·Hkv, G] of the scaled scores over the filled window slots."""
-        scores = qg @ self.window.k[layer].transpose(1, 2)  # [B·Hkv, G, S + W]
-        empty = self.window_slots >= self.window.valid_slots(pos)
-        return torch.logsumexp(scores.float().masked_fill(empty, float("-inf"))
-                               * self.D**-0.5, dim=-1)
+    def _step_bounds(self, layer: int, step: AttnStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hi, filled window slots), [1] each on the device: the end of the offloaded
+        region and the window's filled slots once this step's token is in. They depend on
+        the position alone, so layer 0 computes them and later layers of the step reuse
+        them (a step object seen first at a later layer computes them there)."""
+        if layer == 0 or self._bounds_step is not step:
+            pos = step.positions
+            self._bounds = (torch.clamp(pos + 1 - self.window.W, min=self.cfg.sink_tokens),
+                            self.window.valid_slots(pos))
+            self._bounds_step = step
+        return self._bounds
+
+    def _window_lse(self, layer: int, qg: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+        """Log-sum-exp [B·Hkv, G] of the scaled scores over the filled window slots (the
+        Triton kernel on a GPU; its reference elsewhere, not the interpreter)."""
+        from .. import kernels
+
+        fn = kernels.window_lse if qg.is_cuda else kernels.window_lse_ref
+        return fn(qg, self.window.k[layer], filled, self.D**-0.5)
 
     def _exact_keys(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
         return self._gather_rows(self.store.k[layer], positions)  # [Hkv, C, D], K only

@@ -7,16 +7,10 @@ programs never race (the tail's last-added position is kept per row for that rea
 import triton
 import triton.language as tl
 
+from .._jit import round_half_even
+
 # SKETCH: what the sketch stores
 NO_SKETCH, FLOAT_SKETCH, INT8_SKETCH, INT4_SKETCH = 0, 1, 2, 3
-
-
-@triton.jit
-def _round_half_even(x):
-    """torch.round's rounding (ties to even), in plain float ops the interpreter runs."""
-    r = tl.floor(x + 0.5)
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    return tl.where(((r - x) == 0.5) & odd, r - 1.0, r)
 
 
 @triton.jit
@@ -27,7 +21,7 @@ def _sketch_half(x, Basis, Scale, stride_bd, dm, d, j, TOP: tl.constexpr,
     b = tl.load(Basis + d[:, None] * stride_bd + j[None, :], mask=dm[:, None], other=0.0)
     p = tl.sum(x[:, None] * b.to(tl.float32), axis=0)
     if QUANTISE:
-        p = _round_half_even(tl.math.div_rn(p, tl.load(Scale + j)))
+        p = round_half_even(tl.math.div_rn(p, tl.load(Scale + j)))
         p = tl.minimum(tl.maximum(p, -TOP), TOP)
     return p
 

@@ -20,6 +20,7 @@ from .._launch import (
     sm_count,
     use_triton,
 )
+from ..sketch_query import SketchQuery, sketch_query
 from .ref import (
     LseState,
     block_sums_ref,
@@ -65,6 +66,7 @@ def select_scores(
     shares_dtype: torch.dtype = torch.float32,
     lse_state: LseState | None = None,
     block: int = 1,
+    query: SketchQuery | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group shares of the low-rank scores of positions [lo, N) of one layer.
 
@@ -94,6 +96,9 @@ def select_scores(
             [lo + j·P, lo + j·P + P) instead (block_sums_ref), what a block selection ranks
             by. Where P divides BLOCK_N and lo, the kernel sums them as it scores and the
             per-position shares are never stored; otherwise they are summed afterwards.
+        query: q as scored, from kernels.sketch_query(q, basis, ..., mean, integer keys),
+            when the caller has it already (it also scores selected positions); else it is
+            made here. Given, q, basis and mean are read for their shapes only.
 
     Returns:
         shares: [Hkv, N - lo] shares_dtype, sum_g exp(scale * score - lse_g); 0 where
@@ -148,22 +153,23 @@ def select_scores(
     bits = KEY_BITS[keys.dtype]
     if not use_triton(device) or not kernel_scores(r, bits) or keys.stride(-1) != 1:
         return select_scores_ref(q, basis, mean, keys, lo, hi, scale, other_lse, chunk,
-                                 shares_dtype, lse_state, block)
+                                 shares_dtype, lse_state, block, query)
     if lo % block or BLOCK_N % block:  # blocks would straddle the tiles: sum them after
         shares, *rest = select_scores(q, basis, mean, keys, lo, hi, scale, other_lse, chunk,
-                                      torch.float32, lse_state)
+                                      torch.float32, lse_state, 1, query)
         return (block_sums_ref(shares, lo, hi, block).to(shares_dtype), *rest)
     from .kernel import lse_partial_kernel, lse_state_kernel, shares_kernel
 
     f32_dot = keys.dtype == torch.float32 or interpreting()
-    qr = q.float() @ basis.float()  # [Hkv, G, r], tiny
-    const = (q.float() @ mean.float()[..., None])[..., 0].contiguous()  # [Hkv, G]
+    if query is None:
+        query = sketch_query(q, basis, None, mean, not keys.dtype.is_floating_point)
+    const = query.const  # [Hkv, G], contiguous
     if keys.dtype.is_floating_point:
         mul = const  # unread: float scores need no step (a stand-in pointer)
-        qr_hi = qr.to(keys.dtype)
-        qr_lo = (qr - qr_hi.float()).to(keys.dtype)  # all zero when keys are float32
+        qr_hi = query.qr.to(keys.dtype)  # [Hkv, G, r]
+        qr_lo = (query.qr - qr_hi.float()).to(keys.dtype)  # all zero when keys are float32
     else:  # integer keys: an int8 query and its step per kv head
-        qr_hi, mul = quantise_query(qr)
+        qr_hi, mul = query.qr, query.step
         # the lo half is read only by the interpreter's float32 dots; elsewhere a stand-in
         qr_lo = torch.zeros_like(qr_hi) if f32_dot else qr_hi
     nb = (n - lo) // block

@@ -75,6 +75,7 @@ def select_scores_ref(
     shares_dtype: torch.dtype = torch.float32,
     lse_state: LseState | None = None,
     block: int = 1,
+    query=None,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group shares of the sketched scores of positions [lo, N), and the log-sum-exp used.
 
@@ -91,13 +92,17 @@ def select_scores_ref(
     quantise_query's int8 q @ basis, as the kernel scores them. With lse_state (one pass,
     see select_scores and LseState) the state's lse stands in for the region's, and the
     exact one is left in the state. With block P > 1 the first output is
-    block_sums_ref of the float32 shares instead, rounded to shares_dtype.
+    block_sums_ref of the float32 shares instead, rounded to shares_dtype. query: a
+    kernels.SketchQuery of q, used instead of computing it here.
     """
-    qr = q.float() @ basis.float()  # [Hkv, G, r]
-    if not keys.dtype.is_floating_point:  # integer keys are scored against an int8 query
-        ints, step = quantise_query(qr)
-        qr = ints.float() * step[:, None, None]
-    const = q.float() @ mean.float()[..., None]  # [Hkv, G, 1]
+    if query is not None:  # a kernels.SketchQuery made by the caller
+        qr, const = query.values(), query.const[..., None]
+    else:
+        qr = q.float() @ basis.float()  # [Hkv, G, r]
+        if not keys.dtype.is_floating_point:  # integer keys are scored against an int8 query
+            ints, step = quantise_query(qr)
+            qr = ints.float() * step[:, None, None]
+        const = q.float() @ mean.float()[..., None]  # [Hkv, G, 1]
     logits = (qr @ sketch_values(keys[:, lo:]).transpose(1, 2) + const) * scale  # [Hkv, G, N - lo]
     positions = torch.arange(lo, keys.shape[1], device=keys.device)
     logits = logits.masked_fill(positions >= hi.to(keys.device), float("-inf"))

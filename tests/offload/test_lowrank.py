@@ -42,8 +42,9 @@ def test_quantised_scores_are_the_float_sketch_within_half_a_step(sketch):
     assert ((got - want).abs() <= bound + 1e-4).all()
     assert (got - want).abs().max() > 0  # it is quantised
     at = torch.tensor([[5, 17, 299]] * HKV)
-    torch.testing.assert_close(quant.scores_at(0, q, at), got.gather(2, at[:, None].expand(
-        -1, G, -1)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(quant.scores_at(0, quant.query(0, q), at),
+                               got.gather(2, at[:, None].expand(-1, G, -1)), rtol=1e-5,
+                               atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -119,7 +120,8 @@ def test_kernel_shares_of_a_quantised_sketch_match_its_scores(sketch, rank):
     hi, scale, other = torch.tensor([n - 600], device="cuda"), d**-0.5, torch.zeros(4, g,
                                                                                     device="cuda")
     shares, lse = s.shares(0, q.bfloat16(), 4, hi, scale, other)
-    logits = s.scores_at(0, q.bfloat16(), torch.arange(4, n - 600, device="cuda").expand(4, -1))
+    logits = s.scores_at(0, s.query(0, q.bfloat16()),
+                         torch.arange(4, n - 600, device="cuda").expand(4, -1))
     want_lse = torch.logaddexp((logits * scale).logsumexp(-1), other)
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-4)
     want = torch.exp(logits * scale - want_lse[..., None]).sum(1)

@@ -1,0 +1,38 @@
+"""Reference sketch_query: a decode query as select_scores scores a low-rank sketch.
+
+Score of sketched position n for query head (h, g): q·mean + (q @ basis)·keys[n]. Integer
+sketches are scored against q @ basis rounded to int8 with one step per kv head
+(select_scores/ref.py, quantise_query), float sketches against q @ basis in float32.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+from ..select_scores.ref import quantise_query
+
+
+class SketchQuery(NamedTuple):
+    """qr [Hkv, G, r]: q @ basis, int8 for an integer sketch (times step), else float32;
+    step [Hkv] float32 (ones for a float sketch); const [Hkv, G] float32: q·mean."""
+
+    qr: torch.Tensor
+    step: torch.Tensor
+    const: torch.Tensor
+
+    def values(self) -> torch.Tensor:
+        """q @ basis [Hkv, G, r] float32, as scored (the int8 rounding included)."""
+        return self.qr.float() * self.step[:, None, None]
+
+
+def sketch_query_ref(q: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor | None,
+                     mean: torch.Tensor, integer: bool) -> SketchQuery:
+    """q [Hkv, G, D], basis [Hkv, D, r], scale [Hkv, r] (the integer keys' per-dim steps,
+    folded into the basis; None: ones), mean [Hkv, D] -> SketchQuery."""
+    b = basis.float() if scale is None else basis.float() * scale.float()[:, None, :]
+    qr = q.float() @ b
+    const = (q.float() @ mean.float()[..., None])[..., 0]
+    if integer:
+        ints, step = quantise_query(qr)
+        return SketchQuery(ints, step, const)
+    return SketchQuery(qr, torch.ones(q.shape[0], device=q.device), const)
