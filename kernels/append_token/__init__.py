@@ -68,6 +68,7 @@ def append_token(
         mode = {torch.int8: INT8_SKETCH, torch.uint8: INT4_SKETCH}.get(sketch.keys.dtype,
                                                                        FLOAT_SKETCH)
         mean, basis, scale, keys = sketch
+    mode = mode.value  # a plain int for the launcher
     (sk, sv), (wk, wv) = store, window
     append_token_kernel[(r_rows,)](
         pos, k, v, sk, sv, wk, wv, sums, last, mean, basis, scale, keys,

@@ -9,20 +9,25 @@ import triton.language as tl
 
 from .._jit import round_half_even
 
-# SKETCH: what the sketch stores
-NO_SKETCH, FLOAT_SKETCH, INT8_SKETCH, INT4_SKETCH = 0, 1, 2, 3
+# SKETCH: what the sketch stores (constexpr: a jit function may read only those globals)
+NO_SKETCH = tl.constexpr(0)
+FLOAT_SKETCH = tl.constexpr(1)
+INT8_SKETCH = tl.constexpr(2)
+INT4_SKETCH = tl.constexpr(3)
 
 
 @triton.jit
-def _sketch_half(x, Basis, Scale, stride_bd, dm, d, j, TOP: tl.constexpr,
-                 QUANTISE: tl.constexpr):
+def _sketch_half(x, Basis, Scale, stride_bd, dm, d, j, SKETCH: tl.constexpr):
     """x [BLOCK_D] centred key -> its projection on basis columns j (float32), rounded
-    to integers in [-TOP, TOP] when QUANTISE."""
+    to the integers of a quantised sketch (saturating)."""
     b = tl.load(Basis + d[:, None] * stride_bd + j[None, :], mask=dm[:, None], other=0.0)
     p = tl.sum(x[:, None] * b.to(tl.float32), axis=0)
-    if QUANTISE:
+    if SKETCH != FLOAT_SKETCH:
         p = round_half_even(tl.math.div_rn(p, tl.load(Scale + j)))
-        p = tl.minimum(tl.maximum(p, -TOP), TOP)
+        if SKETCH == INT8_SKETCH:
+            p = tl.minimum(tl.maximum(p, -127.0), 127.0)
+        else:
+            p = tl.minimum(tl.maximum(p, -7.0), 7.0)
     return p
 
 
@@ -62,11 +67,9 @@ def append_token_kernel(
         x = k.to(tl.float32) - tl.load(Mean + row * stride_meanr + d, mask=dm,
                                        other=0.0).to(tl.float32)
         j = tl.arange(0, R_HALF)
-        top: tl.constexpr = 127.0 if SKETCH == INT8_SKETCH else 7.0
-        quantise: tl.constexpr = SKETCH != FLOAT_SKETCH
         basis, scale = Basis + row * stride_br, Scale + row * stride_scr
-        low = _sketch_half(x, basis, scale, stride_bd, dm, d, j, top, quantise)
-        high = _sketch_half(x, basis, scale, stride_bd, dm, d, j + R_HALF, top, quantise)
+        low = _sketch_half(x, basis, scale, stride_bd, dm, d, j, SKETCH)
+        high = _sketch_half(x, basis, scale, stride_bd, dm, d, j + R_HALF, SKETCH)
         out = Keys + row * stride_keyr + pos * stride_keyn
         if SKETCH == INT4_SKETCH:  # dim j in the low nibble, dim j + r / 2 in the high
             packed = (low.to(tl.int32) + 8) | ((high.to(tl.int32) + 8) << 4)

@@ -22,7 +22,7 @@ def _state(dtype, sketch_dtype, rank, tail, device, pinned=False):
     if pinned:
         store = [t.pin_memory() for t in store]
     window = [torch.randn(R, S + W, D, generator=g).to(dtype).to(device) for _ in range(2)]
-    sums = TailLayer(torch.randn(R, 8, D, generator=g).to(device),
+    sums = TailLayer(torch.randn(R, -(-N // CHUNK), D, generator=g).to(device),
                      torch.full((R,), -1, dtype=torch.long, device=device), CHUNK)
     sketch = None
     if sketch_dtype is not None:
