@@ -101,6 +101,8 @@ class LowRankRetriever:
         # positions come back best first; a caller that knows every step fills all k
         # slots (count == k) may set ordered False to skip sorting the top-k
         self.ordered = True
+        # (hi, (lo, blocks), partial block positions, count) of the last hi seen
+        self._partial: tuple | None = None
 
     def prepare(self, region: int, k: int) -> None:
         """A prompt's first decode step will see `region` offloaded positions (the count
@@ -168,9 +170,8 @@ class LowRankRetriever:
         self.last_total = total
         top = sums.topk(n_cand if rerank else nb, dim=-1, sorted=False).indices
         cand = block_tokens(top, lo, P)  # [R, blocks·P]
-        part, part_count = partial_block(lo, hi, P, n)
+        part, count = self._partial_block(lo, hi, nb)
         part = part.expand(rows, P)
-        count = (nb * P + part_count).to(torch.int32)  # every chosen position is before hi
         if not rerank:
             return torch.cat([cand, part], dim=1), count, None
         keys = self.exact_keys(layer, torch.cat([cand, part], dim=1))  # [R, C + P, D]
@@ -179,6 +180,19 @@ class LowRankRetriever:
         chosen = keys.gather(1, best[..., None].expand(-1, -1, keys.shape[2]))
         return (torch.cat([cand.gather(1, best), part], dim=1), count,
                 torch.cat([chosen, keys[:, cand.shape[1]:]], dim=1))
+
+    def _partial_block(self, lo: int, hi: torch.Tensor, nb: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the partial block's positions [P], count [1] int32: the nb chosen blocks'
+        positions plus the partial block's before hi). They depend on hi alone, which a
+        decode step shares across its layers (a new tensor each step, never changed in
+        place), so they are computed once per hi tensor."""
+        key = (lo, nb)
+        if self._partial is None or self._partial[0] is not hi or self._partial[1] != key:
+            part, part_count = partial_block(lo, hi, self.block, self.sketch.capacity)
+            # every chosen position is before hi
+            self._partial = (hi, key, part, (nb * self.block + part_count).to(torch.int32))
+        return self._partial[2], self._partial[3]
 
     def _exact_shares(self, q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor,
                       hi: torch.Tensor, total: torch.Tensor | None) -> torch.Tensor:

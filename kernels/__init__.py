@@ -32,7 +32,13 @@ from .select_scores import (
     sketch_values,
     unpack_int4,
 )
-from .sketch_query import SketchQuery, sketch_query, sketch_query_ref
+from .sketch_query import (
+    SketchQuery,
+    sketch_query,
+    sketch_query_ref,
+    sketch_scores_at,
+    sketch_scores_at_ref,
+)
 from .sparse_attention import sparse_attention, sparse_attention_ref
 from .store_kv import store_kv, store_kv_ref
 from .tail_correct import tail_correct, tail_correct_ref
@@ -43,6 +49,7 @@ __all__ = [
     "gather_kv_ref", "kernel_scores", "KEY_BITS", "LseState", "pack_int4", "quantise_query",
     "rerank_shares", "rerank_shares_ref", "rms_norm", "rms_norm_ref", "rope", "rope_ref",
     "select_scores", "select_scores_ref", "sketch_query", "sketch_query_ref", "sketch_rows",
+    "sketch_scores_at", "sketch_scores_at_ref",
     "sketch_storage", "sketch_values", "SketchLayer", "SketchQuery", "sparse_attention",
     "sparse_attention_ref", "store_kv", "store_kv_ref", "tail_correct", "tail_correct_ref",
     "TailLayer", "unpack_int4", "window_lse", "window_lse_ref",

@@ -129,10 +129,11 @@ class LowRankKeys:
                   ) -> torch.Tensor:
         """Approximate q·k of given positions, float32 (as select_scores scores them).
         query: self.query(layer, q) of q [Hkv, G, D]; positions [Hkv, K] -> [Hkv, G, K]."""
-        width = self.keys.shape[-1]
-        keys = self.keys[layer].gather(1, positions[..., None].expand(-1, -1, width))
-        return torch.baddbmm(query.const[..., None], query.values(),
-                             sketch_values(keys).transpose(1, 2))
+        from .. import kernels
+
+        # the Triton kernel on a GPU; elsewhere its reference (not the interpreter)
+        fn = kernels.sketch_scores_at if self.keys.is_cuda else kernels.sketch_scores_at_ref
+        return fn(query, self.keys[layer], positions)
 
     def shares(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, scale: float,
                other_lse: torch.Tensor | None = None, chunk: int = 0,

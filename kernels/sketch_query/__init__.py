@@ -9,9 +9,12 @@ q @ basis falls on a rounding boundary.
 import torch
 
 from .._launch import next_power_of_2, use_triton
-from .ref import SketchQuery, sketch_query_ref
+from .ref import SketchQuery, sketch_query_ref, sketch_scores_at_ref
 
-__all__ = ["SketchQuery", "sketch_query", "sketch_query_ref"]
+__all__ = ["SketchQuery", "sketch_query", "sketch_query_ref", "sketch_scores_at",
+           "sketch_scores_at_ref"]
+
+BLOCK = 64  # positions per program of sketch_scores_at
 
 MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a kv head are padded to this
 NUM_WARPS = 4
@@ -47,3 +50,31 @@ def sketch_query(q: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor | Non
         D=d, R=r, G_PAD=max(MIN_HEAD_ROWS, next_power_of_2(g)),
         HAS_SCALE=scale is not None, INTEGER=integer, num_warps=NUM_WARPS)
     return SketchQuery(qr, step, const)
+
+
+def sketch_scores_at(query: SketchQuery, keys: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+    """Sketched q·k [Hkv, G, K] float32 of positions [Hkv, K] (int, each in [0, N): not
+    checked, no sync) of one layer's sketch keys [Hkv, N, w]; what a tail estimate takes
+    out of the sketch's mass for the tokens it attends exactly. Packed int4 keys and
+    ranks that are not powers of two >= 16 take the reference."""
+    hkv, g, r = query.qr.shape
+    if keys.dim() != 3 or keys.shape[0] != hkv or positions.shape[0] != hkv:
+        raise ValueError(f"keys [Hkv={hkv}, N, w] and positions [Hkv, K] for a query of "
+                         f"{hkv} kv heads; got {tuple(keys.shape)}, {tuple(positions.shape)}")
+    device = keys.device
+    if (not use_triton(device) or keys.dtype == torch.uint8 or keys.shape[-1] != r
+            or r < 16 or r & (r - 1) or keys.stride(-1) != 1 or query.qr.stride(-1) != 1):
+        return sketch_scores_at_ref(query, keys, positions)
+    from .kernel import sketch_scores_at_kernel
+
+    k = positions.shape[1]
+    out = torch.empty(hkv, g, k, dtype=torch.float32, device=device)
+    if k == 0:
+        return out
+    sketch_scores_at_kernel[(hkv, -(-k // BLOCK))](
+        query.qr, query.step, query.const, keys, positions, out, g, k,
+        query.qr.stride(0), query.qr.stride(1), query.const.stride(0), keys.stride(0),
+        keys.stride(1), positions.stride(0), out.stride(0), out.stride(1),
+        R=r, G_PAD=max(MIN_HEAD_ROWS, next_power_of_2(g)), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return out

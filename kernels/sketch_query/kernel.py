@@ -42,3 +42,26 @@ def sketch_query_kernel(
     else:
         tl.store(out, qr, mask=g[:, None] < G)
         tl.store(Step + h, 1.0)
+
+
+@triton.jit
+def sketch_scores_at_kernel(
+    Qr, Step, Const, Keys, Pos, Out, G, K,
+    stride_qh, stride_qg, stride_ch, stride_kh, stride_kn, stride_ph, stride_oh, stride_og,
+    R: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Scores [G, BLOCK] of a block of given positions: const + step · qr·keys[pos]. The
+    products are float32 dots of integers below 2**24 (int8 sketches), so exact."""
+    h = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    g = tl.arange(0, G_PAD)
+    j = tl.arange(0, R)
+    qr = tl.load(Qr + h * stride_qh + g[:, None] * stride_qg + j[None, :],
+                 mask=g[:, None] < G, other=0).to(tl.float32)  # [G_PAD, R]
+    pos = tl.load(Pos + h * stride_ph + i, mask=i < K, other=0).to(tl.int64)
+    keys = tl.load(Keys + h * stride_kh + pos[:, None] * stride_kn + j[None, :],
+                   mask=(i < K)[:, None], other=0).to(tl.float32)  # [BLOCK, R]
+    x = tl.dot(qr, tl.trans(keys), input_precision="ieee") * tl.load(Step + h)
+    x += tl.load(Const + h * stride_ch + g, mask=g < G, other=0.0)[:, None]
+    tl.store(Out + h * stride_oh + g[:, None] * stride_og + i[None, :], x,
+             mask=(g[:, None] < G) & (i < K)[None, :])

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..select_scores.ref import quantise_query
+from ..select_scores.ref import quantise_query, sketch_values
 
 
 class SketchQuery(NamedTuple):
@@ -36,3 +36,13 @@ def sketch_query_ref(q: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor |
         ints, step = quantise_query(qr)
         return SketchQuery(ints, step, const)
     return SketchQuery(qr, torch.ones(q.shape[0], device=q.device), const)
+
+
+def sketch_scores_at_ref(query: SketchQuery, keys: torch.Tensor,
+                         positions: torch.Tensor) -> torch.Tensor:
+    """Sketched q·k of given positions, float32, as select_scores scores them.
+    keys [Hkv, N, w] one layer of a sketch (select_scores/ref.py formats), positions
+    [Hkv, K] -> [Hkv, G, K]."""
+    at = keys.gather(1, positions[..., None].expand(-1, -1, keys.shape[-1]))
+    return torch.baddbmm(query.const[..., None], query.values(),
+                         sketch_values(at).transpose(1, 2))

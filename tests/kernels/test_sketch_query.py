@@ -8,6 +8,8 @@ from retrieval_attn.kernels import (
     select_scores_ref,
     sketch_query,
     sketch_query_ref,
+    sketch_scores_at,
+    sketch_scores_at_ref,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -55,6 +57,24 @@ def test_select_scores_scores_a_given_query_as_its_own():
     want = select_scores_ref(q, folded, mean, keys, 8, hi, d**-0.5, other)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("keys_dtype", [torch.int8, torch.bfloat16, torch.uint8])
+def test_scores_at_positions_match_reference(keys_dtype):
+    hkv, g, d, r, n, k = 2, 7, 32, 16, 500, 100
+    q, basis, scale, mean = _inputs(hkv, g, d, r, torch.float32, seed=2)
+    integer = not keys_dtype.is_floating_point
+    width = r // 2 if keys_dtype == torch.uint8 else r
+    keys = (torch.randint(-127 if keys_dtype == torch.int8 else 0, 128, (hkv, n, width))
+            .to(keys_dtype) if integer else torch.randn(hkv, n, r).to(keys_dtype)).to(DEVICE)
+    query = sketch_query_ref(q.cpu(), basis.cpu(), scale.cpu(), mean.cpu(), integer)
+    positions = torch.randint(0, n, (hkv, k))
+    got = sketch_scores_at(query._replace(**{f: getattr(query, f).to(DEVICE)
+                                             for f in query._fields}),
+                           keys, positions.to(DEVICE))
+    want = sketch_scores_at_ref(query, keys.cpu(), positions)
+    assert got.shape == (hkv, g, k)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-4)
 
 
 def test_rejects_a_basis_of_another_head_dim():
