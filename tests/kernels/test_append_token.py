@@ -120,11 +120,12 @@ def test_real_shape_into_pinned_host_memory_from_a_cuda_graph():
     R, N, D, S, W = 4, 1 << 16, 128, 4, 512
     try:
         state = _state(torch.bfloat16, torch.int8, 64, True, "cuda", pinned=True)
-        want = _cpu_copy(state)
         pos = torch.zeros(1, dtype=torch.long, device="cuda")
         k = torch.randn(R, D, device="cuda").bfloat16()
         v = torch.randn(R, D, device="cuda").bfloat16()
         append_token(pos, k, v, *state[:2], S, *state[2:])  # compile outside the capture
+        torch.cuda.synchronize()
+        want = _cpu_copy(state)  # position 0 is in: its replay below must add nothing
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             append_token(pos, k, v, *state[:2], S, *state[2:])
