@@ -41,7 +41,13 @@ from .sketch_query import (
 )
 from .sparse_attention import sparse_attention, sparse_attention_ref
 from .store_kv import store_kv, store_kv_ref
-from .tail_correct import tail_correct, tail_correct_ref
+from .tail_correct import (
+    TailPartials,
+    tail_correct,
+    tail_correct_ref,
+    tail_merge,
+    tail_partials,
+)
 from .window_lse import window_lse, window_lse_ref
 
 __all__ = [
@@ -52,5 +58,6 @@ __all__ = [
     "sketch_scores_at", "sketch_scores_at_ref",
     "sketch_storage", "sketch_values", "SketchLayer", "SketchQuery", "sparse_attention",
     "sparse_attention_ref", "store_kv", "store_kv_ref", "tail_correct", "tail_correct_ref",
-    "TailLayer", "unpack_int4", "window_lse", "window_lse_ref",
+    "tail_merge", "tail_partials", "TailLayer", "TailPartials", "unpack_int4", "window_lse",
+    "window_lse_ref",
 ]

@@ -20,6 +20,7 @@ then the layer is served by the low-rank retriever.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +111,7 @@ class SparseKV:
         self.trace: list[TraceEntry] | None = None  # set to [] to record decode steps
         self._bounds_step: AttnStep | None = None  # the step _bounds were computed for
         self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._side: torch.cuda.Stream | None = None  # the tail's partials run on it
         self._gather, self._attention = _ops(device)
 
     @property
@@ -309,6 +311,10 @@ class SparseKV:
                 sel, count, k_sel = self.selector.select_with_keys(*args)
             else:
                 sel, count = self.selector.select(*args)  # [B·Hkv, K], [1]
+        finish_tail = None
+        if (self.tail is not None and self.selector.last_total is not None
+                and self.selector.last_mass is not None):
+            finish_tail = self._start_tail(layer, sel, count, pos)
         if k_sel is None:
             k_sel, v_sel = self._gather(self.store.k[layer], self.store.v[layer], sel)
         else:  # values only: half the host reads
@@ -317,9 +323,10 @@ class SparseKV:
                                    self._per_seq(self.window.v[layer]), window.expand(B),
                                    self._per_seq(k_sel), self._per_seq(v_sel),
                                    count.expand(B))  # out [B, H, D], lse [B, H]
-        if (self.tail is not None and self.selector.last_total is not None
-                and self.selector.last_mass is not None):
-            out = self._add_tail(layer, out, lse, qg, sel, count, pos)
+        if finish_tail is not None:
+            rows, G = qg.shape[:2]
+            out = finish_tail(out.reshape(rows, G, self.D), lse.reshape(rows, G)
+                              ).reshape(out.shape)
         if self.trace is not None:
             n = int(pos[0]) + 1
             self.trace.append(TraceEntry(layer, n, q[0, :, 0].clone(), out[0].clone(),
@@ -341,16 +348,34 @@ class SparseKV:
         """[B·Hkv, N, D] -> [B, Hkv, N, D] (a view)."""
         return x.view(self.B, self.Hkv, *x.shape[1:])
 
-    def _add_tail(self, layer: int, out: torch.Tensor, lse: torch.Tensor, qg: torch.Tensor,
-                  sel: torch.Tensor, count: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """out [B, H, D] over window ∪ selected -> with the estimated tail (offload/tail.py);
-        the sketch's mass per chunk came from the selection's own scoring pass."""
-        rows, G = qg.shape[0], qg.shape[1]
-        sel_scores = self.sketch.scores_at(layer, self.selector.last_query, sel)
-        merged = self.tail.correct(
-            layer, out.reshape(rows, G, self.D), lse.reshape(rows, G), self.selector.last_mass,
-            self.selector.last_total, sel, sel_scores, count, pos, self.D**-0.5)
-        return merged.reshape(out.shape)
+    def _start_tail(self, layer: int, sel: torch.Tensor, count: torch.Tensor,
+                    pos: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Begin the tail estimate of this step (offload/tail.py) -> merge(out, lse) of the
+        exact part, out [B·Hkv, G, D], lse [B·Hkv, G]. The sketch's mass per chunk came
+        from the selection's own scoring pass. On a GPU its partial sums run on a side
+        stream, beside the value gather (host reads, which leave the SMs idle), and merge
+        joins that stream first (the fork and join are captured by a CUDA graph too)."""
+
+        def start():
+            scores = self.sketch.scores_at(layer, self.selector.last_query, sel)
+            return self.tail.start(layer, self.selector.last_mass, self.selector.last_total,
+                                   sel, scores, count, pos, self.D**-0.5)
+
+        if not sel.is_cuda:
+            return start()
+        main = torch.cuda.current_stream()
+        if self._side is None:
+            self._side = torch.cuda.Stream(sel.device)
+        side = self._side
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            merge = start()
+
+        def finish(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+            main.wait_stream(side)
+            return merge(out, lse)
+
+        return finish
 
     def _step_bounds(self, layer: int, step: AttnStep) -> tuple[torch.Tensor, torch.Tensor]:
         """(hi, filled window slots), [1] each on the device: the end of the offloaded

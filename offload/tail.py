@@ -21,6 +21,8 @@ partials: out = (out_h + r_h tail_h) / (1 + r_h sum_c m_hc), r_h = exp(lse_h - l
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..kernels import TailLayer, add_to_tail
@@ -71,27 +73,32 @@ class TailEstimate:
         appends through kernels.append_token instead."""
         add_to_tail(pos, v[:, 0], self.layer(layer))
 
-    def correct(self, layer: int, out: torch.Tensor, lse_att: torch.Tensor,
-                mass: torch.Tensor, total_lse: torch.Tensor, selected: torch.Tensor,
-                selected_scores: torch.Tensor, count: torch.Tensor, pos: torch.Tensor,
-                scale: float) -> torch.Tensor:
-        """Add the estimated tail to the exact part of a decode step (kernels.tail_correct).
+    def start(self, layer: int, mass: torch.Tensor, total_lse: torch.Tensor,
+              selected: torch.Tensor, selected_scores: torch.Tensor, count: torch.Tensor,
+              pos: torch.Tensor, scale: float
+              ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Begin adding the estimated tail to a decode step (kernels.tail_correct); returns
+        merge(out, lse_att) -> out [R, G, D] in out's dtype, with out [R, G, D] and
+        lse_att [R, G] the attention over window ∪ selected (exact).
 
-        out [R, G, D], lse_att [R, G]: attention over window ∪ selected (exact).
         mass [R, G, ceil(N / CHUNK)]: per head, sum over each chunk's positions in the
-        sketched region of
-        exp(sketch score · scale - total_lse) (kernels.select_scores with chunk=CHUNK);
-        total_lse [R, G] the retriever's log-sum-exp (window + sketched region).
-        selected [R, K] positions attended exactly, selected_scores [R, G, K] their sketch
-        scores, count [1] how many of the K are real. Returns out [R, G, D], out's dtype.
+        sketched region of exp(sketch score · scale - total_lse) (kernels.select_scores
+        with chunk=CHUNK); total_lse [R, G] the retriever's log-sum-exp (window + sketched
+        region). selected [R, K] positions attended exactly, selected_scores [R, G, K]
+        their sketch scores, count [1] how many of the K are real.
+
+        On a GPU the partial sums (everything but the merge) are launched here, before the
+        exact attention exists, so a caller may run them on a side stream; elsewhere the
+        reference runs whole at merge.
         """
         from .. import kernels
 
-        # the Triton kernels on a GPU; elsewhere their reference (not the interpreter,
-        # which tests may have switched on for the whole process)
-        fn = kernels.tail_correct if self.sums.is_cuda else kernels.tail_correct_ref
-        return fn(out, lse_att, mass, total_lse, selected, selected_scores, count, pos,
-                  self.sums[layer], scale, CHUNK)
+        args = (mass, total_lse, selected, selected_scores, count, pos, self.sums[layer],
+                scale, CHUNK)
+        if not self.sums.is_cuda:  # the reference, not the interpreter
+            return lambda out, lse_att: kernels.tail_correct_ref(out, lse_att, *args)
+        parts = kernels.tail_partials(*args)
+        return lambda out, lse_att: kernels.tail_merge(out, lse_att, parts)
 
     def memory_bytes(self) -> dict[str, int]:
         n = self.sums.numel() * self.sums.element_size()

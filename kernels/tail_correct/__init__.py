@@ -9,17 +9,29 @@ Where it runs: CUDA when sums are on a CUDA device; the Triton interpreter on th
 when TRITON_INTERPRET=1 (tests); otherwise the float32 reference `tail_correct_ref`.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from .._launch import PROGRAMS_PER_SM, cdiv, next_power_of_2, sm_count, use_triton
 from .ref import SPLITS, tail_correct_ref
 
-__all__ = ["tail_correct", "tail_correct_ref"]
+__all__ = ["TailPartials", "tail_correct", "tail_correct_ref", "tail_merge",
+           "tail_partials"]
 
 BLOCK = 64  # chunks, or selected tokens, per step of a program
 MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a row are padded to this
 NUM_WARPS = 4
 MERGE_TILE = 32  # partials the merge reads per step
+
+
+class TailPartials(NamedTuple):
+    """What tail_partials leaves for tail_merge: part_t [R, P, G_PAD, D] and part_m
+    [R, P, G_PAD] float32 partial sums of the tail and its mass, and total_lse [R, G]."""
+
+    part_t: torch.Tensor
+    part_m: torch.Tensor
+    total: torch.Tensor
 
 
 def tail_correct(out: torch.Tensor, lse_att: torch.Tensor, mass: torch.Tensor,
@@ -32,27 +44,46 @@ def tail_correct(out: torch.Tensor, lse_att: torch.Tensor, mass: torch.Tensor,
     selected_scores [R, G, K] float32, count and pos [1] int on sums' device, sums
     [R, M, D] float32 with M >= Mm a multiple of SPLITS.
     """
+    _check(out.shape, lse_att.shape, mass, total_lse, selected, selected_scores, sums)
+    device = sums.device
+    D = sums.shape[-1]
+    if not use_triton(device) or D & (D - 1) or D < 16 or sums.dtype != torch.float32:
+        return tail_correct_ref(out, lse_att, mass, total_lse, selected, selected_scores,
+                                count, pos, sums, scale, chunk)
+    parts = tail_partials(mass, total_lse, selected, selected_scores, count, pos, sums,
+                          scale, chunk)
+    return tail_merge(out, lse_att, parts)
+
+
+def _check(out_shape, lse_shape, mass, total_lse, selected, selected_scores, sums) -> None:
     R, G, Mm = mass.shape
     M, D = sums.shape[1:]
     K = selected.shape[1]
-    if (out.shape != (R, G, D) or lse_att.shape != (R, G) or total_lse.shape != (R, G)
+    if (out_shape != (R, G, D) or lse_shape != (R, G) or total_lse.shape != (R, G)
             or selected_scores.shape != (R, G, K) or selected.shape[0] != R
             or sums.shape[0] != R or Mm > M or M % SPLITS):
-        raise ValueError(f"tail_correct: out {tuple(out.shape)}, lse_att "
-                         f"{tuple(lse_att.shape)}, mass {tuple(mass.shape)}, total_lse "
+        raise ValueError(f"tail_correct: out {tuple(out_shape)}, lse_att "
+                         f"{tuple(lse_shape)}, mass {tuple(mass.shape)}, total_lse "
                          f"{tuple(total_lse.shape)}, selected {tuple(selected.shape)}, "
                          f"selected_scores {tuple(selected_scores.shape)}, sums "
                          f"{tuple(sums.shape)} do not fit [R, G, D], [R, G, Mm], [R, K], "
                          f"[R, G, K], [R, M, D] with Mm <= M, M a multiple of {SPLITS}")
+
+
+def tail_partials(mass: torch.Tensor, total_lse: torch.Tensor, selected: torch.Tensor,
+                  selected_scores: torch.Tensor, count: torch.Tensor, pos: torch.Tensor,
+                  sums: torch.Tensor, scale: float, chunk: int) -> TailPartials:
+    """tail_correct's first launch (GPU, or the interpreter): everything that does not
+    need the exact attention's output, so a caller may run it beside the value gather."""
+    R, G, Mm = mass.shape
+    D = sums.shape[-1]
+    K = selected.shape[1]
+    _check((R, G, D), (R, G), mass, total_lse, selected, selected_scores, sums)
     device = sums.device
-    if not use_triton(device) or D & (D - 1) or D < 16 or sums.dtype != torch.float32:
-        return tail_correct_ref(out, lse_att, mass, total_lse, selected, selected_scores,
-                                count, pos, sums, scale, chunk)
-    from .kernel import tail_merge_kernel, tail_partials_kernel
+    from .kernel import tail_partials_kernel
 
     mass, scores = mass.float().contiguous(), selected_scores.float().contiguous()
-    total, lse_att = total_lse.float().contiguous(), lse_att.float().contiguous()
-    selected, out = selected.contiguous(), out.contiguous()
+    total, selected = total_lse.float().contiguous(), selected.contiguous()
     # enough programs for the chunk sums to fill the GPU: a 1M-token row has 16K chunks
     want = max(SPLITS, cdiv(PROGRAMS_PER_SM * sm_count(device), R))
     per_split = cdiv(max(Mm, 1), min(want, cdiv(max(Mm, 1), BLOCK)))
@@ -70,6 +101,18 @@ def tail_correct(out: torch.Tensor, lse_att: torch.Tensor, mass: torch.Tensor,
         part_m.stride(0), part_m.stride(1),
         D=D, G_PAD=g_pad, CHUNK=chunk, BLOCK=BLOCK, PER_SPLIT=per_split,
         num_warps=NUM_WARPS)
+    return TailPartials(part_t, part_m, total)
+
+
+def tail_merge(out: torch.Tensor, lse_att: torch.Tensor, parts: TailPartials) -> torch.Tensor:
+    """tail_correct's second launch: out [R, G, D] and lse_att [R, G] of the exact
+    attention merged with tail_partials' sums -> [R, G, D] in out's dtype."""
+    from .kernel import tail_merge_kernel
+
+    part_t, part_m, total = parts
+    R, n_parts, _, D = part_t.shape
+    G = out.shape[1]
+    lse_att, out = lse_att.float().contiguous(), out.contiguous()
     res = torch.empty_like(out)
     tail_merge_kernel[(R, G)](
         out, lse_att, total, part_t, part_m, res, G,
