@@ -103,6 +103,7 @@ class LowRankRetriever:
         self.ordered = True
         # (hi, (lo, blocks), partial block positions, count) of the last hi seen
         self._partial: tuple | None = None
+        self._last: tuple | None = None  # _last_rows: (c, p, positions)
 
     def prepare(self, region: int, k: int) -> None:
         """A prompt's first decode step will see `region` offloaded positions (the count
@@ -174,12 +175,20 @@ class LowRankRetriever:
         part = part.expand(rows, P)
         if not rerank:
             return torch.cat([cand, part], dim=1), count, None
-        keys = self.exact_keys(layer, torch.cat([cand, part], dim=1))  # [R, C + P, D]
-        exact = self._exact_shares(q, keys[:, :cand.shape[1]].to(q.dtype), cand, hi, total)
+        C = cand.shape[1]
+        every = torch.cat([cand, part], dim=1)  # [R, C + P]
+        keys = self.exact_keys(layer, every)  # [R, C + P, D]
+        exact = self._exact_shares(q, keys[:, :C].to(q.dtype), cand, hi, total)
         best = exact.topk(nb * P, dim=-1, sorted=False).indices  # [R, nb·P] into cand
-        chosen = keys.gather(1, best[..., None].expand(-1, -1, keys.shape[2]))
-        return (torch.cat([cand.gather(1, best), part], dim=1), count,
-                torch.cat([chosen, keys[:, cand.shape[1]:]], dim=1))
+        # the chosen candidates, then the partial block (the last P rows of every, keys)
+        take = torch.cat([best, self._last_rows(C, P, best.device).expand(rows, P)], dim=1)
+        return every.gather(1, take), count, _take_rows(keys, take)
+
+    def _last_rows(self, c: int, p: int, device: torch.device) -> torch.Tensor:
+        """[P] = c .. c + P - 1, made once per size."""
+        if self._last is None or self._last[:2] != (c, p) or self._last[2].device != device:
+            self._last = (c, p, torch.arange(c, c + p, device=device))  # no sync to check
+        return self._last[2]
 
     def _partial_block(self, lo: int, hi: torch.Tensor, nb: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,6 +260,16 @@ class LowRankRetriever:
             state = LseState.empty(q.shape[0], q.shape[1], q.device)
             self.lse_state[layer] = state
         return state
+
+
+def _take_rows(keys: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
+    """keys [R, C, D] rows at take [R, K] -> [R, K, D]: one gather_kv launch on a GPU
+    (a device source)."""
+    from .. import kernels
+
+    if keys.is_cuda:
+        return kernels.gather_k(keys, take)
+    return keys.gather(1, take[..., None].expand(-1, -1, keys.shape[2]))
 
 
 class QuestRetriever:
