@@ -179,7 +179,7 @@ class LowRankRetriever:
         every = torch.cat([cand, part], dim=1)  # [R, C + P]
         keys = self.exact_keys(layer, every)  # [R, C + P, D]
         exact = self._exact_shares(q, keys[:, :C].to(q.dtype), cand, hi, total)
-        best = exact.topk(nb * P, dim=-1, sorted=False).indices  # [R, nb·P] into cand
+        best = _top_columns(exact, nb * P)  # [R, nb·P] into cand
         # the chosen candidates, then the partial block (the last P rows of every, keys)
         take = torch.cat([best, self._last_rows(C, P, best.device).expand(rows, P)], dim=1)
         return every.gather(1, take), count, _take_rows(keys, take)
@@ -260,6 +260,17 @@ class LowRankRetriever:
             state = LseState.empty(q.shape[0], q.shape[1], q.device)
             self.lse_state[layer] = state
         return state
+
+
+def _top_columns(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, k] column indices of each row's k largest, in no promised order: kernels.
+    select_topk on a GPU (one launch for the few short rows of a re-rank; increasing),
+    torch.topk elsewhere."""
+    from .. import kernels
+
+    if x.is_cuda:
+        return kernels.select_topk(x, k)
+    return x.topk(k, dim=-1, sorted=False).indices
 
 
 def _take_rows(keys: torch.Tensor, take: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from .select_scores import (
     sketch_values,
     unpack_int4,
 )
+from .select_topk import select_topk, select_topk_ref
 from .sketch_query import (
     SketchQuery,
     sketch_query,
@@ -54,8 +55,8 @@ __all__ = [
     "add_to_tail", "append_token", "append_token_ref", "block_sums_ref", "gather_k", "gather_kv",
     "gather_kv_ref", "kernel_scores", "KEY_BITS", "LseState", "pack_int4", "quantise_query",
     "rerank_shares", "rerank_shares_ref", "rms_norm", "rms_norm_ref", "rope", "rope_ref",
-    "select_scores", "select_scores_ref", "sketch_query", "sketch_query_ref", "sketch_rows",
-    "sketch_scores_at", "sketch_scores_at_ref",
+    "select_scores", "select_scores_ref", "select_topk", "select_topk_ref", "sketch_query",
+    "sketch_query_ref", "sketch_rows", "sketch_scores_at", "sketch_scores_at_ref",
     "sketch_storage", "sketch_values", "SketchLayer", "SketchQuery", "sparse_attention",
     "sparse_attention_ref", "store_kv", "store_kv_ref", "tail_correct", "tail_correct_ref",
     "tail_merge", "tail_partials", "TailLayer", "TailPartials", "unpack_int4", "window_lse",

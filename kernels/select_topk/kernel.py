@@ -1,0 +1,34 @@
+"""Triton kernel: exact top-k of one row per program, by radix select on the float bits.
+
+The row (C <= BLOCK_C values) stays in registers. Its floats become unsigned integers of
+the same order; the k-th largest is found bit by bit from the top (32 counting passes over
+registers), then the values above it and the first of the values equal to it are written
+by a prefix sum, so the indices come out in increasing order, and deterministically.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def select_topk_kernel(X, Out, C, k, stride_xr, stride_or, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, BLOCK_C)
+    valid = i < C
+    x = tl.load(X + r * stride_xr + i, mask=valid, other=0.0).to(tl.float32)
+    x = tl.where(x == 0.0, 0.0, x)  # -0.0 is 0.0 (as torch compares), not a smaller key
+    bits = x.to(tl.int32, bitcast=True)
+    # order-preserving map to uint32: negatives reversed below the non-negatives
+    key = tl.where(bits >= 0, bits ^ -2147483648, ~bits).to(tl.uint32, bitcast=True)
+    key = tl.where(valid, key, 0)
+    thresh = tl.zeros((), dtype=tl.uint32)
+    for b in range(31, -1, -1):
+        trial = thresh | (tl.full((), 1, tl.uint32) << b)
+        if tl.sum((key >= trial).to(tl.int32), axis=0) >= k:
+            thresh = trial
+    above = valid & (key > thresh)
+    equal = valid & (key == thresh)
+    need = k - tl.sum(above.to(tl.int32), axis=0)
+    take = above | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= need))
+    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(Out + r * stride_or + slot, i.to(tl.int64), mask=take)
