@@ -135,7 +135,7 @@ def select_scores(
                          f"{tuple(other_lse.shape)}")
     if lse_state is not None and (other_lse is None or lse_state.lse.shape != (2, hkv, g)
                                   or lse_state.lse.dtype != torch.float32
-                                  or lse_state.hi.shape != (1,)
+                                  or lse_state.hi.shape != (hkv,)
                                   or lse_state.hi.dtype != torch.long):
         raise ValueError(f"lse_state must be LseState.empty({hkv}, {g}, device) and come "
                          f"with other_lse; got lse {tuple(lse_state.lse.shape)} "
@@ -210,8 +210,8 @@ def select_scores(
         CHUNK=per_split, MASS_CHUNK=chunk, HI_LO=hi_lo, KEY_BITS=bits, ONE_PASS=one_pass,
         BLOCK=block, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if one_pass:  # after the pass: every program has read the state
-        lse_state_kernel[(1,)](part_m, part_l, lse, state, state_hi, hi, splits,
-                               part_m.stride(0), part_m.stride(1), lse.stride(0),
-                               state.stride(0), state.stride(1), g, HKV=hkv, G_PAD=g_pad,
-                               S_PAD=next_power_of_2(splits))
+        lse_state_kernel[(hkv,)](part_m, part_l, lse, state, state_hi, hi, splits,
+                                 part_m.stride(0), part_m.stride(1), lse.stride(0),
+                                 state.stride(0), state.stride(1), g, G_PAD=g_pad,
+                                 S_PAD=next_power_of_2(splits))
     return (shares, lse, mass) if chunk else (shares, lse)

@@ -151,7 +151,7 @@ def lse_partial_kernel(
 def shares_kernel(
     QrHi, QrLo, C, Mul, Keys, Hi, M, L, Other, Out, Lse,  # Other, Lse [Hkv, G]; Out [Hkv, N - lo]
     Mass,  # [Hkv, G, NM] float32, zeroed: sums of exp(score - lse) per MASS_CHUNK positions
-    State, StateHi,  # ONE_PASS: [2, Hkv, G] float32 (previous step's, latest), [1] int64
+    State, StateHi,  # ONE_PASS: [2, Hkv, G] float32 (previous step's, latest), [Hkv] int64
     lo, origin, N, S, NM, NB,
     stride_qh, stride_qg, stride_ch, stride_kh, stride_kn, stride_mh, stride_ms,
     stride_xh, stride_oh, stride_lh, stride_ah, stride_ag, stride_ts, stride_th,
@@ -169,7 +169,7 @@ def shares_kernel(
     g = tl.arange(0, G_PAD)
     if ONE_PASS:  # the lse known before the pass (State); this pass's partials go to M, L
         # a step of a new hi reads the latest lse, a repeat of the step the one before
-        slot = (tl.load(StateHi) != tl.load(Hi).to(tl.int64)).to(tl.int64)
+        slot = (tl.load(StateHi + h) != tl.load(Hi).to(tl.int64)).to(tl.int64)
         lse = tl.load(State + slot * stride_ts + h * stride_th + g, mask=g < G,
                       other=float("-inf"))
     else:
@@ -220,26 +220,26 @@ def shares_kernel(
 
 @triton.jit
 def lse_state_kernel(M, L, Lse, State, StateHi, Hi, S, stride_mh, stride_ms, stride_lh,
-                     stride_ts, stride_th, G, HKV: tl.constexpr, G_PAD: tl.constexpr,
-                     S_PAD: tl.constexpr):
-    """After a one-pass shares_kernel at Hi: State[1] = the region's log-sum-exp from its
-    partials (per kv head and query head), State[0] = the lse that pass read, StateHi = Hi.
-    The region's lse is the frame (Lse) + log(sum of p); where that is not finite (p
-    overflowed or underflowed: scores over e**88 from the frame) the largest score, which
-    is within log(N) of it. One program, so that StateHi is read before it is written."""
+                     stride_ts, stride_th, G, G_PAD: tl.constexpr, S_PAD: tl.constexpr):
+    """After a one-pass shares_kernel at Hi, per kv head h (one program each): State[1, h]
+    = the region's log-sum-exp from its partials (per query head), State[0, h] = the lse
+    that pass read, StateHi[h] = Hi. The region's lse is the frame (Lse) + log(sum of p);
+    where that is not finite (p overflowed or underflowed: scores over e**88 from the
+    frame) the largest score, which is within log(N) of it. Each head keeps its own
+    StateHi, so that a program reads it before it writes it."""
+    h = tl.program_id(0).to(tl.int64)
     hi = tl.load(Hi).to(tl.int64)
-    fresh = tl.load(StateHi) != hi  # else a repeat of the latest step (graph warm-up)
+    fresh = tl.load(StateHi + h) != hi  # else a repeat of the latest step (graph warm-up)
     g = tl.arange(0, G_PAD)
     s = tl.arange(0, S_PAD)
-    for h in range(HKV):
-        row = State + h * stride_th + g
-        used = tl.load(row + fresh.to(tl.int64) * stride_ts, mask=g < G)
-        tl.store(row, used, mask=g < G)
-        part = h * stride_mh + s[:, None] * stride_ms + g[None, :]
-        mx = tl.max(tl.load(M + part, mask=s[:, None] < S, other=float("-inf")), axis=0)
-        total = tl.sum(tl.load(L + part, mask=s[:, None] < S, other=0.0), axis=0)
-        frame = tl.load(Lse + h * stride_lh + g, mask=g < G, other=0.0)
-        ok = (total > 0) & (total < float("inf")) & (tl.abs(frame) < float("inf"))
-        lse = tl.where(ok, frame + tl.log(tl.where(ok, total, 1.0)), mx)
-        tl.store(row + stride_ts, lse, mask=g < G)
-    tl.store(StateHi, hi)
+    row = State + h * stride_th + g
+    used = tl.load(row + fresh.to(tl.int64) * stride_ts, mask=g < G)
+    tl.store(row, used, mask=g < G)
+    part = h * stride_mh + s[:, None] * stride_ms + g[None, :]
+    mx = tl.max(tl.load(M + part, mask=s[:, None] < S, other=float("-inf")), axis=0)
+    total = tl.sum(tl.load(L + part, mask=s[:, None] < S, other=0.0), axis=0)
+    frame = tl.load(Lse + h * stride_lh + g, mask=g < G, other=0.0)
+    ok = (total > 0) & (total < float("inf")) & (tl.abs(frame) < float("inf"))
+    lse = tl.where(ok, frame + tl.log(tl.where(ok, total, 1.0)), mx)
+    tl.store(row + stride_ts, lse, mask=g < G)
+    tl.store(StateHi + h, hi)

@@ -17,8 +17,9 @@ INT4_OFFSET = 8
 
 class LseState(NamedTuple):
     """What a one-pass select_scores normalises by, one per layer: lse [2, Hkv, G] float32,
-    the region's log-sum-exp at the step before the latest and at the latest, and hi [1]
-    int64, the latest step's hi (-1: none). A step of a new hi reads lse[1]; a repeat of
+    the region's log-sum-exp at the step before the latest and at the latest, and hi [Hkv]
+    int64, the latest step's hi (-1: none), kept per kv head so that the kernel's program
+    of each head updates its own. A step of a new hi reads lse[1]; a repeat of
     the latest step (a CUDA graph's warm-up and capture run a step more than once) reads
     lse[0], so repeats select what the first run did."""
 
@@ -28,7 +29,7 @@ class LseState(NamedTuple):
     @classmethod
     def empty(cls, hkv: int, g: int, device: torch.device | str) -> "LseState":
         return cls(torch.full((2, hkv, g), float("-inf"), device=device),
-                   torch.full((1,), -1, dtype=torch.long, device=device))
+                   torch.full((hkv,), -1, dtype=torch.long, device=device))
 
 
 def pack_int4(values: torch.Tensor) -> torch.Tensor:
@@ -109,10 +110,11 @@ def select_scores_ref(
     lse = torch.logsumexp(logits, dim=-1)
     if lse_state is not None:
         hi_now = hi.reshape(1).to(lse_state.hi.device, torch.long)
-        used = torch.where(lse_state.hi != hi_now, lse_state.lse[1], lse_state.lse[0])
+        fresh = (lse_state.hi != hi_now)[:, None]  # [Hkv, 1]
+        used = torch.where(fresh, lse_state.lse[1], lse_state.lse[0])
         lse_state.lse[0].copy_(used)
         lse_state.lse[1].copy_(lse)
-        lse_state.hi.copy_(hi_now)
+        lse_state.hi.copy_(hi_now.expand_as(lse_state.hi))
         lse = used
     if other_lse is not None:
         lse = torch.logaddexp(lse, other_lse.float().to(lse.device))

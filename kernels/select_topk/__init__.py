@@ -18,6 +18,9 @@ __all__ = ["select_topk", "select_topk_ref"]
 
 MAX_COLUMNS = 8192  # a row lives in registers: longer rows take the reference
 NUM_WARPS = 8
+# float32 bits below a 16-bit float's mantissa: equal in every value, so not searched
+# (H100, [4, 4096] bfloat16, k 2048: 11.4 µs searching all 32 bits; torch.topk 20.7)
+LOW_BITS = {torch.bfloat16: 16, torch.float16: 13}
 
 
 def select_topk(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -35,5 +38,6 @@ def select_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     if k == 0 or rows == 0:
         return out
     select_topk_kernel[(rows,)](x, out, c, k, x.stride(0), out.stride(0),
-                                BLOCK_C=next_power_of_2(c), num_warps=NUM_WARPS)
+                                BLOCK_C=next_power_of_2(c), LOW_BITS=LOW_BITS.get(x.dtype, 0),
+                                num_warps=NUM_WARPS)
     return out

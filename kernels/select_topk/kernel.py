@@ -2,8 +2,9 @@
 
 The row (C <= BLOCK_C values) stays in registers. Its floats become unsigned integers of
 the same order; the k-th largest is found bit by bit from the top (32 counting passes over
-registers), then the values above it and the first of the values equal to it are written
-by a prefix sum, so the indices come out in increasing order, and deterministically.
+registers, fewer for 16-bit inputs), then the values above it and the first of the values
+equal to it are written by a prefix sum, so the indices come out in increasing order, and
+deterministically.
 """
 
 import triton
@@ -11,7 +12,10 @@ import triton.language as tl
 
 
 @triton.jit
-def select_topk_kernel(X, Out, C, k, stride_xr, stride_or, BLOCK_C: tl.constexpr):
+def select_topk_kernel(X, Out, C, k, stride_xr, stride_or, BLOCK_C: tl.constexpr,
+                       LOW_BITS: tl.constexpr):
+    """LOW_BITS: float32 bits that are the same in every value of the input dtype (16 for
+    bfloat16, 13 for float16): dropped, so the search takes 32 - LOW_BITS passes."""
     r = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK_C)
     valid = i < C
@@ -20,9 +24,9 @@ def select_topk_kernel(X, Out, C, k, stride_xr, stride_or, BLOCK_C: tl.constexpr
     bits = x.to(tl.int32, bitcast=True)
     # order-preserving map to uint32: negatives reversed below the non-negatives
     key = tl.where(bits >= 0, bits ^ -2147483648, ~bits).to(tl.uint32, bitcast=True)
-    key = tl.where(valid, key, 0)
+    key = tl.where(valid, key >> LOW_BITS, 0)
     thresh = tl.zeros((), dtype=tl.uint32)
-    for b in range(31, -1, -1):
+    for b in range(31 - LOW_BITS, -1, -1):
         trial = thresh | (tl.full((), 1, tl.uint32) << b)
         if tl.sum((key >= trial).to(tl.int32), axis=0) >= k:
             thresh = trial

@@ -237,7 +237,7 @@ def test_one_pass_matches_reference(bits, lo, hi, n):
     for state in (want_state, got_state):
         torch.testing.assert_close(state.lse[0].cpu(), before)
         torch.testing.assert_close(state.lse[1].cpu(), region, rtol=1e-4, atol=1e-4)
-        assert state.hi.tolist() == [hi]
+        assert state.hi.tolist() == [hi, hi]  # each of the 2 kv heads
     # the same step again (a graph's warm-up, then capture): the same normaliser
     again = select_scores(*dev, lo, hi_t.to(DEVICE), 0.2, other.to(DEVICE), chunk=64,
                           lse_state=got_state)
