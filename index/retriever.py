@@ -65,7 +65,9 @@ class LowRankRetriever:
     (index/blocks.py): re-rank candidates are the runs of largest summed sketch shares,
     and the final k (rounded up to whole runs) are still chosen one by one by exact shares;
     without re-ranking the chosen runs are attended whole. The partial run before the
-    window is always attended, so `select` returns slots_for(k, P) positions.
+    window is always attended, so `select` returns slots_for(k, P) positions. With
+    rerank_blocks the final k are the candidate runs of largest summed exact shares, whole
+    (their values are then read in runs too).
 
     With reuse_lse (the default) and a window lse, a fused sketch scores in one pass: each
     head's shares are normalised by the previous step's log-sum-exp over the region (the
@@ -76,12 +78,14 @@ class LowRankRetriever:
 
     def __init__(self, sketch: KeySketch, head_dim: int, rerank_factor: int = 1,
                  exact_keys: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-                 block: int = 1, reuse_lse: bool = True) -> None:
+                 block: int = 1, reuse_lse: bool = True,
+                 rerank_blocks: bool = False) -> None:
         if rerank_factor > 1 and exact_keys is None:
             raise ValueError("re-ranking needs exact_keys(layer, positions) -> keys")
         self.sketch, self.scale = sketch, head_dim**-0.5
         self.rerank_factor, self.exact_keys = rerank_factor, exact_keys
         self.block = block
+        self.rerank_blocks = rerank_blocks
         self.reuse_lse = reuse_lse
         self.lse_state: dict[int, LseState] = {}  # per layer
         # blocks are picked only while the region holds the budget's whole blocks (see
@@ -179,7 +183,11 @@ class LowRankRetriever:
         every = torch.cat([cand, part], dim=1)  # [R, C + P]
         keys = self.exact_keys(layer, every)  # [R, C + P, D]
         exact = self._exact_shares(q, keys[:, :C].to(q.dtype), cand, hi, total)
-        best = _top_columns(exact, nb * P)  # [R, nb·P] into cand
+        if self.rerank_blocks:  # the runs of largest exact mass, whole
+            runs = _top_columns(exact.float().view(rows, -1, P).sum(-1), nb)  # [R, nb]
+            best = block_tokens(runs, 0, P)  # [R, nb·P] into cand
+        else:
+            best = _top_columns(exact, nb * P)  # [R, nb·P] into cand
         # the chosen candidates, then the partial block (the last P rows of every, keys)
         take = torch.cat([best, self._last_rows(C, P, best.device).expand(rows, P)], dim=1)
         return every.gather(1, take), count, _take_rows(keys, take)

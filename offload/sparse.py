@@ -83,7 +83,8 @@ class SparseKV:
                                       cfg.rank, device, dtype, cfg.sketch_dtype)
             self.selector = LowRankRetriever(self.sketch, head_dim, cfg.rerank_factor,
                                              self._exact_keys, cfg.select_block,
-                                             reuse_lse=cfg.score_passes == 1)
+                                             reuse_lse=cfg.score_passes == 1,
+                                             rerank_blocks=cfg.rerank_blocks)
         elif cfg.policy == "quest":
             self.selector = QuestRetriever(num_layers, rows, max_tokens, head_dim,
                                            cfg.page_tokens, device, dtype)

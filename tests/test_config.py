@@ -363,3 +363,12 @@ def test_score_passes_are_one_or_two(passes):
     with pytest.raises(ConfigError, match=f"kv.score_passes is {passes}: use 1"):
         EngineConfig.from_dict({"kv": {"policy": "retrieval", "score_passes": passes}})
     assert EngineConfig.from_dict({"kv": {"score_passes": 2}}).kv.score_passes == 2
+
+
+def test_rerank_blocks_needs_runs_and_a_rerank():
+    with pytest.raises(ConfigError, match="kv.select_block is 1 and kv.rerank_factor 2"):
+        EngineConfig.from_dict({"kv": {"policy": "retrieval", "rerank_blocks": True,
+                                       "rerank_factor": 2}})
+    cfg = EngineConfig.from_dict({"kv": {"policy": "retrieval", "rerank_blocks": True,
+                                         "select_block": 4, "rerank_factor": 2}})
+    assert cfg.kv.rerank_blocks

@@ -38,10 +38,11 @@ GiB = 1 << 30
 # bench policy -> kv.policy; retrieval-ann also sets index.kind attention (host graphs)
 POLICY = {"full-offload": "dense", "retrieval-notail": "retrieval", "retrieval-ann": "retrieval"}
 # per-policy overrides of the retrieval sketch and selection, e.g.
-# retrieval:sketch=int4,rank=128,rerank=2,block=4,topk=4096,passes=2
+# retrieval:sketch=int4,rank=128,rerank=2,block=4,topk=4096,passes=2,final=blocks
 OVERRIDES = {"sketch": ("sketch_dtype", str), "rank": ("rank", int),
              "rerank": ("rerank_factor", int), "block": ("select_block", int),
-             "topk": ("top_k", int), "passes": ("score_passes", int)}
+             "topk": ("top_k", int), "passes": ("score_passes", int),
+             "final": ("rerank_blocks", lambda v: {"blocks": True, "positions": False}[v])}
 
 
 def parse_policy(name: str) -> tuple[str, dict]:
@@ -55,7 +56,11 @@ def parse_policy(name: str) -> tuple[str, dict]:
             raise RetrievalAttnError(f"policy {name!r}: overrides are retrieval policies' "
                                      f"{', '.join(k + '=' for k in OVERRIDES)}")
         field, kind = OVERRIDES[key]
-        kv[field] = kind(value)
+        try:
+            kv[field] = kind(value)
+        except (KeyError, ValueError):
+            raise RetrievalAttnError(f"policy {name!r}: {key}={value} is not a valid "
+                                     f"value") from None
     return base, kv
 
 

@@ -83,6 +83,26 @@ def test_block_selection_against_brute_force(rank, rerank, with_lse):
     assert pos2[:, 5 * P:].tolist() == [[150, 151, 152, 153]] * HKV
 
 
+def test_rerank_blocks_keeps_the_runs_of_largest_exact_mass_whole():
+    """kv.rerank_blocks: every run is a candidate here, so the chosen runs are the runs of
+    largest summed exact share (normalised as the re-rank does), each whole."""
+    torch.manual_seed(2)
+    k, q = torch.randn(HKV, N, D), torch.randn(HKV, G, D)
+    sketch = LowRankKeys(1, HKV, N, D, 2, torch.device("cpu"), torch.float32)
+    sketch.build(0, k)
+    lo, hi, P, top = 6, 150, 4, 18
+    ret = LowRankRetriever(sketch, D, 100, lambda layer, pos: k.gather(
+        1, pos[..., None].expand(-1, -1, D)), block=P, reuse_lse=False, rerank_blocks=True)
+    ret.prepare(hi - lo, top)
+    other = torch.randn(HKV, G)
+    pos, count, keys = ret.select_with_keys(0, q, lo, torch.tensor([hi]), top, other)
+    chosen = pos[:, :5 * P]
+    assert count.tolist() == [5 * P] and ((chosen - lo) % P == torch.arange(5 * P) % P).all()
+    assert [set(((r - lo) // P).tolist()) for r in chosen] == _truth(
+        q, k, lo, hi, P, 5, other, True, ret.last_total)
+    torch.testing.assert_close(keys, k.gather(1, pos[..., None].expand(-1, -1, D)))
+
+
 def test_rerank_reads_candidate_keys_in_runs():
     """With re-ranking the keys read from the host are whole runs of P (the point of
     blocks), while the chosen positions need not be."""
