@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="retrieval, retrieval-notail (kv.tail_estimate off), retrieval-ann "
                         "(host attention-aware graphs: built here, minutes per 128K), "
                         "dense, full-offload; none: only --gathers. A retrieval policy takes "
-                        "overrides: retrieval:sketch=int4,rank=128,rerank=2,block=4,passes=2")
+                        "overrides: retrieval:sketch=int4,rank=128,rerank=2,block=4,passes=2,"
+                        "final=blocks (kv.rerank_blocks; final=positions is the default)")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--top-k", type=int, default=2048)
     # defaults: the 1m-single-gpu preset's sketch
