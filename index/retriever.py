@@ -173,7 +173,7 @@ class LowRankRetriever:
         rerank = n_cand > nb and self.rerank_factor > 1
         sums, total = self._shares(layer, q, lo, hi, other_lse, rerank, P)  # [R, blocks]
         self.last_total = total
-        top = _top_columns(sums, n_cand if rerank else nb)
+        top = sums.topk(n_cand if rerank else nb, dim=-1, sorted=False).indices
         cand = block_tokens(top, lo, P)  # [R, blocks·P]
         part, count = self._partial_block(lo, hi, nb)
         part = part.expand(rows, P)
@@ -272,14 +272,11 @@ class LowRankRetriever:
 
 def _top_columns(x: torch.Tensor, k: int) -> torch.Tensor:
     """[R, k] column indices of each row's k largest, in no promised order: kernels.
-    select_topk on a GPU (radix select: one launch for the few short rows of a re-rank,
-    four for the candidate runs' long rows; increasing), torch.topk elsewhere."""
+    select_topk on a GPU (one launch for the few short rows of a re-rank; increasing),
+    torch.topk elsewhere."""
     from .. import kernels
-    from ..kernels.select_topk import MAX_COLUMNS
 
-    # the kernels take short rows of any float, long rows of 16-bit floats (the candidate
-    # runs' bfloat16 sums); torch.topk the rest
-    if x.is_cuda and (x.shape[1] <= MAX_COLUMNS or x.dtype != torch.float32):
+    if x.is_cuda:
         return kernels.select_topk(x, k)
     return x.topk(k, dim=-1, sorted=False).indices
 
