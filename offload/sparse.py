@@ -325,7 +325,7 @@ class SparseKV:
                                    self._per_seq(k_sel), self._per_seq(v_sel),
                                    count.expand(B))  # out [B, H, D], lse [B, H]
         if finish_tail is not None:
-            rows, G = qg.shape[:2]
+            G = qg.shape[1]
             out = finish_tail(out.reshape(rows, G, self.D), lse.reshape(rows, G)
                               ).reshape(out.shape)
         if self.trace is not None:
