@@ -7,7 +7,8 @@ from .ann import exact_topk, recall_at_k
 from .attention_graph import AttentionAwareIndex
 from .faiss_ann import FaissHNSWIndex, FaissIVFIndex
 from .hnswlib_ann import HnswlibIndex
-from .retriever import LowRankRetriever, QuestRetriever, Retriever, group_scores
+from .quest import QuestRetriever
+from .retriever import LowRankRetriever, Retriever, group_scores
 
 __all__ = ["AttentionAwareIndex", "FaissHNSWIndex", "FaissIVFIndex", "HnswlibIndex",
            "LowRankRetriever", "QuestRetriever", "Retriever", "exact_topk", "group_scores",

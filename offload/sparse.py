@@ -29,7 +29,8 @@ from ..config import IndexConfig, KVConfig
 from ..errors import ConfigError, RequestError
 from ..index.ann_retriever import AnnRetriever
 from ..index.build_service import IndexBuildService
-from ..index.retriever import LowRankRetriever, QuestRetriever
+from ..index.quest import QuestRetriever
+from ..index.retriever import LowRankRetriever
 from .dense import DenseKV
 from .host_index import HostIndexFeed
 from .host_store import HostKVStore
