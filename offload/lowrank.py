@@ -25,8 +25,8 @@ from ..kernels import (
     sketch_storage,
     sketch_values,
 )
+from ..kernels.append_token.ref import INT_MAX  # the integer sketches' largest values
 
-_INT_MAX = {"int8": 127, "int4": 7}
 # tokens quantised at a time when a prompt is stored: the temporaries of rounding and
 # packing (~10 bytes per sketch value, STORE_BYTES_PER_VALUE) stay at 20 MiB per kv head
 # at rank 128, where the prompt's float32 projection is already 4·n·r bytes
@@ -83,7 +83,7 @@ class LowRankKeys:
             top = torch.maximum(projected.amax(dim=1), -projected.amin(dim=1))  # [Hkv, r]
             top = torch.maximum(top, MIN_SCALE_RATIO * top.amax(-1, keepdim=True)).clamp_min(
                 1e-12)
-            self.scale[layer, heads] = top / _INT_MAX[self.sketch]
+            self.scale[layer, heads] = top / INT_MAX[self.keys.dtype]
         scale = self.scale[layer, heads]
         for i in range(0, k.shape[1], STORE_TOKENS):
             part = projected[:, i:i + STORE_TOKENS]

@@ -45,7 +45,6 @@ class TailEstimate:
         self.M = padded_chunks(max_tokens)
         self.sums = torch.zeros(num_layers, rows, self.M, head_dim, dtype=torch.float32,
                                 device=device)
-        self.chunk_start = torch.arange(self.M, device=device) * CHUNK  # [M]
         # the last position appended per layer and row: a CUDA graph capture runs the
         # decode step more than once at one position (warm-up, then replay), and a sum must
         # not count a token twice (every other decode-time write overwrites). Per row, so

@@ -96,14 +96,11 @@ def select_scores_ref(
     block_sums_ref of the float32 shares instead, rounded to shares_dtype. query: a
     kernels.SketchQuery of q, used instead of computing it here.
     """
-    if query is not None:  # a kernels.SketchQuery made by the caller
-        qr, const = query.values(), query.const[..., None]
-    else:
-        qr = q.float() @ basis.float()  # [Hkv, G, r]
-        if not keys.dtype.is_floating_point:  # integer keys are scored against an int8 query
-            ints, step = quantise_query(qr)
-            qr = ints.float() * step[:, None, None]
-        const = q.float() @ mean.float()[..., None]  # [Hkv, G, 1]
+    if query is None:  # integer keys are scored against an int8 query
+        from ..sketch_query.ref import sketch_query_ref  # (it imports this module)
+
+        query = sketch_query_ref(q, basis, None, mean, not keys.dtype.is_floating_point)
+    qr, const = query.values(), query.const[..., None]  # [Hkv, G, r], [Hkv, G, 1]
     logits = (qr @ sketch_values(keys[:, lo:]).transpose(1, 2) + const) * scale  # [Hkv, G, N - lo]
     positions = torch.arange(lo, keys.shape[1], device=keys.device)
     logits = logits.masked_fill(positions >= hi.to(keys.device), float("-inf"))
