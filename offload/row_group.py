@@ -154,13 +154,8 @@ def make_groups(count: int, rows: int, selector: LowRankRetriever, head_dim: int
     """`count` groups of the rows, each with its own LowRankRetriever (the whole one's
     settings) over views of the sketch, tail and store."""
     groups = []
-    # earlier groups at higher priority: where a group's host reads and the next group's
-    # scoring are both ready, the reads' few blocks go first and then wait on the link
-    # while the scoring fills the SMs
-    # (lower numbers are higher priorities; CUDA clamps them to its range)
-    for i, part in enumerate(split_rows(rows, count)):
-        stream = (torch.cuda.Stream(device, priority=i - count + 1)
-                  if device.type == "cuda" else None)
+    for part in split_rows(rows, count):
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         g = RowGroup(part, None, sketch.rows(part), tail.rows(part) if tail else None,
                      store, gather, gather_rows, stream)
         g.selector = LowRankRetriever(g.sketch, head_dim, selector.rerank_factor,
