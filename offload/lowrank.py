@@ -95,15 +95,6 @@ class LowRankKeys:
         return SketchLayer(self.mean[layer], self.basis[layer], self.scale[layer],
                            self.keys[layer])
 
-    def rows(self, rows: slice) -> LowRankKeys:
-        """The same sketch restricted to kv-head rows `rows` (views: writes to the whole
-        sketch show through), for selecting a group of rows apart (offload/row_group.py)."""
-        part = object.__new__(LowRankKeys)
-        part.rank, part.sketch = self.rank, self.sketch
-        part.mean, part.basis, part.keys, part.scale = (
-            t[:, rows] for t in (self.mean, self.basis, self.keys, self.scale))
-        return part
-
     def append(self, layer: int, pos: torch.Tensor, k: torch.Tensor) -> None:
         """k [Hkv, 1, D] of the token at position pos ([1] on the device; no sync), projected
         in float32 (a decode token beyond the prompt's range saturates at the largest

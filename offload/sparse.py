@@ -19,6 +19,7 @@ then the layer is served by the low-rank retriever.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,6 @@ from .host_index import HostIndexFeed
 from .host_store import HostKVStore
 from .lowrank import LowRankKeys
 from .policy import AttnStep
-from .row_group import Pick, RowGroup, make_groups, pick_all
 from .tail import CHUNK as TAIL_CHUNK
 from .tail import TailEstimate
 from .window import WindowCache
@@ -72,10 +72,6 @@ class SparseKV(HostIndexFeed):
             raise ConfigError(f"index.kind {self.index_cfg.kind} serves one sequence at a "
                               f"time, and runtime.max_batch is {batch}: use index.kind "
                               "lowrank for batched decode, or runtime.max_batch 1")
-        if cfg.policy == "retrieval" and cfg.select_groups > rows:
-            raise ConfigError(f"kv.select_groups is {cfg.select_groups} but there are {rows} "
-                              f"kv-head rows ({batch} sequence(s) of {num_kv_heads} kv heads) "
-                              f"to split: use at most {rows}")
         self.store = HostKVStore(num_layers, rows, max_tokens, head_dim, dtype,
                                  pin=device.type == "cuda")
         self.sketch: LowRankKeys | None = None
@@ -114,7 +110,7 @@ class SparseKV(HostIndexFeed):
         self.trace: list[TraceEntry] | None = None  # set to [] to record decode steps
         self._bounds_step: AttnStep | None = None  # the step _bounds were computed for
         self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._groups: list[RowGroup] | None = None  # made at the first decode step
+        self._side: torch.cuda.Stream | None = None  # the tail's partials run on it
         self._gather, self._attention = _ops(device)
 
     @property
@@ -215,8 +211,7 @@ class SparseKV(HostIndexFeed):
         # holds at the first step settles how every step selects (a CUDA graph is
         # captured per prompt).
         region = n + 1 - self.window.W - self.cfg.sink_tokens
-        groups = [g.selector for g in self._row_groups()]
-        for sel in (self.selector, getattr(self.selector, "fallback", None), *groups):
+        for sel in (self.selector, getattr(self.selector, "fallback", None)):
             if isinstance(sel, LowRankRetriever):
                 sel.prepare(region, self.budget)
         self.state_version += 1
@@ -243,25 +238,33 @@ class SparseKV(HostIndexFeed):
             self.selector.append(layer, pos, k1)
         lo, (hi, window) = self.cfg.sink_tokens, self._step_bounds(layer, step)
         qg = q[:, :, 0].reshape(rows, self.H // self.Hkv, self.D)  # [B·Hkv, G, D]
+        k_sel = None
         if self.selector is None:
             sel = torch.zeros(rows, 0, dtype=torch.long, device=q.device)
             count = torch.zeros(1, dtype=torch.int32, device=q.device)
-            k_sel, v_sel = self._gather(self.store.k[layer], self.store.v[layer], sel)
-            picks = []
         else:
             window_lse = self._window_lse(layer, qg, window)
-            picks = pick_all(self._row_groups(), layer, qg, lo, hi, self.budget, window_lse,
-                             pos)
-            sel, k_sel, v_sel = (torch.cat(t) if len(t) > 1 else t[0] for t in zip(
-                *((p.positions, p.k, p.v) for p in picks), strict=True))
-            count = picks[0].count  # the same for every row
+            args = (layer, qg, lo, hi, self.budget, window_lse)
+            if hasattr(self.selector, "select_with_keys"):  # re-ranking may have read K
+                sel, count, k_sel = self.selector.select_with_keys(*args)
+            else:
+                sel, count = self.selector.select(*args)  # [B·Hkv, K], [1]
+        finish_tail = None
+        if (self.tail is not None and self.selector.last_total is not None
+                and self.selector.last_mass is not None):
+            finish_tail = self._start_tail(layer, sel, count, pos)
+        if k_sel is None:
+            k_sel, v_sel = self._gather(self.store.k[layer], self.store.v[layer], sel)
+        else:  # values only: half the host reads
+            v_sel = self._gather_rows(self.store.v[layer], sel)
         out, lse = self._attention(q[:, :, 0], self._per_seq(self.window.k[layer]),
                                    self._per_seq(self.window.v[layer]), window.expand(B),
                                    self._per_seq(k_sel), self._per_seq(v_sel),
                                    count.expand(B))  # out [B, H, D], lse [B, H]
-        if any(p.merge_tail is not None for p in picks):
-            out = self._merge_tails(picks, out.reshape(qg.shape), lse.reshape(qg.shape[:2])
-                                    ).reshape(out.shape)
+        if finish_tail is not None:
+            G = qg.shape[1]
+            out = finish_tail(out.reshape(rows, G, self.D), lse.reshape(rows, G)
+                              ).reshape(out.shape)
         if self.trace is not None:
             n = int(pos[0]) + 1
             self.trace.append(TraceEntry(layer, n, q[0, :, 0].clone(), out[0].clone(),
@@ -283,26 +286,34 @@ class SparseKV(HostIndexFeed):
         """[B·Hkv, N, D] -> [B, Hkv, N, D] (a view)."""
         return x.view(self.B, self.Hkv, *x.shape[1:])
 
-    def _row_groups(self) -> list[RowGroup]:
-        """The step's selection in groups of rows (offload/row_group.py): kv.select_groups
-        of them for the low-rank retriever, else one group of every row."""
-        if self._groups is None:
-            n = self.cfg.select_groups
-            if n > 1 and isinstance(self.selector, LowRankRetriever):
-                self._groups = make_groups(n, self.B * self.Hkv, self.selector, self.D,
-                                           self.sketch, self.tail, self.store, self._gather,
-                                           self._gather_rows, self.device)
-            else:
-                self._groups = [RowGroup(slice(None), self.selector, self.sketch, self.tail,
-                                         self.store, self._gather, self._gather_rows)]
-        return self._groups
+    def _start_tail(self, layer: int, sel: torch.Tensor, count: torch.Tensor,
+                    pos: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Begin the tail estimate of this step (offload/tail.py) -> merge(out, lse) of the
+        exact part, out [B·Hkv, G, D], lse [B·Hkv, G]. The sketch's mass per chunk came
+        from the selection's own scoring pass. On a GPU its partial sums run on a side
+        stream, beside the value gather (host reads, which leave the SMs idle), and merge
+        joins that stream first (the fork and join are captured by a CUDA graph too)."""
 
-    def _merge_tails(self, picks: list[Pick], out: torch.Tensor, lse: torch.Tensor
-                     ) -> torch.Tensor:
-        """out [R, G, D], lse [R, G] of the exact part, with each group's tail added."""
-        parts = [p.merge_tail(out[g.rows], lse[g.rows]) if p.merge_tail else out[g.rows]
-                 for g, p in zip(self._groups, picks, strict=True)]
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        def start():
+            scores = self.sketch.scores_at(layer, self.selector.last_query, sel)
+            return self.tail.start(layer, self.selector.last_mass, self.selector.last_total,
+                                   sel, scores, count, pos, self.D**-0.5)
+
+        if not sel.is_cuda:
+            return start()
+        main = torch.cuda.current_stream()
+        if self._side is None:
+            self._side = torch.cuda.Stream(sel.device)
+        side = self._side
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            merge = start()
+
+        def finish(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+            main.wait_stream(side)
+            return merge(out, lse)
+
+        return finish
 
     def _step_bounds(self, layer: int, step: AttnStep) -> tuple[torch.Tensor, torch.Tensor]:
         """(hi, filled window slots), [1] each on the device: the end of the offloaded

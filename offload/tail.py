@@ -62,13 +62,6 @@ class TailEstimate:
         sums[:, :m] = padded.view(rows, m, CHUNK, d).sum(dim=2)
         self.last_pos[layer, heads] = -1
 
-    def rows(self, rows: slice) -> TailEstimate:
-        """The same estimate restricted to kv-head rows `rows` (views), for a group of rows
-        selected apart (offload/row_group.py)."""
-        part = object.__new__(TailEstimate)
-        part.M, part.sums, part.last_pos = self.M, self.sums[:, rows], self.last_pos[:, rows]
-        return part
-
     def layer(self, layer: int) -> TailLayer:
         """One layer's sums and last positions (views), as kernels.append_token adds to them."""
         return TailLayer(self.sums[layer], self.last_pos[layer], CHUNK)

@@ -103,10 +103,6 @@ class KVConfig:
     # previous step's log-sum-exp over the region (README: one-pass scoring); 2 computes
     # this step's exactly first, reading the sketch twice
     score_passes: int = 1
-    # retrieval: kv heads' selection in this many groups on their own CUDA streams, each
-    # group scoring while the one before it reads the host: the same result, faster where
-    # host reads take a large part of the step (offload/row_group.py). 1 = one stream
-    select_groups: int = 1
     page_tokens: int = 16  # quest: tokens per page
     tail_estimate: bool = True  # retrieval: add the unselected tokens' attention, estimated
 
@@ -133,9 +129,6 @@ class KVConfig:
             raise ConfigError(f"kv.rerank_blocks chooses the re-ranked runs whole, but "
                               f"kv.select_block is {self.select_block} and kv.rerank_factor "
                               f"{self.rerank_factor}: set both above 1, or rerank_blocks false")
-        if self.select_groups < 1:
-            raise ConfigError(f"kv.select_groups is {self.select_groups}: use 1 (every kv "
-                              "head at once) or more groups of heads")
         if self.score_passes not in (1, 2):
             raise ConfigError(f"kv.score_passes is {self.score_passes}: use 1 (normalise by "
                               "the previous step's lse) or 2 (exact, reads the sketch twice)")

@@ -38,12 +38,11 @@ GiB = 1 << 30
 # bench policy -> kv.policy; retrieval-ann also sets index.kind attention (host graphs)
 POLICY = {"full-offload": "dense", "retrieval-notail": "retrieval", "retrieval-ann": "retrieval"}
 # per-policy overrides of the retrieval sketch and selection, e.g.
-# retrieval:sketch=int4,rank=128,rerank=2,block=4,topk=4096,passes=2,final=blocks,groups=2
+# retrieval:sketch=int4,rank=128,rerank=2,block=4,topk=4096,passes=2,final=blocks
 OVERRIDES = {"sketch": ("sketch_dtype", str), "rank": ("rank", int),
              "rerank": ("rerank_factor", int), "block": ("select_block", int),
              "topk": ("top_k", int), "passes": ("score_passes", int),
-             "final": ("rerank_blocks", lambda v: {"blocks": True, "positions": False}[v]),
-             "groups": ("select_groups", int)}
+             "final": ("rerank_blocks", lambda v: {"blocks": True, "positions": False}[v])}
 
 
 def parse_policy(name: str) -> tuple[str, dict]:
