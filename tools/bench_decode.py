@@ -19,6 +19,8 @@ tok/s counts every sequence.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import time
 
 import torch
@@ -138,7 +140,7 @@ def largest_batch_here(shape: str, policy: str, n: int, new_tokens: int, top_k: 
 def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: int,
             profile: bool = False, rerank_factor: int = 4, sketch_dtype: str = "auto",
             profile_path: str | None = None, batch: int = 1, select_block: int = 1,
-            profile_rows: int = 30) -> dict:
+            profile_rows: int = 30, trace_dir: str | None = None) -> dict:
     cfg = bench_config(shape, policy, n, new_tokens, top_k, rank, rerank_factor, batch,
                        sketch_dtype, select_block)
     if policy != "full-offload":
@@ -168,7 +170,11 @@ def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: 
     torch.cuda.synchronize()
     ms = (time.perf_counter() - t) / (new_tokens - 1) * 1e3
     if profile:
-        table = profile_table(engine, logits, n, profile_rows)
+        trace = None
+        if trace_dir:  # a file name of letters, digits, '-' and '_' only
+            os.makedirs(trace_dir, exist_ok=True)
+            trace = os.path.join(trace_dir, re.sub(r"[^A-Za-z0-9-]", "_", policy) + f"-{n}.json")
+        table = profile_table(engine, logits, n, profile_rows, trace)
         print(table, flush=True)
         if profile_path:
             with open(profile_path, "a") as f:
@@ -191,8 +197,10 @@ def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: 
     return row
 
 
-def profile_table(engine, logits: torch.Tensor, n: int, rows: int = 30) -> str:
-    """GPU time by kernel over 3 eager decode steps: where a step's time goes."""
+def profile_table(engine, logits: torch.Tensor, n: int, rows: int = 30,
+                  trace: str | None = None) -> str:
+    """GPU time by kernel over 3 eager decode steps: where a step's time goes (and their
+    timeline as a Chrome trace at `trace`: which kernels of which streams overlap)."""
     from torch.profiler import ProfilerActivity, profile
 
     use_graph, engine.runner.use_graph = engine.runner.use_graph, False
@@ -201,6 +209,8 @@ def profile_table(engine, logits: torch.Tensor, n: int, rows: int = 30) -> str:
         list(engine.decode(logits, n, params, GenerationStats()))
         torch.cuda.synchronize()
     engine.runner.use_graph = use_graph
+    if trace:
+        prof.export_chrome_trace(trace)
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
 
 
@@ -251,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", nargs="*", default=[], help="policies to profile (per kernel)")
     p.add_argument("--profile-out", default=None, help="append profile tables to this file")
     p.add_argument("--profile-rows", type=int, default=30, help="kernels each profile lists")
+    p.add_argument("--profile-trace", default=None,
+                   help="folder for each profile's Chrome trace (a timeline of the kernels)")
     p.add_argument("--rerank-factor", type=int, default=2)
     p.add_argument("--batches", nargs="+", default=["1"],
                    help="sequences decoded together: numbers, or max (planner's largest)")
@@ -295,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{policy} at {n} tokens, batch {b}", flush=True)
         return run_one(args.shape, policy, n, args.new_tokens, args.top_k, args.rank,
                        policy in args.profile, args.rerank_factor, args.sketch_dtype,
-                       args.profile_out, b, args.select_block, args.profile_rows)
+                       args.profile_out, b, args.select_block, args.profile_rows,
+                       args.profile_trace)
 
     rows = []
     for batch in args.batches:
