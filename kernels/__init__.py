@@ -16,7 +16,7 @@ from .append_token import (
     sketch_rows,
     sketch_storage,
 )
-from .gather_kv import gather_k, gather_kv, gather_kv_ref
+from .gather_kv import dequantize_rows, gather_k, gather_kv, gather_kv_ref, quantize_rows
 from .rerank_shares import rerank_shares, rerank_shares_ref
 from .rms_norm import rms_norm, rms_norm_ref
 from .rope import rope, rope_ref
@@ -52,8 +52,9 @@ from .tail_correct import (
 from .window_lse import window_lse, window_lse_ref
 
 __all__ = [
-    "add_to_tail", "append_token", "append_token_ref", "block_sums_ref", "gather_k", "gather_kv",
-    "gather_kv_ref", "kernel_scores", "KEY_BITS", "LseState", "pack_int4", "quantise_query",
+    "add_to_tail", "append_token", "append_token_ref", "block_sums_ref", "dequantize_rows",
+    "gather_k", "gather_kv", "gather_kv_ref", "kernel_scores", "KEY_BITS", "LseState",
+    "pack_int4", "quantise_query", "quantize_rows",
     "rerank_shares", "rerank_shares_ref", "rms_norm", "rms_norm_ref", "rope", "rope_ref",
     "select_scores", "select_scores_ref", "select_topk", "select_topk_ref", "sketch_query",
     "sketch_query_ref", "sketch_rows", "sketch_scores_at", "sketch_scores_at_ref",

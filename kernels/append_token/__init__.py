@@ -39,6 +39,7 @@ def append_token(
     sinks: int,
     tail: TailLayer | None = None,
     sketch: SketchLayer | None = None,
+    store_scale: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Write the token at position pos into one layer's decode state (see ref.py).
 
@@ -46,7 +47,9 @@ def append_token(
         pos: [1] int tensor on k's device (no host sync: a CUDA graph may capture this).
         k, v: [R, D] the token's keys and values, last dim contiguous.
         store: (K, V) [R, N, D] in k's dtype: pinned host memory (written zero-copy) or on
-            k's device. Positions must lie in [0, N) (not checked: no sync).
+            k's device. Positions must lie in [0, N) (not checked: no sync). int8 for a
+            quantised store, with store_scale (K, V) [R, N] float16 on k's device: each
+            row is written as its integers and its scale (gather_kv.quantize_rows).
         window: (K, V) [R, S + W, D] on k's device; sinks = S.
         tail: the layer's TailLayer (sums [R, M, D] float32, last [R] int64), or None.
         sketch: the layer's SketchLayer, or None. Rank r even with r / 2 a power of two
@@ -54,10 +57,10 @@ def append_token(
     """
     r_rows, d = k.shape
     device = k.device
-    _check(pos, k, v, store, window, sinks, tail, sketch)
+    _check(pos, k, v, store, window, sinks, tail, sketch, store_scale)
     rank = sketch.basis.shape[-1] if sketch is not None else 2
     if not use_triton(device) or rank % 2 or rank // 2 != next_power_of_2(rank // 2):
-        append_token_ref(pos, k, v, store, window, sinks, tail, sketch)
+        append_token_ref(pos, k, v, store, window, sinks, tail, sketch, store_scale)
         return
     from .kernel import FLOAT_SKETCH, INT4_SKETCH, INT8_SKETCH, NO_SKETCH, append_token_kernel
 
@@ -70,16 +73,18 @@ def append_token(
         mean, basis, scale, keys = sketch
     mode = mode.value  # a plain int for the launcher
     (sk, sv), (wk, wv) = store, window
+    ck, cv = store_scale if store_scale is not None else (k, v)  # stand-ins: unread
     append_token_kernel[(r_rows,)](
-        pos, k, v, sk, sv, wk, wv, sums, last, mean, basis, scale, keys,
-        k.stride(0), v.stride(0), *sk.stride()[:2], *sv.stride()[:2], *wk.stride()[:2],
+        pos, k, v, sk, sv, wk, wv, ck, cv, sums, last, mean, basis, scale, keys,
+        k.stride(0), v.stride(0), *sk.stride()[:2], *sv.stride()[:2], *ck.stride()[:2],
+        *cv.stride()[:2], *wk.stride()[:2],
         *wv.stride()[:2], *sums.stride()[:2], mean.stride(0), *basis.stride()[:2],
         scale.stride(0), *keys.stride()[:2], sinks, wk.shape[1] - sinks,
         D=d, BLOCK_D=next_power_of_2(d), CHUNK=chunk, HAS_TAIL=tail is not None,
-        SKETCH=mode, R_HALF=rank // 2, num_warps=NUM_WARPS)
+        SKETCH=mode, R_HALF=rank // 2, QUANT=store_scale is not None, num_warps=NUM_WARPS)
 
 
-def _check(pos, k, v, store, window, sinks, tail, sketch) -> None:
+def _check(pos, k, v, store, window, sinks, tail, sketch, store_scale) -> None:
     r_rows, d = k.shape if k.dim() == 2 else (-1, -1)
     device = k.device
     if k.dim() != 2 or v.shape != k.shape or k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -88,12 +93,18 @@ def _check(pos, k, v, store, window, sinks, tail, sketch) -> None:
     if pos.shape != (1,) or pos.dtype not in (torch.int32, torch.int64) or pos.device != device:
         raise ValueError(f"pos must be [1] int32/int64 on {device}; got {tuple(pos.shape)} "
                          f"{pos.dtype} on {pos.device}")
-    for name, t in (("store K", store[0]), ("store V", store[1]), ("window K", window[0]),
-                    ("window V", window[1])):
-        if (t.dim() != 3 or t.shape[0] != r_rows or t.shape[2] != d or t.dtype != k.dtype
+    store_dtype = k.dtype if store_scale is None else torch.int8
+    for name, t, dtype in (("store K", store[0], store_dtype), ("store V", store[1], store_dtype),
+                           ("window K", window[0], k.dtype), ("window V", window[1], k.dtype)):
+        if (t.dim() != 3 or t.shape[0] != r_rows or t.shape[2] != d or t.dtype != dtype
                 or t.stride(-1) != 1):
-            raise ValueError(f"{name} must be [R={r_rows}, N, D={d}] {k.dtype} with a "
+            raise ValueError(f"{name} must be [R={r_rows}, N, D={d}] {dtype} with a "
                              f"contiguous last dim; got {tuple(t.shape)} {t.dtype}")
+    for t in store_scale or ():
+        if t.shape != store[0].shape[:2] or t.dtype != torch.float16 or t.device != device:
+            raise ValueError(f"store_scale must be [R, N] = {tuple(store[0].shape[:2])} "
+                             f"float16 on {device}; got {tuple(t.shape)} {t.dtype} on "
+                             f"{t.device}")
     host_ok = device.type == "cuda" and store[0].is_pinned() and store[1].is_pinned()
     if store[0].device != device and not host_ok:
         raise ValueError(f"a store on {store[0].device} cannot be written from {device}: "

@@ -8,6 +8,9 @@ import triton
 import triton.language as tl
 
 from .._jit import round_half_even
+from ..gather_kv.ref import SCALE_MIN as _SCALE_MIN
+
+SCALE_MIN = tl.constexpr(_SCALE_MIN)  # a quantised store's smallest row scale
 
 # SKETCH: what the sketch stores (constexpr: a jit function may read only those globals)
 NO_SKETCH = tl.constexpr(0)
@@ -32,19 +35,36 @@ def _sketch_half(x, Basis, Scale, stride_bd, dm, d, j, SKETCH: tl.constexpr):
 
 
 @triton.jit
+def _store_row(Store, Scale, x, dm, d, QUANT: tl.constexpr):
+    """x [BLOCK_D] into a store row (at Store); quantised: int8 times a float16 scale (at
+    Scale) mapping the row's absmax to 127, as gather_kv.ref.quantize_rows does."""
+    if QUANT:
+        xf = x.to(tl.float32)
+        top = tl.max(tl.where(dm, tl.abs(xf), 0.0), axis=0)
+        step = tl.maximum(tl.math.div_rn(top, 127.0), SCALE_MIN).to(tl.float16)
+        ints = round_half_even(tl.math.div_rn(xf, step.to(tl.float32)))
+        tl.store(Store + d, tl.minimum(tl.maximum(ints, -127.0), 127.0).to(tl.int8), mask=dm)
+        tl.store(Scale, step)
+    else:
+        tl.store(Store + d, x, mask=dm)
+
+
+@triton.jit
 def append_token_kernel(
     Pos, K, V,  # [1], [R, D] x2
     StoreK, StoreV, WinK, WinV,  # [R, N, D] x2 (host), [R, S + W, D] x2
+    ScaleK, ScaleV,  # [R, N] float16 x2: a quantised store's row scales (unread: not QUANT)
     Sums, Last,  # [R, M, D] float32, [R] int64 (unread without HAS_TAIL)
     Mean, Basis, Scale, Keys,  # [R, D], [R, D, r], [R, r], [R, N, w] (unread: NO_SKETCH)
     stride_k, stride_v,
     stride_skr, stride_skn, stride_svr, stride_svn,
+    stride_sckr, stride_sckn, stride_scvr, stride_scvn,
     stride_wkr, stride_wkn, stride_wvr, stride_wvn,
     stride_sumr, stride_summ,
     stride_meanr, stride_br, stride_bd, stride_scr, stride_keyr, stride_keyn,
     sinks, window,
     D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, HAS_TAIL: tl.constexpr,
-    SKETCH: tl.constexpr, R_HALF: tl.constexpr,
+    SKETCH: tl.constexpr, R_HALF: tl.constexpr, QUANT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     pos = tl.load(Pos).to(tl.int64)
@@ -52,8 +72,10 @@ def append_token_kernel(
     dm = d < D
     k = tl.load(K + row * stride_k + d, mask=dm, other=0.0)
     v = tl.load(V + row * stride_v + d, mask=dm, other=0.0)
-    tl.store(StoreK + row * stride_skr + pos * stride_skn + d, k, mask=dm)
-    tl.store(StoreV + row * stride_svr + pos * stride_svn + d, v, mask=dm)
+    _store_row(StoreK + row * stride_skr + pos * stride_skn,
+               ScaleK + row * stride_sckr + pos * stride_sckn, k, dm, d, QUANT)
+    _store_row(StoreV + row * stride_svr + pos * stride_svn,
+               ScaleV + row * stride_scvr + pos * stride_scvn, v, dm, d, QUANT)
     slot = tl.where(pos < sinks, pos, sinks + (pos - sinks) % window)
     tl.store(WinK + row * stride_wkr + slot * stride_wkn + d, k, mask=dm)
     tl.store(WinV + row * stride_wvr + slot * stride_wvn + d, v, mask=dm)

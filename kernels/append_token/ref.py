@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..gather_kv.ref import quantize_rows
 from ..select_scores.ref import pack_int4
 
 INT_MAX = {torch.int8: 127, torch.uint8: 7}  # int8, packed int4 (see select_scores/ref.py)
@@ -77,15 +78,20 @@ def append_token_ref(
     sinks: int,
     tail: TailLayer | None = None,
     sketch: SketchLayer | None = None,
+    store_scale: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Write the token at position pos ([1] int) with keys and values k, v [R, D].
 
-    store: (K, V) [R, N, D] of one layer of the host store; window: (K, V) [R, S + W, D]
-    of one layer of the window (sinks = S); tail, sketch: that layer's, or None.
+    store: (K, V) [R, N, D] of one layer of the host store (int8, with its row scales
+    store_scale (K, V) [R, N] float16, when quantised); window: (K, V) [R, S + W, D] of
+    one layer of the window (sinks = S); tail, sketch: that layer's, or None.
     """
     at = pos.to(store[0].device)
-    store[0].index_copy_(1, at, k[:, None].to(store[0].device))
-    store[1].index_copy_(1, at, v[:, None].to(store[1].device))
+    for rows, x, scales in zip(store, (k, v), store_scale or (None, None), strict=True):
+        if scales is not None:
+            x, scale = quantize_rows(x)
+            scales.index_copy_(1, pos.to(scales.device), scale[:, None].to(scales.device))
+        rows.index_copy_(1, at, x[:, None].to(rows.device))
     slot = window_slot(pos, sinks, window[0].shape[1] - sinks)
     window[0].index_copy_(1, slot, k[:, None])
     window[1].index_copy_(1, slot, v[:, None])

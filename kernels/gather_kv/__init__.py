@@ -5,6 +5,9 @@ kernel reads them in place over PCIe (zero-copy, unified virtual addressing): no
 no staging buffer, no host thread on the decode path. In device memory the same kernel is
 an ordinary device gather (the fallback when a layer's KV is resident).
 
+A quantised store (int8 rows, a scale per row in device memory) is read the same way, at
+half the bytes; rows come out times their scales, in the model's dtype.
+
 Where it runs: CUDA when idx is on a CUDA device; the Triton interpreter when idx is on the
 CPU and TRITON_INTERPRET=1 (tests); otherwise (CPU without the interpreter) the reference
 `gather_kv_ref`, which gives the same result.
@@ -13,9 +16,9 @@ CPU and TRITON_INTERPRET=1 (tests); otherwise (CPU without the interpreter) the 
 import torch
 
 from .._launch import cdiv, next_power_of_2, use_triton
-from .ref import gather_kv_ref
+from .ref import dequantize_rows, gather_kv_ref, quantize_rows
 
-__all__ = ["gather_k", "gather_kv", "gather_kv_ref"]
+__all__ = ["dequantize_rows", "gather_k", "gather_kv", "gather_kv_ref", "quantize_rows"]
 
 # Rows per program: small tiles give many independent loads in flight, which is what a
 # PCIe read of scattered 2*D-byte rows needs.
@@ -35,6 +38,8 @@ def gather_kv(
     idx: torch.Tensor,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_host_span: int | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather k_src[h, idx[h, j]] and v_src[h, idx[h, j]] into [Hkv, K, D] outputs.
 
@@ -47,55 +52,83 @@ def gather_kv(
             range reads arbitrary memory (or faults), it is not checked here, since
             checking would need a device-to-host sync per call.
         out: optional preallocated (k_out, v_out), each [Hkv, K, D] on idx's device in the
-            sources' dtype with last dim contiguous, reused across decode steps.
+            output dtype with last dim contiguous, reused across decode steps.
         max_host_span: bytes of host rows one launch may read (default MAX_HOST_SPAN);
             a benchmark's knob.
+        scales: for int8 sources (a quantised store), each row's scale (k_scale, v_scale)
+            [Hkv, N] on idx's device: a row comes out as its integers times its scale, in
+            `dtype` (required then).
 
     Returns:
-        (k_out, v_out): [Hkv, K, D] on idx's device, dtype of the sources.
+        (k_out, v_out): [Hkv, K, D] on idx's device, in dtype (the sources' by default).
     """
-    _check_sources(k_src, v_src, idx)
+    dtype = _check_sources(k_src, v_src, idx, scales, dtype)
     hkv, _, d = k_src.shape
     device = idx.device
     k = idx.shape[1]
     if out is None:
-        k_out = torch.empty(hkv, k, d, dtype=k_src.dtype, device=device)
-        v_out = torch.empty(hkv, k, d, dtype=k_src.dtype, device=device)
+        k_out = torch.empty(hkv, k, d, dtype=dtype, device=device)
+        v_out = torch.empty(hkv, k, d, dtype=dtype, device=device)
     else:
         k_out, v_out = out
         for o in (k_out, v_out):
-            if o.shape != (hkv, k, d) or o.dtype != k_src.dtype or o.device != device:
-                raise ValueError(f"out tensors must be [{hkv}, {k}, {d}] {k_src.dtype} on "
+            if o.shape != (hkv, k, d) or o.dtype != dtype or o.device != device:
+                raise ValueError(f"out tensors must be [{hkv}, {k}, {d}] {dtype} on "
                                  f"{device}; got {tuple(o.shape)} {o.dtype} on {o.device}")
             if o.stride(-1) != 1:
                 raise ValueError("out tensors need a contiguous last dim")
     if k == 0 or hkv == 0:
         return k_out, v_out
     if not use_triton(device):
-        return gather_kv_ref(k_src, v_src, idx, out=(k_out, v_out))
+        return gather_kv_ref(k_src, v_src, idx, out=(k_out, v_out), scales=scales,
+                             dtype=dtype)
 
-    _launch(k_src, v_src, idx, k_out, v_out, True, max_host_span or MAX_HOST_SPAN)
+    _launch(k_src, v_src, idx, k_out, v_out, True, max_host_span or MAX_HOST_SPAN, scales)
     return k_out, v_out
 
 
-def gather_k(k_src: torch.Tensor, idx: torch.Tensor,
-             max_host_span: int | None = None) -> torch.Tensor:
+def gather_k(k_src: torch.Tensor, idx: torch.Tensor, max_host_span: int | None = None,
+             scale: torch.Tensor | None = None, dtype: torch.dtype | None = None
+             ) -> torch.Tensor:
     """Rows of one source only: k_src[h, idx[h, j]] -> [Hkv, K, D] on idx's device. Half the
     traffic of gather_kv: K of candidates whose values are not needed, or V of tokens whose
     keys are already on the device; same rules for where k_src may live (and the same
-    max_host_span)."""
-    _check_sources(k_src, k_src, idx)
+    max_host_span, and scale [Hkv, N] with dtype for an int8 source)."""
+    scales = None if scale is None else (scale, scale)
+    dtype = _check_sources(k_src, k_src, idx, scales, dtype)
     hkv, k, d = k_src.shape[0], idx.shape[1], k_src.shape[2]
-    k_out = torch.empty(hkv, k, d, dtype=k_src.dtype, device=idx.device)
+    k_out = torch.empty(hkv, k, d, dtype=dtype, device=idx.device)
     if k == 0 or hkv == 0:
         return k_out
     if not use_triton(idx.device):
-        return gather_kv_ref(k_src, k_src, idx)[0]
-    _launch(k_src, k_src, idx, k_out, k_out, False, max_host_span or MAX_HOST_SPAN)
+        return gather_kv_ref(k_src, k_src, idx, scales=scales, dtype=dtype)[0]
+    _launch(k_src, k_src, idx, k_out, k_out, False, max_host_span or MAX_HOST_SPAN, scales)
     return k_out
 
 
-def _check_sources(k_src: torch.Tensor, v_src: torch.Tensor, idx: torch.Tensor) -> None:
+def _check_scales(k_src: torch.Tensor, idx: torch.Tensor,
+                  scales: tuple[torch.Tensor, torch.Tensor] | None,
+                  dtype: torch.dtype | None) -> torch.dtype:
+    """-> the output dtype."""
+    if scales is None:
+        if dtype not in (None, k_src.dtype):
+            raise ValueError(f"rows of {k_src.dtype} sources come out as they are, not "
+                             f"{dtype}: only int8 sources (with scales) convert")
+        return k_src.dtype
+    if k_src.dtype != torch.int8 or dtype is None or not dtype.is_floating_point:
+        raise ValueError(f"scales go with int8 sources and a float output dtype; got "
+                         f"{k_src.dtype} sources and dtype {dtype}")
+    for s in scales:
+        if s.shape != k_src.shape[:2] or s.device != idx.device:
+            raise ValueError(f"scales must be [Hkv, N] = {tuple(k_src.shape[:2])} on "
+                             f"{idx.device}; got {tuple(s.shape)} on {s.device}")
+    return dtype
+
+
+def _check_sources(k_src: torch.Tensor, v_src: torch.Tensor, idx: torch.Tensor,
+                   scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   dtype: torch.dtype | None = None) -> torch.dtype:
+    """Raise on bad arguments -> the output dtype."""
     if k_src.dim() != 3 or k_src.shape != v_src.shape:
         raise ValueError(f"k_src, v_src must both be [Hkv, N, D]; got {tuple(k_src.shape)} "
                          f"and {tuple(v_src.shape)}")
@@ -115,10 +148,12 @@ def _check_sources(k_src: torch.Tensor, v_src: torch.Tensor, idx: torch.Tensor) 
     if not src_ok:
         raise ValueError(f"sources on {k_src.device} cannot be read from {device}: host "
                          "sources must be pinned (tensor.pin_memory())")
+    return _check_scales(k_src, idx, scales, dtype)
 
 
 def _launch(k_src: torch.Tensor, v_src: torch.Tensor, idx: torch.Tensor, k_out: torch.Tensor,
-            v_out: torch.Tensor, has_v: bool, max_span: int) -> None:
+            v_out: torch.Tensor, has_v: bool, max_span: int,
+            scales: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     from .kernel import gather_kv_kernel
 
     # A pinned CPU tensor is passed as is: Triton's CUDA launcher turns every pointer
@@ -131,21 +166,26 @@ def _launch(k_src: torch.Tensor, v_src: torch.Tensor, idx: torch.Tensor, k_out: 
     if k_src.is_cuda:
         step = hkv  # device memory: one launch
     elif has_v and 2 * span > max_span:  # K and V apart: half the span per launch
-        _launch(k_src, k_src, idx, k_out, k_out, False, max_span)
-        _launch(v_src, v_src, idx, v_out, v_out, False, max_span)
+        k_scale, v_scale = scales or (None, None)
+        _launch(k_src, k_src, idx, k_out, k_out, False, max_span,
+                scales and (k_scale, k_scale))
+        _launch(v_src, v_src, idx, v_out, v_out, False, max_span,
+                scales and (v_scale, v_scale))
         return
     else:  # heads per launch, rounded to nearest: a store sized for 1M + a few decode
         # tokens spans a hair over 256 MiB a head and should still go two heads a launch
         # (one a launch read runs of 4 at 191 µs a layer against 165: bench --gathers at
         # 1048596 and 1048576 tokens, H100)
         step = max(1, round(max_span / (span * (2 if has_v else 1))))
+    k_scale, v_scale = scales or (idx, idx)  # stand-ins: unread without HAS_SCALE
     for h in range(0, hkv, step):
         heads = slice(h, min(h + step, hkv))
-        ks, vs, ix, ko, vo = (t[heads] for t in (k_src, v_src, idx, k_out, v_out))
+        ks, vs, ix, ko, vo, kc, vc = (t[heads] for t in (k_src, v_src, idx, k_out, v_out,
+                                                          k_scale, v_scale))
         gather_kv_kernel[(ks.shape[0], cdiv(k, BLOCK_K))](
-            ks, vs, ix, ko, vo, k,
+            ks, vs, ix, ko, vo, kc, vc, k,
             *ks.stride()[:2], *vs.stride()[:2], *ix.stride(),
-            *ko.stride()[:2], *vo.stride()[:2],
+            *ko.stride()[:2], *vo.stride()[:2], *kc.stride(), *vc.stride(),
             D=d, BLOCK_K=BLOCK_K, BLOCK_D=next_power_of_2(d), HAS_V=has_v,
-            num_warps=NUM_WARPS,
+            HAS_SCALE=scales is not None, num_warps=NUM_WARPS,
         )

@@ -140,3 +140,41 @@ def test_real_shape_into_pinned_host_memory_from_a_cuda_graph():
         _assert_same(state, want, torch.int8, _written(positions))
     finally:
         R, N, D, S, W = saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantised_store_rows_match_reference_and_read_back(dtype):
+    """An int8 store: each row's integers and float16 scale, as quantize_rows makes them,
+    and read back within half a step of the token."""
+    from retrieval_attn.kernels import dequantize_rows, quantize_rows
+
+    _, window, tail, sketch = _state(dtype, torch.int8, 16, True, DEVICE)
+    store = [torch.zeros(R, N, D, dtype=torch.int8, device=DEVICE) for _ in range(2)]
+    scales = [torch.zeros(R, N, dtype=torch.float16, device=DEVICE) for _ in range(2)]
+    want = _cpu_copy((store, window, tail, sketch))
+    want_scales = [t.cpu().clone() for t in scales]
+    g = torch.Generator().manual_seed(2)
+    for p in (1, 40, 40, 299):
+        k, v = ((torch.randn(R, D, generator=g) * 3).to(dtype) for _ in range(2))
+        k[0] = 0  # a row of zeros stores zeros
+        pos = torch.tensor([p])
+        append_token(pos.to(DEVICE), k.to(DEVICE), v.to(DEVICE), store, window, S, tail,
+                     sketch, store_scale=tuple(scales))
+        append_token_ref(pos, k, v, want[0], want[1], S, want[2], want[3],
+                         store_scale=tuple(want_scales))
+        for rows, sc, x in zip(store, scales, (k, v), strict=True):
+            back = dequantize_rows(rows[:, p].cpu(), sc[:, p].cpu(), torch.float32)
+            step = sc[:, p].cpu().float()[:, None]
+            assert (back - x.float()).abs().le(step / 2 + 1e-6).all()
+            assert torch.equal(rows[:, p].cpu(), quantize_rows(x)[0])
+    for a, b in zip(store + scales, want[0] + want_scales, strict=True):
+        assert torch.equal(a.cpu(), b)
+    assert store[0][0, 1].abs().max() == 0 and store[1].abs().max() == 127
+
+
+def test_rejects_a_quantised_store_without_int8_rows():
+    store, window, tail, sketch = _state(torch.float32, None, 0, False, "cpu")
+    scales = tuple(torch.zeros(R, N, dtype=torch.float16) for _ in range(2))
+    with pytest.raises(ValueError, match="store K must be .* torch.int8"):
+        append_token(torch.tensor([5]), torch.randn(R, D), torch.randn(R, D), store, window,
+                     S, store_scale=scales)

@@ -161,3 +161,60 @@ def test_host_gather_in_head_groups(heads_per_span):
     assert torch.equal(k_out.cpu(), k_ref) and torch.equal(v_out.cpu(), v_ref)
     assert torch.equal(gather_k(v_src, idx, max_host_span=span).cpu(), v_ref)
     assert torch.equal(gather_k(v_src, idx).cpu(), v_ref)  # the default span
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_of_a_quantised_store_dequantises(dtype):
+    """int8 rows with a scale per row (device memory): rows come out as ints * scale."""
+    from retrieval_attn.kernels import dequantize_rows, quantize_rows
+
+    hkv, n, d, k = 3, 90, 64, 41
+    src = [torch.randn(hkv, n, d) * 4 for _ in range(2)]
+    (kq, ks), (vq, vs) = (quantize_rows(x) for x in src)
+    idx = torch.randint(0, n, (hkv, k))
+    args = [t.to(DEVICE) for t in (kq, vq, idx)]
+    k_out, v_out = gather_kv(*args, scales=(ks.to(DEVICE), vs.to(DEVICE)), dtype=dtype)
+    k_ref, v_ref = gather_kv_ref(kq, vq, idx, scales=(ks, vs), dtype=dtype)
+    assert k_out.dtype == dtype
+    _assert_rounded_alike(k_out.cpu(), k_ref)
+    _assert_rounded_alike(v_out.cpu(), v_ref)
+    want = dequantize_rows(kq[1, idx[1]], ks[1, idx[1]], dtype)
+    assert torch.equal(k_ref[1], want)
+    torch.testing.assert_close(k_ref.float(), src[0].gather(1, idx[..., None].expand(-1, -1, d)),
+                               atol=float(ks.max()) / 2 + 0.02, rtol=0.01)
+    only_v = gather_k(args[1], args[2], scale=vs.to(DEVICE), dtype=dtype)
+    _assert_rounded_alike(only_v.cpu(), v_ref)
+
+
+def _assert_rounded_alike(got, want):
+    """Equal; but the Triton interpreter casts float32 to bfloat16 by truncation, where
+    the GPU (and torch) round to nearest: one bfloat16 step apart at most there."""
+    if DEVICE == "cuda" or got.dtype != torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=0, rtol=2**-7)
+
+
+def test_gather_rejects_scales_of_a_float_store_or_without_a_dtype():
+    k_src, v_src = _store(2, 20, 64, torch.float32)
+    idx = torch.zeros(2, 3, dtype=torch.int64)
+    scale = torch.ones(2, 20, dtype=torch.float16)
+    with pytest.raises(ValueError, match="scales go with int8 sources"):
+        gather_k(k_src, idx, scale=scale, dtype=torch.float32)
+    with pytest.raises(ValueError, match="scales go with int8 sources"):
+        gather_k(k_src.to(torch.int8), idx, scale=scale)
+    with pytest.raises(ValueError, match="only int8 sources"):
+        gather_k(k_src, idx, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gather_of_a_pinned_int8_store_at_a_real_shape():
+    from retrieval_attn.kernels import quantize_rows
+
+    hkv, n, d = 4, 1 << 18, 128
+    ints, scale = quantize_rows(torch.randn(hkv, n, d, device="cuda"))
+    host = ints.cpu().pin_memory()
+    idx = torch.randint(0, n, (hkv, 4096), device="cuda")
+    got = gather_k(host, idx, scale=scale, dtype=torch.bfloat16)
+    want = gather_kv_ref(ints, ints, idx, scales=(scale, scale), dtype=torch.bfloat16)[0]
+    assert torch.equal(got, want)
