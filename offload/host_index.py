@@ -83,4 +83,4 @@ class HostIndexFeed:
 
     def _index_keys(self, layer: int, lo: int, hi: int) -> np.ndarray:
         """Keys [Hkv, hi - lo, D] float32: a view of the store when it is float32."""
-        return self.store.k[layer, :, lo:hi].float().numpy()
+        return self.store.read(layer, lo, hi)[0].float().numpy()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..errors import ConfigError
+from ..kernels import dequantize_rows, quantize_rows
 
 
 class HostKVStore:
@@ -16,15 +19,31 @@ class HostKVStore:
     allocator: that one rounds every block up to a power of two, so a 33 GiB K would take
     64 GiB of the host. Registration pins exactly the bytes asked for; it is undone when
     the store is deleted (views of k, v must not outlive it on the GPU's read path).
+
+    Quantised (kv.host_dtype int8), k and v hold int8 rows and k_scale, v_scale
+    [L, Hkv, N] float16 each row's scale, in device memory (kernels.quantize_rows): the
+    host holds and the link carries half the bytes, and rows read back as ints * scale in
+    `dtype`.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, max_tokens: int, head_dim: int,
-                 dtype: torch.dtype, pin: bool) -> None:
+                 dtype: torch.dtype, pin: bool, quantized: bool = False,
+                 scale_device: torch.device | str = "cpu") -> None:
         shape = (num_layers, num_kv_heads, max_tokens, head_dim)
         self._registered: list[int] = []  # host addresses registered with CUDA
-        self.k = self._allocate(shape, dtype, pin)
-        self.v = self._allocate(shape, dtype, pin)
+        self.dtype = dtype  # rows read back in it
+        rows = torch.int8 if quantized else dtype
+        self.k = self._allocate(shape, rows, pin)
+        self.v = self._allocate(shape, rows, pin)
+        self.k_scale = self.v_scale = None
+        if quantized:
+            self.k_scale, self.v_scale = (torch.zeros(shape[:3], dtype=torch.float16,
+                                                      device=scale_device) for _ in range(2))
         self.max_tokens = max_tokens
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
 
     def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
         t = torch.zeros(shape, dtype=dtype)
@@ -34,8 +53,8 @@ class HostKVStore:
             if int(err) != 0:
                 raise ConfigError(f"could not pin {nbytes / 2**30:.2f} GiB of host memory for "
                                   f"the KV store (cudaHostRegister: {err}): lower "
-                                  "runtime.max_context_tokens or runtime.max_batch, or free "
-                                  "host memory")
+                                  "runtime.max_context_tokens or runtime.max_batch, set "
+                                  "kv.host_dtype int8, or free host memory")
             self._registered.append(t.data_ptr())
         return t
 
@@ -58,8 +77,49 @@ class HostKVStore:
         end = start + k.shape[1]
         if end > self.max_tokens:
             raise IndexError(f"host KV store holds {self.max_tokens} tokens; write ends at {end}")
-        self.k[layer, heads, start:end].copy_(k, non_blocking=True)
-        self.v[layer, heads, start:end].copy_(v, non_blocking=True)
+        if not self.quantized:
+            self.k[layer, heads, start:end].copy_(k, non_blocking=True)
+            self.v[layer, heads, start:end].copy_(v, non_blocking=True)
+            return
+        # a chunk of tokens at a time: quantising takes float32 temporaries of its rows
+        for i in range(0, k.shape[1], QUANTIZE_TOKENS):
+            at = slice(start + i, min(start + i + QUANTIZE_TOKENS, end))
+            for rows, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+                ints, scale = quantize_rows(x[:, i:i + QUANTIZE_TOKENS])
+                rows[layer, heads, at].copy_(ints, non_blocking=True)
+                scales[layer, heads, at].copy_(scale, non_blocking=True)
+
+    def layer_rows(self, layer: int) -> tuple[StoreRows, StoreRows]:
+        """One layer's K and V rows [Hkv, N, D] with their scales [Hkv, N] (None unless
+        quantised), as the gather kernels read them."""
+        return (StoreRows(self.k[layer], None if self.k_scale is None else self.k_scale[layer]),
+                StoreRows(self.v[layer], None if self.v_scale is None else self.v_scale[layer]))
+
+    def read(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [lo, hi) of a layer as K, V [Hkv, hi - lo, D] in `dtype` on the host
+        (dequantised when quantised; views otherwise): saving a context, host indexes,
+        diagnostics."""
+        if not self.quantized:
+            return self.k[layer, :, lo:hi], self.v[layer, :, lo:hi]
+        return tuple(dequantize_rows(rows[layer, :, lo:hi], scales[layer, :, lo:hi].cpu(),
+                                     self.dtype)
+                     for rows, scales in ((self.k, self.k_scale), (self.v, self.v_scale)))
 
     def memory_bytes(self) -> dict[str, int]:
-        return {"host": 2 * self.k.numel() * self.k.element_size()}
+        out = {"host": 2 * self.k.numel() * self.k.element_size()}
+        if self.quantized:
+            place = "gpu" if self.k_scale.is_cuda else "host"
+            out[place] = out.get(place, 0) + 2 * self.k_scale.numel() * 2
+        return out
+
+
+class StoreRows(NamedTuple):
+    """One layer's rows [Hkv, N, D] of K or V in the store, and their scales [Hkv, N]
+    (None for a float store)."""
+
+    rows: torch.Tensor
+    scale: torch.Tensor | None
+
+
+# tokens quantised at a time when a prompt is stored: bounds the float32 temporaries
+QUANTIZE_TOKENS = 1 << 16

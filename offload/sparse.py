@@ -33,7 +33,7 @@ from ..index.quest import QuestRetriever
 from ..index.retriever import LowRankRetriever
 from .dense import DenseKV
 from .host_index import HostIndexFeed
-from .host_store import HostKVStore
+from .host_store import HostKVStore, StoreRows
 from .lowrank import LowRankKeys
 from .policy import AttnStep
 from .tail import CHUNK as TAIL_CHUNK
@@ -72,8 +72,13 @@ class SparseKV(HostIndexFeed):
             raise ConfigError(f"index.kind {self.index_cfg.kind} serves one sequence at a "
                               f"time, and runtime.max_batch is {batch}: use index.kind "
                               "lowrank for batched decode, or runtime.max_batch 1")
+        if cfg.host_dtype == "int8" and self.index_cfg.kind != "lowrank":
+            raise ConfigError(f"index.kind {self.index_cfg.kind} re-ranks with float keys "
+                              "from the host store, and kv.host_dtype is int8: use "
+                              "kv.host_dtype auto, or index.kind lowrank")
         self.store = HostKVStore(num_layers, rows, max_tokens, head_dim, dtype,
-                                 pin=device.type == "cuda")
+                                 pin=device.type == "cuda",
+                                 quantized=cfg.host_dtype == "int8", scale_device=device)
         self.sketch: LowRankKeys | None = None
         self.selector: LowRankRetriever | QuestRetriever | None = None
         if cfg.policy == "retrieval":
@@ -253,10 +258,14 @@ class SparseKV(HostIndexFeed):
         if (self.tail is not None and self.selector.last_total is not None
                 and self.selector.last_mass is not None):
             finish_tail = self._start_tail(layer, sel, count, pos)
+        keys, values = self.store.layer_rows(layer)
         if k_sel is None:
-            k_sel, v_sel = self._gather(self.store.k[layer], self.store.v[layer], sel)
+            quantized = keys.scale is not None
+            k_sel, v_sel = self._gather(keys.rows, values.rows, sel,
+                                        scales=(keys.scale, values.scale) if quantized else None,
+                                        dtype=self.dtype if quantized else None)
         else:  # values only: half the host reads
-            v_sel = self._gather_rows(self.store.v[layer], sel)
+            v_sel = self._gather_rows(values, sel)
         out, lse = self._attention(q[:, :, 0], self._per_seq(self.window.k[layer]),
                                    self._per_seq(self.window.v[layer]), window.expand(B),
                                    self._per_seq(k_sel), self._per_seq(v_sel),
@@ -277,10 +286,12 @@ class SparseKV(HostIndexFeed):
         from .. import kernels
 
         fn = kernels.append_token if k.is_cuda else kernels.append_token_ref
-        fn(pos, k, v, (self.store.k[layer], self.store.v[layer]),
+        keys, values = self.store.layer_rows(layer)
+        fn(pos, k, v, (keys.rows, values.rows),
            (self.window.k[layer], self.window.v[layer]), self.window.S,
            self.tail.layer(layer) if self.tail is not None else None,
-           self.sketch.layer(layer) if self.sketch is not None else None)
+           self.sketch.layer(layer) if self.sketch is not None else None,
+           None if keys.scale is None else (keys.scale, values.scale))
 
     def _per_seq(self, x: torch.Tensor) -> torch.Tensor:
         """[B·Hkv, N, D] -> [B, Hkv, N, D] (a view)."""
@@ -336,18 +347,21 @@ class SparseKV(HostIndexFeed):
         return fn(qg, self.window.k[layer], filled, self.D**-0.5)
 
     def _exact_keys(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
-        return self._gather_rows(self.store.k[layer], positions)  # [Hkv, C, D], K only
+        return self._gather_rows(self.store.layer_rows(layer)[0], positions)  # [Hkv, C, D]
 
-    def _gather_rows(self, src: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """src [Hkv, N, D] (one layer of K or of V) rows at positions [Hkv, C]. The kernel
-        on a GPU, else its reference (not the interpreter, which tests may have switched on
-        for the whole process: it made every CPU retrieval decode of the test suite ~5x
-        slower)."""
+    def _gather_rows(self, src: StoreRows, positions: torch.Tensor) -> torch.Tensor:
+        """One layer of K or of V, rows at positions [Hkv, C] -> [Hkv, C, D] in the
+        model's dtype. The kernel on a GPU, else its reference (not the interpreter, which
+        tests may have switched on for the whole process: it made every CPU retrieval
+        decode of the test suite ~5x slower)."""
         from .. import kernels
 
+        dtype = None if src.scale is None else self.dtype
         if positions.is_cuda:
-            return kernels.gather_k(src, positions)
-        return kernels.gather_kv_ref(src, src, positions)[0]
+            return kernels.gather_k(src.rows, positions, scale=src.scale, dtype=dtype)
+        scales = None if src.scale is None else (src.scale, src.scale)
+        return kernels.gather_kv_ref(src.rows, src.rows, positions, scales=scales,
+                                     dtype=dtype)[0]
 
     def memory_bytes(self) -> dict[str, int]:
         parts = [self.store.memory_bytes()]

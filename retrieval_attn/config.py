@@ -26,6 +26,7 @@ KV_POLICIES = ("dense", "streaming", "quest", "retrieval")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SKETCH_DTYPES = ("auto", "int8", "int4")  # kv.sketch_dtype (offload.lowrank)
+HOST_DTYPES = ("auto", "int8")  # kv.host_dtype (offload.host_store)
 MAX_SELECT_BLOCK = 64  # kv.select_block: a run longer than this is one 16 KiB host read
 INDEX_KINDS = ("lowrank", "attention", "faiss-hnsw", "faiss-ivf", "hnswlib", "hybrid")
 BUILDERS = ("ray", "threads", "inline")
@@ -103,6 +104,11 @@ class KVConfig:
     # previous step's log-sum-exp over the region (README: one-pass scoring); 2 computes
     # this step's exactly first, reading the sketch twice
     score_passes: int = 1
+    # where the full K, V of past tokens live (every policy but dense): auto keeps them
+    # in runtime.dtype; int8 keeps each row as integers with a float16 scale (on the
+    # device), half the host memory and half the bytes each decode step reads over PCIe,
+    # at some accuracy (README: int8 host store). Needs index.kind lowrank
+    host_dtype: str = "auto"
     page_tokens: int = 16  # quest: tokens per page
     tail_estimate: bool = True  # retrieval: add the unselected tokens' attention, estimated
 
@@ -132,6 +138,9 @@ class KVConfig:
         if self.score_passes not in (1, 2):
             raise ConfigError(f"kv.score_passes is {self.score_passes}: use 1 (normalise by "
                               "the previous step's lse) or 2 (exact, reads the sketch twice)")
+        if self.host_dtype not in HOST_DTYPES:
+            raise ConfigError(f"kv.host_dtype is {self.host_dtype!r}: valid values are "
+                              f"{', '.join(HOST_DTYPES)}")
         if self.sketch_dtype not in SKETCH_DTYPES:
             raise ConfigError(f"kv.sketch_dtype is {self.sketch_dtype!r}: valid values are "
                               f"{', '.join(SKETCH_DTYPES)}")

@@ -64,8 +64,9 @@ def save_context(engine, prompt_ids: list[int], logits: torch.Tensor, path: str 
         files.append(name)
 
     if isinstance(kv, SparseKV):
-        put("kv.safetensors", {"k": kv.store.k[:, :, :n].contiguous(),
-                               "v": kv.store.v[:, :, :n].contiguous()})
+        rows = [kv.store.read(layer, 0, n) for layer in range(kv.L)]  # in the model dtype
+        put("kv.safetensors", {"k": torch.stack([k for k, _ in rows]),
+                               "v": torch.stack([v for _, v in rows])})
         if kv.sketch is not None:
             s = kv.sketch
             scale = {"scale": s.scale.cpu()} if s.sketch != "auto" else {}

@@ -231,11 +231,16 @@ def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) ->
     B = plan.config.runtime.max_batch
     Hkv = B * spec.num_kv_heads  # rows: a batch is B·Hkv kv heads to the KV state
     add = lambda *a: plan.parts.append(Part(*a))  # noqa: E731
-    one = L * Hkv * N * D * b
     pinned = dev == "gpu"
-    add("kv: host K,V store", "host", 2 * one,
-        "2·L·B·Hkv·N·D·b  K, V [L, B·Hkv, N, D]" + (
-            ", pinned by registration: exact size" if pinned else ""), "held")
+    note = ", pinned by registration: exact size" if pinned else ""
+    if kv.host_dtype == "int8":  # offload/host_store.py: int8 rows, float16 scales
+        add("kv: host K,V store", "host", 2 * L * Hkv * N * D,
+            "2·L·B·Hkv·N·D·1  int8 K, V [L, B·Hkv, N, D]" + note, "held")
+        add("kv: host store's row scales", dev, 2 * L * Hkv * N * 2,
+            "2·L·B·Hkv·N·2  float16 [L, B·Hkv, N]", "held")
+    else:
+        add("kv: host K,V store", "host", 2 * L * Hkv * N * D * b,
+            "2·L·B·Hkv·N·D·b  K, V [L, B·Hkv, N, D]" + note, "held")
     extra = kv.budget(n) if kv.policy == "streaming" else 0
     add("kv: window + sinks K,V", dev, 2 * L * Hkv * (kv.sink_tokens + kv.window_tokens + extra)
         * D * b, "2·L·B·Hkv·(S + W" + (" + k" if extra else "") + ")·D·b", "held")
@@ -261,6 +266,8 @@ def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) ->
                 "B·H·M·8  mass [B·Hkv, G, M] float32 and its "
                 "update" + ("" if fused else " + B·H·N·4 padded probabilities (PyTorch "
                             "path)"), "decode")
+        # (an int8 store's quantising temporaries, pieces of QUANTIZE_TOKENS tokens, are
+        # freed before the fit starts and are smaller than it: not counted)
         f32 = b != 4  # a float32 model's keys are used in place, not copied
         one_seq = spec.num_kv_heads  # the fit runs on one sequence's keys at a time
         if kv.sketch_dtype == "auto":

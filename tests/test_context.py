@@ -125,3 +125,22 @@ def test_int4_sketch_round_trips_with_its_scales(llm, tmp_path):
     assert small.generate(small.load_context(path), PARAMS)[0].token_ids == want
     assert torch.equal(sketch.scale, scale) and torch.equal(sketch.keys[:, :, :1200],
                                                             keys[:, :, :1200])
+
+
+@pytest.mark.slow
+def test_int8_host_store_round_trips(llm, tmp_path):
+    """An int8 host store is saved dequantised (in the model's float32 here, exactly) and
+    quantised again on load: the same integers and scales, the same tokens."""
+    cfg = llm.config.replace(kv={"host_dtype": "int8", "top_k": 0.02},
+                             index={"kind": "lowrank"})
+    small = LLM(config=cfg)
+    prompt = build_prompt(small, 1200, 0.5, "2718281")
+    path = small.save_context(prompt, tmp_path / "int8")
+    want = small.generate(prompt, PARAMS)[0].token_ids
+    store = small.engine.kv.store
+    k, scale = store.k[:, :, :1200].clone(), store.k_scale[:, :, :1200].clone()
+    store.k.zero_()
+    store.k_scale.zero_()
+    assert small.generate(small.load_context(path), PARAMS)[0].token_ids == want
+    assert torch.equal(store.k[:, :, :1200], k) and torch.equal(store.k_scale[:, :, :1200],
+                                                                 scale)

@@ -19,8 +19,7 @@ from retrieval_attn.offload.sparse import TraceEntry
 def _dense(entry: TraceEntry, kv: SparseKV) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact probs [Hkv, G, n] and output [H, D] from the host store's full K, V."""
     Hkv, D = kv.Hkv, kv.D
-    k = kv.store.k[entry.layer, :, :entry.n].float()
-    v = kv.store.v[entry.layer, :, :entry.n].float()
+    k, v = (x.float() for x in kv.store.read(entry.layer, 0, entry.n))
     q = entry.q.float().reshape(Hkv, -1, D).cpu()
     probs = torch.softmax(q @ k.transpose(1, 2) * D**-0.5, dim=-1)
     return probs, (probs @ v).reshape(-1, D)
@@ -72,7 +71,8 @@ def rank_recall(entries: list[TraceEntry], kv: SparseKV, cfg: KVConfig,
     n0 = entries[0].n - 1  # prompt length: the sketch is fitted on the prompt's keys
 
     def exact(layer, pos):
-        return kv.store.k[layer].float().gather(1, pos[..., None].expand(-1, -1, kv.D))
+        k = kv.store.read(layer, 0, kv.store.max_tokens)[0].float()
+        return k.gather(1, pos[..., None].expand(-1, -1, kv.D))
 
     rows = []
     for rank in ranks:
@@ -84,7 +84,7 @@ def rank_recall(entries: list[TraceEntry], kv: SparseKV, cfg: KVConfig,
                        for f in factors}
         got = {name: [] for name in retrievers}
         for e in entries:
-            k = kv.store.k[e.layer, :, :e.n].float()
+            k = kv.store.read(e.layer, 0, e.n)[0].float()
             sketch.build(e.layer, k)
             probs, _ = _dense(e, kv)
             lo, hi = kv.window.offloaded_range(e.n)

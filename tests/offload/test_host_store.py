@@ -43,3 +43,25 @@ def test_registered_store_is_pinned_exact_and_read_by_the_kernels():
     del store  # unregisters; a second store at the same size registers again
     again = HostKVStore(L, Hkv, N, D, torch.bfloat16, pin=True)
     assert again.k.is_pinned()
+
+
+def test_quantized_store_keeps_int8_rows_and_reads_back_within_half_a_step(monkeypatch):
+    from retrieval_attn.kernels import quantize_rows
+    from retrieval_attn.offload import host_store
+
+    monkeypatch.setattr(host_store, "QUANTIZE_TOKENS", 4)  # several pieces per write
+    store = HostKVStore(2, 3, 20, 16, torch.float32, pin=False, quantized=True)
+    k, v = torch.randn(3, 11, 16) * 5, torch.randn(3, 11, 16)
+    store.write(1, 6, k, v)
+    assert store.k.dtype == torch.int8 and store.k_scale.dtype == torch.float16
+    ints, scale = quantize_rows(k)  # in one piece: the same rows
+    assert torch.equal(store.k[1, :, 6:17], ints) and torch.equal(store.k_scale[1, :, 6:17],
+                                                                  scale)
+    k_back, v_back = store.read(1, 6, 17)
+    assert k_back.dtype == torch.float32
+    for x, back, s in ((k, k_back, store.k_scale), (v, v_back, store.v_scale)):
+        assert ((back - x).abs() <= s[1, :, 6:17, None].float() / 2 + 1e-6).all()
+    assert store.read(0, 0, 20)[0].abs().sum() == 0
+    keys, values = store.layer_rows(1)
+    assert keys.rows.dtype == torch.int8 and values.scale.shape == (3, 20)
+    assert store.memory_bytes() == {"host": 2 * 2 * 3 * 20 * 16 + 2 * 2 * 3 * 20 * 2}

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from retrieval_attn.config import IndexConfig, KVConfig
+from retrieval_attn.errors import ConfigError
 from retrieval_attn.offload import DenseKV, SparseKV, make_kv_policy
 from retrieval_attn.offload.policy import AttnStep
 
@@ -194,3 +195,28 @@ def test_score_passes_choose_the_retrievers_normalisation(passes):
     for a, b in zip(run_policy(kv, q, k, v, 50), dense, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert bool(kv.selector.lse_state) == (passes == 1)  # one state per layer, or none
+
+
+def test_int8_host_store_stays_close_to_dense():
+    """kv.host_dtype int8 with a budget of every offloaded token: the only difference from
+    dense attention is the stored rows' rounding (half a step of each row's absmax / 127)."""
+    cfg = KVConfig(policy="retrieval", sink_tokens=3, window_tokens=10, top_k=N, rank=4,
+                   rerank_factor=2, host_dtype="int8")
+    q, k, v = qkv(70)
+    dense = run_policy(DenseKV(L, 1, HKV, N, D, torch.device("cpu"), torch.float32),
+                       q, k, v, 50)
+    kv = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
+    sparse = run_policy(kv, q, k, v, 50)
+    assert kv.store.k.dtype == torch.int8
+    errors = [float((a - b).norm() / b.norm()) for a, b in zip(sparse[L:], dense[L:],
+                                                               strict=True)]
+    assert 1e-5 < max(errors) < 0.02  # rounded, and only a little
+
+
+def test_host_dtype_is_checked():
+    with pytest.raises(ConfigError, match="kv.host_dtype is 'fp8'"):
+        KVConfig(policy="retrieval", host_dtype="fp8")
+    cfg = KVConfig(policy="retrieval", host_dtype="int8", rank=4)
+    with pytest.raises(ConfigError, match="use kv.host_dtype auto, or index.kind lowrank"):
+        make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32,
+                       IndexConfig(kind="attention", builder="inline"))
