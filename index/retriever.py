@@ -13,7 +13,7 @@ favourite tokens count equally.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -48,6 +48,17 @@ def group_scores(scores: torch.Tensor, scale: float,
     if other_lse is not None:
         lse = torch.logaddexp(lse, other_lse.float())
     return torch.exp(logits - lse[..., None]).nan_to_num_(0.0).sum(dim=1)
+
+
+class Candidates(NamedTuple):
+    """Re-rank candidates read from the host (LowRankRetriever.candidates)."""
+
+    positions: torch.Tensor  # [R, C + P]: the C ranked, then P always kept (a partial run)
+    keys: torch.Tensor  # [R, C + P, D] their exact keys
+    count: torch.Tensor  # [1] leading entries of the answer that are real
+    total: torch.Tensor | None  # [R, G] the log-sum-exp their shares are normalised by
+    ranked: int  # C
+    keep: int  # how many of the C the answer keeps (before the P)
 
 
 def _mask_from(hi: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -133,8 +144,18 @@ class LowRankRetriever:
         """Like `select`, plus the chosen tokens' exact keys [Hkv, k, D] (the dtype
         exact_keys returns) when re-ranking fetched them, else None: the caller then
         needs only their values from the host store."""
+        found = self.candidates(layer, q, lo, hi, k, other_lse)
+        return self.rerank(q, hi, found) if isinstance(found, Candidates) else found
+
+    def candidates(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
+                   other_lse: torch.Tensor | None = None
+                   ) -> Candidates | tuple[torch.Tensor, torch.Tensor, None]:
+        """The first half of select_with_keys: the sketch's re-rank candidates and their
+        exact keys, chosen with q, for `rerank` to finish; q may be a guess at the query
+        (kv.lookahead_from), since the re-rank takes the real one. Where this step does
+        not re-rank, select_with_keys' answer (positions, count, None) instead."""
         if self.use_blocks:
-            return self._select_blocks(layer, q, lo, hi, k, other_lse)
+            return self._block_candidates(layer, q, lo, hi, k, other_lse)
         k = slots_for(k, self.block)  # a region shorter than the blocks: attend it all
         n = self.sketch.capacity
         if self.positions is None:
@@ -153,20 +174,16 @@ class LowRankRetriever:
         cand = shares.topk(n_cand, dim=-1, sorted=not rerank and self.ordered).indices + lo
         if not rerank:
             return cand[:, :k], count, None
-        keys = self.exact_keys(layer, cand)  # [Hkv, C, D]
-        shares = self._exact_shares(q, keys.to(q.dtype), cand, hi, total)
-        best = shares.topk(k, dim=-1, sorted=self.ordered).indices  # [Hkv, k]
-        chosen = keys.gather(1, best[:, :, None].expand(-1, -1, keys.shape[2]))
-        return cand.gather(1, best), count, chosen
+        return Candidates(cand, self.exact_keys(layer, cand), count, total, n_cand, k)
 
-    def _select_blocks(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor,
-                       k: int, other_lse: torch.Tensor | None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """select_with_keys with candidates in aligned runs of P positions: the best
-        blocks(k)·m runs by summed sketch shares, whose keys are read (fast: runs), and the
-        best blocks(k)·P of their positions by exact shares, one by one; without re-ranking,
-        the best blocks(k) runs themselves. Then the partial block before hi; count [1] is
-        the chosen positions plus the partial block's before hi."""
+    def _block_candidates(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor,
+                          k: int, other_lse: torch.Tensor | None
+                          ) -> Candidates | tuple[torch.Tensor, torch.Tensor, None]:
+        """candidates in aligned runs of P positions: the best blocks(k)·m runs by summed
+        sketch shares, whose keys are read (fast: runs), then the partial block before hi
+        (always kept); without re-ranking, the best blocks(k) runs themselves and the
+        partial block. count [1] is the chosen positions plus the partial block's before
+        hi."""
         P, rows, n = self.block, q.shape[0], self.sketch.capacity
         nb = blocks_for(k, P)
         n_cand = min((n - lo) // P, nb * self.rerank_factor)
@@ -176,21 +193,34 @@ class LowRankRetriever:
         top = sums.topk(n_cand if rerank else nb, dim=-1, sorted=False).indices
         cand = block_tokens(top, lo, P)  # [R, blocks·P]
         part, count = self._partial_block(lo, hi, nb)
-        part = part.expand(rows, P)
+        every = torch.cat([cand, part.expand(rows, P)], dim=1)  # [R, C + P]
         if not rerank:
-            return torch.cat([cand, part], dim=1), count, None
-        C = cand.shape[1]
-        every = torch.cat([cand, part], dim=1)  # [R, C + P]
-        keys = self.exact_keys(layer, every)  # [R, C + P, D]
-        exact = self._exact_shares(q, keys[:, :C].to(q.dtype), cand, hi, total)
+            return every, count, None
+        return Candidates(every, self.exact_keys(layer, every), count, total, cand.shape[1],
+                          nb * P)
+
+    def rerank(self, q: torch.Tensor, hi: torch.Tensor, c: Candidates
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The second half of select_with_keys: the best of the candidates by their exact
+        shares under q [Hkv, G, D] (one by one; with rerank_blocks, the runs of largest
+        summed exact shares, whole), and any positions always kept -> (positions [Hkv, K],
+        count [1], their keys [Hkv, K, D])."""
+        C, rows = c.ranked, q.shape[0]
+        exact = self._exact_shares(q, c.keys[:, :C].to(q.dtype), c.positions[:, :C], hi,
+                                   c.total)
+        if not self.use_blocks:
+            best = exact.topk(c.keep, dim=-1, sorted=self.ordered).indices  # [Hkv, k]
+            chosen = c.keys.gather(1, best[:, :, None].expand(-1, -1, c.keys.shape[2]))
+            return c.positions.gather(1, best), c.count, chosen
+        P = self.block
         if self.rerank_blocks:  # the runs of largest exact mass, whole
-            runs = _top_columns(exact.float().view(rows, -1, P).sum(-1), nb)  # [R, nb]
-            best = block_tokens(runs, 0, P)  # [R, nb·P] into cand
+            runs = _top_columns(exact.float().view(rows, -1, P).sum(-1), c.keep // P)
+            best = block_tokens(runs, 0, P)  # [R, keep] into the candidates
         else:
-            best = _top_columns(exact, nb * P)  # [R, nb·P] into cand
-        # the chosen candidates, then the partial block (the last P rows of every, keys)
+            best = _top_columns(exact, c.keep)  # [R, keep] into the candidates
+        # the chosen candidates, then the partial block (the last P rows, keys included)
         take = torch.cat([best, self._last_rows(C, P, best.device).expand(rows, P)], dim=1)
-        return every.gather(1, take), count, _take_rows(keys, take)
+        return c.positions.gather(1, take), c.count, _take_rows(c.keys, take)
 
     def _last_rows(self, c: int, p: int, device: torch.device) -> torch.Tensor:
         """[P] = c .. c + P - 1, made once per size."""

@@ -51,3 +51,9 @@ class KVPolicy(Protocol):
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held, by place: {"gpu": ..., "host": ...}."""
         ...
+
+    # Optional, for a policy that selects tokens (SparseKV, kv.lookahead_from):
+    #   lookahead(layer, guess, step) -> None
+    # In a decode step, once layer - 1 has attended, the model hands over guess() -> q
+    # [B, H, 1, D]: layer's queries computed from layer - 1's hidden state. The policy may
+    # start choosing layer's tokens with it, beside layer - 1's MLP.

@@ -30,7 +30,7 @@ from ..errors import ConfigError, RequestError
 from ..index.ann_retriever import AnnRetriever
 from ..index.build_service import IndexBuildService
 from ..index.quest import QuestRetriever
-from ..index.retriever import LowRankRetriever
+from ..index.retriever import Candidates, LowRankRetriever
 from .dense import DenseKV
 from .host_index import HostIndexFeed
 from .host_store import HostKVStore, StoreRows
@@ -72,6 +72,10 @@ class SparseKV(HostIndexFeed):
             raise ConfigError(f"index.kind {self.index_cfg.kind} serves one sequence at a "
                               f"time, and runtime.max_batch is {batch}: use index.kind "
                               "lowrank for batched decode, or runtime.max_batch 1")
+        if cfg.lookahead_from and cfg.policy == "retrieval" and self.index_cfg.kind != "lowrank":
+            raise ConfigError(f"kv.lookahead_from guesses the low-rank retriever's queries, "
+                              f"and index.kind is {self.index_cfg.kind}: use "
+                              "kv.lookahead_from 0, or index.kind lowrank")
         if cfg.host_dtype == "int8" and self.index_cfg.kind != "lowrank":
             raise ConfigError(f"index.kind {self.index_cfg.kind} re-ranks with float keys "
                               "from the host store, and kv.host_dtype is int8: use "
@@ -116,6 +120,10 @@ class SparseKV(HostIndexFeed):
         self._bounds_step: AttnStep | None = None  # the step _bounds were computed for
         self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None
         self._side: torch.cuda.Stream | None = None  # the tail's partials run on it
+        # kv.lookahead_from: {layer: (step, candidates or selection)} made by lookahead,
+        # on its own stream
+        self._ahead: dict[int, tuple[AttnStep, object]] = {}
+        self._ahead_stream: torch.cuda.Stream | None = None
         self._gather, self._attention = _ops(device)
 
     @property
@@ -244,9 +252,13 @@ class SparseKV(HostIndexFeed):
         lo, (hi, window) = self.cfg.sink_tokens, self._step_bounds(layer, step)
         qg = q[:, :, 0].reshape(rows, self.H // self.Hkv, self.D)  # [B·Hkv, G, D]
         k_sel = None
+        if layer == 0:
+            self._ahead.clear()  # a step interrupted after its lookahead leaves nothing
         if self.selector is None:
             sel = torch.zeros(rows, 0, dtype=torch.long, device=q.device)
             count = torch.zeros(1, dtype=torch.int32, device=q.device)
+        elif layer in self._ahead:  # candidates chosen early (lookahead): re-rank them
+            sel, count, k_sel = self._join_lookahead(layer, qg, hi, step)
         else:
             window_lse = self._window_lse(layer, qg, window)
             args = (layer, qg, lo, hi, self.budget, window_lse)
@@ -279,6 +291,47 @@ class SparseKV(HostIndexFeed):
             self.trace.append(TraceEntry(layer, n, q[0, :, 0].clone(), out[0].clone(),
                                          sel[:self.Hkv, :int(count[0])]))  # sequence 0
         return out[:, :, None]  # [B, H, 1, D]
+
+    def lookahead(self, layer: int, guess: Callable[[], torch.Tensor], step: AttnStep) -> None:
+        """Choose layer's re-rank candidates now, with guess() -> q [B, H, 1, D] (its
+        queries as computed from layer - 1's hidden state), for attend(layer) to re-rank
+        with the real ones (kv.lookahead_from; offload/policy.py). On a GPU it all runs on
+        a side stream: the sketch scoring and top-k, and the host reads of the candidates'
+        keys, beside layer - 1's MLP. The window's lse is taken before this step's token
+        enters it, and the tail estimate of the layer uses the guess's scores: both are
+        approximations of the guess, checked against dense attention (README)."""
+        if (self.prefill_kv is not None or not 0 < self.cfg.lookahead_from <= layer
+                or not isinstance(self.selector, LowRankRetriever)):
+            return
+
+        def choose():
+            q = guess()  # [B, H, 1, D]
+            qg = q[:, :, 0].reshape(q.shape[0] * self.Hkv, self.H // self.Hkv, self.D)
+            hi, window = self._step_bounds(layer, step)
+            return self.selector.candidates(layer, qg, self.cfg.sink_tokens, hi, self.budget,
+                                            self._window_lse(layer, qg, window))
+
+        if self.device.type != "cuda":
+            self._ahead[layer] = (step, choose())
+            return
+        if self._ahead_stream is None:
+            self._ahead_stream = torch.cuda.Stream(self.device)
+        self._ahead_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._ahead_stream):
+            self._ahead[layer] = (step, choose())
+
+    def _join_lookahead(self, layer: int, qg: torch.Tensor, hi: torch.Tensor,
+                        step: AttnStep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """attend's selection from the candidates lookahead chose: (positions, count, keys
+        or None). The selector's last scores (for the tail) are the guess's."""
+        made_for, found = self._ahead.pop(layer)
+        if made_for is not step:
+            raise RuntimeError(f"layer {layer}'s lookahead was made for another decode step")
+        if self._ahead_stream is not None:
+            torch.cuda.current_stream().wait_stream(self._ahead_stream)
+        if isinstance(found, Candidates):
+            return self.selector.rerank(qg, hi, found)
+        return found
 
     def _append(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """The decode token's k, v [B·Hkv, D] into the store, window, tail sums and sketch:

@@ -109,6 +109,10 @@ class KVConfig:
     # device), half the host memory and half the bytes each decode step reads over PCIe,
     # at some accuracy (README: int8 host store). Needs index.kind lowrank
     host_dtype: str = "auto"
+    # retrieval: layers from this one on choose their re-rank candidates early, with a
+    # guess at their queries from the previous layer's hidden state, while that layer's
+    # MLP runs; the re-rank takes the real queries (README: lookahead). 0 = off
+    lookahead_from: int = 0
     page_tokens: int = 16  # quest: tokens per page
     tail_estimate: bool = True  # retrieval: add the unselected tokens' attention, estimated
 
@@ -138,6 +142,14 @@ class KVConfig:
         if self.score_passes not in (1, 2):
             raise ConfigError(f"kv.score_passes is {self.score_passes}: use 1 (normalise by "
                               "the previous step's lse) or 2 (exact, reads the sketch twice)")
+        if self.lookahead_from < 0:
+            raise ConfigError(f"kv.lookahead_from is {self.lookahead_from}: use 0 (off) or "
+                              "the first layer to look ahead for (1 or more)")
+        if self.lookahead_from and self.rerank_factor < 2:
+            raise ConfigError(f"kv.lookahead_from is {self.lookahead_from}: its guessed "
+                              "queries choose candidates that a re-rank with the real ones "
+                              "narrows down, and kv.rerank_factor is 1: set it to 2 or more, "
+                              "or lookahead_from 0")
         if self.host_dtype not in HOST_DTYPES:
             raise ConfigError(f"kv.host_dtype is {self.host_dtype!r}: valid values are "
                               f"{', '.join(HOST_DTYPES)}")

@@ -6,6 +6,8 @@ are dense on the GPU or retrieved from host memory.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -33,6 +35,14 @@ class Attention(nn.Module):
         out = kv.attend(self.layer, q, k, v, step)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.D))
 
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The queries alone of x [B, T, C] -> [B, H, T, D] (post-RoPE)."""
+        B, T, _ = x.shape
+        n = self.H * self.D  # the packed weight's first rows
+        bias = None if self.qkv.bias is None else self.qkv.bias[:n]
+        q = nn.functional.linear(x, self.qkv.weight[:n], bias)
+        return apply_rope(q.view(B, T, self.H, self.D).transpose(1, 2), cos, sin)
+
 
 class Block(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int) -> None:
@@ -44,8 +54,21 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVPolicy,
                 step: AttnStep) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv, step)
+        return self.mlp_residual(self.attention_residual(x, cos, sin, kv, step))
+
+    def attention_residual(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           kv: KVPolicy, step: AttnStep) -> torch.Tensor:
+        return x + self.attn(self.attn_norm(x), cos, sin, kv, step)
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.mlp_norm(x))
+
+    def guess_query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                    ) -> torch.Tensor:
+        """This layer's queries [B, H, T, D] as if x [B, T, C] were its input: an earlier
+        layer's hidden state gives a close guess (the residual stream changes little from
+        one layer to the next)."""
+        return self.attn.query(self.attn_norm(x), cos, sin)
 
 
 class Llama(nn.Module):
@@ -72,8 +95,14 @@ class Llama(nn.Module):
             raise RuntimeError("call setup_rope(max_positions) before the first forward")
         cos, sin = self.cos[step.positions], self.sin[step.positions]  # [T, D]
         x = self.embed(ids)
-        for block in self.layers:
-            x = block(x, cos, sin, kv, step)
+        # a decode step tells a policy that looks ahead how to guess each next layer's
+        # queries, once the layer before has attended (offload/policy.py)
+        lookahead = getattr(kv, "lookahead", None) if ids.shape[1] == 1 else None
+        for i, block in enumerate(self.layers):
+            x = block.attention_residual(x, cos, sin, kv, step)
+            if lookahead is not None and i + 1 < len(self.layers):
+                lookahead(i + 1, partial(self.layers[i + 1].guess_query, x, cos, sin), step)
+            x = block.mlp_residual(x)
         return self.logits(x[:, -1:] if last_only else x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -220,3 +220,71 @@ def test_host_dtype_is_checked():
     with pytest.raises(ConfigError, match="use kv.host_dtype auto, or index.kind lowrank"):
         make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32,
                        IndexConfig(kind="attention", builder="inline"))
+
+
+def _run_with_lookahead(kv, q, k, v, prompt, guess):
+    """run_policy, with kv.lookahead(layer, ...) before each decode layer >= 1, as the
+    model calls it: guess(t, layer) -> q [1, H, 1, D]."""
+    kv.start_request()
+    for layer in range(L):
+        kv.attend(layer, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt],
+                  AttnStep(torch.arange(prompt), 0))
+        kv.finish_layer(layer, prompt)
+    kv.finish_prefill(prompt)
+    outs = []
+    for t in range(prompt, q.shape[2]):
+        step = AttnStep(torch.tensor([t]), t)
+        for layer in range(L):
+            if layer:
+                kv.lookahead(layer, lambda t=t, layer=layer: guess(t, layer), step)
+            outs.append(kv.attend(layer, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
+                                  step))
+    return outs
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_lookahead_with_a_budget_of_everything_is_exact(block):
+    """Candidates chosen with a poor guess (noise) are re-ranked with the real queries; a
+    budget of every offloaded token keeps them all, so the output is dense attention."""
+    cfg = KVConfig(policy="retrieval", sink_tokens=3, window_tokens=10, top_k=N, rank=4,
+                   rerank_factor=2, select_block=block, tail_estimate=False, lookahead_from=1)
+    q, k, v = qkv(70)
+    dense = run_policy(DenseKV(L, 1, HKV, N, D, torch.device("cpu"), torch.float32),
+                       q, k, v, 50)
+    kv = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
+    used = []
+    real_join = kv._join_lookahead
+    kv._join_lookahead = lambda *a: used.append(a[0]) or real_join(*a)
+    sparse = _run_with_lookahead(kv, q, k, v, 50, lambda t, layer: torch.randn(1, H, 1, D))
+    assert used == [1] * 20  # L = 2: layer 1 of each of the 20 decode steps looked ahead
+    for a, b in zip(sparse, dense[L:], strict=True):  # the decode steps
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_lookahead_with_the_real_query_selects_as_without():
+    """Guessing the real query: the same output as selecting at attend, but where the
+    window's lse, taken before the step's token enters, moves the group shares enough to
+    swap candidates (a few steps of these random heads; layer 0 never looks ahead)."""
+    cfg = dict(policy="retrieval", sink_tokens=3, window_tokens=10, top_k=12, rank=8,
+               rerank_factor=2, select_block=4, sketch_dtype="int8")
+    torch.manual_seed(0)
+    q, k, v = qkv(80)
+    outs = {}
+    for ahead in (0, 1):
+        kv = make_kv_policy(KVConfig(**cfg, lookahead_from=ahead), L, H, HKV, D, N,
+                            torch.device("cpu"), torch.float32)
+        outs[ahead] = _run_with_lookahead(kv, q, k, v, 60, lambda t, layer: q[:, :, t:t + 1])
+    errors = [float((a - b).norm() / b.norm()) for a, b in zip(outs[1], outs[0], strict=True)]
+    assert max(errors[0::L]) == 0  # layer 0
+    assert sum(e < 1e-5 for e in errors[1::L]) >= 0.6 * len(errors[1::L]) and max(errors) > 0
+
+
+def test_lookahead_needs_a_rerank_and_the_lowrank_index():
+    with pytest.raises(ConfigError, match="set it to 2 or more"):
+        KVConfig(policy="retrieval", lookahead_from=2, rerank_factor=1)
+    with pytest.raises(ConfigError, match="kv.lookahead_from is -1"):
+        KVConfig(policy="retrieval", lookahead_from=-1)
+    cfg = KVConfig(policy="retrieval", lookahead_from=2, rerank_factor=2, rank=4)
+    with pytest.raises(ConfigError, match="use kv.lookahead_from 0, or index.kind lowrank"):
+        make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32,
+                       IndexConfig(kind="attention", builder="inline"))
