@@ -303,19 +303,24 @@ class SparseKV(HostIndexFeed):
         if (self.prefill_kv is not None or not 0 < self.cfg.lookahead_from <= layer
                 or not isinstance(self.selector, LowRankRetriever)):
             return
+        from ..kernels.append_token import window_slot
 
         def choose():
             q = guess()  # [B, H, 1, D]
             qg = q[:, :, 0].reshape(q.shape[0] * self.Hkv, self.H // self.Hkv, self.D)
             hi, window = self._step_bounds(layer, step)
+            # the slot this step's token goes to holds an older token until attend(layer)
+            # (or already this one, when a graph's capture repeats the step): left out
+            newest = window_slot(step.positions, self.window.S, self.window.W)
             return self.selector.candidates(layer, qg, self.cfg.sink_tokens, hi, self.budget,
-                                            self._window_lse(layer, qg, window))
+                                            self._window_lse(layer, qg, window, newest))
 
         if self.device.type != "cuda":
             self._ahead[layer] = (step, choose())
             return
-        if self._ahead_stream is None:
-            self._ahead_stream = torch.cuda.Stream(self.device)
+        if self._ahead_stream is None:  # high priority: its few blocks of host reads
+            # start as soon as any SM frees up, and wait on the link beside the MLP's
+            self._ahead_stream = torch.cuda.Stream(self.device, priority=-1)
         self._ahead_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._ahead_stream):
             self._ahead[layer] = (step, choose())
@@ -391,13 +396,15 @@ class SparseKV(HostIndexFeed):
             self._bounds_step = step
         return self._bounds
 
-    def _window_lse(self, layer: int, qg: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
-        """Log-sum-exp [B·Hkv, G] of the scaled scores over the filled window slots (the
-        Triton kernel on a GPU; its reference elsewhere, not the interpreter)."""
+    def _window_lse(self, layer: int, qg: torch.Tensor, filled: torch.Tensor,
+                    skip: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-sum-exp [B·Hkv, G] of the scaled scores over the filled window slots, but
+        slot skip [1] when given (the Triton kernel on a GPU; its reference elsewhere, not
+        the interpreter)."""
         from .. import kernels
 
         fn = kernels.window_lse if qg.is_cuda else kernels.window_lse_ref
-        return fn(qg, self.window.k[layer], filled, self.D**-0.5)
+        return fn(qg, self.window.k[layer], filled, self.D**-0.5, skip)
 
     def _exact_keys(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
         return self._gather_rows(self.store.layer_rows(layer)[0], positions)  # [Hkv, C, D]

@@ -19,27 +19,30 @@ NUM_WARPS = 4
 
 
 def window_lse(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
-               scale: float) -> torch.Tensor:
+               scale: float, skip: torch.Tensor | None = None) -> torch.Tensor:
     """q [R, G, D] and window keys k [R, S, D] in one dtype on one device, last dims
     contiguous; valid [1] int on that device (slots [0, valid) are filled; no sync) ->
-    [R, G] float32 log-sum-exp of the scaled scores (-inf with no filled slot)."""
+    [R, G] float32 log-sum-exp of the scaled scores (-inf with no filled slot). skip [1]
+    int: a slot left out (the newest token's, before it is written there)."""
     rows, g, d = q.shape
     if k.dim() != 3 or k.shape[0] != rows or k.shape[2] != d or k.dtype != q.dtype:
         raise ValueError(f"window keys must be [R={rows}, S, D={d}] {q.dtype}; got "
                          f"{tuple(k.shape)} {k.dtype}")
-    if valid.numel() != 1 or valid.device != q.device or k.device != q.device:
-        raise ValueError("valid must be a [1] int tensor on q's device, with the keys")
+    for name, t in (("valid", valid), ("skip", valid if skip is None else skip)):
+        if t.numel() != 1 or t.device != q.device or k.device != q.device:
+            raise ValueError(f"{name} must be a [1] int tensor on q's device, with the keys")
     if (not use_triton(q.device) or d < 16 or d & (d - 1) or q.stride(-1) != 1
             or k.stride(-1) != 1):
-        return window_lse_ref(q, k, valid, scale)
+        return window_lse_ref(q, k, valid, scale, skip)
     from .kernel import window_lse_kernel
 
     out = torch.empty(rows, g, dtype=torch.float32, device=q.device)
     # float32 inputs dot exactly; Triton's interpreter computes bfloat16 dots wrongly
     dot_f32 = q.dtype == torch.float32 or interpreting()
     window_lse_kernel[(rows,)](
-        q, k, valid.reshape(1), out, g, k.shape[1], scale,
+        q, k, valid.reshape(1), valid if skip is None else skip.reshape(1), out, g,
+        k.shape[1], scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0),
         D=d, G_PAD=max(MIN_HEAD_ROWS, next_power_of_2(g)), BLOCK_S=BLOCK_S,
-        DOT_F32=dot_f32, num_warps=NUM_WARPS)
+        DOT_F32=dot_f32, HAS_SKIP=skip is not None, num_warps=NUM_WARPS)
     return out

@@ -33,3 +33,20 @@ def test_no_filled_slot_gives_minus_infinity():
 def test_rejects_keys_of_another_head_dim():
     with pytest.raises(ValueError, match="window keys"):
         window_lse(torch.randn(2, 3, 32), torch.randn(2, 8, 16), torch.tensor([3]), 0.1)
+
+
+def test_a_skipped_slot_does_not_count():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 5, 32, generator=gen).to(DEVICE)
+    k = torch.randn(3, 90, 32, generator=gen).to(DEVICE)
+    filled = torch.tensor([90], device=DEVICE)
+    skip = torch.tensor([41], device=DEVICE)
+    got = window_lse(q, k, filled, 0.2, skip)
+    without = torch.cat([k[:, :41], k[:, 42:]], dim=1)
+    want = window_lse_ref(q.cpu(), without.cpu(), torch.tensor([89]), 0.2)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(window_lse_ref(q.cpu(), k.cpu(), filled.cpu(), 0.2,
+                                              skip.cpu()), want, rtol=1e-5, atol=1e-5)
+    k[:, 41] = 50  # a huge score in the skipped slot changes nothing
+    torch.testing.assert_close(window_lse(q, k, filled, 0.2, skip).cpu(), want, rtol=1e-4,
+                               atol=1e-4)
