@@ -54,6 +54,6 @@ class KVPolicy(Protocol):
 
     # Optional, for a policy that selects tokens (SparseKV, kv.lookahead_from):
     #   lookahead(layer, guess, step) -> None
-    # In a decode step, once layer - 1 has attended, the model hands over guess() -> q
-    # [B, H, 1, D]: layer's queries computed from layer - 1's hidden state. The policy may
-    # start choosing layer's tokens with it, beside layer - 1's MLP.
+    # In a decode step, as layer - 1 starts, the model hands over guess() -> q
+    # [B, H, 1, D]: layer's queries computed from layer - 1's input. The policy may start
+    # choosing layer's tokens with it, beside layer - 1's own work.

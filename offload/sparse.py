@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -120,9 +121,8 @@ class SparseKV(HostIndexFeed):
         self._bounds_step: AttnStep | None = None  # the step _bounds were computed for
         self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None
         self._side: torch.cuda.Stream | None = None  # the tail's partials run on it
-        # kv.lookahead_from: {layer: (step, candidates or selection)} made by lookahead,
-        # on its own stream
-        self._ahead: dict[int, tuple[AttnStep, object]] = {}
+        # kv.lookahead_from: what lookahead chose per layer, on its own stream
+        self._ahead: dict[int, Lookahead] = {}
         self._ahead_stream: torch.cuda.Stream | None = None
         self._gather, self._attention = _ops(device)
 
@@ -252,13 +252,14 @@ class SparseKV(HostIndexFeed):
         lo, (hi, window) = self.cfg.sink_tokens, self._step_bounds(layer, step)
         qg = q[:, :, 0].reshape(rows, self.H // self.Hkv, self.D)  # [B·Hkv, G, D]
         k_sel = None
-        if layer == 0:
-            self._ahead.clear()  # a step interrupted after its lookahead leaves nothing
+        # candidates chosen early for this step (lookahead); a step interrupted after its
+        # lookahead leaves one for another step, which is dropped here
+        ahead = self._ahead.pop(layer, None)
         if self.selector is None:
             sel = torch.zeros(rows, 0, dtype=torch.long, device=q.device)
             count = torch.zeros(1, dtype=torch.int32, device=q.device)
-        elif layer in self._ahead:  # candidates chosen early (lookahead): re-rank them
-            sel, count, k_sel = self._join_lookahead(layer, qg, hi, step)
+        elif ahead is not None and ahead.step is step:  # re-rank them
+            sel, count, k_sel = self._join_lookahead(ahead, qg, hi)
         else:
             window_lse = self._window_lse(layer, qg, window)
             args = (layer, qg, lo, hi, self.budget, window_lse)
@@ -294,49 +295,55 @@ class SparseKV(HostIndexFeed):
 
     def lookahead(self, layer: int, guess: Callable[[], torch.Tensor], step: AttnStep) -> None:
         """Choose layer's re-rank candidates now, with guess() -> q [B, H, 1, D] (its
-        queries as computed from layer - 1's hidden state), for attend(layer) to re-rank
-        with the real ones (kv.lookahead_from; offload/policy.py). On a GPU it all runs on
-        a side stream: the sketch scoring and top-k, and the host reads of the candidates'
-        keys, beside layer - 1's MLP. The window's lse is taken before this step's token
-        enters it, and the tail estimate of the layer uses the guess's scores: both are
-        approximations of the guess, checked against dense attention (README)."""
+        queries as computed from layer - 1's input), for attend(layer) to re-rank with the
+        real ones (kv.lookahead_from; offload/policy.py). On a GPU it all runs on a side
+        stream beside layer - 1: the sketch scoring (HBM-bound) beside layer - 1's value
+        reads from the host, then the top-k and the host reads of the candidates' keys
+        beside its MLP. The window's lse leaves out this step's token (not written yet),
+        and the layer's tail estimate uses the guess's scores: approximations of the
+        guess, checked against dense attention (README)."""
         if (self.prefill_kv is not None or not 0 < self.cfg.lookahead_from <= layer
                 or not isinstance(self.selector, LowRankRetriever)):
             return
         from ..kernels.append_token import window_slot
 
-        def choose():
+        def choose() -> Lookahead:
             q = guess()  # [B, H, 1, D]
             qg = q[:, :, 0].reshape(q.shape[0] * self.Hkv, self.H // self.Hkv, self.D)
             hi, window = self._step_bounds(layer, step)
             # the slot this step's token goes to holds an older token until attend(layer)
             # (or already this one, when a graph's capture repeats the step): left out
             newest = window_slot(step.positions, self.window.S, self.window.W)
-            return self.selector.candidates(layer, qg, self.cfg.sink_tokens, hi, self.budget,
-                                            self._window_lse(layer, qg, window, newest))
+            sel = self.selector
+            found = sel.candidates(layer, qg, self.cfg.sink_tokens, hi, self.budget,
+                                   self._window_lse(layer, qg, window, newest))
+            done = torch.cuda.Event() if qg.is_cuda else None
+            if done is not None:
+                done.record()
+            return Lookahead(step, found, (sel.last_total, sel.last_mass, sel.last_query),
+                             done)
 
         if self.device.type != "cuda":
-            self._ahead[layer] = (step, choose())
+            self._ahead[layer] = choose()
             return
         if self._ahead_stream is None:  # high priority: its few blocks of host reads
             # start as soon as any SM frees up, and wait on the link beside the MLP's
             self._ahead_stream = torch.cuda.Stream(self.device, priority=-1)
         self._ahead_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._ahead_stream):
-            self._ahead[layer] = (step, choose())
+            self._ahead[layer] = choose()
 
-    def _join_lookahead(self, layer: int, qg: torch.Tensor, hi: torch.Tensor,
-                        step: AttnStep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _join_lookahead(self, ahead: Lookahead, qg: torch.Tensor, hi: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """attend's selection from the candidates lookahead chose: (positions, count, keys
-        or None). The selector's last scores (for the tail) are the guess's."""
-        made_for, found = self._ahead.pop(layer)
-        if made_for is not step:
-            raise RuntimeError(f"layer {layer}'s lookahead was made for another decode step")
-        if self._ahead_stream is not None:
-            torch.cuda.current_stream().wait_stream(self._ahead_stream)
-        if isinstance(found, Candidates):
-            return self.selector.rerank(qg, hi, found)
-        return found
+        or None). The selector's last scores (for the tail) become the guess's."""
+        if ahead.done is not None:  # this layer's lookahead only: the next one runs on
+            torch.cuda.current_stream().wait_event(ahead.done)
+        sel = self.selector
+        sel.last_total, sel.last_mass, sel.last_query = ahead.scores
+        if isinstance(ahead.found, Candidates):
+            return sel.rerank(qg, hi, ahead.found)
+        return ahead.found
 
     def _append(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """The decode token's k, v [B·Hkv, D] into the store, window, tail sums and sketch:
@@ -439,6 +446,15 @@ class SparseKV(HostIndexFeed):
             for place, nbytes in p.items():
                 total[place] = total.get(place, 0) + nbytes
         return total
+
+
+class Lookahead(NamedTuple):
+    """A layer's candidates chosen early (SparseKV.lookahead)."""
+
+    step: AttnStep  # the decode step they were chosen for
+    found: object  # LowRankRetriever.candidates' answer
+    scores: tuple  # the selector's (last_total, last_mass, last_query) after choosing
+    done: torch.cuda.Event | None  # recorded on the side stream when they are ready
 
 
 def _ops(device: torch.device):

@@ -110,8 +110,8 @@ class KVConfig:
     # at some accuracy (README: int8 host store). Needs index.kind lowrank
     host_dtype: str = "auto"
     # retrieval: layers from this one on choose their re-rank candidates early, with a
-    # guess at their queries from the previous layer's hidden state, while that layer's
-    # MLP runs; the re-rank takes the real queries (README: lookahead). 0 = off
+    # guess at their queries from the previous layer's input, while that layer runs; the
+    # re-rank takes the real queries (README: lookahead). 0 = off
     lookahead_from: int = 0
     page_tokens: int = 16  # quest: tokens per page
     tail_estimate: bool = True  # retrieval: add the unselected tokens' attention, estimated

@@ -54,13 +54,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVPolicy,
                 step: AttnStep) -> torch.Tensor:
-        return self.mlp_residual(self.attention_residual(x, cos, sin, kv, step))
-
-    def attention_residual(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                           kv: KVPolicy, step: AttnStep) -> torch.Tensor:
-        return x + self.attn(self.attn_norm(x), cos, sin, kv, step)
-
-    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv, step)
         return x + self.mlp(self.mlp_norm(x))
 
     def guess_query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -95,14 +89,13 @@ class Llama(nn.Module):
             raise RuntimeError("call setup_rope(max_positions) before the first forward")
         cos, sin = self.cos[step.positions], self.sin[step.positions]  # [T, D]
         x = self.embed(ids)
-        # a decode step tells a policy that looks ahead how to guess each next layer's
-        # queries, once the layer before has attended (offload/policy.py)
+        # a decode step tells a policy that looks ahead how to guess the next layer's
+        # queries from this layer's input (offload/policy.py)
         lookahead = getattr(kv, "lookahead", None) if ids.shape[1] == 1 else None
         for i, block in enumerate(self.layers):
-            x = block.attention_residual(x, cos, sin, kv, step)
             if lookahead is not None and i + 1 < len(self.layers):
                 lookahead(i + 1, partial(self.layers[i + 1].guess_query, x, cos, sin), step)
-            x = block.mlp_residual(x)
+            x = block(x, cos, sin, kv, step)
         return self.logits(x[:, -1:] if last_only else x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -223,7 +223,7 @@ def test_host_dtype_is_checked():
 
 
 def _run_with_lookahead(kv, q, k, v, prompt, guess):
-    """run_policy, with kv.lookahead(layer, ...) before each decode layer >= 1, as the
+    """run_policy, with kv.lookahead(layer + 1, ...) before each decode layer, as the
     model calls it: guess(t, layer) -> q [1, H, 1, D]."""
     kv.start_request()
     for layer in range(L):
@@ -235,8 +235,8 @@ def _run_with_lookahead(kv, q, k, v, prompt, guess):
     for t in range(prompt, q.shape[2]):
         step = AttnStep(torch.tensor([t]), t)
         for layer in range(L):
-            if layer:
-                kv.lookahead(layer, lambda t=t, layer=layer: guess(t, layer), step)
+            if layer + 1 < L:
+                kv.lookahead(layer + 1, lambda t=t, layer=layer + 1: guess(t, layer), step)
             outs.append(kv.attend(layer, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
                                   step))
     return outs
@@ -256,7 +256,7 @@ def test_lookahead_with_a_budget_of_everything_is_exact(block):
     real_join = kv._join_lookahead
     kv._join_lookahead = lambda *a: used.append(a[0]) or real_join(*a)
     sparse = _run_with_lookahead(kv, q, k, v, 50, lambda t, layer: torch.randn(1, H, 1, D))
-    assert used == [1] * 20  # L = 2: layer 1 of each of the 20 decode steps looked ahead
+    assert len(used) == 20  # L = 2: layer 1 of each of the 20 decode steps looked ahead
     for a, b in zip(sparse, dense[L:], strict=True):  # the decode steps
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -288,3 +288,17 @@ def test_lookahead_needs_a_rerank_and_the_lowrank_index():
     with pytest.raises(ConfigError, match="use kv.lookahead_from 0, or index.kind lowrank"):
         make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32,
                        IndexConfig(kind="attention", builder="inline"))
+
+
+def test_a_lookahead_left_by_another_step_is_dropped():
+    cfg = KVConfig(policy="retrieval", sink_tokens=3, window_tokens=10, top_k=12, rank=4,
+                   rerank_factor=2, lookahead_from=1)
+    q, k, v = qkv(60)
+    kv = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
+    run_policy(kv, q, k, v, 59)
+    kv.lookahead(1, lambda: torch.randn(1, H, 1, D), AttnStep(torch.tensor([59]), 59))
+    assert 1 in kv._ahead  # an interrupted step: its layer 1 never attended
+    step = AttnStep(torch.tensor([59]), 59)
+    kv._join_lookahead = None  # must not be reached
+    kv.attend(1, q[:, :, 59:60], k[:, :, 59:60], v[:, :, 59:60], step)
+    assert kv._ahead == {}
