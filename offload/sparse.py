@@ -326,10 +326,9 @@ class SparseKV(HostIndexFeed):
         if self.device.type != "cuda":
             self._ahead[layer] = choose()
             return
-        if self._ahead_stream is None:  # normal priority: a graph's step (captured at
-            # high priority, engine/runner.py) dispatches its blocks first, so its value
-            # reads do not queue behind this stream's scoring pass
-            self._ahead_stream = torch.cuda.Stream(self.device)
+        if self._ahead_stream is None:  # high priority: its few blocks of host reads
+            # start as soon as any SM frees up, and wait on the link beside the MLP's
+            self._ahead_stream = torch.cuda.Stream(self.device, priority=-1)
         self._ahead_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._ahead_stream):
             self._ahead[layer] = choose()

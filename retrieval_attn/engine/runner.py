@@ -127,7 +127,5 @@ class ModelRunner:
                 self.model(self.static_ids, self.kv, step)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        # captured on a high-priority stream: where a policy runs work beside the step on
-        # a side stream of its own (SparseKV.lookahead), the step's kernels go first
-        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(priority=-1)):
+        with torch.cuda.graph(self.graph):
             self.static_logits = self.model(self.static_ids, self.kv, step)
