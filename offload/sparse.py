@@ -251,7 +251,7 @@ class SparseKV(HostIndexFeed):
             self.selector.append(layer, pos, k1)
         lo, (hi, window) = self.cfg.sink_tokens, self._step_bounds(layer, step)
         qg = q[:, :, 0].reshape(rows, self.H // self.Hkv, self.D)  # [B·Hkv, G, D]
-        k_sel = None
+        k_sel = guess_lse = None
         # candidates chosen early for this step (lookahead); a step interrupted after its
         # lookahead leaves one for another step, which is dropped here
         ahead = self._ahead.pop(layer, None)
@@ -260,6 +260,7 @@ class SparseKV(HostIndexFeed):
             count = torch.zeros(1, dtype=torch.int32, device=q.device)
         elif ahead is not None and ahead.step is step:  # re-rank them
             sel, count, k_sel = self._join_lookahead(ahead, qg, hi)
+            guess_lse = ahead.window_lse
         else:
             window_lse = self._window_lse(layer, qg, window)
             args = (layer, qg, lo, hi, self.budget, window_lse)
@@ -270,7 +271,7 @@ class SparseKV(HostIndexFeed):
         finish_tail = None
         if (self.tail is not None and self.selector.last_total is not None
                 and self.selector.last_mass is not None):
-            finish_tail = self._start_tail(layer, sel, count, pos)
+            finish_tail = self._start_tail(layer, sel, count, pos, guess_lse)
         keys, values = self.store.layer_rows(layer)
         if k_sel is None:
             quantized = keys.scale is not None
@@ -300,7 +301,7 @@ class SparseKV(HostIndexFeed):
         stream beside layer - 1: the sketch scoring (HBM-bound) beside layer - 1's value
         reads from the host, then the top-k and the host reads of the candidates' keys
         beside its MLP. The window's lse leaves out this step's token (not written yet),
-        and the layer's tail estimate uses the guess's scores: approximations of the
+        and the layer's tail estimate is the guess's (_start_tail): approximations of the
         guess, checked against dense attention (README)."""
         if (self.prefill_kv is not None or not 0 < self.cfg.lookahead_from <= layer
                 or not isinstance(self.selector, LowRankRetriever)):
@@ -314,14 +315,14 @@ class SparseKV(HostIndexFeed):
             # the slot this step's token goes to holds an older token until attend(layer)
             # (or already this one, when a graph's capture repeats the step): left out
             newest = window_slot(step.positions, self.window.S, self.window.W)
-            sel = self.selector
+            sel, window_lse = self.selector, self._window_lse(layer, qg, window, newest)
             found = sel.candidates(layer, qg, self.cfg.sink_tokens, hi, self.budget,
-                                   self._window_lse(layer, qg, window, newest))
+                                   window_lse)
             done = torch.cuda.Event() if qg.is_cuda else None
             if done is not None:
                 done.record()
             return Lookahead(step, found, (sel.last_total, sel.last_mass, sel.last_query),
-                             done)
+                             window_lse, done)
 
         if self.device.type != "cuda":
             self._ahead[layer] = choose()
@@ -363,17 +364,30 @@ class SparseKV(HostIndexFeed):
         return x.view(self.B, self.Hkv, *x.shape[1:])
 
     def _start_tail(self, layer: int, sel: torch.Tensor, count: torch.Tensor,
-                    pos: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                    pos: torch.Tensor, guess_window_lse: torch.Tensor | None = None
+                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Begin the tail estimate of this step (offload/tail.py) -> merge(out, lse) of the
         exact part, out [B·Hkv, G, D], lse [B·Hkv, G]. The sketch's mass per chunk came
         from the selection's own scoring pass. On a GPU its partial sums run on a side
         stream, beside the value gather (host reads, which leave the SMs idle), and merge
-        joins that stream first (the fork and join are captured by a CUDA graph too)."""
+        joins that stream first (the fork and join are captured by a CUDA graph too).
+
+        Where a guess at the query scored the sketch (lookahead; guess_window_lse [B·Hkv,
+        G] its window lse), the tail's weight against the exact part must come from the
+        guess alone: its lse over window ∪ selected (the selected by their sketch scores)
+        stands in for the exact part's lse, whose level the guess's scores do not share."""
+        scale = self.D**-0.5
 
         def start():
-            scores = self.sketch.scores_at(layer, self.selector.last_query, sel)
-            return self.tail.start(layer, self.selector.last_mass, self.selector.last_total,
-                                   sel, scores, count, pos, self.D**-0.5)
+            scores = self.sketch.scores_at(layer, self.selector.last_query, sel)  # [R, G, K]
+            merge = self.tail.start(layer, self.selector.last_mass, self.selector.last_total,
+                                    sel, scores, count, pos, scale)
+            if guess_window_lse is None:
+                return merge
+            real = torch.arange(scores.shape[-1], device=scores.device) < count  # [K]
+            picked = torch.logsumexp(scores.masked_fill(~real, float("-inf")) * scale, dim=-1)
+            attended = torch.logaddexp(guess_window_lse, picked)  # [R, G]
+            return lambda out, _lse: merge(out, attended)
 
         if not sel.is_cuda:
             return start()
@@ -454,6 +468,7 @@ class Lookahead(NamedTuple):
     step: AttnStep  # the decode step they were chosen for
     found: object  # LowRankRetriever.candidates' answer
     scores: tuple  # the selector's (last_total, last_mass, last_query) after choosing
+    window_lse: torch.Tensor  # [B·Hkv, G] the guess's over the window (the tail's weight)
     done: torch.cuda.Event | None  # recorded on the side stream when they are ready
 
 

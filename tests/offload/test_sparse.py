@@ -264,9 +264,11 @@ def test_lookahead_with_a_budget_of_everything_is_exact(block):
 def test_lookahead_with_the_real_query_selects_as_without():
     """Guessing the real query: the same output as selecting at attend, but where the
     window's lse, taken before the step's token enters, moves the group shares enough to
-    swap candidates (a few steps of these random heads; layer 0 never looks ahead)."""
+    swap candidates (a few steps of these random heads; layer 0 never looks ahead). The
+    tail estimate is off: a looked-ahead layer weighs its tail by the guess's sketch
+    scores of the selected tokens, not their exact ones."""
     cfg = dict(policy="retrieval", sink_tokens=3, window_tokens=10, top_k=12, rank=8,
-               rerank_factor=2, select_block=4, sketch_dtype="int8")
+               rerank_factor=2, select_block=4, sketch_dtype="int8", tail_estimate=False)
     torch.manual_seed(0)
     q, k, v = qkv(80)
     outs = {}
