@@ -448,6 +448,7 @@ def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_byt
                   max_kv_gpu_bytes: int | None = None,
                   prefill_chunk_tokens: int = SEARCH_CHUNK_TOKENS, tail_estimate: bool = True,
                   rerank_factor: int = 4, select_block: int = 1,
+                  host_dtype: str = "auto", lookahead_from: int = 0,
                   headroom: float = SEARCH_HEADROOM) -> EngineConfig:
     """The config of best expected quality that fits (preference order: module docstring).
 
@@ -455,7 +456,8 @@ def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_byt
     search to one kv.policy; max_kv_gpu_bytes caps the KV state on the GPU; headroom is the
     share of each budget the search leaves free (allocator fragmentation, what no plan sees).
     max_rank caps kv.rank (default head_dim); sketches are also capped at half the bytes of
-    the dense keys (module docstring).
+    the dense keys (module docstring). host_dtype and lookahead_from are set as given
+    (kv.host_dtype, kv.lookahead_from: speed against accuracy, not memory fit alone).
     """
     gpu_bytes, host_bytes = int(gpu_bytes * (1 - headroom)), int(host_bytes * (1 - headroom))
     if dtype == "auto":
@@ -466,7 +468,8 @@ def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_byt
                     "cuda_graphs": device_type == "cuda"},
         "kv": {"policy": "dense", "sink_tokens": sink_tokens, "window_tokens": window_tokens,
                "top_k": top_k, "tail_estimate": tail_estimate,
-               "rerank_factor": rerank_factor, "select_block": select_block}})
+               "rerank_factor": rerank_factor, "select_block": select_block,
+               "host_dtype": host_dtype, "lookahead_from": lookahead_from}})
     chunks = [c for c in CHUNK_CHOICES if c <= prefill_chunk_tokens] or [CHUNK_CHOICES[-1]]
     kv_cap = max_kv_gpu_bytes if max_kv_gpu_bytes is not None else math.inf
 

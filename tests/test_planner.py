@@ -306,7 +306,8 @@ def test_cli_prints_plan_and_writes_preset(tmp_path, capsys):
     out = tmp_path / "plan.yaml"
     rc = plan_main(["--model", "qwen2.5-7b-1m", "--context", "1052672", "--gpu-mem", "80GiB",
                     "--host-mem", "128GiB", "--max-kv-gpu-mem", "12GB", "--max-rank", "64",
-                    "--rerank-factor", "2", "--select-block", "4", "--write", str(out)])
+                    "--rerank-factor", "2", "--select-block", "4", "--host-dtype", "int8",
+                    "--lookahead-from", "3", "--write", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "kv: low-rank keys" in text and "kv: host K,V store" in text

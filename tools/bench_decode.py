@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--sketch-dtype", default="int8", choices=["auto", "int8", "int4"])
     p.add_argument("--select-block", type=int, default=1,
-                   help="kv.select_block (the 1m-single-gpu preset has 4: retrieval:block=4)")
+                   help="kv.select_block (the 1m-single-gpu preset is "
+                        "retrieval:block=4,ahead=3,host=int8)")
     p.add_argument("--profile", nargs="*", default=[], help="policies to profile (per kernel)")
     p.add_argument("--profile-out", default=None, help="append profile tables to this file")
     p.add_argument("--profile-rows", type=int, default=30, help="kernels each profile lists")

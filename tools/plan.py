@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="kv.rerank_factor when searching (memory barely depends on it)")
     p.add_argument("--select-block", type=int, default=1,
                    help="kv.select_block when searching: positions per selected run")
+    p.add_argument("--host-dtype", default="auto", choices=["auto", "int8"],
+                   help="kv.host_dtype when searching: int8 halves the host K,V store")
+    p.add_argument("--lookahead-from", type=int, default=0,
+                   help="kv.lookahead_from when searching (0: off)")
     p.add_argument("--batch", type=int, default=None,
                    help="runtime.max_batch: sequences decoded together (default: the "
                         "config's, or 1 when searching)")
@@ -95,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             policy=args.policy, dtype=args.dtype, top_k=args.top_k, window_tokens=args.window,
             sink_tokens=args.sinks, max_rank=args.max_rank, prefill_chunk_tokens=args.chunk,
             tail_estimate=not args.no_tail_estimate, rerank_factor=args.rerank_factor,
-            select_block=args.select_block,
-            max_kv_gpu_bytes=None if args.max_kv_gpu_mem is None
+            select_block=args.select_block, host_dtype=args.host_dtype,
+            lookahead_from=args.lookahead_from, max_kv_gpu_bytes=None if args.max_kv_gpu_mem is None
             else parse_bytes(args.max_kv_gpu_mem))
     else:
         spec = spec_for(cfg.model.path, cfg.model.cache_dir)
