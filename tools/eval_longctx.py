@@ -97,9 +97,11 @@ def evaluate(llm: LLM, samples: list[Sample], grid: list[Policy],
                          "score": sample.score(answer), "answer": answer.strip()[:200]})
             if kv is not None and kv.trace:
                 first_step = [t for t in kv.trace if t.n == len(ids) + 1]
-                diagnostics[name] = layer_diagnostics(first_step, kv, cfg)
+                exact = (dense_k, dense_v)  # the prefill's rows (an int8 store rounds them)
+                diagnostics[name] = layer_diagnostics(first_step, kv, cfg, exact)
                 if cfg.policy == "retrieval":
-                    diagnostics[f"rank-recall {name}"] = rank_recall(first_step, kv, cfg)
+                    diagnostics[f"rank-recall {name}"] = rank_recall(first_step, kv, cfg,
+                                                                     exact=exact)
         print(f"[{i + 1}/{len(samples)}] {sample.task} {len(ids)} tok: " + " ".join(
             f"{r['policy']}={r['score']:.2f}" for r in rows[-len(grid):]), flush=True)
         if checkpoint is not None:

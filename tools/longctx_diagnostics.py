@@ -15,11 +15,18 @@ from retrieval_attn.index import LowRankRetriever
 from retrieval_attn.offload import LowRankKeys, SparseKV
 from retrieval_attn.offload.sparse import TraceEntry
 
+Prompt = tuple[torch.Tensor, torch.Tensor]  # a prompt's exact K, V [L, Hkv, n, D]
 
-def _dense(entry: TraceEntry, kv: SparseKV) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact probs [Hkv, G, n] and output [H, D] from the host store's full K, V."""
+
+def _dense(entry: TraceEntry, kv: SparseKV, exact: Prompt | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact probs [Hkv, G, n] and output [H, D] from the host store's full K, V, its
+    prompt rows replaced by `exact`'s when given (an int8 store holds rounded rows)."""
     Hkv, D = kv.Hkv, kv.D
     k, v = (x.float() for x in kv.store.read(entry.layer, 0, entry.n))
+    if exact is not None:
+        m = min(entry.n, exact[0].shape[2])
+        k[:, :m], v[:, :m] = (x[entry.layer, :, :m].float().cpu() for x in exact)
     q = entry.q.float().reshape(Hkv, -1, D).cpu()
     probs = torch.softmax(q @ k.transpose(1, 2) * D**-0.5, dim=-1)
     return probs, (probs @ v).reshape(-1, D)
@@ -37,10 +44,13 @@ def _recall(selected: torch.Tensor, truth: torch.Tensor) -> float:
     return sum(hits) / truth.numel()
 
 
-def layer_diagnostics(entries: list[TraceEntry], kv: SparseKV, cfg: KVConfig) -> dict:
+def layer_diagnostics(entries: list[TraceEntry], kv: SparseKV, cfg: KVConfig,
+                      exact: Prompt | None = None) -> dict:
+    """exact: the prompt's K, V [L, Hkv, n, D] as prefilled, the reference's rows (else
+    the store's)."""
     per_layer = []
     for e in entries:
-        probs, ref = _dense(e, kv)
+        probs, ref = _dense(e, kv, exact)
         rel = ((e.out.float().cpu() - ref).norm() / ref.norm()).item()
         attended = torch.zeros(kv.Hkv, e.n, dtype=torch.bool)
         attended[:, :min(kv.window.S, e.n)] = True
@@ -64,13 +74,14 @@ def layer_diagnostics(entries: list[TraceEntry], kv: SparseKV, cfg: KVConfig) ->
 
 def rank_recall(entries: list[TraceEntry], kv: SparseKV, cfg: KVConfig,
                 ranks: tuple[int, ...] = (2, 4, 8, 16, 32, 64),
-                factors: tuple[int, ...] = (2, 4, 8)) -> dict:
+                factors: tuple[int, ...] = (2, 4, 8), exact: Prompt | None = None) -> dict:
     """Recall of the true top-k vs sketch rank: the sketch alone, and re-ranking the top
-    top_k × f sketch candidates with exact keys for each re-rank factor f."""
+    top_k × f sketch candidates with exact keys for each re-rank factor f (the true top-k
+    from `exact`'s prompt rows when given, as layer_diagnostics)."""
     ranks = tuple(r for r in ranks if r <= kv.D)
     n0 = entries[0].n - 1  # prompt length: the sketch is fitted on the prompt's keys
 
-    def exact(layer, pos):
+    def exact_keys(layer, pos):
         k = kv.store.read(layer, 0, kv.store.max_tokens)[0].float()
         return k.gather(1, pos[..., None].expand(-1, -1, kv.D))
 
@@ -80,13 +91,13 @@ def rank_recall(entries: list[TraceEntry], kv: SparseKV, cfg: KVConfig,
                              torch.float32, cfg.sketch_dtype)  # the config's precision
         # one query per prompt, not a decode sequence: exact region lse (two passes)
         retrievers = {"plain": LowRankRetriever(sketch, kv.D, reuse_lse=False)}
-        retrievers |= {f"x{f}": LowRankRetriever(sketch, kv.D, f, exact, reuse_lse=False)
+        retrievers |= {f"x{f}": LowRankRetriever(sketch, kv.D, f, exact_keys, reuse_lse=False)
                        for f in factors}
         got = {name: [] for name in retrievers}
         for e in entries:
             k = kv.store.read(e.layer, 0, e.n)[0].float()
             sketch.build(e.layer, k)
-            probs, _ = _dense(e, kv)
+            probs, _ = _dense(e, kv, exact)
             lo, hi = kv.window.offloaded_range(e.n)
             truth = _true_topk(probs, lo, hi, kv.budget)
             q = e.q.float().cpu().reshape(kv.Hkv, -1, kv.D)

@@ -42,3 +42,28 @@ def test_full_rank_is_exact_and_more_candidates_beat_a_poor_sketch():
     # recall is high but need not be 1
     assert rows[2]["plain"] < rows[2]["x16"] and rows[2]["x16"] >= 0.9
     assert "rerank x2" in out["lines"][0] and len(out["lines"]) == 3
+
+
+def test_an_int8_store_is_measured_against_the_exact_prompt_rows():
+    """With every token attended, the output differs from dense only by the int8 store's
+    rounding: the store's own rows as the reference hide it, the prompt's exact rows show
+    it; a float32 store is exact either way."""
+    from retrieval_attn.tools.longctx_diagnostics import layer_diagnostics
+
+    q, k, v = (torch.randn(1, h, PROMPT + 1, D) for h in (H, HKV, HKV))
+    errors = {}
+    for host in ("auto", "int8"):
+        cfg = KVConfig(policy="retrieval", sink_tokens=2, window_tokens=16, top_k=N, rank=4,
+                       rerank_factor=2, tail_estimate=False, host_dtype=host)
+        kv = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
+        kv.ingest(k[0, :, :PROMPT][None].expand(L, -1, -1, -1).contiguous(),
+                  v[0, :, :PROMPT][None].expand(L, -1, -1, -1).contiguous())
+        kv.trace = []
+        step = AttnStep(torch.tensor([PROMPT]), PROMPT)
+        for layer in range(L):
+            kv.attend(layer, q[:, :, PROMPT:], k[:, :, PROMPT:], v[:, :, PROMPT:], step)
+        exact = tuple(x[0, :, :PROMPT][None].expand(L, -1, -1, -1) for x in (k, v))
+        errors[host] = [layer_diagnostics(kv.trace, kv, cfg, e)["mean"]["rel_err"]
+                        for e in (None, exact)]
+    assert max(errors["auto"]) < 1e-5
+    assert errors["int8"][1] > 1e-3 and errors["int8"][1] > 3 * errors["int8"][0]
