@@ -11,8 +11,10 @@ from retrieval_attn.offload.policy import AttnStep
 L, H, HKV, D, N = 2, 6, 2, 16, 96
 
 
-def run_policy(kv, q, k, v, prompt):
-    """Prefill `prompt` tokens in one chunk, then decode the rest one by one."""
+def run_policy(kv, q, k, v, prompt, guess=None):
+    """Prefill `prompt` tokens in one chunk, then decode the rest one by one. With guess,
+    kv.lookahead(layer + 1, ...) before each decode layer, as the model calls it:
+    guess(t, layer) -> q [1, H, 1, D]."""
     kv.start_request()
     outs = []
     for layer in range(L):  # layer-major prefill, as the runner does it
@@ -22,8 +24,11 @@ def run_policy(kv, q, k, v, prompt):
     kv.finish_prefill(prompt)
     for t in range(prompt, q.shape[2]):
         step = AttnStep(torch.tensor([t]), t)
-        outs += [kv.attend(layer, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], step)
-                 for layer in range(L)]
+        for layer in range(L):
+            if guess is not None and layer + 1 < L:
+                kv.lookahead(layer + 1, lambda t=t, layer=layer + 1: guess(t, layer), step)
+            outs.append(kv.attend(layer, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
+                                  step))
     return outs
 
 
@@ -222,26 +227,6 @@ def test_host_dtype_is_checked():
                        IndexConfig(kind="attention", builder="inline"))
 
 
-def _run_with_lookahead(kv, q, k, v, prompt, guess):
-    """run_policy, with kv.lookahead(layer + 1, ...) before each decode layer, as the
-    model calls it: guess(t, layer) -> q [1, H, 1, D]."""
-    kv.start_request()
-    for layer in range(L):
-        kv.attend(layer, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt],
-                  AttnStep(torch.arange(prompt), 0))
-        kv.finish_layer(layer, prompt)
-    kv.finish_prefill(prompt)
-    outs = []
-    for t in range(prompt, q.shape[2]):
-        step = AttnStep(torch.tensor([t]), t)
-        for layer in range(L):
-            if layer + 1 < L:
-                kv.lookahead(layer + 1, lambda t=t, layer=layer + 1: guess(t, layer), step)
-            outs.append(kv.attend(layer, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
-                                  step))
-    return outs
-
-
 @pytest.mark.parametrize("block", [1, 4])
 def test_lookahead_with_a_budget_of_everything_is_exact(block):
     """Candidates chosen with a poor guess (noise) are re-ranked with the real queries; a
@@ -255,9 +240,9 @@ def test_lookahead_with_a_budget_of_everything_is_exact(block):
     used = []
     real_join = kv._join_lookahead
     kv._join_lookahead = lambda *a: used.append(a[0]) or real_join(*a)
-    sparse = _run_with_lookahead(kv, q, k, v, 50, lambda t, layer: torch.randn(1, H, 1, D))
+    sparse = run_policy(kv, q, k, v, 50, lambda t, layer: torch.randn(1, H, 1, D))
     assert len(used) == 20  # L = 2: layer 1 of each of the 20 decode steps looked ahead
-    for a, b in zip(sparse, dense[L:], strict=True):  # the decode steps
+    for a, b in zip(sparse, dense, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -275,7 +260,7 @@ def test_lookahead_with_the_real_query_selects_as_without():
     for ahead in (0, 1):
         kv = make_kv_policy(KVConfig(**cfg, lookahead_from=ahead), L, H, HKV, D, N,
                             torch.device("cpu"), torch.float32)
-        outs[ahead] = _run_with_lookahead(kv, q, k, v, 60, lambda t, layer: q[:, :, t:t + 1])
+        outs[ahead] = run_policy(kv, q, k, v, 60, lambda t, layer: q[:, :, t:t + 1])[L:]
     errors = [float((a - b).norm() / b.norm()) for a, b in zip(outs[1], outs[0], strict=True)]
     assert max(errors[0::L]) == 0  # layer 0
     assert sum(e < 1e-5 for e in errors[1::L]) >= 0.6 * len(errors[1::L]) and max(errors) > 0
