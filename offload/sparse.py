@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,10 +30,11 @@ from ..errors import ConfigError, RequestError
 from ..index.ann_retriever import AnnRetriever
 from ..index.build_service import IndexBuildService
 from ..index.quest import QuestRetriever
-from ..index.retriever import Candidates, LowRankRetriever
+from ..index.retriever import LowRankRetriever
 from .dense import DenseKV
 from .host_index import HostIndexFeed
 from .host_store import HostKVStore, StoreRows
+from .lookahead import Lookahead, LookaheadSelect
 from .lowrank import LowRankKeys
 from .policy import AttnStep
 from .tail import CHUNK as TAIL_CHUNK
@@ -53,7 +53,7 @@ class TraceEntry:
     selected: torch.Tensor  # [Hkv, K] positions attended besides the window
 
 
-class SparseKV(HostIndexFeed):
+class SparseKV(HostIndexFeed, LookaheadSelect):
     layer_major = True  # a layer's K, V leave the device as soon as its prefill is done
 
     def __init__(self, cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads: int,
@@ -294,58 +294,6 @@ class SparseKV(HostIndexFeed):
                                          sel[:self.Hkv, :int(count[0])]))  # sequence 0
         return out[:, :, None]  # [B, H, 1, D]
 
-    def lookahead(self, layer: int, guess: Callable[[], torch.Tensor], step: AttnStep) -> None:
-        """Choose layer's re-rank candidates now, with guess() -> q [B, H, 1, D] (its
-        queries as computed from layer - 1's input), for attend(layer) to re-rank with the
-        real ones (kv.lookahead_from; offload/policy.py). On a GPU it all runs on a side
-        stream beside layer - 1: the sketch scoring (HBM-bound) beside layer - 1's value
-        reads from the host, then the top-k and the host reads of the candidates' keys
-        beside its MLP. The window's lse leaves out this step's token (not written yet),
-        and the layer's tail estimate is the guess's (_start_tail): approximations of the
-        guess, checked against dense attention (README)."""
-        if (self.prefill_kv is not None or not 0 < self.cfg.lookahead_from <= layer
-                or not isinstance(self.selector, LowRankRetriever)):
-            return
-        from ..kernels.append_token import window_slot
-
-        def choose() -> Lookahead:
-            q = guess()  # [B, H, 1, D]
-            qg = q[:, :, 0].reshape(q.shape[0] * self.Hkv, self.H // self.Hkv, self.D)
-            hi, window = self._step_bounds(layer, step)
-            # the slot this step's token goes to holds an older token until attend(layer)
-            # (or already this one, when a graph's capture repeats the step): left out
-            newest = window_slot(step.positions, self.window.S, self.window.W)
-            sel, window_lse = self.selector, self._window_lse(layer, qg, window, newest)
-            found = sel.candidates(layer, qg, self.cfg.sink_tokens, hi, self.budget,
-                                   window_lse)
-            done = torch.cuda.Event() if qg.is_cuda else None
-            if done is not None:
-                done.record()
-            return Lookahead(step, found, (sel.last_total, sel.last_mass, sel.last_query),
-                             window_lse, done)
-
-        if self.device.type != "cuda":
-            self._ahead[layer] = choose()
-            return
-        if self._ahead_stream is None:  # high priority: its few blocks of host reads
-            # start as soon as any SM frees up, and wait on the link beside the MLP's
-            self._ahead_stream = torch.cuda.Stream(self.device, priority=-1)
-        self._ahead_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._ahead_stream):
-            self._ahead[layer] = choose()
-
-    def _join_lookahead(self, ahead: Lookahead, qg: torch.Tensor, hi: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """attend's selection from the candidates lookahead chose: (positions, count, keys
-        or None). The selector's last scores (for the tail) become the guess's."""
-        if ahead.done is not None:  # this layer's lookahead only: the next one runs on
-            torch.cuda.current_stream().wait_event(ahead.done)
-        sel = self.selector
-        sel.last_total, sel.last_mass, sel.last_query = ahead.scores
-        if isinstance(ahead.found, Candidates):
-            return sel.rerank(qg, hi, ahead.found)
-        return ahead.found
-
     def _append(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """The decode token's k, v [B·Hkv, D] into the store, window, tail sums and sketch:
         one fused kernel on a GPU; its reference elsewhere (not the interpreter)."""
@@ -460,16 +408,6 @@ class SparseKV(HostIndexFeed):
             for place, nbytes in p.items():
                 total[place] = total.get(place, 0) + nbytes
         return total
-
-
-class Lookahead(NamedTuple):
-    """A layer's candidates chosen early (SparseKV.lookahead)."""
-
-    step: AttnStep  # the decode step they were chosen for
-    found: object  # LowRankRetriever.candidates' answer
-    scores: tuple  # the selector's (last_total, last_mass, last_query) after choosing
-    window_lse: torch.Tensor  # [B·Hkv, G] the guess's over the window (the tail's weight)
-    done: torch.cuda.Event | None  # recorded on the side stream when they are ready
 
 
 def _ops(device: torch.device):
