@@ -46,15 +46,13 @@ class LookaheadSelect:
         if (self.prefill_kv is not None or not 0 < self.cfg.lookahead_from <= layer
                 or not isinstance(self.selector, LowRankRetriever)):
             return
-        from ..kernels.append_token import window_slot
 
         def choose() -> Lookahead:
             q = guess()  # [B, H, 1, D]
             qg = q[:, :, 0].reshape(q.shape[0] * self.Hkv, self.H // self.Hkv, self.D)
-            hi, window = self._step_bounds(layer, step)
             # the slot this step's token goes to holds an older token until attend(layer)
             # (or already this one, when a graph's capture repeats the step): left out
-            newest = window_slot(step.positions, self.window.S, self.window.W)
+            hi, window, newest = self._step_bounds(layer, step)
             sel, window_lse = self.selector, self._window_lse(layer, qg, window, newest)
             found = sel.candidates(layer, qg, self.cfg.sink_tokens, hi, self.budget,
                                    window_lse)

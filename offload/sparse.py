@@ -31,6 +31,7 @@ from ..index.ann_retriever import AnnRetriever
 from ..index.build_service import IndexBuildService
 from ..index.quest import QuestRetriever
 from ..index.retriever import LowRankRetriever
+from ..kernels.append_token import window_slot
 from .dense import DenseKV
 from .host_index import HostIndexFeed
 from .host_store import HostKVStore, StoreRows
@@ -249,7 +250,7 @@ class SparseKV(HostIndexFeed, LookaheadSelect):
         self._append(layer, pos, k1[:, 0], v1[:, 0])
         if isinstance(self.selector, QuestRetriever):
             self.selector.append(layer, pos, k1)
-        lo, (hi, window) = self.cfg.sink_tokens, self._step_bounds(layer, step)
+        lo, (hi, window, _) = self.cfg.sink_tokens, self._step_bounds(layer, step)
         qg = q[:, :, 0].reshape(rows, self.H // self.Hkv, self.D)  # [B·Hkv, G, D]
         k_sel = guess_lse = None
         # candidates chosen early for this step (lookahead); a step interrupted after its
@@ -353,15 +354,19 @@ class SparseKV(HostIndexFeed, LookaheadSelect):
 
         return finish
 
-    def _step_bounds(self, layer: int, step: AttnStep) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hi, filled window slots), [1] each on the device: the end of the offloaded
-        region and the window's filled slots once this step's token is in. They depend on
-        the position alone, so layer 0 computes them and later layers of the step reuse
-        them (a step object seen first at a later layer computes them there)."""
+    def _step_bounds(self, layer: int, step: AttnStep
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(hi, filled window slots, the step's token's window slot), [1] each on the
+        device: the end of the offloaded region, the window's filled slots once this
+        step's token is in, and (for lookahead only, else None) the slot it goes to. They
+        depend on the position alone, so layer 0 computes them and later layers of the
+        step reuse them (a step object seen first at a later layer computes them there)."""
         if layer == 0 or self._bounds_step is not step:
             pos = step.positions
+            newest = (window_slot(pos, self.window.S, self.window.W)
+                      if self.cfg.lookahead_from else None)
             self._bounds = (torch.clamp(pos + 1 - self.window.W, min=self.cfg.sink_tokens),
-                            self.window.valid_slots(pos))
+                            self.window.valid_slots(pos), newest)
             self._bounds_step = step
         return self._bounds
 
