@@ -216,11 +216,14 @@ class LowRankRetriever:
         if self.rerank_blocks:  # the runs of largest exact mass, whole
             runs = _top_columns(exact.float().view(rows, -1, P).sum(-1), c.keep // P)
             best = block_tokens(runs, 0, P)  # [R, keep] into the candidates
-        else:
-            best = _top_columns(exact, c.keep)  # [R, keep] into the candidates
-        # the chosen candidates, then the partial block (the last P rows, keys included)
-        take = torch.cat([best, self._last_rows(C, P, best.device).expand(rows, P)], dim=1)
-        return c.positions.gather(1, take), c.count, _take_rows(c.keys, take)
+            # the chosen candidates, then the partial block (the last P rows, keys too)
+            take = torch.cat([best, self._last_rows(C, P, best.device).expand(rows, P)],
+                             dim=1)
+            return c.positions.gather(1, take), c.count, _take_rows(c.keys, take)
+        # the chosen candidates and the partial block after them (the last P rows), with
+        # their positions: one launch on a GPU
+        take, positions = _top_columns_with(exact, c.keep, c.positions, P)
+        return positions, c.count, _take_rows(c.keys, take)
 
     def _last_rows(self, c: int, p: int, device: torch.device) -> torch.Tensor:
         """[P] = c .. c + P - 1, made once per size."""
@@ -309,6 +312,20 @@ def _top_columns(x: torch.Tensor, k: int) -> torch.Tensor:
     if x.is_cuda:
         return kernels.select_topk(x, k)
     return x.topk(k, dim=-1, sorted=False).indices
+
+
+def _top_columns_with(x: torch.Tensor, k: int, values: torch.Tensor, always: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """_top_columns of x [R, C] then the always columns C .. C + always - 1, and values
+    [R, C + always] at them -> ([R, k + always], [R, k + always]): kernels.
+    select_topk_values on a GPU, torch.topk elsewhere."""
+    from .. import kernels
+
+    if x.is_cuda:
+        return kernels.select_topk_values(x, k, values, always)
+    extra = torch.arange(x.shape[1], x.shape[1] + always, device=x.device)
+    cols = torch.cat([_top_columns(x, k), extra.expand(x.shape[0], always)], dim=1)
+    return cols, values.gather(1, cols)
 
 
 def _take_rows(keys: torch.Tensor, take: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,12 @@ from .select_scores import (
     sketch_values,
     unpack_int4,
 )
-from .select_topk import select_topk, select_topk_ref
+from .select_topk import (
+    select_topk,
+    select_topk_ref,
+    select_topk_values,
+    select_topk_values_ref,
+)
 from .sketch_query import (
     SketchQuery,
     sketch_query,
@@ -44,6 +49,7 @@ from .sparse_attention import sparse_attention, sparse_attention_ref
 from .store_kv import store_kv, store_kv_ref
 from .tail_correct import (
     TailPartials,
+    guess_lse_ref,
     tail_correct,
     tail_correct_ref,
     tail_merge,
@@ -53,10 +59,11 @@ from .window_lse import window_lse, window_lse_ref
 
 __all__ = [
     "add_to_tail", "append_token", "append_token_ref", "block_sums_ref", "dequantize_rows",
-    "gather_k", "gather_kv", "gather_kv_ref", "kernel_scores", "KEY_BITS", "LseState",
-    "pack_int4", "quantise_query", "quantize_rows",
+    "gather_k", "gather_kv", "gather_kv_ref", "guess_lse_ref", "kernel_scores", "KEY_BITS",
+    "LseState", "pack_int4", "quantise_query", "quantize_rows",
     "rerank_shares", "rerank_shares_ref", "rms_norm", "rms_norm_ref", "rope", "rope_ref",
-    "select_scores", "select_scores_ref", "select_topk", "select_topk_ref", "sketch_query",
+    "select_scores", "select_scores_ref", "select_topk", "select_topk_ref", "select_topk_values",
+    "select_topk_values_ref", "sketch_query",
     "sketch_query_ref", "sketch_rows", "sketch_scores_at", "sketch_scores_at_ref",
     "sketch_storage", "sketch_values", "SketchLayer", "SketchQuery", "sparse_attention",
     "sparse_attention_ref", "store_kv", "store_kv_ref", "tail_correct", "tail_correct_ref",

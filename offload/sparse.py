@@ -322,21 +322,14 @@ class SparseKV(HostIndexFeed, LookaheadSelect):
         joins that stream first (the fork and join are captured by a CUDA graph too).
 
         Where a guess at the query scored the sketch (lookahead; guess_window_lse [B·Hkv,
-        G] its window lse), the tail's weight against the exact part must come from the
-        guess alone: its lse over window ∪ selected (the selected by their sketch scores)
-        stands in for the exact part's lse, whose level the guess's scores do not share."""
+        G] its window lse), the tail's weight against the exact part comes from the guess
+        alone (TailEstimate.start)."""
         scale = self.D**-0.5
 
         def start():
             scores = self.sketch.scores_at(layer, self.selector.last_query, sel)  # [R, G, K]
-            merge = self.tail.start(layer, self.selector.last_mass, self.selector.last_total,
-                                    sel, scores, count, pos, scale)
-            if guess_window_lse is None:
-                return merge
-            real = torch.arange(scores.shape[-1], device=scores.device) < count  # [K]
-            picked = torch.logsumexp(scores.masked_fill(~real, float("-inf")) * scale, dim=-1)
-            attended = torch.logaddexp(guess_window_lse, picked)  # [R, G]
-            return lambda out, _lse: merge(out, attended)
+            return self.tail.start(layer, self.selector.last_mass, self.selector.last_total,
+                                   sel, scores, count, pos, scale, guess_window_lse)
 
         if not sel.is_cuda:
             return start()

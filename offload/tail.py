@@ -74,7 +74,7 @@ class TailEstimate:
 
     def start(self, layer: int, mass: torch.Tensor, total_lse: torch.Tensor,
               selected: torch.Tensor, selected_scores: torch.Tensor, count: torch.Tensor,
-              pos: torch.Tensor, scale: float
+              pos: torch.Tensor, scale: float, guess_window_lse: torch.Tensor | None = None
               ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Begin adding the estimated tail to a decode step (kernels.tail_correct); returns
         merge(out, lse_att) -> out [R, G, D] in out's dtype, with out [R, G, D] and
@@ -86,6 +86,12 @@ class TailEstimate:
         region). selected [R, K] positions attended exactly, selected_scores [R, G, K]
         their sketch scores, count [1] how many of the K are real.
 
+        Where a guess at the query scored the sketch (lookahead; guess_window_lse [R, G]
+        its lse over the window), the exact part's weight against the tail comes from the
+        guess alone, lse_att unread: its lse over window ∪ selected, the selected by their
+        sketch scores (kernels.guess_lse_ref), since the guess's scores do not share the
+        real query's level.
+
         On a GPU the partial sums (everything but the merge) are launched here, before the
         exact attention exists, so a caller may run them on a side stream; elsewhere the
         reference runs whole at merge.
@@ -95,9 +101,14 @@ class TailEstimate:
         args = (mass, total_lse, selected, selected_scores, count, pos, self.sums[layer],
                 scale, CHUNK)
         if not self.sums.is_cuda:  # the reference, not the interpreter
-            return lambda out, lse_att: kernels.tail_correct_ref(out, lse_att, *args)
+            def merge_ref(out: torch.Tensor, lse_att: torch.Tensor) -> torch.Tensor:
+                if guess_window_lse is not None:
+                    lse_att = kernels.guess_lse_ref(guess_window_lse, selected_scores, count,
+                                                    scale)
+                return kernels.tail_correct_ref(out, lse_att, *args)
+            return merge_ref
         parts = kernels.tail_partials(*args)
-        return lambda out, lse_att: kernels.tail_merge(out, lse_att, parts)
+        return lambda out, lse_att: kernels.tail_merge(out, lse_att, parts, guess_window_lse)
 
     def memory_bytes(self) -> dict[str, int]:
         n = self.sums.numel() * self.sums.element_size()

@@ -141,7 +141,8 @@ def largest_batch_here(shape: str, policy: str, n: int, new_tokens: int, top_k: 
 def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: int,
             profile: bool = False, rerank_factor: int = 4, sketch_dtype: str = "auto",
             profile_path: str | None = None, batch: int = 1, select_block: int = 1,
-            profile_rows: int = 30, trace_dir: str | None = None) -> dict:
+            profile_rows: int = 30, trace_dir: str | None = None,
+            profile_graph: bool = False) -> dict:
     cfg = bench_config(shape, policy, n, new_tokens, top_k, rank, rerank_factor, batch,
                        sketch_dtype, select_block)
     if policy != "full-offload":
@@ -175,7 +176,7 @@ def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: 
         if trace_dir:  # a file name of letters, digits, '-' and '_' only
             os.makedirs(trace_dir, exist_ok=True)
             trace = os.path.join(trace_dir, re.sub(r"[^A-Za-z0-9-]", "_", policy) + f"-{n}.json")
-        table = profile_table(engine, logits, n, profile_rows, trace)
+        table = profile_table(engine, logits, n, profile_rows, trace, profile_graph)
         print(table, flush=True)
         if profile_path:
             with open(profile_path, "a") as f:
@@ -199,12 +200,15 @@ def run_one(shape: str, policy: str, n: int, new_tokens: int, top_k: int, rank: 
 
 
 def profile_table(engine, logits: torch.Tensor, n: int, rows: int = 30,
-                  trace: str | None = None) -> str:
-    """GPU time by kernel over 3 eager decode steps: where a step's time goes (and their
-    timeline as a Chrome trace at `trace`: which kernels of which streams overlap)."""
+                  trace: str | None = None, graph: bool = False) -> str:
+    """GPU time by kernel over 3 decode steps: where a step's time goes (and their
+    timeline as a Chrome trace at `trace`: which kernels of which streams overlap).
+    Eager steps by default; `graph` profiles the CUDA graph's replays, as timed (in eager
+    steps the launches, not the GPU, set the pace, so streams overlap differently)."""
     from torch.profiler import ProfilerActivity, profile
 
-    use_graph, engine.runner.use_graph = engine.runner.use_graph, False
+    use_graph = engine.runner.use_graph
+    engine.runner.use_graph = use_graph and graph
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         list(engine.decode(logits, n, params, GenerationStats()))
@@ -266,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-rows", type=int, default=30, help="kernels each profile lists")
     p.add_argument("--profile-trace", default=None,
                    help="folder for each profile's Chrome trace (a timeline of the kernels)")
+    p.add_argument("--profile-graph", action="store_true",
+                   help="profile the CUDA graph's replays (as timed), not eager steps")
     p.add_argument("--rerank-factor", type=int, default=2)
     p.add_argument("--batches", nargs="+", default=["1"],
                    help="sequences decoded together: numbers, or max (planner's largest)")
@@ -311,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_one(args.shape, policy, n, args.new_tokens, args.top_k, args.rank,
                        policy in args.profile, args.rerank_factor, args.sketch_dtype,
                        args.profile_out, b, args.select_block, args.profile_rows,
-                       args.profile_trace)
+                       args.profile_trace, args.profile_graph)
 
     rows = []
     for batch in args.batches:

@@ -12,9 +12,9 @@ TRITON_INTERPRET=1 (tests); otherwise, or for rows longer than MAX_COLUMNS, the 
 import torch
 
 from .._launch import next_power_of_2, use_triton
-from .ref import select_topk_ref
+from .ref import select_topk_ref, select_topk_values_ref
 
-__all__ = ["select_topk", "select_topk_ref"]
+__all__ = ["select_topk", "select_topk_ref", "select_topk_values", "select_topk_values_ref"]
 
 MAX_COLUMNS = 8192  # a row lives in registers: longer rows take the reference
 NUM_WARPS = 8
@@ -37,7 +37,38 @@ def select_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.empty(rows, k, dtype=torch.int64, device=x.device)
     if k == 0 or rows == 0:
         return out
-    select_topk_kernel[(rows,)](x, out, c, k, x.stride(0), out.stride(0),
+    select_topk_kernel[(rows,)](x, out, x, out, c, k, x.stride(0), out.stride(0), 0, 0,
                                 BLOCK_C=next_power_of_2(c), LOW_BITS=LOW_BITS.get(x.dtype, 0),
-                                num_warps=NUM_WARPS)
+                                HAS_VALUES=False, ALWAYS=0, ALWAYS_PAD=1, num_warps=NUM_WARPS)
     return out
+
+
+def select_topk_values(x: torch.Tensor, k: int, values: torch.Tensor, always: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """select_topk's columns of x [R, C], then the `always` columns C .. C + always - 1
+    after them (kept whatever their score), and values [R, C + always] at those columns:
+    -> (columns [R, k + always] int64, values [R, k + always]). One launch on a GPU: a
+    re-rank's chosen candidates and their positions (the partial block always kept)."""
+    if x.dim() != 2 or not 0 <= k <= x.shape[1] or always < 0:
+        raise ValueError(f"select_topk_values takes x [R, C], 0 <= k <= C and always >= 0; "
+                         f"got {tuple(x.shape)}, k={k}, always={always}")
+    rows, c = x.shape
+    if values.shape != (rows, c + always) or values.device != x.device:
+        raise ValueError(f"values must be [R, C + always] = [{rows}, {c + always}] on "
+                         f"{x.device}; got {tuple(values.shape)} on {values.device}")
+    if (not use_triton(x.device) or c > MAX_COLUMNS or x.stride(-1) != 1
+            or values.stride(-1) != 1):
+        return select_topk_values_ref(x, k, values, always)
+    from .kernel import select_topk_kernel
+
+    out = torch.empty(rows, k + always, dtype=torch.int64, device=x.device)
+    taken = torch.empty(rows, k + always, dtype=values.dtype, device=x.device)
+    if rows == 0 or k + always == 0:
+        return out, taken
+    select_topk_kernel[(rows,)](x, out, values, taken, c, k, x.stride(0), out.stride(0),
+                                values.stride(0), taken.stride(0),
+                                BLOCK_C=next_power_of_2(c), LOW_BITS=LOW_BITS.get(x.dtype, 0),
+                                HAS_VALUES=True, ALWAYS=always,
+                                ALWAYS_PAD=next_power_of_2(max(always, 1)),
+                                num_warps=NUM_WARPS)
+    return out, taken

@@ -4,7 +4,9 @@ The row (C <= BLOCK_C values) stays in registers. Its floats become unsigned int
 the same order; the k-th largest is found bit by bit from the top (32 counting passes over
 registers, fewer for 16-bit inputs), then the values above it and the first of the values
 equal to it are written by a prefix sum, so the indices come out in increasing order, and
-deterministically.
+deterministically. With HAS_VALUES, the program also writes the values of another row
+at those columns, and then the ALWAYS columns after C (kept whatever their score), so a
+caller gets its chosen positions without a gather and a cat of its own.
 """
 
 import triton
@@ -12,10 +14,14 @@ import triton.language as tl
 
 
 @triton.jit
-def select_topk_kernel(X, Out, C, k, stride_xr, stride_or, BLOCK_C: tl.constexpr,
-                       LOW_BITS: tl.constexpr):
+def select_topk_kernel(X, Out, Values, ValOut, C, k, stride_xr, stride_or, stride_vr,
+                       stride_wr, BLOCK_C: tl.constexpr, LOW_BITS: tl.constexpr,
+                       HAS_VALUES: tl.constexpr, ALWAYS: tl.constexpr,
+                       ALWAYS_PAD: tl.constexpr):
     """LOW_BITS: float32 bits that are the same in every value of the input dtype (16 for
-    bfloat16, 13 for float16): dropped, so the search takes 32 - LOW_BITS passes."""
+    bfloat16, 13 for float16): dropped, so the search takes 32 - LOW_BITS passes.
+    HAS_VALUES: ValOut[r, j] = Values[r, Out[r, j]], for the k chosen columns and the
+    ALWAYS columns C.. C + ALWAYS - 1 after them (Out holds k + ALWAYS indices then)."""
     r = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK_C)
     valid = i < C
@@ -36,3 +42,12 @@ def select_topk_kernel(X, Out, C, k, stride_xr, stride_or, BLOCK_C: tl.constexpr
     take = above | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= need))
     slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
     tl.store(Out + r * stride_or + slot, i.to(tl.int64), mask=take)
+    if HAS_VALUES:
+        v = tl.load(Values + r * stride_vr + i, mask=take)
+        tl.store(ValOut + r * stride_wr + slot, v, mask=take)
+        if ALWAYS > 0:
+            j = tl.arange(0, ALWAYS_PAD)
+            keep = j < ALWAYS
+            tl.store(Out + r * stride_or + k + j, (C + j).to(tl.int64), mask=keep)
+            v = tl.load(Values + r * stride_vr + C + j, mask=keep)
+            tl.store(ValOut + r * stride_wr + k + j, v, mask=keep)

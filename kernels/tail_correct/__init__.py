@@ -14,9 +14,9 @@ from typing import NamedTuple
 import torch
 
 from .._launch import PROGRAMS_PER_SM, cdiv, next_power_of_2, sm_count, use_triton
-from .ref import SPLITS, tail_correct_ref
+from .ref import SPLITS, guess_lse_ref, tail_correct_ref
 
-__all__ = ["TailPartials", "tail_correct", "tail_correct_ref", "tail_merge",
+__all__ = ["TailPartials", "guess_lse_ref", "tail_correct", "tail_correct_ref", "tail_merge",
            "tail_partials"]
 
 BLOCK = 64  # chunks, or selected tokens, per step of a program
@@ -27,11 +27,13 @@ MERGE_TILE = 32  # partials the merge reads per step
 
 class TailPartials(NamedTuple):
     """What tail_partials leaves for tail_merge: part_t [R, P, G_PAD, D] and part_m
-    [R, P, G_PAD] float32 partial sums of the tail and its mass, and total_lse [R, G]."""
+    [R, P, G_PAD] float32 partial sums of the tail and its mass, total_lse [R, G], and
+    n_splits: the partials from there on are the selected tokens' (their mass negated)."""
 
     part_t: torch.Tensor
     part_m: torch.Tensor
     total: torch.Tensor
+    n_splits: int
 
 
 def tail_correct(out: torch.Tensor, lse_att: torch.Tensor, mass: torch.Tensor,
@@ -101,23 +103,31 @@ def tail_partials(mass: torch.Tensor, total_lse: torch.Tensor, selected: torch.T
         part_m.stride(0), part_m.stride(1),
         D=D, G_PAD=g_pad, CHUNK=chunk, BLOCK=BLOCK, PER_SPLIT=per_split,
         num_warps=NUM_WARPS)
-    return TailPartials(part_t, part_m, total)
+    return TailPartials(part_t, part_m, total, n_splits)
 
 
-def tail_merge(out: torch.Tensor, lse_att: torch.Tensor, parts: TailPartials) -> torch.Tensor:
+def tail_merge(out: torch.Tensor, lse_att: torch.Tensor, parts: TailPartials,
+               guess_window_lse: torch.Tensor | None = None) -> torch.Tensor:
     """tail_correct's second launch: out [R, G, D] and lse_att [R, G] of the exact
-    attention merged with tail_partials' sums -> [R, G, D] in out's dtype."""
+    attention merged with tail_partials' sums -> [R, G, D] in out's dtype.
+
+    With guess_window_lse [R, G] (lookahead: the sketch was scored with a guess at the
+    query), the exact part's weight comes from the guess alone and lse_att is unread:
+    guess_lse_ref(guess_window_lse, selected_scores, count, scale), with the selected
+    tokens' sketch lse taken from the partials (no launches of its own)."""
     from .kernel import tail_merge_kernel
 
-    part_t, part_m, total = parts
+    part_t, part_m, total, n_splits = parts
     R, n_parts, _, D = part_t.shape
     G = out.shape[1]
     lse_att, out = lse_att.float().contiguous(), out.contiguous()
+    guess = lse_att if guess_window_lse is None else guess_window_lse.float().contiguous()
     res = torch.empty_like(out)
     tail_merge_kernel[(R, G)](
-        out, lse_att, total, part_t, part_m, res, G,
+        out, lse_att, total, part_t, part_m, res, guess, G, n_splits,
         out.stride(0), out.stride(1), lse_att.stride(0), total.stride(0),
         part_t.stride(0), part_t.stride(1), part_t.stride(2),
-        part_m.stride(0), part_m.stride(1), res.stride(0), res.stride(1),
-        D=D, N_PARTS=n_parts, PARTS_TILE=MERGE_TILE, num_warps=NUM_WARPS)
+        part_m.stride(0), part_m.stride(1), res.stride(0), res.stride(1), guess.stride(0),
+        D=D, N_PARTS=n_parts, PARTS_TILE=MERGE_TILE, HAS_GUESS=guess_window_lse is not None,
+        num_warps=NUM_WARPS)
     return res

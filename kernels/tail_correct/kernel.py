@@ -67,11 +67,13 @@ def tail_partials_kernel(
 
 @triton.jit
 def tail_merge_kernel(
-    Out, LseAtt, Total, PartT, PartM, Res, G,
+    Out, LseAtt, Total, PartT, PartM, Res, GuessLse, G, n_splits,
     stride_or, stride_og, stride_lr, stride_tr,
     stride_ptr, stride_pts, stride_ptg, stride_pmr, stride_pms, stride_rr, stride_rg,
+    stride_gr,
     D: tl.constexpr, N_PARTS: tl.constexpr,
     PARTS_TILE: tl.constexpr,  # partials read per step
+    HAS_GUESS: tl.constexpr,  # the exact part's lse from the guess (LseAtt unread)
 ):
     # one program per (row, head): the partials of a row are summed by G programs at once
     r = tl.program_id(0).to(tl.int64)
@@ -79,17 +81,28 @@ def tail_merge_kernel(
     d = tl.arange(0, D)
     tail = tl.zeros((D,), dtype=tl.float32)
     mass = tl.zeros((1,), dtype=tl.float32)
+    picked = tl.zeros((1,), dtype=tl.float32)  # minus the selected tokens' sketch mass
     for t in range(0, N_PARTS, PARTS_TILE):
         s = t + tl.arange(0, PARTS_TILE)
         ok = s < N_PARTS
         tile = tl.load(PartT + r * stride_ptr + s[:, None] * stride_pts + g * stride_ptg
                        + d[None, :], mask=ok[:, None], other=0.0)  # [PARTS_TILE, D]
         tail += tl.sum(tile, axis=0)
-        mass += tl.sum(tl.load(PartM + r * stride_pmr + s * stride_pms + g, mask=ok,
-                               other=0.0), axis=0)
+        part_m = tl.load(PartM + r * stride_pmr + s * stride_pms + g, mask=ok, other=0.0)
+        mass += tl.sum(part_m, axis=0)
+        if HAS_GUESS:  # the partials past n_splits are the selected tokens' (negated)
+            picked += tl.sum(tl.where(s >= n_splits, part_m, 0.0), axis=0)
     out = tl.load(Out + r * stride_or + g * stride_og + d).to(tl.float32)
-    lse_att = tl.load(LseAtt + r * stride_lr + g + tl.arange(0, 1))
     total = tl.load(Total + r * stride_tr + g + tl.arange(0, 1))
+    if HAS_GUESS:
+        # log-add the guess's window lse and the selected tokens' sketch lse, which is
+        # total + log(their mass relative to total); no mass (nothing selected): -inf
+        a = tl.load(GuessLse + r * stride_gr + g + tl.arange(0, 1))
+        b = tl.where(picked < 0.0, total + tl.log(tl.maximum(-picked, 1e-38)), float("-inf"))
+        top = tl.maximum(a, b)
+        lse_att = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
+    else:
+        lse_att = tl.load(LseAtt + r * stride_lr + g + tl.arange(0, 1))
     ratio = tl.exp(total - lse_att)  # tail mass is relative to total, out's to lse_att
     merged = (out + ratio * tail) / (1.0 + ratio * mass)
     tl.store(Res + r * stride_rr + g * stride_rg + d, merged.to(Res.dtype.element_ty))

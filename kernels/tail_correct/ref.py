@@ -39,3 +39,16 @@ def tail_correct_ref(out: torch.Tensor, lse_att: torch.Tensor, mass: torch.Tenso
     r = torch.exp(total_lse - lse_att)[..., None]  # tail mass is relative to total_lse
     merged = (out.float() + r * tail) / (1.0 + r * mass.sum(dim=-1, keepdim=True))
     return merged.to(out.dtype)
+
+
+def guess_lse_ref(guess_window_lse: torch.Tensor, selected_scores: torch.Tensor,
+                  count: torch.Tensor, scale: float) -> torch.Tensor:
+    """The exact part's log-sum-exp as a guess at the query sees it (lookahead):
+    guess_window_lse [R, G] log-added to the lse of the first count selected tokens'
+    scaled sketch scores selected_scores [R, G, K] -> [R, G] float32. It stands in for
+    lse_att where the sketch was scored with the guess, whose level the real query's
+    scores do not share."""
+    real = torch.arange(selected_scores.shape[-1], device=selected_scores.device) < count
+    picked = torch.logsumexp((selected_scores.float() * scale).masked_fill(~real, -torch.inf),
+                             dim=-1)
+    return torch.logaddexp(guess_window_lse.float(), picked)

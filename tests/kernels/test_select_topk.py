@@ -38,3 +38,32 @@ def test_rejects_k_above_the_row():
 def test_long_rows_take_the_reference_on_the_gpu():
     x = torch.randn(2, 10000, device="cuda")
     assert torch.equal(select_topk(x, 300), select_topk_ref(x, 300))
+
+
+@pytest.mark.parametrize("rows, c, k, always", [
+    pytest.param(3, 100, 17, 4, id="runs-of-4"),
+    pytest.param(4, 4096, 2048, 4, id="rerank-shape"),
+    pytest.param(2, 50, 0, 3, id="none-chosen"),
+    pytest.param(2, 64, 8, 0, id="no-always"),
+])
+def test_values_and_always_columns(rows, c, k, always):
+    """select_topk_values: the top-k columns, then C .. C + always - 1, and the values of
+    another row at them (a re-rank's chosen candidates and their positions)."""
+    from retrieval_attn.kernels import select_topk_values, select_topk_values_ref
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, c, generator=gen).to(torch.bfloat16)
+    values = torch.randint(0, 1 << 40, (rows, c + always), generator=gen)
+    cols, taken = select_topk_values(x.to(DEVICE), k, values.to(DEVICE), always)
+    want_cols, want_taken = select_topk_values_ref(x, k, values, always)
+    assert torch.equal(cols.cpu(), want_cols) and torch.equal(taken.cpu(), want_taken)
+    assert torch.equal(want_cols[:, :k], select_topk_ref(x, k))
+    assert torch.equal(want_cols[:, k:], torch.arange(c, c + always).expand(rows, always))
+    assert torch.equal(want_taken, values.gather(1, want_cols))
+
+
+def test_values_of_the_wrong_shape_are_refused():
+    from retrieval_attn.kernels import select_topk_values
+
+    with pytest.raises(ValueError, match="C \\+ always"):
+        select_topk_values(torch.zeros(2, 5), 2, torch.zeros(2, 5, dtype=torch.long), 4)

@@ -73,3 +73,26 @@ def test_tail_correct_qwen_7b_shape_1m():
     want = tail_correct_ref(*args, scale, CHUNK)
     got = tail_correct(*args, scale, CHUNK)
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("count", [70, 0], ids=["count<k", "none-selected"])
+def test_merge_with_a_guess_weighs_by_the_guess(count):
+    """Lookahead: tail_merge with the guess's window lse weighs the exact part by the guess
+    (window lse log-added to the selected tokens' sketch lse, taken from the partials), as
+    the reference does with guess_lse_ref in place of lse_att."""
+    from retrieval_attn.kernels import guess_lse_ref, tail_merge, tail_partials
+
+    args, scale = _inputs(2, 7, 64, 3000, 100, count, 2900)
+    out, lse_att, mass, total, selected, scores, cnt, pos, sums = args
+    guess = torch.randn(2, 7, generator=torch.Generator().manual_seed(1)) + 8
+    attended = guess_lse_ref(guess, scores, cnt, scale)
+    want = tail_correct_ref(out, attended, mass, total, selected, scores, cnt, pos, sums,
+                            scale, CHUNK)
+    dev = [a.to(DEVICE) for a in args]
+    parts = tail_partials(*dev[2:], scale, CHUNK)
+    got = tail_merge(dev[0], torch.full_like(dev[1], float("nan")), parts, guess.to(DEVICE))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    if count == 0:  # nothing selected: the guess's window alone
+        torch.testing.assert_close(attended, guess)
+    else:
+        assert (attended > guess + 1e-3).all()
