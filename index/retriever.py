@@ -190,7 +190,7 @@ class LowRankRetriever:
         rerank = n_cand > nb and self.rerank_factor > 1
         sums, total = self._shares(layer, q, lo, hi, other_lse, rerank, P)  # [R, blocks]
         self.last_total = total
-        top = sums.topk(n_cand if rerank else nb, dim=-1, sorted=False).indices
+        top = _top_blocks(sums, n_cand if rerank else nb)  # [R, blocks], no order
         cand = block_tokens(top, lo, P)  # [R, blocks·P]
         part, count = self._partial_block(lo, hi, nb)
         every = torch.cat([cand, part.expand(rows, P)], dim=1)  # [R, C + P]
@@ -312,6 +312,17 @@ def _top_columns(x: torch.Tensor, k: int) -> torch.Tensor:
     if x.is_cuda:
         return kernels.select_topk(x, k)
     return x.topk(k, dim=-1, sorted=False).indices
+
+
+def _top_blocks(sums: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, k] indices of each row's k largest block sums (>= -1: no -inf), in no order:
+    kernels.topk_indices on a GPU (a few launches, where torch.topk's ~15 small ones each
+    wait for the SMs beside a decode step's matmuls), torch.topk elsewhere."""
+    from .. import kernels
+
+    if sums.is_cuda:
+        return kernels.topk_indices(sums, k)
+    return sums.topk(k, dim=-1, sorted=False).indices
 
 
 def _top_columns_with(x: torch.Tensor, k: int, values: torch.Tensor, always: int

@@ -37,6 +37,7 @@ from .select_topk import (
     select_topk_ref,
     select_topk_values,
     select_topk_values_ref,
+    topk_indices,
 )
 from .sketch_query import (
     SketchQuery,
@@ -67,6 +68,6 @@ __all__ = [
     "sketch_query_ref", "sketch_rows", "sketch_scores_at", "sketch_scores_at_ref",
     "sketch_storage", "sketch_values", "SketchLayer", "SketchQuery", "sparse_attention",
     "sparse_attention_ref", "store_kv", "store_kv_ref", "tail_correct", "tail_correct_ref",
-    "tail_merge", "tail_partials", "TailLayer", "TailPartials", "unpack_int4", "window_lse",
-    "window_lse_ref",
+    "tail_merge", "tail_partials", "TailLayer", "TailPartials", "topk_indices", "unpack_int4",
+    "window_lse", "window_lse_ref",
 ]

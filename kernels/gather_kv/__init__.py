@@ -20,10 +20,16 @@ from .ref import dequantize_rows, gather_kv_ref, quantize_rows
 
 __all__ = ["dequantize_rows", "gather_k", "gather_kv", "gather_kv_ref", "quantize_rows"]
 
-# Rows per program: small tiles give many independent loads in flight, which is what a
-# PCIe read of scattered 2*D-byte rows needs.
+# Rows per tile of a program.
 BLOCK_K = 16
 NUM_WARPS = 4
+# Programs per head of a launch from host memory, at most; each loops over its tiles. A
+# program waiting on PCIe reads holds its SM slot the whole time, and the kernels beside
+# it (decode's matmuls, attention) could not get onto those SMs: at 1M (H100, the
+# 1m-single-gpu preset) one program per 16 rows (1024 for a layer's candidate keys) made
+# a token 16.4-16.7 ms, 8 programs per head of 32-row tiles 15.6. A few tiles in flight
+# per program still keep the link busy. Device sources take one program per tile.
+MAX_HOST_PROGRAMS = 16
 # Host memory read by one launch, at most. The GPU translates each zero-copy read of host
 # memory, and scattered reads over a wide span miss its translation caches: on the H100,
 # 8192 random rows per head of a 1M-token layer (4 heads, 1 GiB of K) were read at 15 GB/s
@@ -163,6 +169,7 @@ def _launch(k_src: torch.Tensor, v_src: torch.Tensor, idx: torch.Tensor, k_out: 
     # is_pinned() check in _check_sources.
     hkv, k, d = k_src.shape[0], idx.shape[1], k_src.shape[2]
     span = k_src.shape[1] * k_src.stride(1) * k_src.element_size()  # one head's rows
+    programs = cdiv(k, BLOCK_K)
     if k_src.is_cuda:
         step = hkv  # device memory: one launch
     elif has_v and 2 * span > max_span:  # K and V apart: half the span per launch
@@ -177,12 +184,13 @@ def _launch(k_src: torch.Tensor, v_src: torch.Tensor, idx: torch.Tensor, k_out: 
         # (one a launch read runs of 4 at 191 µs a layer against 165: bench --gathers at
         # 1048596 and 1048576 tokens, H100)
         step = max(1, round(max_span / (span * (2 if has_v else 1))))
+        programs = min(programs, MAX_HOST_PROGRAMS)
     k_scale, v_scale = scales or (idx, idx)  # stand-ins: unread without HAS_SCALE
     for h in range(0, hkv, step):
         heads = slice(h, min(h + step, hkv))
         ks, vs, ix, ko, vo, kc, vc = (t[heads] for t in (k_src, v_src, idx, k_out, v_out,
                                                           k_scale, v_scale))
-        gather_kv_kernel[(ks.shape[0], cdiv(k, BLOCK_K))](
+        gather_kv_kernel[(ks.shape[0], programs)](
             ks, vs, ix, ko, vo, kc, vc, k,
             *ks.stride()[:2], *vs.stride()[:2], *ix.stride(),
             *ko.stride()[:2], *vo.stride()[:2], *kc.stride(), *vc.stride(),

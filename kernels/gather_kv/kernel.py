@@ -37,24 +37,29 @@ def gather_kv_kernel(
     HAS_SCALE: tl.constexpr,  # int8 sources: rows come out times their scales
 ):
     head = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_ok = rows < K
-    # int64 offsets: a head of a long host store easily exceeds 2**31 elements.
-    tok = tl.load(Idx + head * stride_ih + rows * stride_ik, mask=row_ok, other=0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
-    if BLOCK_D == D:
-        mask = row_ok[:, None]  # constant along a row: keeps 16-byte vector loads
-    else:
-        mask = row_ok[:, None] & (cols[None, :] < D)
-
-    k = tl.load(KSrc + head * stride_ksh + tok[:, None] * stride_ksn + cols[None, :], mask=mask)
-    if HAS_SCALE:
-        k = _dequantize(k, KScale, head, tok, row_ok, stride_kch, stride_kcn, KOut)
-    tl.store(KOut + head * stride_koh + rows[:, None] * stride_kok + cols[None, :], k, mask=mask)
-    if HAS_V:
-        v = tl.load(VSrc + head * stride_vsh + tok[:, None] * stride_vsn + cols[None, :],
+    # a few programs, each over many tiles: programs waiting on host reads hold their SM
+    # slots, and fewer of them leave the SMs to the kernels running beside (wrapper)
+    for start in range(tl.program_id(1) * BLOCK_K, K, tl.num_programs(1) * BLOCK_K):
+        rows = start + tl.arange(0, BLOCK_K)
+        row_ok = rows < K
+        # int64 offsets: a head of a long host store easily exceeds 2**31 elements.
+        tok = tl.load(Idx + head * stride_ih + rows * stride_ik, mask=row_ok,
+                      other=0).to(tl.int64)
+        if BLOCK_D == D:
+            mask = row_ok[:, None]  # constant along a row: keeps 16-byte vector loads
+        else:
+            mask = row_ok[:, None] & (cols[None, :] < D)
+        k = tl.load(KSrc + head * stride_ksh + tok[:, None] * stride_ksn + cols[None, :],
                     mask=mask)
         if HAS_SCALE:
-            v = _dequantize(v, VScale, head, tok, row_ok, stride_vch, stride_vcn, VOut)
-        tl.store(VOut + head * stride_voh + rows[:, None] * stride_vok + cols[None, :], v,
+            k = _dequantize(k, KScale, head, tok, row_ok, stride_kch, stride_kcn, KOut)
+        tl.store(KOut + head * stride_koh + rows[:, None] * stride_kok + cols[None, :], k,
                  mask=mask)
+        if HAS_V:
+            v = tl.load(VSrc + head * stride_vsh + tok[:, None] * stride_vsn + cols[None, :],
+                        mask=mask)
+            if HAS_SCALE:
+                v = _dequantize(v, VScale, head, tok, row_ok, stride_vch, stride_vcn, VOut)
+            tl.store(VOut + head * stride_voh + rows[:, None] * stride_vok + cols[None, :], v,
+                     mask=mask)

@@ -14,7 +14,8 @@ import torch
 from .._launch import next_power_of_2, use_triton
 from .ref import select_topk_ref, select_topk_values_ref
 
-__all__ = ["select_topk", "select_topk_ref", "select_topk_values", "select_topk_values_ref"]
+__all__ = ["select_topk", "select_topk_ref", "select_topk_values", "select_topk_values_ref",
+           "topk_indices"]
 
 MAX_COLUMNS = 8192  # a row lives in registers: longer rows take the reference
 NUM_WARPS = 8
@@ -72,3 +73,37 @@ def select_topk_values(x: torch.Tensor, k: int, values: torch.Tensor, always: in
                                 ALWAYS_PAD=next_power_of_2(max(always, 1)),
                                 num_warps=NUM_WARPS)
     return out, taken
+
+
+def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [R, C] -> [R, k] int64 column indices of each row's k largest values, in no
+    promised order (the set torch.topk(x, k).indices holds, up to ties).
+
+    For rows longer than one program holds (the candidate runs of a 1M-token layer:
+    262K block sums a row), in stages of select_topk: the top k of each MAX_COLUMNS
+    columns, then of those, until one chunk is left: 3 launches at 1M, where torch.topk
+    takes ~15 small ones, each waiting for the SMs the decode step's matmuls hold (H100
+    profile). Needs 4k <= MAX_COLUMNS (each stage keeps at most a quarter) and no -inf
+    in x (a short chunk pads with -inf); elsewhere (CPU without the interpreter, larger
+    k) torch.topk."""
+    if x.dim() != 2 or not 0 <= k <= x.shape[1]:
+        raise ValueError(f"topk_indices takes x [R, C] and 0 <= k <= C; got "
+                         f"{tuple(x.shape)}, k={k}")
+    rows, c = x.shape
+    if not use_triton(x.device) or 4 * k > MAX_COLUMNS or k == 0 or x.stride(-1) != 1:
+        return x.topk(k, dim=-1, sorted=False).indices
+    from .kernel import select_topk_chunks_kernel
+
+    values = None
+    while True:
+        chunks = -(-c // MAX_COLUMNS)
+        xo = torch.empty(rows, chunks, k, dtype=x.dtype, device=x.device)
+        vo = torch.empty(rows, chunks, k, dtype=torch.int64, device=x.device)
+        select_topk_chunks_kernel[(rows, chunks)](
+            x, x if values is None else values, xo, vo, c, k, x.stride(0),
+            0 if values is None else values.stride(0), xo.stride(0), xo.stride(1),
+            CHUNK=MAX_COLUMNS, LOW_BITS=LOW_BITS.get(x.dtype, 0),
+            HAS_VALUES=values is not None, num_warps=NUM_WARPS)
+        if chunks == 1:
+            return vo[:, 0]
+        x, values, c = xo.view(rows, -1), vo.view(rows, -1), chunks * k

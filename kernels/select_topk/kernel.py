@@ -51,3 +51,52 @@ def select_topk_kernel(X, Out, Values, ValOut, C, k, stride_xr, stride_or, strid
             tl.store(Out + r * stride_or + k + j, (C + j).to(tl.int64), mask=keep)
             v = tl.load(Values + r * stride_vr + C + j, mask=keep)
             tl.store(ValOut + r * stride_wr + k + j, v, mask=keep)
+
+
+@triton.jit
+def select_topk_chunks_kernel(X, Values, XOut, VOut, C, k, stride_xr, stride_vr,
+                              stride_or, stride_oc, CHUNK: tl.constexpr,
+                              LOW_BITS: tl.constexpr, HAS_VALUES: tl.constexpr):
+    """One stage of a top-k over rows longer than a program holds: program (r, j) takes
+    the top k of x[r, j·CHUNK : (j + 1)·CHUNK] (radix select as above) and writes their x
+    and values (Values[r, col], or col itself without HAS_VALUES) to XOut[r, j, :k],
+    VOut[r, j, :k], in column order. A chunk with fewer than k columns pads with x = -inf
+    and its first column's value: below every real x that is not -inf itself."""
+    r = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64)
+    first = j * CHUNK
+    i = tl.arange(0, CHUNK)
+    valid = first + i < C
+    n = tl.minimum(C - first, CHUNK)
+    kk = tl.minimum(k, n)
+    raw = tl.load(X + r * stride_xr + first + i, mask=valid, other=0.0)
+    x = raw.to(tl.float32)
+    x = tl.where(x == 0.0, 0.0, x)
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits ^ -2147483648, ~bits).to(tl.uint32, bitcast=True)
+    key = tl.where(valid, key >> LOW_BITS, 0)
+    thresh = tl.zeros((), dtype=tl.uint32)
+    for b in range(31 - LOW_BITS, -1, -1):
+        trial = thresh | (tl.full((), 1, tl.uint32) << b)
+        if tl.sum((key >= trial).to(tl.int32), axis=0) >= kk:
+            thresh = trial
+    above = valid & (key > thresh)
+    equal = valid & (key == thresh)
+    need = kk - tl.sum(above.to(tl.int32), axis=0)
+    take = above | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= need))
+    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    if HAS_VALUES:
+        v = tl.load(Values + r * stride_vr + first + i, mask=take)
+    else:
+        v = first + i
+    out = r * stride_or + j * stride_oc
+    tl.store(XOut + out + slot, raw, mask=take)
+    tl.store(VOut + out + slot, v.to(VOut.dtype.element_ty), mask=take)
+    pad = (i >= kk) & (i < k)  # a short last chunk
+    tl.store(XOut + out + i, tl.full((CHUNK,), float("-inf"), tl.float32).to(
+        XOut.dtype.element_ty), mask=pad)
+    if HAS_VALUES:
+        v0 = tl.load(Values + r * stride_vr + first)
+    else:
+        v0 = first
+    tl.store(VOut + out + i, tl.zeros((CHUNK,), tl.int64) + v0, mask=pad)

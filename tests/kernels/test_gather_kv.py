@@ -29,6 +29,9 @@ def _store(hkv, n, d, dtype, layout="contiguous", device="cpu"):
         pytest.param(4, 64, 128, 33, torch.float32, torch.int32, "layer-slice",
                      id="layer-slice-fp32"),
         pytest.param(2, 50, 48, 20, torch.bfloat16, torch.int32, "contiguous", id="d48"),
+        # more tiles than a host launch's programs: each program loops over several
+        pytest.param(2, 900, 64, 700, torch.bfloat16, torch.int64, "contiguous",
+                     id="programs-loop"),
     ],
 )
 def test_gather_matches_reference(hkv, n, d, k, dtype, idx_dtype, layout):

@@ -67,3 +67,22 @@ def test_values_of_the_wrong_shape_are_refused():
 
     with pytest.raises(ValueError, match="C \\+ always"):
         select_topk_values(torch.zeros(2, 5), 2, torch.zeros(2, 5, dtype=torch.long), 4)
+
+
+@pytest.mark.parametrize("rows, c, k", [
+    pytest.param(2, 3000, 40, id="one-chunk"),
+    pytest.param(2, 8192 * 3 + 5, 300, id="short-last-chunk"),
+    pytest.param(1, 8192 * 9, 1024, id="three-stages"),
+])
+def test_topk_indices_in_stages_finds_the_top_k(rows, c, k):
+    """topk_indices: the same set of columns as torch.topk (distinct values), for rows
+    longer than a program holds (stages of select_topk), padding short chunks."""
+    from retrieval_attn.kernels import topk_indices
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(rows, c, generator=gen)  # distinct, >= 0 (as block sums are)
+    x[:, -3:] = -1.0  # blocks past the region
+    got = topk_indices(x.to(DEVICE), k).cpu()
+    want = x.topk(k, dim=-1).indices
+    assert got.shape == (rows, k)
+    assert torch.equal(got.sort(dim=-1).values, want.sort(dim=-1).values)
