@@ -108,16 +108,21 @@ def test_context_saved_before_a_setting_existed_loads_with_its_default(llm, save
         llm.load_context(path)
 
 
+def _save_lowrank(llm, path, kv):
+    """An engine with kv's settings and the low-rank index, one 1200-token NIAH prompt
+    saved to path -> (engine, path, the tokens it generates from the prompt)."""
+    small = LLM(config=llm.config.replace(kv=kv, index={"kind": "lowrank"}))
+    prompt = build_prompt(small, 1200, 0.5, "2718281")
+    path = small.save_context(prompt, path)
+    return small, path, small.generate(prompt, PARAMS)[0].token_ids
+
+
 @pytest.mark.slow
 def test_int4_sketch_round_trips_with_its_scales(llm, tmp_path):
     """A quantised sketch's integers and per-dim scales come back from the files: the
     loaded context decodes the same tokens with the low-rank retriever."""
-    cfg = llm.config.replace(kv={"rank": 32, "sketch_dtype": "int4", "top_k": 0.02},
-                             index={"kind": "lowrank"})
-    small = LLM(config=cfg)
-    prompt = build_prompt(small, 1200, 0.5, "2718281")
-    path = small.save_context(prompt, tmp_path / "int4")
-    want = small.generate(prompt, PARAMS)[0].token_ids
+    small, path, want = _save_lowrank(llm, tmp_path / "int4",
+                                      {"rank": 32, "sketch_dtype": "int4", "top_k": 0.02})
     sketch = small.engine.kv.sketch
     scale, keys = sketch.scale.clone(), sketch.keys.clone()
     sketch.scale.fill_(1.0)
@@ -131,12 +136,8 @@ def test_int4_sketch_round_trips_with_its_scales(llm, tmp_path):
 def test_int8_host_store_round_trips(llm, tmp_path):
     """An int8 host store is saved dequantised (in the model's float32 here, exactly) and
     quantised again on load: the same integers and scales, the same tokens."""
-    cfg = llm.config.replace(kv={"host_dtype": "int8", "top_k": 0.02},
-                             index={"kind": "lowrank"})
-    small = LLM(config=cfg)
-    prompt = build_prompt(small, 1200, 0.5, "2718281")
-    path = small.save_context(prompt, tmp_path / "int8")
-    want = small.generate(prompt, PARAMS)[0].token_ids
+    small, path, want = _save_lowrank(llm, tmp_path / "int8",
+                                      {"host_dtype": "int8", "top_k": 0.02})
     store = small.engine.kv.store
     k, scale = store.k[:, :, :1200].clone(), store.k_scale[:, :, :1200].clone()
     store.k.zero_()
