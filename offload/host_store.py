@@ -1,4 +1,5 @@
-"""HostKVStore: full K (post-RoPE, as attended) and V of every token, in host memory."""
+"""HostKVStore: full K (post-RoPE, as attended) and V of every token, in host memory (or,
+with kv.store_on device, in the GPU's own memory where the budget has room for it)."""
 
 from __future__ import annotations
 
@@ -24,17 +25,26 @@ class HostKVStore:
     [L, Hkv, N] float16 each row's scale, in device memory (kernels.quantize_rows): the
     host holds and the link carries half the bytes, and rows read back as ints * scale in
     `dtype`.
+
+    rows_device (kv.store_on device): k, v live there instead, the same gather kernels
+    read them from HBM rather than over PCIe (decode reads no host memory at all), for
+    the GPU memory they take (the planner counts them there).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, max_tokens: int, head_dim: int,
                  dtype: torch.dtype, pin: bool, quantized: bool = False,
-                 scale_device: torch.device | str = "cpu") -> None:
+                 scale_device: torch.device | str = "cpu",
+                 rows_device: torch.device | str | None = None) -> None:
         shape = (num_layers, num_kv_heads, max_tokens, head_dim)
         self._registered: list[int] = []  # host addresses registered with CUDA
         self.dtype = dtype  # rows read back in it
         rows = torch.int8 if quantized else dtype
-        self.k = self._allocate(shape, rows, pin)
-        self.v = self._allocate(shape, rows, pin)
+        if rows_device is not None:
+            self.k, self.v = (torch.zeros(shape, dtype=rows, device=rows_device)
+                              for _ in range(2))
+        else:
+            self.k = self._allocate(shape, rows, pin)
+            self.v = self._allocate(shape, rows, pin)
         self.k_scale = self.v_scale = None
         if quantized:
             self.k_scale, self.v_scale = (torch.zeros(shape[:3], dtype=torch.float16,
@@ -97,16 +107,17 @@ class HostKVStore:
 
     def read(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [lo, hi) of a layer as K, V [Hkv, hi - lo, D] in `dtype` on the host
-        (dequantised when quantised; views otherwise): saving a context, host indexes,
-        diagnostics."""
+        (dequantised when quantised; views of a store in host memory otherwise): saving a
+        context, host indexes, diagnostics."""
         if not self.quantized:
-            return self.k[layer, :, lo:hi], self.v[layer, :, lo:hi]
-        return tuple(dequantize_rows(rows[layer, :, lo:hi], scales[layer, :, lo:hi].cpu(),
-                                     self.dtype)
+            return self.k[layer, :, lo:hi].cpu(), self.v[layer, :, lo:hi].cpu()
+        return tuple(dequantize_rows(rows[layer, :, lo:hi].cpu(),
+                                     scales[layer, :, lo:hi].cpu(), self.dtype)
                      for rows, scales in ((self.k, self.k_scale), (self.v, self.v_scale)))
 
     def memory_bytes(self) -> dict[str, int]:
-        out = {"host": 2 * self.k.numel() * self.k.element_size()}
+        place = "gpu" if self.k.is_cuda else "host"
+        out = {place: 2 * self.k.numel() * self.k.element_size()}
         if self.quantized:
             place = "gpu" if self.k_scale.is_cuda else "host"
             out[place] = out.get(place, 0) + 2 * self.k_scale.numel() * 2

@@ -83,9 +83,15 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
             raise ConfigError(f"index.kind {self.index_cfg.kind} re-ranks with float keys "
                               "from the host store, and kv.host_dtype is int8: use "
                               "kv.host_dtype auto, or index.kind lowrank")
+        if cfg.store_on == "device" and self.index_cfg.kind != "lowrank":
+            raise ConfigError(f"index.kind {self.index_cfg.kind} searches keys in host "
+                              "memory, and kv.store_on is device: use kv.store_on host, or "
+                              "index.kind lowrank")
+        on_device = cfg.store_on == "device"
         self.store = HostKVStore(num_layers, rows, max_tokens, head_dim, dtype,
-                                 pin=device.type == "cuda",
-                                 quantized=cfg.host_dtype == "int8", scale_device=device)
+                                 pin=device.type == "cuda" and not on_device,
+                                 quantized=cfg.host_dtype == "int8", scale_device=device,
+                                 rows_device=device if on_device else None)
         self.sketch: LowRankKeys | None = None
         self.selector: LowRankRetriever | QuestRetriever | None = None
         if cfg.policy == "retrieval":

@@ -27,6 +27,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SKETCH_DTYPES = ("auto", "int8", "int4")  # kv.sketch_dtype (offload.lowrank)
 HOST_DTYPES = ("auto", "int8")  # kv.host_dtype (offload.host_store)
+STORE_PLACES = ("host", "device")  # kv.store_on (offload.host_store)
 MAX_SELECT_BLOCK = 64  # kv.select_block: a run longer than this is one 16 KiB host read
 INDEX_KINDS = ("lowrank", "attention", "faiss-hnsw", "faiss-ivf", "hnswlib", "hybrid")
 BUILDERS = ("ray", "threads", "inline")
@@ -109,6 +110,11 @@ class KVConfig:
     # device), half the host memory and half the bytes each decode step reads over PCIe,
     # at some accuracy (README: int8 host store). Needs index.kind lowrank
     host_dtype: str = "auto"
+    # where that store lives: host (pinned host memory, read over PCIe: what lets a 1M
+    # context fit) or device (the GPU's memory, read from HBM: faster decode where the
+    # budget has room, e.g. an int8 store of Llama-3-8B at 256K-512K on an 80 GB GPU;
+    # README: store on the device). Needs index.kind lowrank
+    store_on: str = "host"
     # retrieval: layers from this one on choose their re-rank candidates early, with a
     # guess at their queries from the previous layer's input, while that layer runs; the
     # re-rank takes the real queries (README: lookahead). 0 = off
@@ -153,6 +159,9 @@ class KVConfig:
         if self.host_dtype not in HOST_DTYPES:
             raise ConfigError(f"kv.host_dtype is {self.host_dtype!r}: valid values are "
                               f"{', '.join(HOST_DTYPES)}")
+        if self.store_on not in STORE_PLACES:
+            raise ConfigError(f"kv.store_on is {self.store_on!r}: valid values are "
+                              f"{', '.join(STORE_PLACES)}")
         if self.sketch_dtype not in SKETCH_DTYPES:
             raise ConfigError(f"kv.sketch_dtype is {self.sketch_dtype!r}: valid values are "
                               f"{', '.join(SKETCH_DTYPES)}")

@@ -191,8 +191,9 @@ def test_impossible_search_names_the_smallest_config():
     assert "no config fits" in msg and "weights 14.19 GiB" in msg and "kv.rank 1" in msg
 
 
+# 1M: the 12 GB; Llama at 512K keeps its int8 store on the GPU, under dense's K,V
 @pytest.mark.parametrize("name,shape,kv_cap", [("1m-single-gpu", "qwen2.5-7b-1m", 12e9),
-                                               ("512k-llama3-8b", "llama-3-8b", 12e9)])
+                                               ("512k-llama3-8b", "llama-3-8b", 64 * GiB)])
 def test_presets_fit_without_allocating(monkeypatch, name, shape, kv_cap):
     def refuse(*args, **kwargs):
         raise AssertionError("the planner allocated a tensor")
@@ -319,3 +320,24 @@ def test_cli_prints_plan_and_writes_preset(tmp_path, capsys):
 def test_cli_check_mode_refuses_over_budget(capsys):
     with pytest.raises(ConfigError, match="gpu memory: needs"):
         plan_main(["--config", "1m-single-gpu", "--gpu-mem", "24GiB", "--host-mem", "128GiB"])
+
+
+def test_store_on_device_moves_the_store_to_the_gpu_and_auto_moves_it_where_it_fits():
+    kv = dict(rank=64, sketch_dtype="int8", host_dtype="int8", select_block=4,
+              rerank_factor=2)
+    host = plan_memory(LLAMA, config("retrieval", tokens=1 << 19, **kv), "cuda")
+    dev = plan_memory(LLAMA, config("retrieval", tokens=1 << 19, store_on="device", **kv),
+                      "cuda")
+    store = part(host, "kv: host K,V store")
+    assert store == part(dev, "kv: K,V store on the device") == 32 * GiB  # int8 K, V
+    assert dev.kv_bytes("gpu") == host.kv_bytes("gpu") + store
+    assert dev.kv_bytes("host") == host.kv_bytes("host") - store
+    args = dict(policy="retrieval", max_rank=64, rerank_factor=2, select_block=4,
+                host_dtype="int8")
+    moved = search_config(LLAMA, 1 << 18, 80 * GiB, 128 * GiB, store_on="auto", **args)
+    stays = search_config(LLAMA, 1 << 20, 80 * GiB, 256 * GiB, store_on="auto", **args)
+    assert (moved.kv.store_on, stays.kv.store_on) == ("device", "host")
+    assert moved.kv.rank == search_config(LLAMA, 1 << 18, 80 * GiB, 128 * GiB, **args).kv.rank
+    with pytest.raises(ConfigError, match="gpu memory: needs"):
+        check_budget(plan_memory(LLAMA, stays.replace(kv={"store_on": "device"}), "cuda"),
+                     80 * GiB, 256 * GiB)

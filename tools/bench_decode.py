@@ -40,12 +40,14 @@ GiB = 1 << 30
 # bench policy -> kv.policy; retrieval-ann also sets index.kind attention (host graphs)
 POLICY = {"full-offload": "dense", "retrieval-notail": "retrieval", "retrieval-ann": "retrieval"}
 # per-policy overrides of the retrieval sketch and selection, e.g.
-# retrieval:sketch=int4,rank=128,rerank=2,block=4,topk=4096,passes=2,final=blocks,host=int8,ahead=2
+# retrieval:sketch=int4,rank=128,rerank=2,block=4,topk=4096,passes=2,final=blocks,host=int8,
+# ahead=2,store=device
 OVERRIDES = {"sketch": ("sketch_dtype", str), "rank": ("rank", int),
              "rerank": ("rerank_factor", int), "block": ("select_block", int),
              "topk": ("top_k", int), "passes": ("score_passes", int),
              "final": ("rerank_blocks", lambda v: {"blocks": True, "positions": False}[v]),
-             "host": ("host_dtype", str), "ahead": ("lookahead_from", int)}
+             "host": ("host_dtype", str), "ahead": ("lookahead_from", int),
+             "store": ("store_on", str)}
 
 
 def parse_policy(name: str) -> tuple[str, dict]:
@@ -256,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                         "dense, full-offload; none: only --gathers. A retrieval policy takes "
                         "overrides: retrieval:sketch=int4,rank=128,rerank=2,block=4,passes=2,"
                         "final=blocks (kv.rerank_blocks; final=positions is the default),"
-                        " host=int8 (kv.host_dtype), ahead=2 (kv.lookahead_from)")
+                        " host=int8 (kv.host_dtype), ahead=2 (kv.lookahead_from), "
+                        "store=device (kv.store_on)")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--top-k", type=int, default=2048)
     # defaults: the 1m-single-gpu preset's sketch

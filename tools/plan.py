@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="kv.select_block when searching: positions per selected run")
     p.add_argument("--host-dtype", default="auto", choices=["auto", "int8"],
                    help="kv.host_dtype when searching: int8 halves the host K,V store")
+    p.add_argument("--store-on", default="host", choices=["host", "device", "auto"],
+                   help="kv.store_on when searching: auto moves the K,V store onto the "
+                        "device where the best config still fits there (faster decode)")
     p.add_argument("--lookahead-from", type=int, default=0,
                    help="kv.lookahead_from when searching (0: off)")
     p.add_argument("--batch", type=int, default=None,
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             sink_tokens=args.sinks, max_rank=args.max_rank, prefill_chunk_tokens=args.chunk,
             tail_estimate=not args.no_tail_estimate, rerank_factor=args.rerank_factor,
             select_block=args.select_block, host_dtype=args.host_dtype,
-            lookahead_from=args.lookahead_from, max_kv_gpu_bytes=None if args.max_kv_gpu_mem is None
+            lookahead_from=args.lookahead_from, store_on=args.store_on,
+            max_kv_gpu_bytes=None if args.max_kv_gpu_mem is None
             else parse_bytes(args.max_kv_gpu_mem))
     else:
         spec = spec_for(cfg.model.path, cfg.model.cache_dir)

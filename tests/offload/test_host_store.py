@@ -65,3 +65,35 @@ def test_quantized_store_keeps_int8_rows_and_reads_back_within_half_a_step(monke
     keys, values = store.layer_rows(1)
     assert keys.rows.dtype == torch.int8 and values.scale.shape == (3, 20)
     assert store.memory_bytes() == {"host": 2 * 2 * 3 * 20 * 16 + 2 * 2 * 3 * 20 * 2}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "int8"])
+def test_store_on_the_device_reads_back_on_the_host_and_counts_as_gpu(quantized):
+    """kv.store_on device: the rows live in GPU memory (nothing pinned), the gather kernels
+    read them there, read() still hands the host the same rows as a host store's."""
+    L, Hkv, N, D = 2, 2, 300, 64
+    k = torch.randn(Hkv, N, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(Hkv, N, D, device="cuda", dtype=torch.bfloat16)
+    stores = [HostKVStore(L, Hkv, N, D, torch.bfloat16, pin=rows is None, quantized=quantized,
+                          scale_device="cuda", rows_device=rows) for rows in (None, "cuda")]
+    host, device = stores
+    assert device.k.is_cuda and not device._registered and host.k.is_pinned()
+    for store in stores:
+        store.write(1, 0, k, v)
+    torch.cuda.synchronize()
+    for a, b in zip(host.read(1, 5, 250), device.read(1, 5, 250), strict=True):
+        assert a.device.type == b.device.type == "cpu" and torch.equal(a, b)
+    rows = 2 * L * Hkv * N * D * (1 if quantized else 2)
+    scales = 2 * L * Hkv * N * 2 if quantized else 0
+    assert device.memory_bytes() == {"gpu": rows + scales}
+    assert host.memory_bytes() == ({"host": rows, "gpu": scales} if quantized
+                                   else {"host": rows})
+    idx = torch.randint(0, N, (Hkv, 100), device="cuda")
+    got = []
+    for store in stores:
+        keys, values = store.layer_rows(1)
+        got.append(gather_kv(keys.rows, values.rows, idx,
+                             scales=(keys.scale, values.scale) if quantized else None,
+                             dtype=torch.bfloat16 if quantized else None))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])

@@ -289,3 +289,37 @@ def test_a_lookahead_left_by_another_step_is_dropped():
     kv._join_lookahead = None  # must not be reached
     kv.attend(1, q[:, :, 59:60], k[:, :, 59:60], v[:, :, 59:60], step)
     assert kv._ahead == {}
+
+
+def test_store_on_device_needs_the_lowrank_index():
+    with pytest.raises(ConfigError, match="kv.store_on is 'gpu'"):
+        KVConfig(policy="retrieval", store_on="gpu")
+    cfg = KVConfig(policy="retrieval", store_on="device", rank=4)
+    with pytest.raises(ConfigError, match="use kv.store_on host, or index.kind lowrank"):
+        make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32,
+                       IndexConfig(kind="attention", builder="inline"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ahead", [0, 1], ids=["select", "lookahead"])
+def test_store_on_device_decodes_as_the_host_store_on_gpu(ahead):
+    """kv.store_on device reads the same int8 rows from HBM that the host store reads over
+    PCIe: every output equal, the store counted on the GPU."""
+    h, hkv, d, n, prompt = 8, 2, 64, 3000, 2900
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, d, generator=gen).cuda() for heads in (h, hkv, hkv))
+    outs, mem = {}, {}
+    for place in ("host", "device"):
+        cfg = KVConfig(policy="retrieval", sink_tokens=4, window_tokens=64, top_k=64, rank=16,
+                       sketch_dtype="int8", rerank_factor=2, select_block=4,
+                       lookahead_from=ahead, host_dtype="int8", store_on=place)
+        kv = make_kv_policy(cfg, L, h, hkv, d, n, torch.device("cuda"), torch.float32)
+        guess = (lambda t, layer: q[:, :, t:t + 1] + 0.1 * q[:, :, t - 1:t]) if ahead else None
+        outs[place] = run_policy(kv, q, k, v, prompt, guess)
+        mem[place] = kv.memory_bytes()
+        assert kv.store.k.is_cuda == (place == "device")
+    store = 2 * L * hkv * n * d  # int8 K, V
+    assert mem["device"]["gpu"] == mem["host"]["gpu"] + store
+    assert mem["host"]["host"] == store and "host" not in mem["device"]
+    for a, b in zip(outs["device"], outs["host"], strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
