@@ -19,11 +19,11 @@ def run_policy(kv, q, k, v, prompt, guess=None):
     outs = []
     for layer in range(L):  # layer-major prefill, as the runner does it
         outs.append(kv.attend(layer, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt],
-                              AttnStep(torch.arange(prompt), 0)))
+                              AttnStep(torch.arange(prompt, device=q.device), 0)))
         kv.finish_layer(layer, prompt)
     kv.finish_prefill(prompt)
     for t in range(prompt, q.shape[2]):
-        step = AttnStep(torch.tensor([t]), t)
+        step = AttnStep(torch.tensor([t], device=q.device), t)
         for layer in range(L):
             if guess is not None and layer + 1 < L:
                 kv.lookahead(layer + 1, lambda t=t, layer=layer + 1: guess(t, layer), step)
