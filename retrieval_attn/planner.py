@@ -364,6 +364,8 @@ def _fixes(plan: MemoryPlan, gpu: int, host: int) -> list[str]:
     if lo >= 2 and fits(runtime={"max_context_tokens": lo}):
         fixes.append(f"lower runtime.max_context_tokens to {lo}")
     b = dtype_bytes(plan.config.runtime.dtype, plan.device_type)
+    if kv.store_on == "device" and kv.policy != "dense" and fits(kv={"store_on": "host"}):
+        fixes.insert(0, "set kv.store_on host (the K,V store in host memory)")
     if kv.policy == "retrieval":
         rank = next((r for r in _ranks(kv.rank - 1) if r % 2 == 0 or kv.sketch_dtype != "int4"
                      if fits(kv={"rank": r})), None)

@@ -341,3 +341,17 @@ def test_store_on_device_moves_the_store_to_the_gpu_and_auto_moves_it_where_it_f
     with pytest.raises(ConfigError, match="gpu memory: needs"):
         check_budget(plan_memory(LLAMA, stays.replace(kv={"store_on": "device"}), "cuda"),
                      80 * GiB, 256 * GiB)
+
+
+def test_a_device_store_that_does_not_fit_is_refused_naming_the_host_store(capsys):
+    # Llama-3-8B at 512K on a 48 GiB GPU: the int8 store (32 GiB) does not fit beside the
+    # weights; in host memory it does
+    cfg = EngineConfig.load("512k-llama3-8b")
+    with pytest.raises(ConfigError, match="set kv.store_on host"):
+        check_budget(plan_memory(LLAMA, cfg, "cuda"), 48 * GiB, 128 * GiB)
+    check_budget(plan_memory(LLAMA, cfg.replace(kv={"store_on": "host"}), "cuda"),
+                 48 * GiB, 128 * GiB)
+    assert plan_main(["--model", "llama-3-8b", "--context", "262144", "--gpu-mem", "80GiB",
+                      "--host-mem", "128GiB", "--policy", "retrieval", "--max-rank", "64",
+                      "--host-dtype", "int8", "--store-on", "auto"]) == 0
+    assert "store_on: device" in capsys.readouterr().out
