@@ -113,7 +113,7 @@ class KVConfig:
     # where that store lives: host (pinned host memory, read over PCIe: what lets a 1M
     # context fit) or device (the GPU's memory, read from HBM: faster decode where the
     # budget has room, e.g. an int8 store of Llama-3-8B at 256K-512K on an 80 GB GPU;
-    # README: store on the device). Needs index.kind lowrank
+    # README, config reference). Needs index.kind lowrank
     store_on: str = "host"
     # retrieval: layers from this one on choose their re-rank candidates early, with a
     # guess at their queries from the previous layer's input, while that layer runs; the
