@@ -218,11 +218,15 @@ def test_int8_host_store_stays_close_to_dense():
     assert 1e-5 < max(errors) < 0.02  # rounded, and only a little
 
 
-def test_host_dtype_is_checked():
-    with pytest.raises(ConfigError, match="kv.host_dtype is 'fp8'"):
-        KVConfig(policy="retrieval", host_dtype="fp8")
-    cfg = KVConfig(policy="retrieval", host_dtype="int8", rank=4)
-    with pytest.raises(ConfigError, match="use kv.host_dtype auto, or index.kind lowrank"):
+@pytest.mark.parametrize("field, bad, good, fix", [
+    ("host_dtype", "fp8", "int8", "use kv.host_dtype auto, or index.kind lowrank"),
+    ("store_on", "gpu", "device", "use kv.store_on host, or index.kind lowrank"),
+])
+def test_store_settings_are_checked_and_need_the_lowrank_index(field, bad, good, fix):
+    with pytest.raises(ConfigError, match=f"kv.{field} is '{bad}'"):
+        KVConfig(policy="retrieval", **{field: bad})
+    cfg = KVConfig(policy="retrieval", rank=4, **{field: good})
+    with pytest.raises(ConfigError, match=fix):
         make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32,
                        IndexConfig(kind="attention", builder="inline"))
 
@@ -289,15 +293,6 @@ def test_a_lookahead_left_by_another_step_is_dropped():
     kv._join_lookahead = None  # must not be reached
     kv.attend(1, q[:, :, 59:60], k[:, :, 59:60], v[:, :, 59:60], step)
     assert kv._ahead == {}
-
-
-def test_store_on_device_needs_the_lowrank_index():
-    with pytest.raises(ConfigError, match="kv.store_on is 'gpu'"):
-        KVConfig(policy="retrieval", store_on="gpu")
-    cfg = KVConfig(policy="retrieval", store_on="device", rank=4)
-    with pytest.raises(ConfigError, match="use kv.store_on host, or index.kind lowrank"):
-        make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32,
-                       IndexConfig(kind="attention", builder="inline"))
 
 
 @pytest.mark.gpu
