@@ -20,6 +20,8 @@ instead costs more than reading them (H100, 1M tokens, 28 layers: 19.6 ms for in
 import triton
 import triton.language as tl
 
+from .._jit import log_add
+
 
 @triton.jit
 def _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD: tl.constexpr, WIDTH: tl.constexpr,
@@ -107,14 +109,6 @@ def _merged_lse(M, L, h, S, stride_mh, stride_ms, G_PAD: tl.constexpr, S_PAD: tl
 
 
 @triton.jit
-def _log_add(a, b):
-    """log(exp(a) + exp(b)), -inf when both are."""
-    top = tl.maximum(a, b)
-    top_safe = tl.where(top == float("-inf"), 0.0, top)
-    return top_safe + tl.log(tl.exp(a - top_safe) + tl.exp(b - top_safe))
-
-
-@triton.jit
 def lse_partial_kernel(
     QrHi, QrLo, C, Mul, Keys, Hi, M, L,  # [Hkv, G, r] x2 dot dtype, [Hkv, G] f32, [Hkv] f32,
     # [Hkv, N, r] (r / 2 packed int4), [1], [Hkv, S, G_PAD] f32 x2
@@ -176,7 +170,7 @@ def shares_kernel(
         lse = _merged_lse(M, L, h, S, stride_mh, stride_ms, G_PAD, S_PAD)
     if HAS_OTHER:
         o = tl.load(Other + h * stride_xh + g, mask=g < G, other=float("-inf")).to(tl.float32)
-        lse = _log_add(lse, o)
+        lse = log_add(lse, o)
     if split == 0:
         tl.store(Lse + h * stride_lh + g, lse, mask=g < G)
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # no mass anywhere: shares 0

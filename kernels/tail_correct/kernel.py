@@ -12,6 +12,8 @@ chunk's float32 masses round below what was taken out of it.
 import triton
 import triton.language as tl
 
+from .._jit import log_add
+
 
 @triton.jit
 def _filled(pos, c, CHUNK: tl.constexpr):
@@ -99,8 +101,7 @@ def tail_merge_kernel(
         # total + log(their mass relative to total); no mass (nothing selected): -inf
         a = tl.load(GuessLse + r * stride_gr + g + tl.arange(0, 1))
         b = tl.where(picked < 0.0, total + tl.log(tl.maximum(-picked, 1e-38)), float("-inf"))
-        top = tl.maximum(a, b)
-        lse_att = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
+        lse_att = log_add(a, b)
     else:
         lse_att = tl.load(LseAtt + r * stride_lr + g + tl.arange(0, 1))
     ratio = tl.exp(total - lse_att)  # tail mass is relative to total, out's to lse_att
