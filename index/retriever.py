@@ -116,6 +116,10 @@ class LowRankRetriever:
         # positions come back best first; a caller that knows every step fills all k
         # slots (count == k) may set ordered False to skip sorting the top-k
         self.ordered = True
+        # positions at or past region_end never enter the offloaded region (the window
+        # holds a prompt's newest tokens): their blocks are never chosen, so the top-k
+        # skips them (fewer top-k stages where the capacity spills just past a chunk)
+        self.region_end: int | None = None
         # (hi, (lo, blocks), partial block positions, count) of the last hi seen
         self._partial: tuple | None = None
         self._last: tuple | None = None  # _last_rows: (c, p, positions)
@@ -186,11 +190,12 @@ class LowRankRetriever:
         hi."""
         P, rows, n = self.block, q.shape[0], self.sketch.capacity
         nb = blocks_for(k, P)
-        n_cand = min((n - lo) // P, nb * self.rerank_factor)
+        live = (min(n, self.region_end or n) - lo) // P  # blocks that may be before hi
+        n_cand = min(live, nb * self.rerank_factor)
         rerank = n_cand > nb and self.rerank_factor > 1
         sums, total = self._shares(layer, q, lo, hi, other_lse, rerank, P)  # [R, blocks]
         self.last_total = total
-        top = _top_blocks(sums, n_cand if rerank else nb)  # [R, blocks], no order
+        top = _top_blocks(sums[:, :live], n_cand if rerank else nb)  # [R, blocks], no order
         cand = block_tokens(top, lo, P)  # [R, blocks·P]
         part, count = self._partial_block(lo, hi, nb)
         every = torch.cat([cand, part.expand(rows, P)], dim=1)  # [R, C + P]

@@ -101,6 +101,8 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
                                              self._exact_keys, cfg.select_block,
                                              reuse_lse=cfg.score_passes == 1,
                                              rerank_blocks=cfg.rerank_blocks)
+            # hi = pos + 1 - W at most (_step_bounds): the last W positions stay in the window
+            self.selector.region_end = max_tokens - cfg.window_tokens
         elif cfg.policy == "quest":
             self.selector = QuestRetriever(num_layers, rows, max_tokens, head_dim,
                                            cfg.page_tokens, device, dtype)

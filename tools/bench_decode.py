@@ -34,7 +34,7 @@ from retrieval_attn.planner import plan_memory
 from retrieval_attn.sampling import SamplingParams
 
 from .bench_grid import free_device, run_grid, write_json
-from .bench_step_parts import bench_gathers, bench_scores, bench_topk
+from .bench_step_parts import bench_gathers, bench_scores, bench_tail, bench_topk
 
 GiB = 1 << 30
 # bench policy -> kv.policy; retrieval-ann also sets index.kind attention (host graphs)
@@ -282,10 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gathers", action="store_true",
                    help="first time the host gathers alone at each context")
     p.add_argument("--topk", action="store_true",
-                   help="first time the candidate top-k in float32 vs bfloat16 at each context")
+                   help="first time the candidate top-k (block sums, in stages) against "
+                        "torch.topk at each context")
     p.add_argument("--scores", action="store_true",
                    help="first time the sketch scoring pass (select_scores) under launch "
                         "variants at each context, one and two passes")
+    p.add_argument("--tail", action="store_true",
+                   help="first time the tail estimate's kernels under launch variants at "
+                        "each context")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise RetrievalAttnError("bench times decode on a GPU and this machine has no CUDA "
@@ -298,10 +302,14 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True)
     if args.topk:
         for n in args.contexts:
-            t = bench_topk(args.shape, n, args.top_k * args.rerank_factor)
-            print(f"candidate top-k of {args.top_k * args.rerank_factor} among {n}, µs/call: "
-                  f"float32 {t['float32']:.1f}  bfloat16 {t['bfloat16']:.1f}  (bfloat16 keeps "
-                  f"{t['bfloat16 keeps']:.2%} of the float32 top-k)", flush=True)
+            k = args.top_k * args.rerank_factor
+            t = bench_topk(args.shape, n, k, args.select_block)
+            print(f"candidate top-k, {k // args.select_block} of {n // args.select_block} "
+                  f"block sums, µs/call: " + "  ".join(
+                      f"{name} {v:.2f}" if "same" in name else f"{name} {v:.1f}"
+                      for name, v in t.items() if name != "context")
+                  + f"  (ours {t['torch.topk'] / t['ours']:.2f}x torch.topk's speed)",
+                  flush=True)
     if args.scores:
         for n in args.contexts:
             print(f"select_scores at {n} tokens, rank {args.rank} {args.sketch_dtype}, blocks "
@@ -310,6 +318,13 @@ def main(argv: list[str] | None = None) -> int:
                                   args.select_block):
                 print(f"  {r['variant']:<26} passes {r['passes']}  {r['us']:8.1f} µs  "
                       f"{r['GB/s']:7.0f} GB/s  max diff {r['max diff']:.2e}", flush=True)
+    if args.tail:
+        for n in args.contexts:
+            print(f"tail estimate at {n} tokens, µs/call (one layer):", flush=True)
+            for r in bench_tail(args.shape, n, args.top_k):
+                print(f"  {r['variant']:<16} {r['us']:8.1f} µs  {r['GB/s']:7.0f} GB/s of V "
+                      f"sums  max diff {r['max diff']:.2e}", flush=True)
+
     def one(policy: str, n: int, batch: str) -> dict:
         b = (int(batch) if batch != "max" else
              largest_batch_here(args.shape, policy, n, args.new_tokens, args.top_k, args.rank,

@@ -64,27 +64,95 @@ def bench_gathers(shape: str, n: int, candidates: int, top_k: int, reps: int = 4
     return row
 
 
-def bench_topk(shape: str, n: int, k: int, reps: int = 5) -> dict:
-    """µs per call of the candidate top-k (k of [Hkv, n] shares, unsorted) in float32 and
-    in bfloat16 (what select_scores now writes for it), cycling through one buffer per
-    layer, and the share of the float32 top-k that the bfloat16 one keeps."""
+def bench_topk(shape: str, n: int, k: int, block: int, reps: int = 5) -> dict:
+    """µs per call of the candidate top-k as a decode step takes it: the k // block best
+    of [Hkv, n // block] bfloat16 block sums (kernels.topk_indices, in stages), against
+    torch.topk of the same rows, cycling through one buffer per layer; and the share of
+    torch.topk's set that ours finds in a row (1 but for ties at the cut)."""
+    from retrieval_attn.kernels import topk_indices
+
     spec = named_shape(shape)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    # shares-like values: softmax shares summed over a group, a few heavy hitters
-    f32 = [torch.softmax(torch.randn(spec.num_kv_heads, n, device="cuda", generator=gen) * 3,
-                         dim=-1) * (spec.num_heads // spec.num_kv_heads)
-           for _ in range(spec.num_layers)]
-    bf16 = [x.bfloat16() for x in f32]
-    row = {"context": n}
-    for name, xs in (("float32", f32), ("bfloat16", bf16)):
-        row[name] = _time_calls({name: lambda i, xs=xs: xs[i].topk(k, dim=-1, sorted=False)},
-                                spec.num_layers, reps)[name]
-    kept = [len(set(a.topk(k).indices[0].tolist()) & set(b.topk(k).indices[0].tolist())) / k
-            for a, b in zip(f32[:4], bf16[:4], strict=True)]
-    row["bfloat16 keeps"] = sum(kept) / len(kept)
-    del f32, bf16
+    nb, kb = n // block, k // block
+    # block sums of softmax shares summed over a group: a few heavy hitters, and -1 for
+    # the blocks past the region (the window's)
+    xs = [torch.softmax(torch.randn(spec.num_kv_heads, nb, device="cuda", generator=gen) * 3,
+                        dim=-1).bfloat16() for _ in range(spec.num_layers)]
+    for x in xs:
+        x[:, -(512 // block):] = -1.0
+    want = set(xs[0][0].float().topk(kb).indices.tolist())
+    row = {"context": n, "torch.topk": _time_calls(
+        {"t": lambda i: xs[i].topk(kb, dim=-1, sorted=False)}, spec.num_layers, reps)["t"]}
+    got = set(topk_indices(xs[0], kb)[0].tolist())
+    # bfloat16 ties at the cut may pick other columns of the same value
+    row["ours same set"] = len(got & want) / kb
+    row["ours"] = _time_calls({"t": lambda i: topk_indices(xs[i], kb)}, spec.num_layers,
+                              reps)["t"]
+    xs = None  # free the rows before the next context
     free_device()
     return row
+
+
+# launch variants of the tail estimate's partial sums (kernels.tail_correct constants)
+TAIL_VARIANTS = {
+    "as built": {},
+    "ieee dots": {"DOT_PRECISION": "ieee"},
+    "tf32x3 dots": {"DOT_PRECISION": "tf32x3"},
+    "warps 8": {"NUM_WARPS": 8},
+    "4 programs/SM": {"PROGRAMS_PER_SM": 4},
+    "block 32": {"BLOCK": 32},
+}
+
+
+def bench_tail(shape: str, n: int, top_k: int, variants: dict = TAIL_VARIANTS,
+               reps: int = 20) -> list[dict]:
+    """µs per call of the tail estimate on one layer of n tokens (tail_partials, then
+    tail_merge), cycling through the layers' V chunk sums, under launch variants; each
+    variant's largest difference from the built one's output."""
+    import importlib
+
+    from retrieval_attn.kernels import tail_merge, tail_partials
+    from retrieval_attn.offload.tail import CHUNK, padded_chunks
+
+    tc = importlib.import_module("retrieval_attn.kernels.tail_correct")
+    spec = named_shape(shape)
+    L, hkv, d = spec.num_layers, spec.num_kv_heads, spec.head_dim
+    g = spec.num_heads // hkv
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    mm = -(-n // CHUNK)
+    sums = torch.randn(L, hkv, padded_chunks(n), d, device="cuda", generator=gen)
+    mass = torch.rand(hkv, g, mm, device="cuda", generator=gen) / mm
+    total = torch.randn(hkv, g, device="cuda", generator=gen)
+    selected = torch.randint(4, n - 512, (hkv, top_k), device="cuda", generator=gen)
+    scores = torch.randn(hkv, g, top_k, device="cuda", generator=gen)
+    count = torch.tensor([top_k], device="cuda", dtype=torch.int32)
+    pos = torch.tensor([n - 1], device="cuda")
+    out = torch.randn(hkv, g, d, device="cuda", generator=gen).bfloat16()
+    lse_att = total + 1.0
+
+    def call(i):
+        parts = tail_partials(mass, total, selected, scores, count, pos, sums[i],
+                              d**-0.5, CHUNK)
+        return tail_merge(out, lse_att, parts)
+
+    built = {k: getattr(tc, k) for k in ("BLOCK", "NUM_WARPS", "DOT_PRECISION",
+                                           "PROGRAMS_PER_SM")}
+    want = call(0).float()
+    rows = []
+    try:
+        for name, variant in variants.items():
+            for k, v in {**built, **variant}.items():
+                setattr(tc, k, v)
+            diff = (call(0).float() - want).abs().max().item()
+            t = _time_calls({name: call}, L, reps)[name]
+            rows.append({"variant": name, "us": t, "max diff": diff,
+                         "GB/s": hkv * padded_chunks(n) * d * 4 / t / 1e3})
+    finally:
+        for k, v in built.items():
+            setattr(tc, k, v)
+    sums = None  # free the V sums before the next context
+    free_device()
+    return rows
 
 
 # launch variants of select_scores timed by bench_scores: module constants of

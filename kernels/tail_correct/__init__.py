@@ -22,6 +22,7 @@ __all__ = ["TailPartials", "guess_lse_ref", "tail_correct", "tail_correct_ref", 
 BLOCK = 64  # chunks, or selected tokens, per step of a program
 MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a row are padded to this
 NUM_WARPS = 4
+DOT_PRECISION = "ieee"  # the partial sums' float32 dots
 MERGE_TILE = 32  # partials the merge reads per step
 
 
@@ -102,7 +103,7 @@ def tail_partials(mass: torch.Tensor, total_lse: torch.Tensor, selected: torch.T
         part_t.stride(0), part_t.stride(1), part_t.stride(2),
         part_m.stride(0), part_m.stride(1),
         D=D, G_PAD=g_pad, CHUNK=chunk, BLOCK=BLOCK, PER_SPLIT=per_split,
-        num_warps=NUM_WARPS)
+        DOT_PRECISION=DOT_PRECISION, num_warps=NUM_WARPS)
     return TailPartials(part_t, part_m, total, n_splits)
 
 

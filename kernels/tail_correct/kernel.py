@@ -29,6 +29,7 @@ def tail_partials_kernel(
     stride_tr, stride_ptr, stride_pts, stride_ptg, stride_pmr, stride_pms,
     D: tl.constexpr, G_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     PER_SPLIT: tl.constexpr,  # chunks per split (a loop bound: constexpr for the interpreter)
+    DOT_PRECISION: tl.constexpr,  # of the float32 dots: "ieee", or "tf32x3" (tensor cores)
 ):
     r = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
@@ -47,7 +48,7 @@ def tail_partials_kernel(
                         mask=(g[:, None] < G) & ok[None, :], other=0.0)  # [G_PAD, BLOCK]
             v = tl.load(Sums + r * stride_sr + c[:, None] * stride_sm + d[None, :],
                         mask=ok[:, None], other=0.0)  # [BLOCK, D]
-            acc += tl.dot(m / _filled(pos, c, CHUNK)[None, :], v, input_precision="ieee")
+            acc += tl.dot(m / _filled(pos, c, CHUNK)[None, :], v, input_precision=DOT_PRECISION)
             acc_m += tl.sum(m, axis=1)
     else:  # minus the sketch's mass of a block of the selected tokens (attended exactly)
         i = (s - n_splits) * BLOCK + j
@@ -60,7 +61,7 @@ def tail_partials_kernel(
         c = tl.load(Sel + r * stride_selr + i, mask=ok, other=0).to(tl.int64) // CHUNK
         v = tl.load(Sums + r * stride_sr + c[:, None] * stride_sm + d[None, :],
                     mask=ok[:, None], other=0.0)  # [BLOCK, D]
-        acc -= tl.dot(p / _filled(pos, c, CHUNK)[None, :], v, input_precision="ieee")
+        acc -= tl.dot(p / _filled(pos, c, CHUNK)[None, :], v, input_precision=DOT_PRECISION)
         acc_m -= tl.sum(p, axis=1)
     tl.store(PartT + r * stride_ptr + s * stride_pts + g[:, None] * stride_ptg + d[None, :],
              acc)

@@ -83,6 +83,39 @@ def test_block_selection_against_brute_force(rank, rerank, with_lse):
     assert pos2[:, 5 * P:].tolist() == [[150, 151, 152, 153]] * HKV
 
 
+@pytest.mark.parametrize("rerank", [1, 100])
+def test_region_end_skips_only_blocks_that_can_never_be_chosen(rerank):
+    """region_end (the capacity less the window): blocks past it are left out of the
+    top-k, and the last block wholly before it still competes (here it is the best)."""
+    torch.manual_seed(3)
+    k, q = torch.randn(HKV, N, D), torch.randn(HKV, G, D)
+    lo, hi, P, top = 6, 150, 4, 18
+    k[:, hi - P:hi] = 3 * q.sum(1, keepdim=True)  # the last whole block [146, 150) wins
+    sketch = LowRankKeys(1, HKV, N, D, D, torch.device("cpu"), torch.float32)
+    sketch.build(0, k)
+    reads = []
+
+    def exact_keys(layer, pos):
+        reads.append(pos.shape)
+        return k.gather(1, pos[..., None].expand(-1, -1, D))
+
+    ret = LowRankRetriever(sketch, D, rerank, exact_keys, block=P, reuse_lse=False)
+    ret.region_end = hi
+    ret.prepare(hi - lo, top)
+    other = torch.randn(HKV, G)
+    pos, count, _ = ret.select_with_keys(0, q, lo, torch.tensor([hi]), top, other)
+    chosen = pos[:, :5 * P]
+    assert count.tolist() == [5 * P] and all(set(range(hi - P, hi)) <= set(r.tolist())
+                                             for r in chosen)
+    if rerank > 1:
+        assert reads == [(HKV, 36 * P + P)]  # the 36 whole blocks before 150, the partial
+        assert [set(r.tolist()) for r in chosen] == _truth(q, k, lo, hi, P, 5, other, False,
+                                                           ret.last_total)
+    else:
+        assert [set(((r - lo) // P).tolist()) for r in chosen] == _truth(
+            q, k, lo, hi, P, 5, other, True)
+
+
 def test_rerank_blocks_keeps_the_runs_of_largest_exact_mass_whole():
     """kv.rerank_blocks: every run is a candidate here, so the chosen runs are the runs of
     largest summed exact share (normalised as the re-rank does), each whole."""

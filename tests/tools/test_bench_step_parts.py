@@ -14,8 +14,9 @@ def test_gathers_and_topk_report_every_part():
                         "K of candidates then V of final", "the same, candidates in runs of 4",
                         "K of candidates, one launch", "runs of 4, one launch each"}
     assert all(v > 0 for k, v in row.items() if k != "context")
-    top = bench_topk("smollm2-135m", 65536, 512, reps=1)
-    assert top["float32"] > 0 and top["bfloat16"] > 0 and 0.9 <= top["bfloat16 keeps"] <= 1
+    top = bench_topk("smollm2-135m", 65536, 512, 4, reps=1)
+    assert set(top) == {"context", "torch.topk", "ours", "ours same set"}
+    assert top["torch.topk"] > 0 and top["ours"] > 0 and 0.9 <= top["ours same set"] <= 1
 
 
 @pytest.mark.gpu
@@ -26,3 +27,12 @@ def test_score_variants_compute_the_built_launchs_block_sums():
     assert [r["variant"] for r in rows if r["passes"] == 1] == list(SCORE_VARIANTS)
     assert [r["passes"] for r in rows].count(2) == 1
     assert all(r["us"] > 0 and r["max diff"] < 1e-4 for r in rows)
+
+
+@pytest.mark.gpu
+def test_tail_variants_compute_the_built_launchs_output():
+    from retrieval_attn.tools.bench_step_parts import TAIL_VARIANTS, bench_tail
+
+    rows = bench_tail("smollm2-135m", 65536, 512, reps=1)
+    assert [r["variant"] for r in rows] == list(TAIL_VARIANTS)
+    assert all(r["us"] > 0 and r["max diff"] < 1e-3 for r in rows)
