@@ -59,6 +59,9 @@ class Candidates(NamedTuple):
     total: torch.Tensor | None  # [R, G] the log-sum-exp their shares are normalised by
     ranked: int  # C
     keep: int  # how many of the C the answer keeps (before the P)
+    # [1] candidates at or past it are not ranked: hi, or with runs the partial run's first
+    # position (the partial run is kept anyway: a candidate run of ties may be that run)
+    end: torch.Tensor
 
 
 def _mask_from(hi: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -120,7 +123,7 @@ class LowRankRetriever:
         # holds a prompt's newest tokens): their blocks are never chosen, so the top-k
         # skips them (fewer top-k stages where the capacity spills just past a chunk)
         self.region_end: int | None = None
-        # (hi, (lo, blocks), partial block positions, count) of the last hi seen
+        # (hi, (lo, blocks), partial block positions, count, its first) of the last hi seen
         self._partial: tuple | None = None
         self._last: tuple | None = None  # _last_rows: (c, p, positions)
 
@@ -178,7 +181,7 @@ class LowRankRetriever:
         cand = shares.topk(n_cand, dim=-1, sorted=not rerank and self.ordered).indices + lo
         if not rerank:
             return cand[:, :k], count, None
-        return Candidates(cand, self.exact_keys(layer, cand), count, total, n_cand, k)
+        return Candidates(cand, self.exact_keys(layer, cand), count, total, n_cand, k, hi)
 
     def _block_candidates(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor,
                           k: int, other_lse: torch.Tensor | None
@@ -197,12 +200,12 @@ class LowRankRetriever:
         self.last_total = total
         top = _top_blocks(sums[:, :live], n_cand if rerank else nb)  # [R, blocks], no order
         cand = block_tokens(top, lo, P)  # [R, blocks·P]
-        part, count = self._partial_block(lo, hi, nb)
+        part, count, first = self._partial_block(lo, hi, nb)
         every = torch.cat([cand, part.expand(rows, P)], dim=1)  # [R, C + P]
         if not rerank:
             return every, count, None
         return Candidates(every, self.exact_keys(layer, every), count, total, cand.shape[1],
-                          nb * P)
+                          nb * P, first)
 
     def rerank(self, q: torch.Tensor, hi: torch.Tensor, c: Candidates
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -211,7 +214,7 @@ class LowRankRetriever:
         summed exact shares, whole), and any positions always kept -> (positions [Hkv, K],
         count [1], their keys [Hkv, K, D])."""
         C, rows = c.ranked, q.shape[0]
-        exact = self._exact_shares(q, c.keys[:, :C].to(q.dtype), c.positions[:, :C], hi,
+        exact = self._exact_shares(q, c.keys[:, :C].to(q.dtype), c.positions[:, :C], c.end,
                                    c.total)
         if not self.use_blocks:
             best = exact.topk(c.keep, dim=-1, sorted=self.ordered).indices  # [Hkv, k]
@@ -237,17 +240,18 @@ class LowRankRetriever:
         return self._last[2]
 
     def _partial_block(self, lo: int, hi: torch.Tensor, nb: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(the partial block's positions [P], count [1] int32: the nb chosen blocks'
-        positions plus the partial block's before hi). They depend on hi alone, which a
-        decode step shares across its layers (a new tensor each step, never changed in
-        place), so they are computed once per hi tensor."""
+        positions plus the partial block's before hi, and its first position [1]). They
+        depend on hi alone, which a decode step shares across its layers (a new tensor
+        each step, never changed in place), so they are computed once per hi tensor."""
         key = (lo, nb)
         if self._partial is None or self._partial[0] is not hi or self._partial[1] != key:
             part, part_count = partial_block(lo, hi, self.block, self.sketch.capacity)
             # every chosen position is before hi
-            self._partial = (hi, key, part, (nb * self.block + part_count).to(torch.int32))
-        return self._partial[2], self._partial[3]
+            self._partial = (hi, key, part, (nb * self.block + part_count).to(torch.int32),
+                             hi - part_count)
+        return self._partial[2:]
 
     def _exact_shares(self, q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor,
                       hi: torch.Tensor, total: torch.Tensor | None) -> torch.Tensor:

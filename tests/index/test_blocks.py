@@ -81,6 +81,9 @@ def test_block_selection_against_brute_force(rank, rerank, with_lse):
     pos2, count2, _ = ret.select_with_keys(0, q, lo, torch.tensor([hi + 3]), top, other)
     assert count2.tolist() == [5 * P + 3]  # three positions of the partial block are in
     assert pos2[:, 5 * P:].tolist() == [[150, 151, 152, 153]] * HKV
+    # no position twice: the partial block may be a candidate run too (a tie at -1), and
+    # its positions before hi are not ranked there
+    assert all(len(set(r[:5 * P + 3].tolist())) == 5 * P + 3 for r in pos2)
 
 
 @pytest.mark.parametrize("rerank", [1, 100])
