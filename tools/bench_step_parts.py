@@ -164,9 +164,7 @@ SCORE_VARIANTS = {
     "warps 8": {"NUM_WARPS": 8},
     "stages 2": {"NUM_STAGES": 2},
     "stages 4": {"NUM_STAGES": 4},
-    "tile 64": {"BLOCK_N": 64},
-    "tile 256": {"BLOCK_N": 256},
-    "tile 512": {"BLOCK_N": 512},
+    "tile 128": {"BLOCK_N": 128},
     "4 programs/SM": {"PROGRAMS_PER_SM": 4},
     "8 programs/SM": {"PROGRAMS_PER_SM": 8},
     # what the pass's outputs cost: without the tail's chunk masses, per-position shares

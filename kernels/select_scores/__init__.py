@@ -34,9 +34,11 @@ from .ref import (
 __all__ = ["KEY_BITS", "LseState", "block_sums_ref", "kernel_scores", "pack_int4", "quantise_query",
            "select_scores", "select_scores_ref", "sketch_values", "unpack_int4"]
 
-# positions per tile: 256 made the one-pass scoring ~30% slower at 1M (H200, bench --scores)
-BLOCK_N = 128
-MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a kv head are padded to this
+# positions per tile: with tiles of heads (TILES a dot), 64 beat 128 by ~10% at 512K and 1M
+# (H100, bench --scores); 256 made the one-pass scoring ~30% slower at 1M (H200, before)
+BLOCK_N = 64
+MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows
+MIN_HEAD_PAD = 4  # heads are padded to a power of two >= this (at most 4 tiles a dot)
 MAX_SPLITS = 256  # chunks per kv head (the merge reads all partials in one tile)
 NUM_WARPS = 4
 NUM_STAGES = 3  # software pipelining of the key loads in the position loop
@@ -178,11 +180,15 @@ def select_scores(
     # tiles start at a multiple of BLOCK_N (positions before lo are masked), so that each
     # tile holds whole mass chunks
     origin = lo - lo % BLOCK_N
-    tiles = max(cdiv(n - origin, BLOCK_N), 1)
-    splits = min(tiles, MAX_SPLITS, max(1, cdiv(2 * PROGRAMS_PER_SM * sm_count(device), hkv)))
-    per_split = cdiv(tiles, splits) * BLOCK_N
+    # a dot scores `tiles` tiles of BLOCK_N positions against the G heads (kernel.py,
+    # _query): MIN_HEAD_ROWS rows hold tiles·g_pad (head, tile) pairs, not G heads padded
+    g_pad = max(MIN_HEAD_PAD, next_power_of_2(g))
+    tiles = max(1, MIN_HEAD_ROWS // g_pad)
+    step = tiles * BLOCK_N  # positions a program scores per step
+    steps = max(cdiv(n - origin, step), 1)
+    splits = min(steps, MAX_SPLITS, max(1, cdiv(2 * PROGRAMS_PER_SM * sm_count(device), hkv)))
+    per_split = cdiv(steps, splits) * step
     splits = cdiv(max(n - origin, 1), per_split)
-    g_pad = max(MIN_HEAD_ROWS, next_power_of_2(g))
     part_m = torch.empty(hkv, splits, g_pad, dtype=torch.float32, device=device)
     part_l = torch.empty_like(part_m)
     hi = hi.reshape(1)
@@ -194,7 +200,8 @@ def select_scores(
         lse_partial_kernel[(hkv, splits)](
             qr_hi, qr_lo, const, mul, keys, hi, part_m, part_l, lo, origin, n, *common, scale,
             g, G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N, F32_DOT=f32_dot, CHUNK=per_split,
-            HI_LO=hi_lo, KEY_BITS=bits, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+            HI_LO=hi_lo, KEY_BITS=bits, TILES=tiles, num_warps=NUM_WARPS,
+            num_stages=NUM_STAGES)
     # other_lse is unread when None, mass when chunk is 0 (lse stands in for the pointers)
     other = other_lse.float().contiguous() if other_lse is not None else lse
     nm = cdiv(n, chunk) if chunk else 0
@@ -208,7 +215,7 @@ def select_scores(
         state.stride(0), state.stride(-2), scale, g, G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N,
         S_PAD=next_power_of_2(splits), HAS_OTHER=other_lse is not None, F32_DOT=f32_dot,
         CHUNK=per_split, MASS_CHUNK=chunk, HI_LO=hi_lo, KEY_BITS=bits, ONE_PASS=one_pass,
-        BLOCK=block, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        BLOCK=block, TILES=tiles, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if one_pass:  # after the pass: every program has read the state
         lse_state_kernel[(hkv,)](part_m, part_l, lse, state, state_hi, hi, splits,
                                  part_m.stride(0), part_m.stride(1), lse.stride(0),

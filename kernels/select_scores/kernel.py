@@ -24,29 +24,43 @@ from .._jit import log_add
 
 
 @triton.jit
-def _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD: tl.constexpr, WIDTH: tl.constexpr,
-           OFFSET: tl.constexpr):
-    """Columns [OFFSET, OFFSET + WIDTH) of kv head h's q @ basis, as a (hi, lo) pair."""
-    g = tl.arange(0, G_PAD)
-    r = OFFSET + tl.arange(0, WIDTH)
-    off = h * stride_qh + g[:, None] * stride_qg + r[None, :]
-    qr_hi = tl.load(QrHi + off, mask=g[:, None] < G, other=0.0)
-    qr_lo = tl.load(QrLo + off, mask=g[:, None] < G, other=0.0)
+def _rows(G_PAD: tl.constexpr, TILES: tl.constexpr):
+    """Each row's query head and tile: row i·G_PAD + g scores head g at tile i."""
+    row = tl.arange(0, TILES * G_PAD)
+    return row % G_PAD, row // G_PAD
+
+
+@triton.jit
+def _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD: tl.constexpr,
+           TILES: tl.constexpr, WIDTH: tl.constexpr, OFFSET: tl.constexpr):
+    """Columns [OFFSET, OFFSET + WIDTH) of kv head h's q @ basis, as a (hi, lo) pair of
+    block-diagonal [TILES·G_PAD, TILES·WIDTH]: row i·G_PAD + g holds head g's in columns
+    [i·WIDTH, (i + 1)·WIDTH), zeros elsewhere, so one dot scores TILES tiles of positions
+    against the G heads with no padding rows beyond G_PAD."""
+    g, tile = _rows(G_PAD, TILES)
+    col = tl.arange(0, TILES * WIDTH)
+    mask = (tile[:, None] == (col // WIDTH)[None, :]) & (g < G)[:, None]
+    off = h * stride_qh + g[:, None] * stride_qg + OFFSET + (col % WIDTH)[None, :]
+    qr_hi = tl.load(QrHi + off, mask=mask, other=0.0)
+    qr_lo = tl.load(QrLo + off, mask=mask, other=0.0)
     return qr_hi, qr_lo
 
 
 @triton.jit
 def _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg, stride_ch, G,
-             G_PAD: tl.constexpr, R: tl.constexpr, KEY_BITS: tl.constexpr):
-    """Kv head h's q @ basis as (hi, lo) pairs, split in halves for packed int4 keys (whose
-    bytes hold dims j and j + R/2), q·mean [G_PAD] and the scores' multiplier."""
+             G_PAD: tl.constexpr, TILES: tl.constexpr, R: tl.constexpr,
+             KEY_BITS: tl.constexpr):
+    """Kv head h's q @ basis as block-diagonal (hi, lo) pairs, split in halves for packed
+    int4 keys (whose bytes hold dims j and j + R/2), q·mean per row and the scores'
+    multiplier."""
     if KEY_BITS == 4:
-        qa_hi, qa_lo = _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD, R // 2, 0)
-        qb_hi, qb_lo = _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD, R // 2, R // 2)
+        qa_hi, qa_lo = _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD, TILES, R // 2, 0)
+        qb_hi, qb_lo = _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD, TILES, R // 2,
+                              R // 2)
     else:
-        qa_hi, qa_lo = _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD, R, 0)
+        qa_hi, qa_lo = _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD, TILES, R, 0)
         qb_hi, qb_lo = qa_hi, qa_lo  # unused
-    g = tl.arange(0, G_PAD)
+    g, _ = _rows(G_PAD, TILES)
     c = tl.load(C + h * stride_ch + g, mask=g < G, other=0.0)
     if KEY_BITS == 16:
         mul = 1.0  # float keys: Mul is unread
@@ -57,7 +71,7 @@ def _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg, stride_ch, G,
 
 @triton.jit
 def _dot(qr_hi, qr_lo, k, F32_DOT: tl.constexpr, HI_LO: tl.constexpr):
-    """[G_PAD, W] x keys [BLOCK_N, W] -> float32 [G_PAD, BLOCK_N]."""
+    """[ROWS, W] x keys [BLOCK_N, W] -> float32 [ROWS, BLOCK_N]."""
     if F32_DOT:
         kt = tl.trans(k.to(tl.float32))
         x = (tl.dot(qr_hi.to(tl.float32), kt, input_precision="ieee")
@@ -71,41 +85,69 @@ def _dot(qr_hi, qr_lo, k, F32_DOT: tl.constexpr, HI_LO: tl.constexpr):
 
 
 @triton.jit
-def _scores(qa_hi, qa_lo, qb_hi, qb_lo, c, mul, Keys, h, n, ok, stride_kh, stride_kn, scale,
-            G, G_PAD: tl.constexpr, R: tl.constexpr, F32_DOT: tl.constexpr,
-            HI_LO: tl.constexpr, KEY_BITS: tl.constexpr):
-    """Scaled scores [G_PAD, BLOCK_N] of positions n (rows >= G and columns not ok: -inf).
+def _raw_scores(qa_hi, qa_lo, qb_hi, qb_lo, Keys, h, n0, lo, hi, stride_kh, stride_kn,
+                BLOCK_N: tl.constexpr, TILES: tl.constexpr, R: tl.constexpr,
+                F32_DOT: tl.constexpr, HI_LO: tl.constexpr, KEY_BITS: tl.constexpr):
+    """q @ basis · keys [ROWS, BLOCK_N] of TILES tiles of BLOCK_N positions from n0 (row
+    i·G_PAD + g, column n: head g at position n0 + i·BLOCK_N + n), before the step, mean
+    and scale; keys outside [lo, hi) read as 0.
 
     Float keys: two tensor-core dots, hi and lo halves of q @ basis against the exact keys,
     accumulate in float32: the score is float32-accurate to about 2**-16 of
     |q @ basis| |k|. Integer keys: q @ basis comes as int8 (ref.py, quantise_query) with
-    its step mul, and one int8 dot scores it exactly. F32_DOT (float32 keys; the
-    interpreter, whose low-precision dots are wrong in Triton 3.6) upcasts to float32."""
-    g = tl.arange(0, G_PAD)
-    row = Keys + h * stride_kh + n[:, None].to(tl.int64) * stride_kn
+    its step, and one int8 dot scores it exactly. F32_DOT (float32 keys; the interpreter,
+    whose low-precision dots are wrong in Triton 3.6) upcasts to float32."""
+    W: tl.constexpr = R // 2 if KEY_BITS == 4 else R  # stored values per position
+    n = tl.arange(0, BLOCK_N)
+    col = tl.arange(0, TILES * W)
+    # [BLOCK_N, TILES·W]: column i·W + j holds value j of position n0 + i·BLOCK_N + n
+    pos = n0 + (col // W)[None, :] * BLOCK_N + n[:, None]
+    ok = (pos >= lo) & (pos < hi)
+    k = tl.load(Keys + h * stride_kh + pos.to(tl.int64) * stride_kn + (col % W)[None, :],
+                mask=ok, other=0)
     if KEY_BITS == 4:
-        b = tl.load(row + tl.arange(0, R // 2)[None, :], mask=ok[:, None], other=0)
-        low = (b & 15).to(tl.int8) - 8  # dims [0, R/2)
-        high = (b >> 4).to(tl.int8) - 8  # dims [R/2, R)
+        low = (k & 15).to(tl.int8) - 8  # dims [0, R/2)
+        high = (k >> 4).to(tl.int8) - 8  # dims [R/2, R)
         x = _dot(qa_hi, qa_lo, low, F32_DOT, HI_LO) + _dot(qb_hi, qb_lo, high, F32_DOT, HI_LO)
     else:
-        k = tl.load(row + tl.arange(0, R)[None, :], mask=ok[:, None], other=0)
         x = _dot(qa_hi, qa_lo, k, F32_DOT, HI_LO)
-    x = (x * mul + c[:, None]) * scale
-    return tl.where((g[:, None] < G) & ok[None, :], x, float("-inf"))
+    return x
 
 
 @triton.jit
-def _merged_lse(M, L, h, S, stride_mh, stride_ms, G_PAD: tl.constexpr, S_PAD: tl.constexpr):
-    """Kv head h's S partial (max, sum) pairs [S, G_PAD] -> lse [G_PAD] (-inf if none)."""
-    g = tl.arange(0, G_PAD)
+def _in_range(n0, lo, hi, G, BLOCK_N: tl.constexpr, G_PAD: tl.constexpr,
+              TILES: tl.constexpr):
+    """[ROWS, BLOCK_N]: whether row and column score a real head at a position in [lo, hi)."""
+    g, tile = _rows(G_PAD, TILES)
+    pos = n0 + tile[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    return (pos >= lo) & (pos < hi) & (g < G)[:, None]
+
+
+@triton.jit
+def _merged_lse(M, L, h, S, stride_mh, stride_ms, G_PAD: tl.constexpr, TILES: tl.constexpr,
+                S_PAD: tl.constexpr):
+    """Kv head h's S partial (max, sum) pairs [S, G_PAD] -> lse per row [ROWS] (-inf if
+    none)."""
+    g, _ = _rows(G_PAD, TILES)
     s = tl.arange(0, S_PAD)
     part = h * stride_mh + s[:, None] * stride_ms + g[None, :]
-    pm = tl.load(M + part, mask=s[:, None] < S, other=float("-inf"))  # [S_PAD, G_PAD]
+    pm = tl.load(M + part, mask=s[:, None] < S, other=float("-inf"))  # [S_PAD, ROWS]
     pl = tl.load(L + part, mask=s[:, None] < S, other=0.0)
     mx = tl.max(pm, axis=0)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     return mx_safe + tl.log(tl.sum(pl * tl.exp(pm - mx_safe[None, :]), axis=0))
+
+
+@triton.jit
+def _head_max(x, G_PAD: tl.constexpr, TILES: tl.constexpr):
+    """[ROWS] -> [G_PAD]: the largest over each head's TILES rows."""
+    return tl.max(tl.reshape(x, (TILES, G_PAD)), axis=0)
+
+
+@triton.jit
+def _head_sum(x, G_PAD: tl.constexpr, TILES: tl.constexpr):
+    """[ROWS] -> [G_PAD]: the sum over each head's TILES rows."""
+    return tl.sum(tl.reshape(x, (TILES, G_PAD)), axis=0)
 
 
 @triton.jit
@@ -116,29 +158,36 @@ def lse_partial_kernel(
     stride_qh, stride_qg, stride_ch, stride_kh, stride_kn, stride_mh, stride_ms,
     scale, G,
     G_PAD: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr,
-    CHUNK: tl.constexpr,  # positions per program, a multiple of BLOCK_N (fixed trip count)
+    CHUNK: tl.constexpr,  # positions per program, a multiple of TILES·BLOCK_N
     HI_LO: tl.constexpr,  # dot the lo half of q @ basis too (float keys)
     KEY_BITS: tl.constexpr,  # 16 (float keys), 8 (int8) or 4 (packed int4)
+    TILES: tl.constexpr,  # tiles of BLOCK_N positions scored by one dot
 ):
     h = tl.program_id(0).to(tl.int64)  # h * stride_kh passes 2**31 at B·Hkv·N·r >= 2**31
     split = tl.program_id(1)
     hi = tl.minimum(tl.load(Hi).to(tl.int32), N)
     qa_hi, qa_lo, qb_hi, qb_lo, c, mul = _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg,
-                                                  stride_ch, G, G_PAD, R, KEY_BITS)
+                                                  stride_ch, G, G_PAD, TILES, R, KEY_BITS)
     start = origin + split * CHUNK
-    m = tl.full([G_PAD], float("-inf"), tl.float32)
-    acc = tl.zeros([G_PAD], tl.float32)
-    for off in range(0, CHUNK, BLOCK_N):
-        n = start + off + tl.arange(0, BLOCK_N)
-        x = _scores(qa_hi, qa_lo, qb_hi, qb_lo, c, mul, Keys, h, n, (n >= lo) & (n < hi),
-                    stride_kh, stride_kn, scale, G, G_PAD, R, F32_DOT, HI_LO, KEY_BITS)
+    m = tl.full([TILES * G_PAD], float("-inf"), tl.float32)
+    acc = tl.zeros([TILES * G_PAD], tl.float32)
+    for off in range(0, CHUNK, TILES * BLOCK_N):
+        x = _raw_scores(qa_hi, qa_lo, qb_hi, qb_lo, Keys, h, start + off, lo, hi, stride_kh,
+                        stride_kn, BLOCK_N, TILES, R, F32_DOT, HI_LO, KEY_BITS)
+        x = tl.where(_in_range(start + off, lo, hi, G, BLOCK_N, G_PAD, TILES),
+                     (x * mul + c[:, None]) * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all excluded so far
         acc = acc * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
         m = m_new
+    # each head's TILES rows -> one (max, sum) pair
+    mh = _head_max(m, G_PAD, TILES)
+    mh_safe = tl.where(mh == float("-inf"), 0.0, mh)
+    rows_m = tl.reshape(m, (TILES, G_PAD))
+    lh = tl.sum(tl.reshape(acc, (TILES, G_PAD)) * tl.exp(rows_m - mh_safe[None, :]), axis=0)
     g = tl.arange(0, G_PAD)
-    tl.store(M + h * stride_mh + split * stride_ms + g, m)
-    tl.store(L + h * stride_mh + split * stride_ms + g, acc)
+    tl.store(M + h * stride_mh + split * stride_ms + g, mh)
+    tl.store(L + h * stride_mh + split * stride_ms + g, lh)
 
 
 @triton.jit
@@ -156,60 +205,96 @@ def shares_kernel(
     HI_LO: tl.constexpr, KEY_BITS: tl.constexpr,
     ONE_PASS: tl.constexpr,  # normalise by State (+ Other); write partials to M, L
     BLOCK: tl.constexpr,  # 1: Out [Hkv, N - lo] per position; else [Hkv, NB] block sums
+    TILES: tl.constexpr,  # tiles of BLOCK_N positions scored by one dot
 ):
     h = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     hi = tl.minimum(tl.load(Hi).to(tl.int32), N)
-    g = tl.arange(0, G_PAD)
+    g, tile = _rows(G_PAD, TILES)  # per row
     if ONE_PASS:  # the lse known before the pass (State); this pass's partials go to M, L
         # a step of a new hi reads the latest lse, a repeat of the step the one before
         slot = (tl.load(StateHi + h) != tl.load(Hi).to(tl.int64)).to(tl.int64)
         lse = tl.load(State + slot * stride_ts + h * stride_th + g, mask=g < G,
                       other=float("-inf"))
     else:
-        lse = _merged_lse(M, L, h, S, stride_mh, stride_ms, G_PAD, S_PAD)
+        lse = _merged_lse(M, L, h, S, stride_mh, stride_ms, G_PAD, TILES, S_PAD)
     if HAS_OTHER:
         o = tl.load(Other + h * stride_xh + g, mask=g < G, other=float("-inf")).to(tl.float32)
         lse = log_add(lse, o)
     if split == 0:
-        tl.store(Lse + h * stride_lh + g, lse, mask=g < G)
+        tl.store(Lse + h * stride_lh + g, lse, mask=(g < G) & (tile == 0))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # no mass anywhere: shares 0
     qa_hi, qa_lo, qb_hi, qb_lo, c, mul = _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg,
-                                                  stride_ch, G, G_PAD, R, KEY_BITS)
+                                                  stride_ch, G, G_PAD, TILES, R, KEY_BITS)
+    # p = exp(score - lse) = exp2(raw · a + b): one multiply-add per score; rows of no head
+    # (g >= G) have lse inf, so b -inf and p 0 with no mask
+    LOG2E: tl.constexpr = 1.4426950408889634
+    a = mul * scale * LOG2E
+    b = (c * scale - lse) * LOG2E  # [ROWS]
     start = origin + split * CHUNK  # origin is a multiple of BLOCK_N: tiles hold whole chunks
-    # ONE_PASS: the largest score and the sum of p, kept per lane and reduced once after
-    # the loop (a reduction across lanes per tile cost more than the scoring itself)
-    m = tl.full([G_PAD, BLOCK_N], float("-inf"), tl.float32)
-    acc = tl.zeros([G_PAD, BLOCK_N], tl.float32)
-    for off in range(0, CHUNK, BLOCK_N):
-        n = start + off + tl.arange(0, BLOCK_N)
-        x = _scores(qa_hi, qa_lo, qb_hi, qb_lo, c, mul, Keys, h, n, (n >= lo) & (n < hi),
-                    stride_kh, stride_kn, scale, G, G_PAD, R, F32_DOT, HI_LO, KEY_BITS)
-        p = tl.exp(x - lse[:, None])  # [G_PAD, BLOCK_N], 0 where excluded
+    # ONE_PASS: the largest raw score and the sum of p, kept per lane and reduced once
+    # after the loop (a reduction across lanes per tile cost more than the scoring itself)
+    m = tl.full([TILES * G_PAD, BLOCK_N], float("-inf"), tl.float32)
+    acc = tl.zeros([TILES * G_PAD, BLOCK_N], tl.float32)
+    for off in range(0, CHUNK, TILES * BLOCK_N):
+        n0 = start + off
+        x = _raw_scores(qa_hi, qa_lo, qb_hi, qb_lo, Keys, h, n0, lo, hi, stride_kh,
+                        stride_kn, BLOCK_N, TILES, R, F32_DOT, HI_LO, KEY_BITS)
+        y = x * a + b[:, None]
+        if (n0 < lo) | (n0 + TILES * BLOCK_N > hi):  # a tile at an edge of [lo, hi)
+            ok = _in_range(n0, lo, hi, G, BLOCK_N, G_PAD, TILES)
+            y = tl.where(ok, y, float("-inf"))
+            x = tl.where(ok, x, float("-inf"))
+        p = tl.exp2(y)  # [ROWS, BLOCK_N], 0 where excluded
         if ONE_PASS:
             acc += p
             m = tl.maximum(m, x)
-        shares = tl.sum(p, axis=0)  # [BLOCK_N]
-        if BLOCK == 1:
-            out = shares.to(Out.dtype.element_ty, fp_downcast_rounding="rtne")  # f32 or bf16
-            tl.store(Out + h * stride_oh + (n - lo), out, mask=(n >= lo) & (n < N))
-        else:  # blocks [lo + j·P, lo + j·P + P): lo % P == 0, so a tile holds whole ones
-            sums = tl.sum(tl.reshape(shares, (BLOCK_N // BLOCK, BLOCK)), axis=1)
-            j = (start + off - lo) // BLOCK + tl.arange(0, BLOCK_N // BLOCK)
-            whole = lo + (j + 1) * BLOCK <= hi
-            out = tl.where(whole, sums, -1.0).to(Out.dtype.element_ty,
-                                                 fp_downcast_rounding="rtne")
-            tl.store(Out + h * stride_oh + j, out, mask=(j >= 0) & (j < NB))
+        _store_shares(Out, p, h, n0, lo, hi, N, NB, stride_oh, BLOCK_N, G_PAD, TILES, BLOCK)
         if MASS_CHUNK > 0:
-            per = tl.sum(tl.reshape(p, (G_PAD, BLOCK_N // MASS_CHUNK, MASS_CHUNK)), axis=2)
-            j = (start + off) // MASS_CHUNK + tl.arange(0, BLOCK_N // MASS_CHUNK)
-            tl.store(Mass + h * stride_ah + g[:, None] * stride_ag + j[None, :], per,
-                     mask=(g[:, None] < G) & (j[None, :] < NM))
+            _store_mass(Mass, p, h, n0, G, NM, stride_ah, stride_ag, BLOCK_N, G_PAD, TILES,
+                        MASS_CHUNK)
     if ONE_PASS:  # partials: the largest score, and the sum of p in the frame of the lse
         # the shares used (Lse), so no second exp per score (the kernel is bound by its
         # arithmetic, not by the sketch's bytes: bench --scores)
-        tl.store(M + h * stride_mh + split * stride_ms + g, tl.max(m, axis=1))
-        tl.store(L + h * stride_mh + split * stride_ms + g, tl.sum(acc, axis=1))
+        mx = tl.max(m, axis=1)  # raw; the step and scale are positive
+        mx = tl.where(g < G, (mx * mul + c) * scale, float("-inf"))
+        gh = tl.arange(0, G_PAD)
+        tl.store(M + h * stride_mh + split * stride_ms + gh, _head_max(mx, G_PAD, TILES))
+        tl.store(L + h * stride_mh + split * stride_ms + gh,
+                 _head_sum(tl.sum(acc, axis=1), G_PAD, TILES))
+
+
+@triton.jit
+def _store_shares(Out, p, h, n0, lo, hi, N, NB, stride_oh, BLOCK_N: tl.constexpr,
+                  G_PAD: tl.constexpr, TILES: tl.constexpr, BLOCK: tl.constexpr):
+    """Each position's sum over its heads of p [ROWS, BLOCK_N], or with BLOCK > 1 the sums
+    per block [lo + j·P, lo + j·P + P) (lo % P == 0, so a tile holds whole ones; -1 for
+    blocks not wholly before hi)."""
+    shares = tl.sum(tl.reshape(p, (TILES, G_PAD, BLOCK_N)), axis=1)  # [TILES, BLOCK_N]
+    tile = tl.arange(0, TILES)[:, None]
+    if BLOCK == 1:
+        pos = n0 + tile * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        out = shares.to(Out.dtype.element_ty, fp_downcast_rounding="rtne")  # f32 or bf16
+        tl.store(Out + h * stride_oh + (pos - lo), out, mask=(pos >= lo) & (pos < N))
+    else:
+        sums = tl.sum(tl.reshape(shares, (TILES, BLOCK_N // BLOCK, BLOCK)), axis=2)
+        first = n0 + tile * BLOCK_N + tl.arange(0, BLOCK_N // BLOCK)[None, :] * BLOCK
+        j = (first - lo) // BLOCK  # exact: first and lo are multiples of BLOCK
+        out = tl.where(first + BLOCK <= hi, sums, -1.0).to(Out.dtype.element_ty,
+                                                         fp_downcast_rounding="rtne")
+        tl.store(Out + h * stride_oh + j, out, mask=(first >= lo) & (j < NB))
+
+
+@triton.jit
+def _store_mass(Mass, p, h, n0, G, NM, stride_ah, stride_ag, BLOCK_N: tl.constexpr,
+                G_PAD: tl.constexpr, TILES: tl.constexpr, MASS_CHUNK: tl.constexpr):
+    """Each head's sum of p [ROWS, BLOCK_N] per chunk of MASS_CHUNK positions."""
+    PER: tl.constexpr = BLOCK_N // MASS_CHUNK  # chunks a tile
+    per = tl.sum(tl.reshape(p, (TILES, G_PAD, PER, MASS_CHUNK)), axis=3)
+    tile = tl.arange(0, TILES)[:, None, None]
+    g = tl.arange(0, G_PAD)[None, :, None]
+    j = (n0 + tile * BLOCK_N) // MASS_CHUNK + tl.arange(0, PER)[None, None, :]
+    tl.store(Mass + h * stride_ah + g * stride_ag + j, per, mask=(g < G) & (j < NM))
 
 
 @triton.jit

@@ -316,3 +316,25 @@ def test_block_sums_match_reference(block, lo, hi, n, one_pass, dtype):
     with pytest.raises(ValueError, match="block"):
         select_scores(*(t.to(DEVICE) for t in (q, basis, mean, keys)), lo, hi_t.to(DEVICE),
                       0.2, block=0)
+
+
+@pytest.mark.parametrize("g", [4, 7, 16])  # 4, 2 and 1 tiles of positions a dot
+@pytest.mark.parametrize("bits, block, one_pass", [(8, 4, True), (4, 1, False), (16, 1, True)])
+def test_tiles_inside_and_at_the_edges_match_reference(g, bits, block, one_pass):
+    """Steps wholly inside [lo, hi) (scored with no mask) and steps across lo or hi, with
+    each head's rows spread over several tiles of positions: shares (or block sums), lse,
+    chunk masses and the one-pass state as the reference's."""
+    n, lo, hi = 2300, 4, 1800  # the step at 1536 crosses hi in its third tile
+    q, basis, mean, keys, other = _inputs(2, g, 32, 64, n, torch.float32, seed=g)
+    if bits < 16:
+        keys = _quantised(3 * keys, bits)
+    hi_t = torch.tensor([hi])
+    states = [LseState.empty(2, g, d) if one_pass else None for d in ("cpu", DEVICE)]
+    want = select_scores_ref(q, basis, mean, keys, lo, hi_t, 0.2, other, chunk=64,
+                             lse_state=states[0], block=block)
+    got = select_scores(*(t.to(DEVICE) for t in (q, basis, mean, keys)), lo, hi_t.to(DEVICE),
+                        0.2, other.to(DEVICE), chunk=64, lse_state=states[1], block=block)
+    for w, g_ in zip(want, got, strict=True):
+        torch.testing.assert_close(g_.cpu(), w, rtol=1e-4, atol=1e-7)
+    if one_pass:
+        torch.testing.assert_close(states[1].lse.cpu(), states[0].lse, rtol=1e-4, atol=1e-4)
