@@ -6,13 +6,13 @@ import torch
 
 from ..config import IndexConfig, KVConfig
 from .dense import DenseKV, dense_decode_attention
-from .host_store import HostKVStore
+from .kv_store import KVStore
 from .lowrank import LowRankKeys
 from .policy import AttnStep, KVPolicy
 from .sparse import SparseKV
 from .window import WindowCache
 
-__all__ = ["AttnStep", "DenseKV", "HostKVStore", "KVPolicy", "LowRankKeys", "SparseKV",
+__all__ = ["AttnStep", "DenseKV", "KVStore", "KVPolicy", "LowRankKeys", "SparseKV",
            "WindowCache", "dense_decode_attention", "make_kv_policy", "policy_class"]
 
 

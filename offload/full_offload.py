@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .host_store import HostKVStore
+from .kv_store import KVStore
 from .policy import AttnStep
 
 
@@ -25,7 +25,7 @@ class FullOffloadKV:
                  device: torch.device, dtype: torch.dtype, batch: int = 1) -> None:
         self.L, self.device = num_layers, device
         self.B, self.Hkv, rows = batch, num_kv_heads, batch * num_kv_heads  # B·Hkv rows
-        self.store = HostKVStore(num_layers, rows, max_tokens, head_dim, dtype,
+        self.store = KVStore(num_layers, rows, max_tokens, head_dim, dtype,
                                  pin=device.type == "cuda")
         shape = (2, 2, rows, max_tokens, head_dim)  # [buffer, k|v, B·Hkv, N, D]
         self.buffers = torch.empty(shape, device=device, dtype=dtype)

@@ -34,7 +34,7 @@ from ..index.retriever import LowRankRetriever
 from ..kernels.append_token import window_slot
 from .dense import DenseKV
 from .host_index import HostIndexFeed
-from .host_store import HostKVStore, StoreRows
+from .kv_store import KVStore, StoreRows
 from .lookahead import Lookahead, LookaheadSelect
 from .lowrank import LowRankKeys
 from .policy import AttnStep
@@ -88,7 +88,7 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
                               "memory, and kv.store_on is device: use kv.store_on host, or "
                               "index.kind lowrank")
         on_device = cfg.store_on == "device"
-        self.store = HostKVStore(num_layers, rows, max_tokens, head_dim, dtype,
+        self.store = KVStore(num_layers, rows, max_tokens, head_dim, dtype,
                                  pin=device.type == "cuda" and not on_device,
                                  quantized=cfg.host_dtype == "int8", scale_device=device,
                                  rows_device=device if on_device else None)

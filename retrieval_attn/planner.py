@@ -238,7 +238,7 @@ def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) ->
     store = dev if kv.store_on == "device" else "host"  # kv.store_on
     name = "kv: K,V store on the device" if store == dev != "host" else "kv: host K,V store"
     note = ", pinned by registration: exact size" if store != dev else ""
-    if kv.host_dtype == "int8":  # offload/host_store.py: int8 rows, float16 scales
+    if kv.host_dtype == "int8":  # offload/kv_store.py: int8 rows, float16 scales
         add(name, store, 2 * L * Hkv * N * D,
             "2·L·B·Hkv·N·D·1  int8 K, V [L, B·Hkv, N, D]" + note, "held")
         add("kv: store's row scales", dev, 2 * L * Hkv * N * 2,

@@ -19,10 +19,10 @@ def bench_gathers(shape: str, n: int, candidates: int, top_k: int, reps: int = 4
     set, V alone of the final set, K of the candidates then V of the final set, and that
     again with the candidates in aligned runs of 4 (kv.select_block 4)."""
     from retrieval_attn.kernels import gather_k, gather_kv
-    from retrieval_attn.offload import HostKVStore
+    from retrieval_attn.offload import KVStore
 
     spec = named_shape(shape)
-    store = HostKVStore(spec.num_layers, spec.num_kv_heads, n, spec.head_dim,
+    store = KVStore(spec.num_layers, spec.num_kv_heads, n, spec.head_dim,
                         torch.bfloat16, pin=True)
     hkv, L = spec.num_kv_heads, spec.num_layers
 

@@ -1,4 +1,5 @@
-"""HostKVStore: exact-size host memory, pinned by registration where a GPU reads it."""
+"""KVStore: exact-size host memory, pinned by registration where a GPU reads it (or the
+GPU's own memory, kv.store_on device)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import pytest
 import torch
 
 from retrieval_attn.kernels import gather_kv, gather_kv_ref, store_kv
-from retrieval_attn.offload import HostKVStore
+from retrieval_attn.offload import KVStore
 
 
 def test_write_fills_the_given_heads_only():
-    store = HostKVStore(2, 4, 10, 8, torch.float32, pin=False)
+    store = KVStore(2, 4, 10, 8, torch.float32, pin=False)
     k, v = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
     store.write(1, 3, k, v, slice(2, 4))
     assert torch.equal(store.k[1, 2:4, 3:9], k) and torch.equal(store.v[1, 2:4, 3:9], v)
@@ -24,7 +25,7 @@ def test_write_fills_the_given_heads_only():
 def test_registered_store_is_pinned_exact_and_read_by_the_kernels():
     # 3 MiB + a bit per tensor: torch's pinned allocator would round it to 4 MiB
     L, Hkv, N, D = 3, 2, 4100, 64
-    store = HostKVStore(L, Hkv, N, D, torch.bfloat16, pin=True)
+    store = KVStore(L, Hkv, N, D, torch.bfloat16, pin=True)
     assert store.k.is_pinned() and store.v.is_pinned()
     assert store.k.untyped_storage().nbytes() == L * Hkv * N * D * 2  # no rounding
     k = torch.randn(Hkv, N, D, device="cuda", dtype=torch.bfloat16)
@@ -41,16 +42,16 @@ def test_registered_store_is_pinned_exact_and_read_by_the_kernels():
     assert torch.equal(got_k.cpu(), want_k) and torch.equal(got_v.cpu(), want_v)
     assert torch.equal(got_k[:, 0].cpu(), new_k[:, 0].cpu())
     del store  # unregisters; a second store at the same size registers again
-    again = HostKVStore(L, Hkv, N, D, torch.bfloat16, pin=True)
+    again = KVStore(L, Hkv, N, D, torch.bfloat16, pin=True)
     assert again.k.is_pinned()
 
 
 def test_quantized_store_keeps_int8_rows_and_reads_back_within_half_a_step(monkeypatch):
     from retrieval_attn.kernels import quantize_rows
-    from retrieval_attn.offload import host_store
+    from retrieval_attn.offload import kv_store
 
-    monkeypatch.setattr(host_store, "QUANTIZE_TOKENS", 4)  # several pieces per write
-    store = HostKVStore(2, 3, 20, 16, torch.float32, pin=False, quantized=True)
+    monkeypatch.setattr(kv_store, "QUANTIZE_TOKENS", 4)  # several pieces per write
+    store = KVStore(2, 3, 20, 16, torch.float32, pin=False, quantized=True)
     k, v = torch.randn(3, 11, 16) * 5, torch.randn(3, 11, 16)
     store.write(1, 6, k, v)
     assert store.k.dtype == torch.int8 and store.k_scale.dtype == torch.float16
@@ -75,7 +76,7 @@ def test_store_on_the_device_reads_back_on_the_host_and_counts_as_gpu(quantized)
     L, Hkv, N, D = 2, 2, 300, 64
     k = torch.randn(Hkv, N, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(Hkv, N, D, device="cuda", dtype=torch.bfloat16)
-    stores = [HostKVStore(L, Hkv, N, D, torch.bfloat16, pin=rows is None, quantized=quantized,
+    stores = [KVStore(L, Hkv, N, D, torch.bfloat16, pin=rows is None, quantized=quantized,
                           scale_device="cuda", rows_device=rows) for rows in (None, "cuda")]
     host, device = stores
     assert device.k.is_cuda and not device._registered and host.k.is_pinned()

@@ -1,4 +1,4 @@
-"""HostKVStore: full K (post-RoPE, as attended) and V of every token, in host memory (or,
+"""KVStore: full K (post-RoPE, as attended) and V of every token, in host memory (or,
 with kv.store_on device, in the GPU's own memory where the budget has room for it)."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from ..errors import ConfigError
 from ..kernels import dequantize_rows, quantize_rows
 
 
-class HostKVStore:
-    """K, V [L, Hkv, N, D] in host memory, pinned when a GPU will read it.
+class KVStore:
+    """K, V [L, Hkv, N, D] in host memory, pinned when a GPU will read it (or on the
+    device: rows_device below).
 
     Pinned memory lets the gather kernel read selected rows straight from the GPU
     (zero-copy over PCIe) instead of staging a CPU-side gather. It is pinned by
