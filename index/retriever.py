@@ -110,9 +110,12 @@ class LowRankRetriever:
         # (None without other_lse): what a tail estimate normalises the sketch scores by
         self.last_total: torch.Tensor | None = None
         # set tail_chunk > 0 to have each select also keep the sketch's softmax mass per
-        # chunk of positions, last_mass [Hkv, G, ceil(N / tail_chunk)] (from the same pass)
+        # chunk of positions, last_mass [Hkv, G, ceil(N / tail_chunk)] (from the same pass);
+        # with tail_sums (layer -> V chunk sums [Hkv, M, D]) too, last_mass is instead the
+        # tail estimate's chunk term summed in that pass (kernels.ChunkTail)
         self.tail_chunk = 0
-        self.last_mass: torch.Tensor | None = None
+        self.tail_sums: Callable[[int], torch.Tensor] | None = None
+        self.last_mass = None
         # the last select's query as the sketch scored it (LowRankKeys.query), for scoring
         # the selected positions alike (a tail estimate)
         self.last_query = None
@@ -289,9 +292,11 @@ class LowRankRetriever:
             state = (self._lse_state(layer, q) if self.reuse_lse and other_lse is not None
                      else None)
             self.last_query = self.sketch.query(layer, q)
+            sums = (self.tail_sums(layer) if self.tail_sums is not None and self.tail_chunk
+                    else None)
             shares, lse, *mass = self.sketch.shares(layer, q, lo, hi, self.scale, other_lse,
                                                     self.tail_chunk, dtype, state, block,
-                                                    self.last_query)
+                                                    self.last_query, sums)
             self.last_mass = mass[0] if mass else None
             return shares, (lse if other_lse is not None else None)
         excluded = _mask_from(hi, self.positions[lo:])  # [N - lo]

@@ -49,7 +49,9 @@ from .sketch_query import (
 from .sparse_attention import sparse_attention, sparse_attention_ref
 from .store_kv import store_kv, store_kv_ref
 from .tail_correct import (
+    ChunkTail,
     TailPartials,
+    chunk_tail_ref,
     guess_lse_ref,
     tail_correct,
     tail_correct_ref,
@@ -68,6 +70,7 @@ __all__ = [
     "sketch_query_ref", "sketch_rows", "sketch_scores_at", "sketch_scores_at_ref",
     "sketch_storage", "sketch_values", "SketchLayer", "SketchQuery", "sparse_attention",
     "sparse_attention_ref", "store_kv", "store_kv_ref", "tail_correct", "tail_correct_ref",
-    "tail_merge", "tail_partials", "TailLayer", "TailPartials", "topk_indices", "unpack_int4",
+    "tail_merge", "tail_partials", "TailLayer", "TailPartials", "ChunkTail", "chunk_tail_ref",
+    "topk_indices", "unpack_int4",
     "window_lse", "window_lse_ref",
 ]

@@ -119,6 +119,10 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
         if cfg.policy == "retrieval" and cfg.tail_estimate and self.ann is None:
             self.tail = TailEstimate(num_layers, rows, max_tokens, head_dim, device)
             self.selector.tail_chunk = TAIL_CHUNK
+            if device.type == "cuda" and cfg.window_tokens >= TAIL_CHUNK:
+                # the scoring pass sums the tail's chunk term itself (one read of the sums
+                # and masses less); a window this long leaves every chunk with mass full
+                self.selector.tail_sums = lambda layer: self.tail.sums[layer]
         self._queries: dict[int, list[torch.Tensor]] = {}  # layer -> [H, m, D] host chunks
         self.build_queries: dict[int, np.ndarray] = {}  # layer -> [Hkv, G·M, D]
         self.probe_queries: dict[int, list[torch.Tensor]] = {}  # layer -> [H, p, D] chunks

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..kernels import TailLayer, add_to_tail
+from ..kernels import ChunkTail, TailLayer, add_to_tail
 from ..kernels.tail_correct import SPLITS  # the chunk axis is summed in SPLITS pieces
 
 CHUNK = 64  # tokens per value chunk: V sums take 1/CHUNK of V's rows on the GPU
@@ -72,7 +72,7 @@ class TailEstimate:
         appends through kernels.append_token instead."""
         add_to_tail(pos, v[:, 0], self.layer(layer))
 
-    def start(self, layer: int, mass: torch.Tensor, total_lse: torch.Tensor,
+    def start(self, layer: int, mass: torch.Tensor | ChunkTail, total_lse: torch.Tensor,
               selected: torch.Tensor, selected_scores: torch.Tensor, count: torch.Tensor,
               pos: torch.Tensor, scale: float, guess_window_lse: torch.Tensor | None = None
               ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -82,9 +82,12 @@ class TailEstimate:
 
         mass [R, G, ceil(N / CHUNK)]: per head, sum over each chunk's positions in the
         sketched region of exp(sketch score · scale - total_lse) (kernels.select_scores
-        with chunk=CHUNK); total_lse [R, G] the retriever's log-sum-exp (window + sketched
-        region). selected [R, K] positions attended exactly, selected_scores [R, G, K]
-        their sketch scores, count [1] how many of the K are real.
+        with chunk=CHUNK), or on a GPU its chunk term already summed against this layer's
+        sums (kernels.ChunkTail: select_scores with tail_sums=self.sums[layer], which a
+        window of at least CHUNK tokens allows); total_lse [R, G] the retriever's
+        log-sum-exp (window + sketched region). selected [R, K] positions attended
+        exactly, selected_scores [R, G, K] their sketch scores, count [1] how many of the
+        K are real.
 
         Where a guess at the query scored the sketch (lookahead; guess_window_lse [R, G]
         its lse over the window), the exact part's weight against the tail comes from the
@@ -101,6 +104,9 @@ class TailEstimate:
         args = (mass, total_lse, selected, selected_scores, count, pos, self.sums[layer],
                 scale, CHUNK)
         if not self.sums.is_cuda:  # the reference, not the interpreter
+            if isinstance(mass, ChunkTail):
+                raise ValueError("the tail's reference takes chunk masses, not partial sums")
+
             def merge_ref(out: torch.Tensor, lse_att: torch.Tensor) -> torch.Tensor:
                 if guess_window_lse is not None:
                     lse_att = kernels.guess_lse_ref(guess_window_lse, selected_scores, count,

@@ -21,6 +21,7 @@ from .._launch import (
     use_triton,
 )
 from ..sketch_query import SketchQuery, sketch_query
+from ..tail_correct.ref import ChunkTail
 from .ref import (
     LseState,
     block_sums_ref,
@@ -69,7 +70,8 @@ def select_scores(
     lse_state: LseState | None = None,
     block: int = 1,
     query: SketchQuery | None = None,
-) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    tail_sums: torch.Tensor | None = None,
+) -> tuple:
     """Group shares of the low-rank scores of positions [lo, N) of one layer.
 
     Args:
@@ -101,6 +103,11 @@ def select_scores(
         query: q as scored, from kernels.sketch_query(q, basis, ..., mean, integer keys),
             when the caller has it already (it also scores selected positions); else it is
             made here. Given, q, basis and mean are read for their shapes only.
+        tail_sums: None, or [Hkv, M, D] float32 V sums per chunk of `chunk` positions
+            (M >= ceil(N / chunk); needs chunk > 0): the pass also sums the tail
+            estimate's chunk term, sum_c mass_gc · tail_sums_c / chunk (offload/tail.py),
+            which it returns instead of mass. Every chunk with mass is taken as full: true
+            where a window of at least `chunk` tokens follows hi.
 
     Returns:
         shares: [Hkv, N - lo] shares_dtype, sum_g exp(scale * score - lse_g); 0 where
@@ -110,7 +117,8 @@ def select_scores(
             [lo, hi) of the scaled scores (lse_state's previous one instead when given),
             log-added to other_lse when given.
         mass (only with chunk > 0): [Hkv, G, ceil(N / chunk)] float32, per head the sum of
-            exp(scale * score - lse) over positions [j·chunk, (j+1)·chunk) in [lo, hi).
+            exp(scale * score - lse) over positions [j·chunk, (j+1)·chunk) in [lo, hi);
+            with tail_sums, kernels.ChunkTail partial sums of the chunk term instead.
     """
     hkv, g, d = q.shape
     r = basis.shape[-1]
@@ -130,6 +138,13 @@ def select_scores(
         raise ValueError(f"block={block}: a count of positions >= 1")
     if shares_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"shares_dtype {shares_dtype}: float32 or bfloat16")
+    if tail_sums is not None and (not chunk or tail_sums.dim() != 3
+                                  or tail_sums.shape[0] != hkv
+                                  or tail_sums.shape[1] < cdiv(n, chunk)
+                                  or tail_sums.dtype != torch.float32):
+        raise ValueError(f"tail_sums must be float32 [Hkv, M >= ceil(N / chunk), D] with "
+                         f"chunk > 0; got {tuple(tail_sums.shape)} {tail_sums.dtype}, "
+                         f"chunk={chunk}, N={n}")
     if hi.numel() != 1 or hi.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"hi must be [1] int32/int64; got {tuple(hi.shape)} {hi.dtype}")
     if other_lse is not None and other_lse.shape != (hkv, g):
@@ -153,12 +168,15 @@ def select_scores(
     if keys.dtype not in KEY_BITS:
         raise ValueError(f"keys dtype {keys.dtype}: one of {', '.join(map(str, KEY_BITS))}")
     bits = KEY_BITS[keys.dtype]
-    if not use_triton(device) or not kernel_scores(r, bits) or keys.stride(-1) != 1:
+    d_tail = tail_sums.shape[2] if tail_sums is not None else 0
+    if (not use_triton(device) or not kernel_scores(r, bits) or keys.stride(-1) != 1
+            or d_tail & (d_tail - 1) or (tail_sums is not None and (
+                tail_sums.stride(-1) != 1 or tail_sums.device != device))):
         return select_scores_ref(q, basis, mean, keys, lo, hi, scale, other_lse, chunk,
-                                 shares_dtype, lse_state, block, query)
+                                 shares_dtype, lse_state, block, query, tail_sums)
     if lo % block or BLOCK_N % block:  # blocks would straddle the tiles: sum them after
         shares, *rest = select_scores(q, basis, mean, keys, lo, hi, scale, other_lse, chunk,
-                                      torch.float32, lse_state, 1, query)
+                                      torch.float32, lse_state, 1, query, tail_sums)
         return (block_sums_ref(shares, lo, hi, block).to(shares_dtype), *rest)
     from .kernel import lse_partial_kernel, lse_state_kernel, shares_kernel
 
@@ -205,20 +223,31 @@ def select_scores(
     # other_lse is unread when None, mass when chunk is 0 (lse stands in for the pointers)
     other = other_lse.float().contiguous() if other_lse is not None else lse
     nm = cdiv(n, chunk) if chunk else 0
-    mass = (torch.zeros(hkv, g, nm, dtype=torch.float32, device=device) if chunk
+    tail = tail_sums is not None
+    mass = (torch.zeros(hkv, g, nm, dtype=torch.float32, device=device) if chunk and not tail
             else lse[:, :, None])
     state, state_hi = lse_state if one_pass else (lse, hi)  # unread without one_pass
+    # the tail's chunk term per split (unread without tail_sums: stand-ins)
+    part_t = (torch.empty(hkv, splits, g_pad, d_tail, dtype=torch.float32, device=device)
+              if tail else part_m[..., None])
+    part_tm = torch.empty_like(part_m) if tail else part_m
+    sums = tail_sums if tail else part_t
     shares_kernel[(hkv, splits)](
         qr_hi, qr_lo, const, mul, keys, hi, part_m, part_l, other, shares, lse, mass, state,
-        state_hi, lo, origin, n, splits, nm, nb, *common,
+        state_hi, sums, part_t, part_tm, lo, origin, n, splits, nm, nb, *common,
         other.stride(0), shares.stride(0), lse.stride(0), mass.stride(0), mass.stride(1),
-        state.stride(0), state.stride(-2), scale, g, G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N,
+        state.stride(0), state.stride(-2), sums.stride(0), sums.stride(1), part_t.stride(0),
+        part_t.stride(1), part_t.stride(2), part_tm.stride(0), part_tm.stride(1),
+        scale, g, G_PAD=g_pad, R=r, BLOCK_N=BLOCK_N,
         S_PAD=next_power_of_2(splits), HAS_OTHER=other_lse is not None, F32_DOT=f32_dot,
         CHUNK=per_split, MASS_CHUNK=chunk, HI_LO=hi_lo, KEY_BITS=bits, ONE_PASS=one_pass,
-        BLOCK=block, TILES=tiles, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        BLOCK=block, TILES=tiles, TAIL=tail, D=max(d_tail, 1), num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES)
     if one_pass:  # after the pass: every program has read the state
         lse_state_kernel[(hkv,)](part_m, part_l, lse, state, state_hi, hi, splits,
                                  part_m.stride(0), part_m.stride(1), lse.stride(0),
                                  state.stride(0), state.stride(1), g, G_PAD=g_pad,
                                  S_PAD=next_power_of_2(splits))
+    if tail:
+        return shares, lse, ChunkTail(part_t, part_tm)
     return (shares, lse, mass) if chunk else (shares, lse)

@@ -199,9 +199,12 @@ def shares_kernel(
     QrHi, QrLo, C, Mul, Keys, Hi, M, L, Other, Out, Lse,  # Other, Lse [Hkv, G]; Out [Hkv, N - lo]
     Mass,  # [Hkv, G, NM] float32, zeroed: sums of exp(score - lse) per MASS_CHUNK positions
     State, StateHi,  # ONE_PASS: [2, Hkv, G] float32 (previous step's, latest), [Hkv] int64
+    Sums, PartT, PartTM,  # TAIL: V chunk sums [Hkv, >= NM, D] f32; [Hkv, S, G_PAD, D],
+    # [Hkv, S, G_PAD] f32: per split, sum_c mass_gc · Sums_c / MASS_CHUNK and sum_c mass_gc
     lo, origin, N, S, NM, NB,
     stride_qh, stride_qg, stride_ch, stride_kh, stride_kn, stride_mh, stride_ms,
     stride_xh, stride_oh, stride_lh, stride_ah, stride_ag, stride_ts, stride_th,
+    stride_sh, stride_sc, stride_pth, stride_pts, stride_ptg, stride_pmh, stride_pms,
     scale, G,
     G_PAD: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, S_PAD: tl.constexpr,
     HAS_OTHER: tl.constexpr, F32_DOT: tl.constexpr, CHUNK: tl.constexpr,
@@ -210,6 +213,8 @@ def shares_kernel(
     ONE_PASS: tl.constexpr,  # normalise by State (+ Other); write partials to M, L
     BLOCK: tl.constexpr,  # 1: Out [Hkv, N - lo] per position; else [Hkv, NB] block sums
     TILES: tl.constexpr,  # tiles of BLOCK_N positions scored by one dot
+    TAIL: tl.constexpr,  # the tail's chunk term (Sums, PartT, PartTM; needs MASS_CHUNK)
+    D: tl.constexpr,  # head dim of Sums (TAIL)
 ):
     h = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -240,6 +245,8 @@ def shares_kernel(
     # after the loop (a reduction across lanes per tile cost more than the scoring itself)
     m = tl.full([TILES * G_PAD, BLOCK_N], float("-inf"), tl.float32)
     acc = tl.zeros([TILES * G_PAD, BLOCK_N], tl.float32)
+    tail = tl.zeros([G_PAD, D], tl.float32)  # TAIL: sum_c mass_gc · Sums_c
+    tail_m = tl.zeros([G_PAD], tl.float32)  # TAIL: sum_c mass_gc
     for off in range(0, CHUNK, TILES * BLOCK_N):
         n0 = start + off
         x = _raw_scores(qa_hi, qa_lo, qb_hi, qb_lo, Keys, h, n0, lo, hi, stride_kh,
@@ -254,7 +261,12 @@ def shares_kernel(
             acc += p
             m = tl.maximum(m, x)
         _store_shares(Out, p, h, n0, lo, hi, N, NB, stride_oh, BLOCK_N, G_PAD, TILES, BLOCK)
-        if MASS_CHUNK > 0:
+        if TAIL:
+            per = _chunk_mass(p, G_PAD, TILES, BLOCK_N, MASS_CHUNK)  # [TILES, G_PAD, PER]
+            tail += _chunk_tail(per, Sums, h, n0, NM, stride_sh, stride_sc, BLOCK_N, TILES,
+                                MASS_CHUNK, D)
+            tail_m += tl.sum(tl.sum(per, axis=2), axis=0)
+        elif MASS_CHUNK > 0:
             _store_mass(Mass, p, h, n0, G, NM, stride_ah, stride_ag, BLOCK_N, G_PAD, TILES,
                         MASS_CHUNK)
     if ONE_PASS:  # partials: the largest score, and the sum of p in the frame of the lse
@@ -266,6 +278,11 @@ def shares_kernel(
         tl.store(M + h * stride_mh + split * stride_ms + gh, _head_max(mx, G_PAD, TILES))
         tl.store(L + h * stride_mh + split * stride_ms + gh,
                  _head_sum(tl.sum(acc, axis=1), G_PAD, TILES))
+    if TAIL:  # a chunk with mass is full: the window (>= MASS_CHUNK tokens) follows it
+        gh = tl.arange(0, G_PAD)
+        tl.store(PartT + h * stride_pth + split * stride_pts + gh[:, None] * stride_ptg
+                 + tl.arange(0, D)[None, :], tail * (1.0 / MASS_CHUNK))
+        tl.store(PartTM + h * stride_pmh + split * stride_pms + gh, tail_m)
 
 
 @triton.jit
@@ -290,15 +307,37 @@ def _store_shares(Out, p, h, n0, lo, hi, N, NB, stride_oh, BLOCK_N: tl.constexpr
 
 
 @triton.jit
+def _chunk_mass(p, G_PAD: tl.constexpr, TILES: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASS_CHUNK: tl.constexpr):
+    """p [ROWS, BLOCK_N] -> each head's sum per chunk of MASS_CHUNK positions
+    [TILES, G_PAD, BLOCK_N // MASS_CHUNK]."""
+    return tl.sum(tl.reshape(p, (TILES, G_PAD, BLOCK_N // MASS_CHUNK, MASS_CHUNK)), axis=3)
+
+
+@triton.jit
 def _store_mass(Mass, p, h, n0, G, NM, stride_ah, stride_ag, BLOCK_N: tl.constexpr,
                 G_PAD: tl.constexpr, TILES: tl.constexpr, MASS_CHUNK: tl.constexpr):
     """Each head's sum of p [ROWS, BLOCK_N] per chunk of MASS_CHUNK positions."""
     PER: tl.constexpr = BLOCK_N // MASS_CHUNK  # chunks a tile
-    per = tl.sum(tl.reshape(p, (TILES, G_PAD, PER, MASS_CHUNK)), axis=3)
+    per = _chunk_mass(p, G_PAD, TILES, BLOCK_N, MASS_CHUNK)
     tile = tl.arange(0, TILES)[:, None, None]
     g = tl.arange(0, G_PAD)[None, :, None]
     j = (n0 + tile * BLOCK_N) // MASS_CHUNK + tl.arange(0, PER)[None, None, :]
     tl.store(Mass + h * stride_ah + g * stride_ag + j, per, mask=(g < G) & (j < NM))
+
+
+@triton.jit
+def _chunk_tail(per, Sums, h, n0, NM, stride_sh, stride_sc, BLOCK_N: tl.constexpr,
+                TILES: tl.constexpr, MASS_CHUNK: tl.constexpr, D: tl.constexpr):
+    """sum over a step's chunks c of per [TILES, G_PAD, PER] (mass_gc) times the V chunk
+    sums Sums_c [D] -> [G_PAD, D]."""
+    PER: tl.constexpr = BLOCK_N // MASS_CHUNK
+    j = ((n0 + tl.arange(0, TILES) * BLOCK_N) // MASS_CHUNK)[:, None] + tl.arange(0, PER)[None, :]
+    v = tl.load(Sums + h * stride_sh + j[:, :, None].to(tl.int64) * stride_sc
+                + tl.arange(0, D)[None, None, :], mask=(j < NM)[:, :, None],
+                other=0.0)  # [TILES, PER, D]
+    x = per[:, :, :, None] * v[:, None, :, :]  # [TILES, G_PAD, PER, D]
+    return tl.sum(tl.sum(x, axis=2), axis=0)
 
 
 @triton.jit

@@ -77,7 +77,8 @@ def select_scores_ref(
     lse_state: LseState | None = None,
     block: int = 1,
     query=None,
-) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    tail_sums: torch.Tensor | None = None,
+) -> tuple:
     """Group shares of the sketched scores of positions [lo, N), and the log-sum-exp used.
 
     q [Hkv, G, D]; basis [Hkv, D, r]; mean [Hkv, D]; keys [Hkv, N, r] (centred keys projected
@@ -94,7 +95,9 @@ def select_scores_ref(
     see select_scores and LseState) the state's lse stands in for the region's, and the
     exact one is left in the state. With block P > 1 the first output is
     block_sums_ref of the float32 shares instead, rounded to shares_dtype. query: a
-    kernels.SketchQuery of q, used instead of computing it here.
+    kernels.SketchQuery of q, used instead of computing it here. tail_sums [Hkv, M, D]
+    (V chunk sums, with chunk > 0): the third output is the chunk term of the tail
+    estimate instead of mass (tail_correct.chunk_tail_ref of it).
     """
     if query is None:  # integer keys are scored against an int8 query
         from ..sketch_query.ref import sketch_query_ref  # (it imports this module)
@@ -124,7 +127,12 @@ def select_scores_ref(
     n = keys.shape[1]
     m = -(-n // chunk)
     padded = torch.nn.functional.pad(probs, (lo, m * chunk - n))  # positions [0, m·chunk)
-    return shares, lse, padded.view(*probs.shape[:2], m, chunk).sum(dim=-1)
+    mass = padded.view(*probs.shape[:2], m, chunk).sum(dim=-1)
+    if tail_sums is not None:
+        from ..tail_correct.ref import chunk_tail_ref
+
+        return shares, lse, chunk_tail_ref(mass, tail_sums, chunk)
+    return shares, lse, mass
 
 
 def block_sums_ref(shares: torch.Tensor, lo: int, hi: torch.Tensor, block: int) -> torch.Tensor:

@@ -14,10 +14,10 @@ from typing import NamedTuple
 import torch
 
 from .._launch import PROGRAMS_PER_SM, cdiv, next_power_of_2, sm_count, use_triton
-from .ref import SPLITS, guess_lse_ref, tail_correct_ref
+from .ref import SPLITS, ChunkTail, chunk_tail_ref, guess_lse_ref, tail_correct_ref
 
-__all__ = ["TailPartials", "guess_lse_ref", "tail_correct", "tail_correct_ref", "tail_merge",
-           "tail_partials"]
+__all__ = ["ChunkTail", "TailPartials", "chunk_tail_ref", "guess_lse_ref", "tail_correct",
+           "tail_correct_ref", "tail_merge", "tail_partials"]
 
 BLOCK = 64  # chunks, or selected tokens, per step of a program
 MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a row are padded to this
@@ -27,14 +27,12 @@ MERGE_TILE = 32  # partials the merge reads per step
 
 
 class TailPartials(NamedTuple):
-    """What tail_partials leaves for tail_merge: part_t [R, P, G_PAD, D] and part_m
-    [R, P, G_PAD] float32 partial sums of the tail and its mass, total_lse [R, G], and
-    n_splits: the partials from there on are the selected tokens' (their mass negated)."""
+    """What tail_partials leaves for tail_merge: the chunks' partials, the selected
+    tokens' (their mass negated), and total_lse [R, G]."""
 
-    part_t: torch.Tensor
-    part_m: torch.Tensor
+    chunks: ChunkTail
+    picked: ChunkTail
     total: torch.Tensor
-    n_splits: int
 
 
 def tail_correct(out: torch.Tensor, lse_att: torch.Tensor, mass: torch.Tensor,
@@ -59,52 +57,73 @@ def tail_correct(out: torch.Tensor, lse_att: torch.Tensor, mass: torch.Tensor,
 
 
 def _check(out_shape, lse_shape, mass, total_lse, selected, selected_scores, sums) -> None:
-    R, G, Mm = mass.shape
-    M, D = sums.shape[1:]
+    R, M, D = sums.shape
+    G = total_lse.shape[1] if total_lse.dim() == 2 else -1
     K = selected.shape[1]
-    if (out_shape != (R, G, D) or lse_shape != (R, G) or total_lse.shape != (R, G)
-            or selected_scores.shape != (R, G, K) or selected.shape[0] != R
-            or sums.shape[0] != R or Mm > M or M % SPLITS):
+    if isinstance(mass, ChunkTail):
+        S, g_pad = mass.part_t.shape[1:3]
+        bad = (mass.part_t.shape != (R, S, g_pad, D) or mass.part_m.shape != (R, S, g_pad)
+               or g_pad < G)
+    else:
+        bad = mass.shape[:2] != (R, G) or mass.shape[2] > M
+    if (bad or out_shape != (R, G, D) or lse_shape != (R, G) or total_lse.shape != (R, G)
+            or selected_scores.shape != (R, G, K) or selected.shape[0] != R or M % SPLITS):
+        mass_shape = (f"chunk partials {tuple(mass.part_t.shape)}, {tuple(mass.part_m.shape)}"
+                      if isinstance(mass, ChunkTail) else f"mass {tuple(mass.shape)}")
         raise ValueError(f"tail_correct: out {tuple(out_shape)}, lse_att "
-                         f"{tuple(lse_shape)}, mass {tuple(mass.shape)}, total_lse "
+                         f"{tuple(lse_shape)}, {mass_shape}, total_lse "
                          f"{tuple(total_lse.shape)}, selected {tuple(selected.shape)}, "
                          f"selected_scores {tuple(selected_scores.shape)}, sums "
-                         f"{tuple(sums.shape)} do not fit [R, G, D], [R, G, Mm], [R, K], "
+                         f"{tuple(sums.shape)} do not fit [R, G, D], [R, G, Mm] (or "
+                         f"[R, S, G_PAD, D], [R, S, G_PAD] partials, G_PAD >= G), [R, K], "
                          f"[R, G, K], [R, M, D] with Mm <= M, M a multiple of {SPLITS}")
 
 
-def tail_partials(mass: torch.Tensor, total_lse: torch.Tensor, selected: torch.Tensor,
-                  selected_scores: torch.Tensor, count: torch.Tensor, pos: torch.Tensor,
-                  sums: torch.Tensor, scale: float, chunk: int) -> TailPartials:
+def tail_partials(mass: torch.Tensor | ChunkTail, total_lse: torch.Tensor,
+                  selected: torch.Tensor, selected_scores: torch.Tensor, count: torch.Tensor,
+                  pos: torch.Tensor, sums: torch.Tensor, scale: float, chunk: int
+                  ) -> TailPartials:
     """tail_correct's first launch (GPU, or the interpreter): everything that does not
-    need the exact attention's output, so a caller may run it beside the value gather."""
-    R, G, Mm = mass.shape
+    need the exact attention's output, so a caller may run it beside the value gather.
+    mass: the chunk masses [R, G, Mm], or their partial sums already made (ChunkTail,
+    select_scores' tail_sums): then only the selected tokens' part is launched."""
+    R, G = total_lse.shape
     D = sums.shape[-1]
     K = selected.shape[1]
     _check((R, G, D), (R, G), mass, total_lse, selected, selected_scores, sums)
     device = sums.device
     from .kernel import tail_partials_kernel
 
-    mass, scores = mass.float().contiguous(), selected_scores.float().contiguous()
+    scores = selected_scores.float().contiguous()
     total, selected = total_lse.float().contiguous(), selected.contiguous()
-    # enough programs for the chunk sums to fill the GPU: a 1M-token row has 16K chunks
-    want = max(SPLITS, cdiv(PROGRAMS_PER_SM * sm_count(device), R))
-    per_split = cdiv(max(Mm, 1), min(want, cdiv(max(Mm, 1), BLOCK)))
-    n_splits = cdiv(max(Mm, 1), per_split)
+    made = isinstance(mass, ChunkTail)
+    if made:
+        n_splits, per_split, Mm = 0, 1, 0
+        mass_arg = total  # unread: no program sums chunks
+    else:
+        mass_arg = mass.float().contiguous()
+        Mm = mass.shape[2]
+        # enough programs for the chunk sums to fill the GPU: a 1M-token row has 16K chunks
+        want = max(SPLITS, cdiv(PROGRAMS_PER_SM * sm_count(device), R))
+        per_split = cdiv(max(Mm, 1), min(want, cdiv(max(Mm, 1), BLOCK)))
+        n_splits = cdiv(max(Mm, 1), per_split)
     n_parts = n_splits + cdiv(K, BLOCK)
     g_pad = max(MIN_HEAD_ROWS, next_power_of_2(G))
     part_t = torch.empty(R, n_parts, g_pad, D, dtype=torch.float32, device=device)
     part_m = torch.empty(R, n_parts, g_pad, dtype=torch.float32, device=device)
-    tail_partials_kernel[(R, n_parts)](
-        mass, sums, selected, scores, count.reshape(1), total, pos.reshape(1), part_t,
-        part_m, Mm, K, G, scale, n_splits,
-        mass.stride(0), mass.stride(1), sums.stride(0), sums.stride(1), selected.stride(0),
-        scores.stride(0), scores.stride(1), total.stride(0),
-        part_t.stride(0), part_t.stride(1), part_t.stride(2),
-        part_m.stride(0), part_m.stride(1),
-        D=D, G_PAD=g_pad, CHUNK=chunk, BLOCK=BLOCK, PER_SPLIT=per_split,
-        DOT_PRECISION=DOT_PRECISION, num_warps=NUM_WARPS)
-    return TailPartials(part_t, part_m, total, n_splits)
+    if n_parts:
+        tail_partials_kernel[(R, n_parts)](
+            mass_arg, sums, selected, scores, count.reshape(1), total, pos.reshape(1),
+            part_t, part_m, Mm, K, G, scale, n_splits,
+            mass_arg.stride(0), mass_arg.stride(1) if not made else 0, sums.stride(0),
+            sums.stride(1), selected.stride(0), scores.stride(0), scores.stride(1),
+            total.stride(0), part_t.stride(0), part_t.stride(1), part_t.stride(2),
+            part_m.stride(0), part_m.stride(1),
+            D=D, G_PAD=g_pad, CHUNK=chunk, BLOCK=BLOCK, PER_SPLIT=per_split,
+            DOT_PRECISION=DOT_PRECISION, num_warps=NUM_WARPS)
+    picked = ChunkTail(part_t[:, n_splits:], part_m[:, n_splits:])
+    chunks = mass if made else ChunkTail(part_t[:, :n_splits], part_m[:, :n_splits])
+    return TailPartials(chunks, picked, total)
 
 
 def tail_merge(out: torch.Tensor, lse_att: torch.Tensor, parts: TailPartials,
@@ -118,17 +137,17 @@ def tail_merge(out: torch.Tensor, lse_att: torch.Tensor, parts: TailPartials,
     tokens' sketch lse taken from the partials (no launches of its own)."""
     from .kernel import tail_merge_kernel
 
-    part_t, part_m, total, n_splits = parts
-    R, n_parts, _, D = part_t.shape
-    G = out.shape[1]
+    (ct, cm), (st, sm), total = parts
+    R, G, D = out.shape
     lse_att, out = lse_att.float().contiguous(), out.contiguous()
     guess = lse_att if guess_window_lse is None else guess_window_lse.float().contiguous()
     res = torch.empty_like(out)
     tail_merge_kernel[(R, G)](
-        out, lse_att, total, part_t, part_m, res, guess, G, n_splits,
+        out, lse_att, total, ct, cm, st, sm, res, guess, G, ct.shape[1], st.shape[1],
         out.stride(0), out.stride(1), lse_att.stride(0), total.stride(0),
-        part_t.stride(0), part_t.stride(1), part_t.stride(2),
-        part_m.stride(0), part_m.stride(1), res.stride(0), res.stride(1), guess.stride(0),
-        D=D, N_PARTS=n_parts, PARTS_TILE=MERGE_TILE, HAS_GUESS=guess_window_lse is not None,
-        num_warps=NUM_WARPS)
+        ct.stride(0), ct.stride(1), ct.stride(2), cm.stride(0), cm.stride(1),
+        st.stride(0), st.stride(1), st.stride(2), sm.stride(0), sm.stride(1),
+        res.stride(0), res.stride(1), guess.stride(0),
+        D=D, CHUNK_PAD=ct.shape[1], SEL_PAD=st.shape[1], PARTS_TILE=MERGE_TILE,
+        HAS_GUESS=guess_window_lse is not None, num_warps=NUM_WARPS)
     return res

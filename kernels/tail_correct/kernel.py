@@ -4,7 +4,9 @@
 the chunks (programs s < n_splits) and subtracts the selected tokens' own sketch mass
 p_i / filled_c(i) · sums_c(i) (programs s >= n_splits, one block of selected tokens each);
 `tail_merge_kernel` (one program per row and head) adds the partials up and merges the
-tail into the exact output. The reference (ref.py) takes the selected mass out of each
+tail into the exact output. The chunks' partials may come from elsewhere instead:
+select_scores sums them in its pass over the sketch (tail_sums), and then only the
+selected tokens' programs run here. The reference (ref.py) takes the selected mass out of each
 chunk and clamps it at 0 first; here the two sums are apart, which differs only where a
 chunk's float32 masses round below what was taken out of it.
 """
@@ -69,32 +71,46 @@ def tail_partials_kernel(
 
 
 @triton.jit
+def _sum_parts(PartT, PartM, r, g, n_parts, stride_ptr, stride_pts, stride_ptg, stride_pmr,
+               stride_pms, D: tl.constexpr, N_PAD: tl.constexpr, PARTS_TILE: tl.constexpr):
+    """Head g of row r: the sums over n_parts partials of the tail [D] and its mass [1]."""
+    d = tl.arange(0, D)
+    tail = tl.zeros((D,), dtype=tl.float32)
+    mass = tl.zeros((1,), dtype=tl.float32)
+    for t in range(0, N_PAD, PARTS_TILE):
+        s = t + tl.arange(0, PARTS_TILE)
+        ok = s < n_parts
+        tile = tl.load(PartT + r * stride_ptr + s[:, None] * stride_pts + g * stride_ptg
+                       + d[None, :], mask=ok[:, None], other=0.0)  # [PARTS_TILE, D]
+        tail += tl.sum(tile, axis=0)
+        mass += tl.sum(tl.load(PartM + r * stride_pmr + s * stride_pms + g, mask=ok,
+                               other=0.0), axis=0)
+    return tail, mass
+
+
+@triton.jit
 def tail_merge_kernel(
-    Out, LseAtt, Total, PartT, PartM, Res, GuessLse, G, n_splits,
+    Out, LseAtt, Total, PartT, PartM, SelT, SelM, Res, GuessLse, G, n_chunk, n_sel,
     stride_or, stride_og, stride_lr, stride_tr,
-    stride_ptr, stride_pts, stride_ptg, stride_pmr, stride_pms, stride_rr, stride_rg,
-    stride_gr,
-    D: tl.constexpr, N_PARTS: tl.constexpr,
+    stride_ptr, stride_pts, stride_ptg, stride_pmr, stride_pms,
+    stride_str, stride_sts, stride_stg, stride_smr, stride_sms,
+    stride_rr, stride_rg, stride_gr,
+    D: tl.constexpr, CHUNK_PAD: tl.constexpr, SEL_PAD: tl.constexpr,
     PARTS_TILE: tl.constexpr,  # partials read per step
     HAS_GUESS: tl.constexpr,  # the exact part's lse from the guess (LseAtt unread)
 ):
+    """Part*: the chunks' partials (n_chunk of them), Sel*: the selected tokens' (n_sel,
+    their mass negated)."""
     # one program per (row, head): the partials of a row are summed by G programs at once
     r = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
     d = tl.arange(0, D)
-    tail = tl.zeros((D,), dtype=tl.float32)
-    mass = tl.zeros((1,), dtype=tl.float32)
-    picked = tl.zeros((1,), dtype=tl.float32)  # minus the selected tokens' sketch mass
-    for t in range(0, N_PARTS, PARTS_TILE):
-        s = t + tl.arange(0, PARTS_TILE)
-        ok = s < N_PARTS
-        tile = tl.load(PartT + r * stride_ptr + s[:, None] * stride_pts + g * stride_ptg
-                       + d[None, :], mask=ok[:, None], other=0.0)  # [PARTS_TILE, D]
-        tail += tl.sum(tile, axis=0)
-        part_m = tl.load(PartM + r * stride_pmr + s * stride_pms + g, mask=ok, other=0.0)
-        mass += tl.sum(part_m, axis=0)
-        if HAS_GUESS:  # the partials past n_splits are the selected tokens' (negated)
-            picked += tl.sum(tl.where(s >= n_splits, part_m, 0.0), axis=0)
+    tail, mass = _sum_parts(PartT, PartM, r, g, n_chunk, stride_ptr, stride_pts, stride_ptg,
+                            stride_pmr, stride_pms, D, CHUNK_PAD, PARTS_TILE)
+    sel_t, picked = _sum_parts(SelT, SelM, r, g, n_sel, stride_str, stride_sts, stride_stg,
+                               stride_smr, stride_sms, D, SEL_PAD, PARTS_TILE)
+    tail += sel_t
+    mass += picked  # picked: minus the selected tokens' sketch mass
     out = tl.load(Out + r * stride_or + g * stride_og + d).to(tl.float32)
     total = tl.load(Total + r * stride_tr + g + tl.arange(0, 1))
     if HAS_GUESS:

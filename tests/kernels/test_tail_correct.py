@@ -96,3 +96,31 @@ def test_merge_with_a_guess_weighs_by_the_guess(count):
         torch.testing.assert_close(attended, guess)
     else:
         assert (attended > guess + 1e-3).all()
+
+
+@pytest.mark.parametrize("with_guess", [False, True])
+def test_chunk_partials_made_elsewhere_merge_as_the_reference(with_guess):
+    """tail_partials given the chunk term already summed (select_scores' tail_sums, which
+    takes every chunk with mass as full) launches only the selected tokens' part; merged,
+    the same as the reference."""
+    from retrieval_attn.kernels import (
+        ChunkTail,
+        chunk_tail_ref,
+        guess_lse_ref,
+        tail_merge,
+        tail_partials,
+    )
+
+    args, scale = _inputs(2, 7, 64, 3000, 100, 70, 2900)
+    out, lse_att, mass, total, selected, scores, cnt, pos, sums = args
+    mass[:, :, 2900 // CHUNK:] = 0  # no mass in the chunk being filled (the window's)
+    guess = torch.randn(2, 7, generator=torch.Generator().manual_seed(1)) + 8
+    attended = guess_lse_ref(guess, scores, cnt, scale) if with_guess else lse_att
+    want = tail_correct_ref(out, attended, mass, total, selected, scores, cnt, pos, sums,
+                            scale, CHUNK)
+    chunks = ChunkTail(*(t.to(DEVICE) for t in chunk_tail_ref(mass, sums, CHUNK)))
+    dev = [a.to(DEVICE) for a in args]
+    parts = tail_partials(chunks, *dev[3:], scale, CHUNK)
+    assert parts.chunks is chunks and parts.picked.part_t.shape[1] == 2  # 100 selected
+    got = tail_merge(dev[0], dev[1], parts, guess.to(DEVICE) if with_guess else None)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)

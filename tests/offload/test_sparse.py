@@ -318,3 +318,27 @@ def test_store_on_device_decodes_as_the_host_store_on_gpu(ahead):
     assert mem["host"]["host"] == store and "host" not in mem["device"]
     for a, b in zip(outs["device"], outs["host"], strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ahead", [0, 1], ids=["select", "lookahead"])
+def test_tail_chunk_term_summed_in_the_scoring_pass_decodes_as_apart(ahead):
+    """On a GPU, with a window of >= CHUNK tokens, the scoring pass sums the tail's chunk
+    term itself (selector.tail_sums); the outputs match the tail's own chunk sums from
+    the pass's masses (tail_sums unset), up to float32 summation order."""
+    h, hkv, d, n, prompt = 8, 2, 64, 3000, 2900
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, d, generator=gen).cuda() for heads in (h, hkv, hkv))
+    outs = {}
+    for fused in (True, False):
+        cfg = KVConfig(policy="retrieval", sink_tokens=4, window_tokens=64, top_k=64, rank=16,
+                       sketch_dtype="int8", rerank_factor=2, select_block=4,
+                       lookahead_from=ahead, host_dtype="int8")
+        kv = make_kv_policy(cfg, L, h, hkv, d, n, torch.device("cuda"), torch.float32)
+        assert kv.selector.tail_sums is not None
+        if not fused:
+            kv.selector.tail_sums = None
+        guess = (lambda t, layer: q[:, :, t:t + 1] + 0.1 * q[:, :, t - 1:t]) if ahead else None
+        outs[fused] = run_policy(kv, q, k, v, prompt, guess)
+    for a, b in zip(outs[True], outs[False], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
