@@ -26,7 +26,7 @@ class FullOffloadKV:
         self.L, self.device = num_layers, device
         self.B, self.Hkv, rows = batch, num_kv_heads, batch * num_kv_heads  # B·Hkv rows
         self.store = KVStore(num_layers, rows, max_tokens, head_dim, dtype,
-                                 pin=device.type == "cuda")
+                             pin=device.type == "cuda")
         shape = (2, 2, rows, max_tokens, head_dim)  # [buffer, k|v, B·Hkv, N, D]
         self.buffers = torch.empty(shape, device=device, dtype=dtype)
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None

@@ -89,9 +89,9 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
                               "index.kind lowrank")
         on_device = cfg.store_on == "device"
         self.store = KVStore(num_layers, rows, max_tokens, head_dim, dtype,
-                                 pin=device.type == "cuda" and not on_device,
-                                 quantized=cfg.host_dtype == "int8", scale_device=device,
-                                 rows_device=device if on_device else None)
+                             pin=device.type == "cuda" and not on_device,
+                             quantized=cfg.host_dtype == "int8", scale_device=device,
+                             rows_device=device if on_device else None)
         self.sketch: LowRankKeys | None = None
         self.selector: LowRankRetriever | QuestRetriever | None = None
         if cfg.policy == "retrieval":

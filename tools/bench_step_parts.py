@@ -23,7 +23,7 @@ def bench_gathers(shape: str, n: int, candidates: int, top_k: int, reps: int = 4
 
     spec = named_shape(shape)
     store = KVStore(spec.num_layers, spec.num_kv_heads, n, spec.head_dim,
-                        torch.bfloat16, pin=True)
+                    torch.bfloat16, pin=True)
     hkv, L = spec.num_kv_heads, spec.num_layers
 
     def idx(k):

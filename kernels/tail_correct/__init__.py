@@ -115,7 +115,7 @@ def tail_partials(mass: torch.Tensor | ChunkTail, total_lse: torch.Tensor,
         tail_partials_kernel[(R, n_parts)](
             mass_arg, sums, selected, scores, count.reshape(1), total, pos.reshape(1),
             part_t, part_m, Mm, K, G, scale, n_splits,
-            mass_arg.stride(0), mass_arg.stride(1) if not made else 0, sums.stride(0),
+            mass_arg.stride(0), mass_arg.stride(1), sums.stride(0),
             sums.stride(1), selected.stride(0), scores.stride(0), scores.stride(1),
             total.stride(0), part_t.stride(0), part_t.stride(1), part_t.stride(2),
             part_m.stride(0), part_m.stride(1),

@@ -6,9 +6,9 @@ p_i / filled_c(i) · sums_c(i) (programs s >= n_splits, one block of selected to
 `tail_merge_kernel` (one program per row and head) adds the partials up and merges the
 tail into the exact output. The chunks' partials may come from elsewhere instead:
 select_scores sums them in its pass over the sketch (tail_sums), and then only the
-selected tokens' programs run here. The reference (ref.py) takes the selected mass out of each
-chunk and clamps it at 0 first; here the two sums are apart, which differs only where a
-chunk's float32 masses round below what was taken out of it.
+selected tokens' programs run here. The reference (ref.py) takes the selected mass out
+of each chunk and clamps it at 0 first; here the two sums are apart, which differs only
+where a chunk's float32 masses round below what was taken out of it.
 """
 
 import triton

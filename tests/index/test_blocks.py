@@ -44,13 +44,9 @@ def _truth(q, k, lo, hi, P, nb, other_lse, by_blocks, total=None):
     return [set(r.tolist()) for r in sums.topk(nb, dim=-1).indices]
 
 
-@pytest.mark.parametrize("rank,rerank,with_lse", [(D, 1, True), (2, 100, True), (2, 100, False)])
-def test_block_selection_against_brute_force(rank, rerank, with_lse):
-    """Without re-ranking a full-rank sketch picks the runs of largest exact summed share;
-    re-ranking (here every run is a candidate) picks the best positions of the candidate
-    runs one by one. The partial run before hi follows, counted up to hi."""
-    torch.manual_seed(0)
-    k, q = torch.randn(HKV, N, D), torch.randn(HKV, G, D)
+def _sketch_and_reads(k, rank):
+    """A sketch of k [HKV, N, D] at `rank`, and exact_keys(layer, positions) that gathers
+    from k and records the shape of each read in the returned list."""
     sketch = LowRankKeys(1, HKV, N, D, rank, torch.device("cpu"), torch.float32)
     sketch.build(0, k)
     reads = []
@@ -59,6 +55,17 @@ def test_block_selection_against_brute_force(rank, rerank, with_lse):
         reads.append(pos.shape)
         return k.gather(1, pos[..., None].expand(-1, -1, D))
 
+    return sketch, exact_keys, reads
+
+
+@pytest.mark.parametrize("rank,rerank,with_lse", [(D, 1, True), (2, 100, True), (2, 100, False)])
+def test_block_selection_against_brute_force(rank, rerank, with_lse):
+    """Without re-ranking a full-rank sketch picks the runs of largest exact summed share;
+    re-ranking (here every run is a candidate) picks the best positions of the candidate
+    runs one by one. The partial run before hi follows, counted up to hi."""
+    torch.manual_seed(0)
+    k, q = torch.randn(HKV, N, D), torch.randn(HKV, G, D)
+    sketch, exact_keys, reads = _sketch_and_reads(k, rank)
     lo, hi, P, top = 6, 150, 4, 18  # 36 whole blocks; 5 blocks for a budget of 18
     other = torch.randn(HKV, G) if with_lse else None
     ret = LowRankRetriever(sketch, D, rerank, exact_keys, block=P, reuse_lse=False)
@@ -94,14 +101,7 @@ def test_region_end_skips_only_blocks_that_can_never_be_chosen(rerank):
     k, q = torch.randn(HKV, N, D), torch.randn(HKV, G, D)
     lo, hi, P, top = 6, 150, 4, 18
     k[:, hi - P:hi] = 3 * q.sum(1, keepdim=True)  # the last whole block [146, 150) wins
-    sketch = LowRankKeys(1, HKV, N, D, D, torch.device("cpu"), torch.float32)
-    sketch.build(0, k)
-    reads = []
-
-    def exact_keys(layer, pos):
-        reads.append(pos.shape)
-        return k.gather(1, pos[..., None].expand(-1, -1, D))
-
+    sketch, exact_keys, reads = _sketch_and_reads(k, D)
     ret = LowRankRetriever(sketch, D, rerank, exact_keys, block=P, reuse_lse=False)
     ret.region_end = hi
     ret.prepare(hi - lo, top)

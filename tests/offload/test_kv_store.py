@@ -77,7 +77,7 @@ def test_store_on_the_device_reads_back_on_the_host_and_counts_as_gpu(quantized)
     k = torch.randn(Hkv, N, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(Hkv, N, D, device="cuda", dtype=torch.bfloat16)
     stores = [KVStore(L, Hkv, N, D, torch.bfloat16, pin=rows is None, quantized=quantized,
-                          scale_device="cuda", rows_device=rows) for rows in (None, "cuda")]
+                      scale_device="cuda", rows_device=rows) for rows in (None, "cuda")]
     host, device = stores
     assert device.k.is_cuda and not device._registered and host.k.is_pinned()
     for store in stores:
