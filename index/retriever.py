@@ -158,14 +158,15 @@ class LowRankRetriever:
         return self.rerank(q, hi, found) if isinstance(found, Candidates) else found
 
     def candidates(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
-                   other_lse: torch.Tensor | None = None
+                   other_lse: torch.Tensor | None = None, sm_share: float = 1.0
                    ) -> Candidates | tuple[torch.Tensor, torch.Tensor, None]:
         """The first half of select_with_keys: the sketch's re-rank candidates and their
         exact keys, chosen with q, for `rerank` to finish; q may be a guess at the query
         (kv.lookahead_from), since the re-rank takes the real one. Where this step does
-        not re-rank, select_with_keys' answer (positions, count, None) instead."""
+        not re-rank, select_with_keys' answer (positions, count, None) instead. sm_share:
+        the share of the GPU's SMs the scoring pass takes (kv.lookahead_sm_share)."""
         if self.use_blocks:
-            return self._block_candidates(layer, q, lo, hi, k, other_lse)
+            return self._block_candidates(layer, q, lo, hi, k, other_lse, sm_share)
         k = slots_for(k, self.block)  # a region shorter than the blocks: attend it all
         n = self.sketch.capacity
         if self.positions is None:
@@ -177,7 +178,7 @@ class LowRankRetriever:
             return torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device), count, None
         n_cand = min(n - lo, k * self.rerank_factor)
         rerank = n_cand > k and self.rerank_factor > 1
-        shares, total = self._shares(layer, q, lo, hi, other_lse, rerank)
+        shares, total = self._shares(layer, q, lo, hi, other_lse, rerank, 1, sm_share)
         self.last_total = total
         # Candidates for re-ranking need no order (an unsorted top-k is ~2.5x faster at 1M);
         # without re-ranking they are the answer, best first unless nobody needs the order.
@@ -187,7 +188,7 @@ class LowRankRetriever:
         return Candidates(cand, self.exact_keys(layer, cand), count, total, n_cand, k, hi)
 
     def _block_candidates(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor,
-                          k: int, other_lse: torch.Tensor | None
+                          k: int, other_lse: torch.Tensor | None, sm_share: float = 1.0
                           ) -> Candidates | tuple[torch.Tensor, torch.Tensor, None]:
         """candidates in aligned runs of P positions: the best blocks(k)·m runs by summed
         sketch shares, whose keys are read (fast: runs), then the partial block before hi
@@ -199,7 +200,7 @@ class LowRankRetriever:
         live = (min(n, self.region_end or n) - lo) // P  # blocks that may be before hi
         n_cand = min(live, nb * self.rerank_factor)
         rerank = n_cand > nb and self.rerank_factor > 1
-        sums, total = self._shares(layer, q, lo, hi, other_lse, rerank, P)  # [R, blocks]
+        sums, total = self._shares(layer, q, lo, hi, other_lse, rerank, P, sm_share)
         self.last_total = total
         top = _top_blocks(sums[:, :live], n_cand if rerank else nb)  # [R, blocks], no order
         cand = block_tokens(top, lo, P)  # [R, blocks·P]
@@ -279,13 +280,15 @@ class LowRankRetriever:
         return kernels.rerank_shares_ref(q, keys, cand, hi.reshape(1), total, self.scale)
 
     def _shares(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor,
-                other_lse: torch.Tensor | None, candidates: bool = False, block: int = 1
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                other_lse: torch.Tensor | None, candidates: bool = False, block: int = 1,
+                sm_share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(group shares [Hkv, N - lo], or their sums per block of `block` positions
         [Hkv, (N - lo) // block] (blocks.block_sums); total lse [Hkv, G] or None
         without other_lse). Sketches with a fused `shares` (LowRankKeys) never store
         [Hkv, G, N] scores, and on a GPU round them to bfloat16 when they only pick re-rank
-        candidates (a faster top-k there; on the CPU it would only change results)."""
+        candidates (a faster top-k there; on the CPU it would only change results).
+        sm_share: the share of the GPU's SMs a fused sketch's pass takes (others take
+        every SM)."""
         n = self.sketch.capacity
         if hasattr(self.sketch, "shares"):
             dtype = torch.bfloat16 if candidates and q.is_cuda else torch.float32
@@ -296,7 +299,7 @@ class LowRankRetriever:
                     else None)
             shares, lse, *mass = self.sketch.shares(layer, q, lo, hi, self.scale, other_lse,
                                                     self.tail_chunk, dtype, state, block,
-                                                    self.last_query, sums)
+                                                    self.last_query, sums, sm_share)
             self.last_mass = mass[0] if mass else None
             return shares, (lse if other_lse is not None else None)
         excluded = _mask_from(hi, self.positions[lo:])  # [N - lo]

@@ -55,7 +55,7 @@ class LookaheadSelect:
             hi, window, newest = self._step_bounds(layer, step)
             sel, window_lse = self.selector, self._window_lse(layer, qg, window, newest)
             found = sel.candidates(layer, qg, self.cfg.sink_tokens, hi, self.budget,
-                                   window_lse)
+                                   window_lse, self.cfg.lookahead_sm_share)
             done = torch.cuda.Event() if qg.is_cuda else None
             if done is not None:
                 done.record()

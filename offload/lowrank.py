@@ -139,8 +139,8 @@ class LowRankKeys:
                other_lse: torch.Tensor | None = None, chunk: int = 0,
                shares_dtype: torch.dtype = torch.float32,
                lse_state: LseState | None = None, block: int = 1,
-               query: SketchQuery | None = None, tail_sums: torch.Tensor | None = None
-               ) -> tuple:
+               query: SketchQuery | None = None, tail_sums: torch.Tensor | None = None,
+               sm_share: float = 1.0) -> tuple:
         """What the retriever ranks by, fused: q [Hkv, G, D] -> (shares [Hkv, N - lo]
         shares_dtype (bfloat16 where only their top-k is wanted), lse [Hkv, G] float32).
         shares = group_scores of the scores of positions [lo, N) with positions >= hi
@@ -152,16 +152,20 @@ class LowRankKeys:
         the shares' sums per block of positions (summed in float32, stored in
         shares_dtype) instead of the shares (select_scores). query: self.query(layer, q),
         when the caller has it. tail_sums [Hkv, M, D]: the tail estimate's chunk term
-        summed in the same pass, in place of the masses (select_scores)."""
+        summed in the same pass, in place of the masses (select_scores). sm_share: the
+        share of the GPU's SMs the pass's grid is sized for (select_scores; the reference
+        has no grid)."""
         from .. import kernels
 
-        # the Triton kernel on a GPU; elsewhere its reference (not the interpreter, which
-        # tests may have switched on for the whole process)
-        fn = kernels.select_scores if self.keys.is_cuda else kernels.select_scores_ref
         query = self.query(layer, q) if query is None else query
         # with the query made, select_scores reads the basis for its shape only
-        return fn(q, self.basis[layer], self.mean[layer], self.keys[layer], lo, hi,
-                  scale, other_lse, chunk, shares_dtype, lse_state, block, query, tail_sums)
+        args = (q, self.basis[layer], self.mean[layer], self.keys[layer], lo, hi, scale,
+                other_lse, chunk, shares_dtype, lse_state, block, query, tail_sums)
+        # the Triton kernel on a GPU; elsewhere its reference (not the interpreter, which
+        # tests may have switched on for the whole process)
+        if self.keys.is_cuda:
+            return kernels.select_scores(*args, sm_share=sm_share)
+        return kernels.select_scores_ref(*args)
 
     def memory_bytes(self) -> dict[str, int]:
         parts = (self.mean, self.basis, self.keys) + ((self.scale,) if self.sketch != "auto"

@@ -119,6 +119,13 @@ class KVConfig:
     # guess at their queries from the previous layer's input, while that layer runs; the
     # re-rank takes the real queries (README: lookahead). 0 = off
     lookahead_from: int = 0
+    # retrieval with lookahead: the share of the GPU's SMs its sketch scoring pass takes.
+    # The pass is bound by memory and fills every SM it is given, and the layer beside it
+    # waits for SMs; below 1 leaves them room. With the store on the device that layer's
+    # re-rank, reads and attention are kernels that need SMs: 0.75 was 0.3-0.4 ms/token
+    # faster for Llama-3-8B at 256K-512K (H200). With the store on the host it waits on
+    # PCIe instead, and 1 is faster (the 1m-single-gpu preset: 0.6 ms/token; README)
+    lookahead_sm_share: float = 1.0
     page_tokens: int = 16  # quest: tokens per page
     tail_estimate: bool = True  # retrieval: add the unselected tokens' attention, estimated
 
@@ -156,6 +163,9 @@ class KVConfig:
                               "queries choose candidates that a re-rank with the real ones "
                               "narrows down, and kv.rerank_factor is 1: set it to 2 or more, "
                               "or lookahead_from 0")
+        if not 0.0 < self.lookahead_sm_share <= 1.0:
+            raise ConfigError(f"kv.lookahead_sm_share is {self.lookahead_sm_share}: a share "
+                              "of the GPU's SMs in (0, 1], e.g. 0.75 (1 takes them all)")
         if self.host_dtype not in HOST_DTYPES:
             raise ConfigError(f"kv.host_dtype is {self.host_dtype!r}: valid values are "
                               f"{', '.join(HOST_DTYPES)}")

@@ -247,6 +247,10 @@ def test_build_accepts_int_for_float_field():
     pytest.param("kv", "sketch_dtype", "fp8", ["'fp8'", "auto", "int8", "int4"],
                  id="sketch-fp8"),
     pytest.param("model", "path", "  ", ["model.path is empty", "null"], id="path-blank"),
+    pytest.param("kv", "lookahead_sm_share", 0.0, ["lookahead_sm_share is 0.0", "(0, 1]"],
+                 id="sm-share-0"),
+    pytest.param("kv", "lookahead_sm_share", 1.25, ["lookahead_sm_share is 1.25"],
+                 id="sm-share-over-1"),
 ])
 def test_impossible_value(section, key, value, expect):
     with pytest.raises(ConfigError) as e:

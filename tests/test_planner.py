@@ -12,6 +12,7 @@ from retrieval_attn.model.llama import Llama
 from retrieval_attn.model.spec import NAMED_SHAPES, ModelSpec
 from retrieval_attn.offload import make_kv_policy
 from retrieval_attn.planner import (
+    DEVICE_LOOKAHEAD_SM_SHARE,
     check_budget,
     largest_batch,
     largest_prefill_chunk,
@@ -337,6 +338,14 @@ def test_store_on_device_moves_the_store_to_the_gpu_and_auto_moves_it_where_it_f
     moved = search_config(LLAMA, 1 << 18, 80 * GiB, 128 * GiB, store_on="auto", **args)
     stays = search_config(LLAMA, 1 << 20, 80 * GiB, 256 * GiB, store_on="auto", **args)
     assert (moved.kv.store_on, stays.kv.store_on) == ("device", "host")
+    # lookahead's scoring pass leaves SMs to the layer beside it only with the store on
+    # the device (on the host that layer waits on PCIe, not on SMs)
+    assert moved.kv.lookahead_sm_share == stays.kv.lookahead_sm_share == 1.0  # no lookahead
+    ahead = dict(args, lookahead_from=3)
+    assert search_config(LLAMA, 1 << 18, 80 * GiB, 128 * GiB, store_on="auto",
+                         **ahead).kv.lookahead_sm_share == DEVICE_LOOKAHEAD_SM_SHARE
+    assert search_config(LLAMA, 1 << 20, 80 * GiB, 256 * GiB, store_on="auto",
+                         **ahead).kv.lookahead_sm_share == 1.0
     assert moved.kv.rank == search_config(LLAMA, 1 << 18, 80 * GiB, 128 * GiB, **args).kv.rank
     with pytest.raises(ConfigError, match="gpu memory: needs"):
         check_budget(plan_memory(LLAMA, stays.replace(kv={"store_on": "device"}), "cuda"),

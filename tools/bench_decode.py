@@ -41,13 +41,13 @@ GiB = 1 << 30
 POLICY = {"full-offload": "dense", "retrieval-notail": "retrieval", "retrieval-ann": "retrieval"}
 # per-policy overrides of the retrieval sketch and selection, e.g.
 # retrieval:sketch=int4,rank=128,rerank=2,block=4,topk=4096,passes=2,final=blocks,host=int8,
-# ahead=2,store=device
+# ahead=2,store=device,sms=0.75
 OVERRIDES = {"sketch": ("sketch_dtype", str), "rank": ("rank", int),
              "rerank": ("rerank_factor", int), "block": ("select_block", int),
              "topk": ("top_k", int), "passes": ("score_passes", int),
              "final": ("rerank_blocks", lambda v: {"blocks": True, "positions": False}[v]),
              "host": ("host_dtype", str), "ahead": ("lookahead_from", int),
-             "store": ("store_on", str)}
+             "store": ("store_on", str), "sms": ("lookahead_sm_share", float)}
 
 
 def parse_policy(name: str) -> tuple[str, dict]:
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                         "overrides: retrieval:sketch=int4,rank=128,rerank=2,block=4,passes=2,"
                         "final=blocks (kv.rerank_blocks; final=positions is the default),"
                         " host=int8 (kv.host_dtype), ahead=2 (kv.lookahead_from), "
-                        "store=device (kv.store_on)")
+                        "store=device (kv.store_on), sms=0.75 (kv.lookahead_sm_share)")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--top-k", type=int, default=2048)
     # defaults: the 1m-single-gpu preset's sketch

@@ -71,6 +71,8 @@ def select_scores(
     block: int = 1,
     query: SketchQuery | None = None,
     tail_sums: torch.Tensor | None = None,
+    *,
+    sm_share: float = 1.0,
 ) -> tuple:
     """Group shares of the low-rank scores of positions [lo, N) of one layer.
 
@@ -108,6 +110,9 @@ def select_scores(
             estimate's chunk term, sum_c mass_gc · tail_sums_c / chunk (offload/tail.py),
             which it returns instead of mass. Every chunk with mass is taken as full: true
             where a window of at least `chunk` tokens follows hi.
+        sm_share: the share of the device's SMs the grid is sized for, in (0, 1]. The
+            pass is bound by memory and fills every SM it is given; below 1 leaves room to
+            kernels that run beside it on other streams (kv.lookahead_sm_share).
 
     Returns:
         shares: [Hkv, N - lo] shares_dtype, sum_g exp(scale * score - lse_g); 0 where
@@ -167,6 +172,8 @@ def select_scores(
             raise ValueError(f"{name} is on {t.device}, keys on {device}")
     if keys.dtype not in KEY_BITS:
         raise ValueError(f"keys dtype {keys.dtype}: one of {', '.join(map(str, KEY_BITS))}")
+    if not 0.0 < sm_share <= 1.0:
+        raise ValueError(f"sm_share is {sm_share}: a share of the SMs in (0, 1]")
     bits = KEY_BITS[keys.dtype]
     d_tail = tail_sums.shape[2] if tail_sums is not None else 0
     if (not use_triton(device) or not kernel_scores(r, bits) or keys.stride(-1) != 1
@@ -204,7 +211,8 @@ def select_scores(
     tiles = max(1, MIN_HEAD_ROWS // g_pad)
     step = tiles * BLOCK_N  # positions a program scores per step
     steps = max(cdiv(n - origin, step), 1)
-    splits = min(steps, MAX_SPLITS, max(1, cdiv(2 * PROGRAMS_PER_SM * sm_count(device), hkv)))
+    sms = max(1, int(sm_count(device) * sm_share))
+    splits = min(steps, MAX_SPLITS, max(1, cdiv(2 * PROGRAMS_PER_SM * sms, hkv)))
     per_split = cdiv(steps, splits) * step
     splits = cdiv(max(n - origin, 1), per_split)
     part_m = torch.empty(hkv, splits, g_pad, dtype=torch.float32, device=device)

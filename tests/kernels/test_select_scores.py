@@ -369,3 +369,32 @@ def test_tail_sums_give_the_chunk_term_of_the_mass(g, one_pass):
     with pytest.raises(ValueError, match="tail_sums"):  # needs the chunk masses' chunk
         select_scores(*(t.to(DEVICE) for t in (q, basis, mean, keys)), lo, hi_t.to(DEVICE),
                       0.2, other.to(DEVICE), tail_sums=sums.to(DEVICE))
+
+
+def test_a_share_of_the_sms_splits_the_pass_fewer_ways_to_the_same_result():
+    """sm_share sizes the grid for that share of the SMs (kv.lookahead_sm_share): fewer
+    splits of the positions, the same shares, lse, state and chunk term."""
+    from retrieval_attn.kernels import ChunkTail
+
+    n, lo, hi = 2300, 4, 1800
+    q, basis, mean, keys, other = _inputs(2, 4, 32, 64, n, torch.float32, seed=3)
+    keys = _quantised(3 * keys, 8)
+    sums = torch.randn(2, 40, 16, generator=torch.Generator().manual_seed(5))
+    args = [t.to(DEVICE) for t in (q, basis, mean, keys)]
+    hi_t = torch.tensor([hi], device=DEVICE)
+    got = {}
+    for share in (1.0, 0.5):
+        state = LseState.empty(2, 4, DEVICE)
+        got[share] = select_scores(*args, lo, hi_t, 0.2, other.to(DEVICE), chunk=64,
+                                   lse_state=state, block=4, tail_sums=sums.to(DEVICE),
+                                   sm_share=share) + (state.lse,)
+    full, half = got[1.0], got[0.5]
+    assert isinstance(half[2], ChunkTail)
+    assert half[2].part_m.shape[1] < full[2].part_m.shape[1]  # fewer programs a kv head
+    for a, b in ((full[0], half[0]), (full[1], half[1]), (full[3], half[3])):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    for a, b in ((full[2].part_t, half[2].part_t), (full[2].part_m, half[2].part_m)):
+        torch.testing.assert_close(b.sum(1), a.sum(1), rtol=1e-5, atol=1e-7)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="sm_share"):
+            select_scores(*args, lo, hi_t, 0.2, sm_share=bad)

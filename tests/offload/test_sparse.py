@@ -250,6 +250,24 @@ def test_lookahead_with_a_budget_of_everything_is_exact(block):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_lookahead_scores_with_its_share_of_the_sms():
+    """kv.lookahead_sm_share reaches the looked-ahead layers' candidate choice (the
+    GPU's scoring pass sizes its grid by it; the CPU reference has none), and no other."""
+    cfg = KVConfig(policy="retrieval", sink_tokens=3, window_tokens=10, top_k=12, rank=4,
+                   rerank_factor=2, lookahead_from=1, lookahead_sm_share=0.5)
+    q, k, v = qkv(40)
+    kv = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
+    shares = []
+    real = kv.selector.candidates
+
+    def candidates(layer, q, lo, hi, k, other_lse=None, sm_share=1.0):
+        shares.append((layer, sm_share))
+        return real(layer, q, lo, hi, k, other_lse, sm_share)
+    kv.selector.candidates = candidates
+    run_policy(kv, q, k, v, 30, lambda t, layer: q[:, :, t:t + 1])
+    assert set(shares) == {(0, 1.0), (1, 0.5)}  # layer 0 chooses at attend: every SM
+
+
 def test_lookahead_with_the_real_query_selects_as_without():
     """Guessing the real query: the same output as selecting at attend, but where the
     window's lse, taken before the step's token enters, moves the group shares enough to

@@ -39,6 +39,8 @@ def test_policy_overrides_set_the_sketch():
     assert (cfg.kv.select_block, cfg.kv.top_k, cfg.kv.rerank_factor) == (4, 4096, 1)
     cfg = bench_config("qwen2.5-7b-1m", "retrieval:passes=2", 131072, 16, 2048, 64)
     assert cfg.kv.score_passes == 2
+    assert parse_policy("retrieval:ahead=3,store=device,sms=0.75")[1] == {
+        "lookahead_from": 3, "store_on": "device", "lookahead_sm_share": 0.75}
     assert parse_policy("dense") == ("dense", {})
     for bad in ("dense:rank=8", "retrieval:colour=red", "retrieval:rank="):
         with pytest.raises(RetrievalAttnError, match="overrides"):
