@@ -22,8 +22,9 @@ __all__ = ["ChunkTail", "TailPartials", "chunk_tail_ref", "guess_lse_ref", "tail
 BLOCK = 64  # chunks, or selected tokens, per step of a program
 MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a row are padded to this
 NUM_WARPS = 4
+MERGE_WARPS = 4
 DOT_PRECISION = "ieee"  # the partial sums' float32 dots
-MERGE_TILE = 32  # partials the merge reads per step
+MERGE_TILE = 64  # partials the merge reads per step (README: 32 and 128 measured)
 
 
 class TailPartials(NamedTuple):
@@ -143,11 +144,11 @@ def tail_merge(out: torch.Tensor, lse_att: torch.Tensor, parts: TailPartials,
     guess = lse_att if guess_window_lse is None else guess_window_lse.float().contiguous()
     res = torch.empty_like(out)
     tail_merge_kernel[(R, G)](
-        out, lse_att, total, ct, cm, st, sm, res, guess, G, ct.shape[1], st.shape[1],
+        out, lse_att, total, ct, cm, st, sm, res, guess, G,
         out.stride(0), out.stride(1), lse_att.stride(0), total.stride(0),
         ct.stride(0), ct.stride(1), ct.stride(2), cm.stride(0), cm.stride(1),
         st.stride(0), st.stride(1), st.stride(2), sm.stride(0), sm.stride(1),
         res.stride(0), res.stride(1), guess.stride(0),
-        D=D, CHUNK_PAD=ct.shape[1], SEL_PAD=st.shape[1], PARTS_TILE=MERGE_TILE,
-        HAS_GUESS=guess_window_lse is not None, num_warps=NUM_WARPS)
+        D=D, N_CHUNK=ct.shape[1], N_SEL=st.shape[1], PARTS_TILE=MERGE_TILE,
+        HAS_GUESS=guess_window_lse is not None, num_warps=MERGE_WARPS)
     return res

@@ -71,15 +71,15 @@ def tail_partials_kernel(
 
 
 @triton.jit
-def _sum_parts(PartT, PartM, r, g, n_parts, stride_ptr, stride_pts, stride_ptg, stride_pmr,
-               stride_pms, D: tl.constexpr, N_PAD: tl.constexpr, PARTS_TILE: tl.constexpr):
-    """Head g of row r: the sums over n_parts partials of the tail [D] and its mass [1]."""
+def _sum_parts(PartT, PartM, r, g, stride_ptr, stride_pts, stride_ptg, stride_pmr,
+               stride_pms, D: tl.constexpr, N_PARTS: tl.constexpr, PARTS_TILE: tl.constexpr):
+    """Head g of row r: the sums over N_PARTS partials of the tail [D] and its mass [1]."""
     d = tl.arange(0, D)
     tail = tl.zeros((D,), dtype=tl.float32)
     mass = tl.zeros((1,), dtype=tl.float32)
-    for t in range(0, N_PAD, PARTS_TILE):
+    for t in range(0, N_PARTS, PARTS_TILE):
         s = t + tl.arange(0, PARTS_TILE)
-        ok = s < n_parts
+        ok = s < N_PARTS
         tile = tl.load(PartT + r * stride_ptr + s[:, None] * stride_pts + g * stride_ptg
                        + d[None, :], mask=ok[:, None], other=0.0)  # [PARTS_TILE, D]
         tail += tl.sum(tile, axis=0)
@@ -90,25 +90,26 @@ def _sum_parts(PartT, PartM, r, g, n_parts, stride_ptr, stride_pts, stride_ptg, 
 
 @triton.jit
 def tail_merge_kernel(
-    Out, LseAtt, Total, PartT, PartM, SelT, SelM, Res, GuessLse, G, n_chunk, n_sel,
+    Out, LseAtt, Total, PartT, PartM, SelT, SelM, Res, GuessLse, G,
     stride_or, stride_og, stride_lr, stride_tr,
     stride_ptr, stride_pts, stride_ptg, stride_pmr, stride_pms,
     stride_str, stride_sts, stride_stg, stride_smr, stride_sms,
     stride_rr, stride_rg, stride_gr,
-    D: tl.constexpr, CHUNK_PAD: tl.constexpr, SEL_PAD: tl.constexpr,
+    D: tl.constexpr,
+    N_CHUNK: tl.constexpr,  # the chunks' partials (a loop bound: constexpr)
+    N_SEL: tl.constexpr,  # the selected tokens' partials
     PARTS_TILE: tl.constexpr,  # partials read per step
     HAS_GUESS: tl.constexpr,  # the exact part's lse from the guess (LseAtt unread)
 ):
-    """Part*: the chunks' partials (n_chunk of them), Sel*: the selected tokens' (n_sel,
-    their mass negated)."""
+    """Part*: the chunks' partials, Sel*: the selected tokens' (their mass negated)."""
     # one program per (row, head): the partials of a row are summed by G programs at once
     r = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
     d = tl.arange(0, D)
-    tail, mass = _sum_parts(PartT, PartM, r, g, n_chunk, stride_ptr, stride_pts, stride_ptg,
-                            stride_pmr, stride_pms, D, CHUNK_PAD, PARTS_TILE)
-    sel_t, picked = _sum_parts(SelT, SelM, r, g, n_sel, stride_str, stride_sts, stride_stg,
-                               stride_smr, stride_sms, D, SEL_PAD, PARTS_TILE)
+    tail, mass = _sum_parts(PartT, PartM, r, g, stride_ptr, stride_pts, stride_ptg,
+                            stride_pmr, stride_pms, D, N_CHUNK, PARTS_TILE)
+    sel_t, picked = _sum_parts(SelT, SelM, r, g, stride_str, stride_sts, stride_stg,
+                               stride_smr, stride_sms, D, N_SEL, PARTS_TILE)
     tail += sel_t
     mass += picked  # picked: minus the selected tokens' sketch mass
     out = tl.load(Out + r * stride_or + g * stride_og + d).to(tl.float32)

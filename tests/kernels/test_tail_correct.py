@@ -47,6 +47,21 @@ def test_tail_correct_matches_reference(r, g, d, n, k, count, pos, dtype):
     assert not torch.allclose(want.float(), args[0].float(), atol=1e-3)  # a real change
 
 
+@pytest.mark.parametrize("tile", [2, 4])
+def test_the_merge_reads_its_partials_in_any_number_of_steps(monkeypatch, tile):
+    """tail_merge sums the partials MERGE_TILE at a time: in several steps, the last one
+    partly past the end (3 selected-token partials in tiles of 2; 4 fills a step), the
+    sums are the reference's."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("retrieval_attn.kernels.tail_correct"),
+                        "MERGE_TILE", tile)
+    args, scale = _inputs(3, 4, 16, 5000, 130, 130, 4100)
+    want = tail_correct_ref(*args, scale, CHUNK)
+    got = tail_correct(*(a.to(DEVICE) for a in args), scale, CHUNK)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_no_tail_mass_leaves_the_output_alone():
     args, scale = _inputs(2, 3, 32, 1000, 40, 40, 990)
     out, lse_att, mass, total, selected, scores, count, pos, sums = args
