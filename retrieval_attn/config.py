@@ -122,9 +122,9 @@ class KVConfig:
     # retrieval with lookahead: the share of the GPU's SMs its sketch scoring pass takes.
     # The pass is bound by memory and fills every SM it is given, and the layer beside it
     # waits for SMs; below 1 leaves them room. With the store on the device that layer's
-    # re-rank, reads and attention are kernels that need SMs: 0.75 was 0.3-0.4 ms/token
-    # faster for Llama-3-8B at 256K-512K (H200). With the store on the host it waits on
-    # PCIe instead, and 1 is faster (the 1m-single-gpu preset: 0.6 ms/token; README)
+    # re-rank, reads and attention are kernels that need SMs: 0.75 was 0.4-0.6 ms/token
+    # faster for Llama-3-8B at 256K-512K (H100, H200). With the store on the host it waits
+    # on PCIe instead, and 1 is faster (the 1m-single-gpu preset: ~0.6 ms/token; README)
     lookahead_sm_share: float = 1.0
     page_tokens: int = 16  # quest: tokens per page
     tail_estimate: bool = True  # retrieval: add the unselected tokens' attention, estimated

@@ -49,9 +49,9 @@ def test_tail_correct_matches_reference(r, g, d, n, k, count, pos, dtype):
 
 @pytest.mark.parametrize("tile", [2, 4])
 def test_the_merge_reads_its_partials_in_any_number_of_steps(monkeypatch, tile):
-    """tail_merge sums the partials MERGE_TILE at a time: in several steps, the last one
-    partly past the end (3 selected-token partials in tiles of 2; 4 fills a step), the
-    sums are the reference's."""
+    """tail_merge sums the partials MERGE_TILE at a time: in tiles of 2 and 4 (several
+    steps, the last one partly past the end: 3 selected-token partials here), the sums
+    are the reference's."""
     import importlib
 
     monkeypatch.setattr(importlib.import_module("retrieval_attn.kernels.tail_correct"),
