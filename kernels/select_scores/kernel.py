@@ -270,8 +270,9 @@ def shares_kernel(
             _store_mass(Mass, p, h, n0, G, NM, stride_ah, stride_ag, BLOCK_N, G_PAD, TILES,
                         MASS_CHUNK)
     if ONE_PASS:  # partials: the largest score, and the sum of p in the frame of the lse
-        # the shares used (Lse), so no second exp per score (the kernel is bound by its
-        # arithmetic, not by the sketch's bytes: bench --scores)
+        # the shares used (Lse), so no second exp per score (when this was written the
+        # pass was bound by its arithmetic; since tiles of heads it is bound by the
+        # sketch's bytes, ncu)
         mx = tl.max(m, axis=1)  # raw; the step and scale are positive
         mx = tl.where(g < G, (mx * mul + c) * scale, float("-inf"))
         gh = tl.arange(0, G_PAD)
