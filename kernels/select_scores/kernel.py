@@ -56,7 +56,8 @@ def _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg, stride_ch, G,
              KEY_BITS: tl.constexpr):
     """Kv head h's q @ basis as block-diagonal (hi, lo) pairs, split in halves for packed
     int4 keys (whose bytes hold dims j and j + R/2), q·mean per row and the scores'
-    multiplier."""
+    multiplier. Packed int4 keys are dotted as their stored nibbles n = v + 8 in [0, 15]
+    (_raw_scores), so their row's constant also takes out 8 · sum_j q_j."""
     if KEY_BITS == 4:
         qa_hi, qa_lo = _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD, TILES, R // 2, 0)
         qb_hi, qb_lo = _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD, TILES, R // 2,
@@ -70,6 +71,10 @@ def _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg, stride_ch, G,
         mul = 1.0  # float keys: Mul is unread
     else:
         mul = tl.load(Mul + h)
+    if KEY_BITS == 4:  # the integers' sums are exact in float32 (|sum| < 2**24)
+        nibbles = (tl.sum(qa_hi.to(tl.float32) + qa_lo.to(tl.float32), axis=1)
+                   + tl.sum(qb_hi.to(tl.float32) + qb_lo.to(tl.float32), axis=1))
+        c -= 8.0 * nibbles * mul
     return qa_hi, qa_lo, qb_hi, qb_lo, c, mul
 
 
@@ -109,9 +114,16 @@ def _raw_scores(qa_hi, qa_lo, qb_hi, qb_lo, Keys, h, n0, lo, hi, stride_kh, stri
     ok = (pos >= lo) & (pos < hi)
     k = tl.load(Keys + h * stride_kh + pos.to(tl.int64) * stride_kn + (col % W)[None, :],
                 mask=ok, other=0)
-    if KEY_BITS == 4:
-        low = (k & 15).to(tl.int8) - 8  # dims [0, R/2)
-        high = (k >> 4).to(tl.int8) - 8  # dims [R/2, R)
+    if KEY_BITS == 4:  # the stored nibbles v + 8 (the constant takes the 8s out: _queries)
+        if F32_DOT:  # the interpreter: no inline PTX
+            low = (k & 15).to(tl.int8)  # dims [0, R/2)
+            high = (k >> 4).to(tl.int8)  # dims [R/2, R)
+        else:  # four bytes an instruction (per byte, unpacking cost more than the dots)
+            low = tl.inline_asm_elementwise("and.b32 $0, $1, 0x0F0F0F0F;", "=r,r", [k],
+                                            dtype=tl.int8, is_pure=True, pack=4)
+            high = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }", "=r,r",
+                [k], dtype=tl.int8, is_pure=True, pack=4)
         x = _dot(qa_hi, qa_lo, low, F32_DOT, HI_LO) + _dot(qb_hi, qb_lo, high, F32_DOT, HI_LO)
     else:
         x = _dot(qa_hi, qa_lo, k, F32_DOT, HI_LO)

@@ -56,15 +56,17 @@ def sketch_scores_at(query: SketchQuery, keys: torch.Tensor,
                      positions: torch.Tensor) -> torch.Tensor:
     """Sketched q·k [Hkv, G, K] float32 of positions [Hkv, K] (int, each in [0, N): not
     checked, no sync) of one layer's sketch keys [Hkv, N, w]; what a tail estimate takes
-    out of the sketch's mass for the tokens it attends exactly. Packed int4 keys and
-    ranks that are not powers of two >= 16 take the reference."""
+    out of the sketch's mass for the tokens it attends exactly. Ranks that are not powers
+    of two >= 16 (packed int4: >= 32, two dots of half the rank) take the reference."""
     hkv, g, r = query.qr.shape
     if keys.dim() != 3 or keys.shape[0] != hkv or positions.shape[0] != hkv:
         raise ValueError(f"keys [Hkv={hkv}, N, w] and positions [Hkv, K] for a query of "
                          f"{hkv} kv heads; got {tuple(keys.shape)}, {tuple(positions.shape)}")
     device = keys.device
-    if (not use_triton(device) or keys.dtype == torch.uint8 or keys.shape[-1] != r
-            or r < 16 or r & (r - 1) or keys.stride(-1) != 1 or query.qr.stride(-1) != 1):
+    packed = keys.dtype == torch.uint8
+    if (not use_triton(device) or keys.shape[-1] != (r // 2 if packed else r)
+            or r < (32 if packed else 16) or r & (r - 1) or keys.stride(-1) != 1
+            or query.qr.stride(-1) != 1):
         return sketch_scores_at_ref(query, keys, positions)
     from .kernel import sketch_scores_at_kernel
 
@@ -76,5 +78,6 @@ def sketch_scores_at(query: SketchQuery, keys: torch.Tensor,
         query.qr, query.step, query.const, keys, positions, out, g, k,
         query.qr.stride(0), query.qr.stride(1), query.const.stride(0), keys.stride(0),
         keys.stride(1), positions.stride(0), out.stride(0), out.stride(1),
-        R=r, G_PAD=max(MIN_HEAD_ROWS, next_power_of_2(g)), BLOCK=BLOCK, num_warps=NUM_WARPS)
+        R=r, G_PAD=max(MIN_HEAD_ROWS, next_power_of_2(g)), BLOCK=BLOCK, PACKED=packed,
+        num_warps=NUM_WARPS)
     return out

@@ -49,19 +49,29 @@ def sketch_scores_at_kernel(
     Qr, Step, Const, Keys, Pos, Out, G, K,
     stride_qh, stride_qg, stride_ch, stride_kh, stride_kn, stride_ph, stride_oh, stride_og,
     R: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    PACKED: tl.constexpr,  # packed int4 keys [.., R / 2] (select_scores/ref.py's format)
 ):
     """Scores [G, BLOCK] of a block of given positions: const + step · qr·keys[pos]. The
     products are float32 dots of integers below 2**24 (int8 sketches), so exact."""
     h = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     g = tl.arange(0, G_PAD)
-    j = tl.arange(0, R)
-    qr = tl.load(Qr + h * stride_qh + g[:, None] * stride_qg + j[None, :],
-                 mask=g[:, None] < G, other=0).to(tl.float32)  # [G_PAD, R]
+    W: tl.constexpr = R // 2 if PACKED else R  # stored values per position
+    j = tl.arange(0, W)
+    q_row = Qr + h * stride_qh + g[:, None] * stride_qg + j[None, :]
+    qr = tl.load(q_row, mask=g[:, None] < G, other=0).to(tl.float32)  # [G_PAD, W]
     pos = tl.load(Pos + h * stride_ph + i, mask=i < K, other=0).to(tl.int64)
     keys = tl.load(Keys + h * stride_kh + pos[:, None] * stride_kn + j[None, :],
-                   mask=(i < K)[:, None], other=0).to(tl.float32)  # [BLOCK, R]
-    x = tl.dot(qr, tl.trans(keys), input_precision="ieee") * tl.load(Step + h)
+                   mask=(i < K)[:, None], other=0)  # [BLOCK, W]
+    if PACKED:  # a byte holds dims j (low nibble) and j + R / 2, each v + 8
+        qr_b = tl.load(q_row + W, mask=g[:, None] < G, other=0).to(tl.float32)
+        low = ((keys & 15).to(tl.int8) - 8).to(tl.float32)
+        high = ((keys >> 4).to(tl.int8) - 8).to(tl.float32)
+        x = (tl.dot(qr, tl.trans(low), input_precision="ieee")
+             + tl.dot(qr_b, tl.trans(high), input_precision="ieee"))
+    else:
+        x = tl.dot(qr, tl.trans(keys.to(tl.float32)), input_precision="ieee")
+    x = x * tl.load(Step + h)
     x += tl.load(Const + h * stride_ch + g, mask=g < G, other=0.0)[:, None]
     tl.store(Out + h * stride_oh + g[:, None] * stride_og + i[None, :], x,
              mask=(g[:, None] < G) & (i < K)[None, :])
