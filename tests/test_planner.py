@@ -318,6 +318,23 @@ def test_cli_prints_plan_and_writes_preset(tmp_path, capsys):
     assert cfg == EngineConfig.load("1m-single-gpu")  # the preset is what the planner chose
 
 
+def test_llama_512k_preset_is_the_plan_of_its_command(tmp_path, capsys):
+    """The cap on the KV state turns the int8 sketch of rank 64 (41.6 GiB with the store)
+    into an int4 one of the same rank: half the bytes each decode step scores."""
+    out = tmp_path / "plan.yaml"
+    args = ["--model", "llama-3-8b", "--context", "524288", "--gpu-mem", "80GiB",
+            "--host-mem", "128GiB", "--max-rank", "64", "--rerank-factor", "2",
+            "--select-block", "4", "--host-dtype", "int8", "--lookahead-from", "3",
+            "--store-on", "device"]
+    assert plan_main(args + ["--write", str(out)]) == 0
+    assert EngineConfig.from_yaml(out).kv.sketch_dtype == "int8"
+    assert plan_main(args + ["--max-kv-gpu-mem", "40GiB", "--write", str(out)]) == 0
+    capsys.readouterr()
+    cfg = EngineConfig.from_yaml(out)
+    assert (cfg.kv.rank, cfg.kv.sketch_dtype, cfg.kv.lookahead_sm_share) == (64, "int4", 0.75)
+    assert cfg == EngineConfig.load("512k-llama3-8b")  # the preset is what the planner chose
+
+
 def test_cli_check_mode_refuses_over_budget(capsys):
     with pytest.raises(ConfigError, match="gpu memory: needs"):
         plan_main(["--config", "1m-single-gpu", "--gpu-mem", "24GiB", "--host-mem", "128GiB"])
