@@ -56,8 +56,10 @@ def _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg, stride_ch, G,
              KEY_BITS: tl.constexpr):
     """Kv head h's q @ basis as block-diagonal (hi, lo) pairs, split in halves for packed
     int4 keys (whose bytes hold dims j and j + R/2), q·mean per row and the scores'
-    multiplier. Packed int4 keys are dotted as their stored nibbles n = v + 8 in [0, 15]
-    (_raw_scores), so their row's constant also takes out 8 · sum_j q_j."""
+    multiplier, and what _raw_scores takes out of each raw score: packed int4 keys are
+    dotted as their stored nibbles n = v + 8 in [0, 15], so 8 · sum_j q_j per row (0
+    otherwise). Taken out of the integer dot, not folded into the constant, where the step
+    would round it (the scores of rank 128 moved by more than 1e-4)."""
     if KEY_BITS == 4:
         qa_hi, qa_lo = _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD, TILES, R // 2, 0)
         qb_hi, qb_lo = _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD, TILES, R // 2,
@@ -71,11 +73,13 @@ def _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg, stride_ch, G,
         mul = 1.0  # float keys: Mul is unread
     else:
         mul = tl.load(Mul + h)
-    if KEY_BITS == 4:  # the integers' sums are exact in float32 (|sum| < 2**24)
-        nibbles = (tl.sum(qa_hi.to(tl.float32) + qa_lo.to(tl.float32), axis=1)
-                   + tl.sum(qb_hi.to(tl.float32) + qb_lo.to(tl.float32), axis=1))
-        c -= 8.0 * nibbles * mul
-    return qa_hi, qa_lo, qb_hi, qb_lo, c, mul
+    if KEY_BITS == 4:  # the int8 query is the hi half alone (lo: zeros or a stand-in);
+        # integers, exact in float32 (|8 · sum| < 2**24)
+        offset = 8.0 * (tl.sum(qa_hi.to(tl.float32), axis=1)
+                        + tl.sum(qb_hi.to(tl.float32), axis=1))
+    else:
+        offset = tl.zeros([TILES * G_PAD], tl.float32)
+    return qa_hi, qa_lo, qb_hi, qb_lo, c, mul, offset
 
 
 @triton.jit
@@ -94,8 +98,8 @@ def _dot(qr_hi, qr_lo, k, F32_DOT: tl.constexpr, HI_LO: tl.constexpr):
 
 
 @triton.jit
-def _raw_scores(qa_hi, qa_lo, qb_hi, qb_lo, Keys, h, n0, lo, hi, stride_kh, stride_kn,
-                BLOCK_N: tl.constexpr, TILES: tl.constexpr, R: tl.constexpr,
+def _raw_scores(qa_hi, qa_lo, qb_hi, qb_lo, offset, Keys, h, n0, lo, hi, stride_kh,
+                stride_kn, BLOCK_N: tl.constexpr, TILES: tl.constexpr, R: tl.constexpr,
                 F32_DOT: tl.constexpr, HI_LO: tl.constexpr, KEY_BITS: tl.constexpr):
     """q @ basis · keys [ROWS, BLOCK_N] of TILES tiles of BLOCK_N positions from n0 (row
     i·G_PAD + g, column n: head g at position n0 + i·BLOCK_N + n), before the step, mean
@@ -114,7 +118,7 @@ def _raw_scores(qa_hi, qa_lo, qb_hi, qb_lo, Keys, h, n0, lo, hi, stride_kh, stri
     ok = (pos >= lo) & (pos < hi)
     k = tl.load(Keys + h * stride_kh + pos.to(tl.int64) * stride_kn + (col % W)[None, :],
                 mask=ok, other=0)
-    if KEY_BITS == 4:  # the stored nibbles v + 8 (the constant takes the 8s out: _queries)
+    if KEY_BITS == 4:  # the stored nibbles v + 8 (offset takes the 8s out: _queries)
         if F32_DOT:  # the interpreter: no inline PTX
             low = (k & 15).to(tl.int8)  # dims [0, R/2)
             high = (k >> 4).to(tl.int8)  # dims [R/2, R)
@@ -124,7 +128,8 @@ def _raw_scores(qa_hi, qa_lo, qb_hi, qb_lo, Keys, h, n0, lo, hi, stride_kh, stri
             high = tl.inline_asm_elementwise(
                 "{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }", "=r,r",
                 [k], dtype=tl.int8, is_pure=True, pack=4)
-        x = _dot(qa_hi, qa_lo, low, F32_DOT, HI_LO) + _dot(qb_hi, qb_lo, high, F32_DOT, HI_LO)
+        x = (_dot(qa_hi, qa_lo, low, F32_DOT, HI_LO) + _dot(qb_hi, qb_lo, high, F32_DOT, HI_LO)
+             - offset[:, None])  # integers below 2**24 in float32: exact
     else:
         x = _dot(qa_hi, qa_lo, k, F32_DOT, HI_LO)
     return x
@@ -182,14 +187,14 @@ def lse_partial_kernel(
     h = tl.program_id(0).to(tl.int64)  # h * stride_kh passes 2**31 at B·Hkv·N·r >= 2**31
     split = tl.program_id(1)
     hi = tl.minimum(tl.load(Hi).to(tl.int32), N)
-    qa_hi, qa_lo, qb_hi, qb_lo, c, mul = _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg,
-                                                  stride_ch, G, G_PAD, TILES, R, KEY_BITS)
+    qa_hi, qa_lo, qb_hi, qb_lo, c, mul, offset = _queries(
+        QrHi, QrLo, C, Mul, h, stride_qh, stride_qg, stride_ch, G, G_PAD, TILES, R, KEY_BITS)
     start = origin + split * CHUNK
     m = tl.full([TILES * G_PAD], float("-inf"), tl.float32)
     acc = tl.zeros([TILES * G_PAD], tl.float32)
     for off in range(0, CHUNK, TILES * BLOCK_N):
-        x = _raw_scores(qa_hi, qa_lo, qb_hi, qb_lo, Keys, h, start + off, lo, hi, stride_kh,
-                        stride_kn, BLOCK_N, TILES, R, F32_DOT, HI_LO, KEY_BITS)
+        x = _raw_scores(qa_hi, qa_lo, qb_hi, qb_lo, offset, Keys, h, start + off, lo, hi,
+                        stride_kh, stride_kn, BLOCK_N, TILES, R, F32_DOT, HI_LO, KEY_BITS)
         x = tl.where(_in_range(start + off, lo, hi, G, BLOCK_N, G_PAD, TILES),
                      (x * mul + c[:, None]) * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=1))
@@ -245,8 +250,8 @@ def shares_kernel(
     if split == 0:
         tl.store(Lse + h * stride_lh + g, lse, mask=(g < G) & (tile == 0))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # no mass anywhere: shares 0
-    qa_hi, qa_lo, qb_hi, qb_lo, c, mul = _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg,
-                                                  stride_ch, G, G_PAD, TILES, R, KEY_BITS)
+    qa_hi, qa_lo, qb_hi, qb_lo, c, mul, offset = _queries(
+        QrHi, QrLo, C, Mul, h, stride_qh, stride_qg, stride_ch, G, G_PAD, TILES, R, KEY_BITS)
     # p = exp(score - lse) = exp2(raw · a + b): one multiply-add per score; rows of no head
     # (g >= G) have lse inf, so b -inf and p 0 with no mask
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -261,7 +266,7 @@ def shares_kernel(
     tail_m = tl.zeros([G_PAD], tl.float32)  # TAIL: sum_c mass_gc
     for off in range(0, CHUNK, TILES * BLOCK_N):
         n0 = start + off
-        x = _raw_scores(qa_hi, qa_lo, qb_hi, qb_lo, Keys, h, n0, lo, hi, stride_kh,
+        x = _raw_scores(qa_hi, qa_lo, qb_hi, qb_lo, offset, Keys, h, n0, lo, hi, stride_kh,
                         stride_kn, BLOCK_N, TILES, R, F32_DOT, HI_LO, KEY_BITS)
         y = x * a + b[:, None]
         if (n0 < lo) | (n0 + TILES * BLOCK_N > hi):  # a tile at an edge of [lo, hi)
