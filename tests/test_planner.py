@@ -307,14 +307,15 @@ def test_parse_bytes_errors(text, words):
 def test_cli_prints_plan_and_writes_preset(tmp_path, capsys):
     out = tmp_path / "plan.yaml"
     rc = plan_main(["--model", "qwen2.5-7b-1m", "--context", "1052672", "--gpu-mem", "80GiB",
-                    "--host-mem", "128GiB", "--max-kv-gpu-mem", "12GB", "--max-rank", "64",
+                    "--host-mem", "128GiB", "--max-kv-gpu-mem", "8GB", "--max-rank", "64",
                     "--rerank-factor", "2", "--select-block", "4", "--host-dtype", "int8",
                     "--lookahead-from", "3", "--write", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "kv: low-rank keys" in text and "kv: host K,V store" in text
     cfg = EngineConfig.from_yaml(out)
-    assert (cfg.kv.policy, cfg.kv.rank, cfg.kv.sketch_dtype) == ("retrieval", 64, "int8")
+    # under 8 GB of KV state the int8 rank-64 sketch (9.0 GB) becomes int4 of that rank
+    assert (cfg.kv.policy, cfg.kv.rank, cfg.kv.sketch_dtype) == ("retrieval", 64, "int4")
     assert cfg == EngineConfig.load("1m-single-gpu")  # the preset is what the planner chose
 
 
