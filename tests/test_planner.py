@@ -239,7 +239,7 @@ def test_sketch_search_order_is_rank_then_precision_within_half_the_dense_keys()
     assert (32, "int4") not in _sketches(64, 2)  # the kernel dots int4 in halves of >= 32
 
 
-@pytest.mark.parametrize("sketch, rank", [("auto", 32), ("int8", 64), ("int4", 128)])
+@pytest.mark.parametrize("sketch, rank", [("auto", 32), ("int8", 64), ("int4", 64), ("int4", 128)])
 def test_sketch_bytes_are_what_low_rank_keys_allocates(sketch, rank):
     from retrieval_attn.offload import LowRankKeys
 
