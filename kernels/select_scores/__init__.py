@@ -197,8 +197,9 @@ def select_scores(
         qr_lo = (query.qr - qr_hi.float()).to(keys.dtype)  # all zero when keys are float32
     else:  # integer keys: an int8 query and its step per kv head
         qr_hi, mul = query.qr, query.step
-        # the lo half is read only by the interpreter's float32 dots; elsewhere a stand-in
-        qr_lo = torch.zeros_like(qr_hi) if f32_dot else qr_hi
+        # no lo half: a stand-in pointer, on the GPU and in the interpreter alike (so the
+        # CPU tests see the arguments the GPU does)
+        qr_lo = qr_hi
     nb = (n - lo) // block
     shares = torch.empty(hkv, n - lo if block == 1 else nb, dtype=shares_dtype, device=device)
     lse = torch.empty(hkv, g, dtype=torch.float32, device=device)

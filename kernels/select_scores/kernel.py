@@ -73,7 +73,7 @@ def _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg, stride_ch, G,
         mul = 1.0  # float keys: Mul is unread
     else:
         mul = tl.load(Mul + h)
-    if KEY_BITS == 4:  # the int8 query is the hi half alone (lo: zeros or a stand-in);
+    if KEY_BITS == 4:  # the int8 query is the hi half alone (lo: a stand-in for it);
         # integers, exact in float32 (|8 · sum| < 2**24)
         offset = 8.0 * (tl.sum(qa_hi.to(tl.float32), axis=1)
                         + tl.sum(qb_hi.to(tl.float32), axis=1))
@@ -87,8 +87,9 @@ def _dot(qr_hi, qr_lo, k, F32_DOT: tl.constexpr, HI_LO: tl.constexpr):
     """[ROWS, W] x keys [BLOCK_N, W] -> float32 [ROWS, BLOCK_N]."""
     if F32_DOT:
         kt = tl.trans(k.to(tl.float32))
-        x = (tl.dot(qr_hi.to(tl.float32), kt, input_precision="ieee")
-             + tl.dot(qr_lo.to(tl.float32), kt, input_precision="ieee"))
+        x = tl.dot(qr_hi.to(tl.float32), kt, input_precision="ieee")
+        if HI_LO:  # float keys; an integer query is its hi half (lo: a stand-in for it)
+            x += tl.dot(qr_lo.to(tl.float32), kt, input_precision="ieee")
     elif HI_LO:
         kt = tl.trans(k)
         x = tl.dot(qr_hi, kt) + tl.dot(qr_lo, kt)
