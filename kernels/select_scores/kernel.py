@@ -58,8 +58,8 @@ def _queries(QrHi, QrLo, C, Mul, h, stride_qh, stride_qg, stride_ch, G,
     int4 keys (whose bytes hold dims j and j + R/2), q·mean per row and the scores'
     multiplier, and what _raw_scores takes out of each raw score: packed int4 keys are
     dotted as their stored nibbles n = v + 8 in [0, 15], so 8 · sum_j q_j per row (0
-    otherwise). Taken out of the integer dot, not folded into the constant, where the step
-    would round it (the scores of rank 128 moved by more than 1e-4)."""
+    otherwise). Taken out of the integer dot, which stays exact, rather than folded into
+    the constant, where the product with the step would be rounded."""
     if KEY_BITS == 4:
         qa_hi, qa_lo = _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD, TILES, R // 2, 0)
         qb_hi, qb_lo = _query(QrHi, QrLo, h, stride_qh, stride_qg, G, G_PAD, TILES, R // 2,
