@@ -18,3 +18,21 @@ def log_add(a, b):
     top = tl.maximum(a, b)
     top_safe = tl.where(top == float("-inf"), 0.0, top)
     return top_safe + tl.log(tl.exp(a - top_safe) + tl.exp(b - top_safe))
+
+
+@triton.jit
+def int4_nibbles(k, PLAIN: tl.constexpr):
+    """Packed int4 bytes k (select_scores/ref.py's format: a byte holds dims j and j + R/2,
+    each stored as v + 8) -> their (low, high) nibbles as int8 in [0, 15]. PLAIN: per-byte
+    ops (the interpreter runs no inline PTX); else inline PTX masks and shifts four bytes
+    an instruction (per byte, unpacking cost more than the int8 dots after it, H100)."""
+    if PLAIN:
+        low = (k & 15).to(tl.int8)
+        high = (k >> 4).to(tl.int8)
+    else:
+        low = tl.inline_asm_elementwise("and.b32 $0, $1, 0x0F0F0F0F;", "=r,r", [k],
+                                        dtype=tl.int8, is_pure=True, pack=4)
+        high = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }", "=r,r", [k],
+            dtype=tl.int8, is_pure=True, pack=4)
+    return low, high

@@ -24,7 +24,7 @@ real heads (3x fewer instructions at Llama, ncu; the pass is then bound by memor
 import triton
 import triton.language as tl
 
-from .._jit import log_add
+from .._jit import int4_nibbles, log_add
 
 
 @triton.jit
@@ -120,15 +120,7 @@ def _raw_scores(qa_hi, qa_lo, qb_hi, qb_lo, offset, Keys, h, n0, lo, hi, stride_
     k = tl.load(Keys + h * stride_kh + pos.to(tl.int64) * stride_kn + (col % W)[None, :],
                 mask=ok, other=0)
     if KEY_BITS == 4:  # the stored nibbles v + 8 (offset takes the 8s out: _queries)
-        if F32_DOT:  # the interpreter: no inline PTX
-            low = (k & 15).to(tl.int8)  # dims [0, R/2)
-            high = (k >> 4).to(tl.int8)  # dims [R/2, R)
-        else:  # four bytes an instruction (per byte, unpacking cost more than the dots)
-            low = tl.inline_asm_elementwise("and.b32 $0, $1, 0x0F0F0F0F;", "=r,r", [k],
-                                            dtype=tl.int8, is_pure=True, pack=4)
-            high = tl.inline_asm_elementwise(
-                "{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }", "=r,r",
-                [k], dtype=tl.int8, is_pure=True, pack=4)
+        low, high = int4_nibbles(k, F32_DOT)  # dims [0, R/2), [R/2, R); F32_DOT: interpreter
         x = (_dot(qa_hi, qa_lo, low, F32_DOT, HI_LO) + _dot(qb_hi, qb_lo, high, F32_DOT, HI_LO)
              - offset[:, None])  # integers below 2**24 in float32: exact
     else:
@@ -259,14 +251,24 @@ def shares_kernel(
     a = mul * scale * LOG2E
     b = (c * scale - lse) * LOG2E  # [ROWS]
     start = origin + split * CHUNK  # origin is a multiple of BLOCK_N: tiles hold whole chunks
+    STEP: tl.constexpr = TILES * BLOCK_N
     # ONE_PASS: the largest raw score and the sum of p, kept per lane and reduced once
     # after the loop (a reduction across lanes per tile cost more than the scoring itself)
     m = tl.full([TILES * G_PAD, BLOCK_N], float("-inf"), tl.float32)
     acc = tl.zeros([TILES * G_PAD, BLOCK_N], tl.float32)
     tail = tl.zeros([G_PAD, D], tl.float32)  # TAIL: sum_c mass_gc · Sums_c
     tail_m = tl.zeros([G_PAD], tl.float32)  # TAIL: sum_c mass_gc
-    for off in range(0, CHUNK, TILES * BLOCK_N):
+    if TAIL:  # the V sums are loaded a step ahead: unlike the keys (which feed a dot) the
+        # compiler does not pipeline them, and their latency was waited out every step
+        v_next = _chunk_sums(Sums, h, start, NM, stride_sh, stride_sc, BLOCK_N, TILES,
+                             MASS_CHUNK, D)
+    for off in range(0, CHUNK, STEP):
         n0 = start + off
+        if TAIL:
+            v = v_next
+            # past this program's chunk: read, unused (one step's sums, ~2 KB)
+            v_next = _chunk_sums(Sums, h, n0 + STEP, NM, stride_sh, stride_sc, BLOCK_N, TILES,
+                                 MASS_CHUNK, D)
         x = _raw_scores(qa_hi, qa_lo, qb_hi, qb_lo, offset, Keys, h, n0, lo, hi, stride_kh,
                         stride_kn, BLOCK_N, TILES, R, F32_DOT, HI_LO, KEY_BITS)
         y = x * a + b[:, None]
@@ -281,8 +283,7 @@ def shares_kernel(
         _store_shares(Out, p, h, n0, lo, hi, N, NB, stride_oh, BLOCK_N, G_PAD, TILES, BLOCK)
         if TAIL:
             per = _chunk_mass(p, G_PAD, TILES, BLOCK_N, MASS_CHUNK)  # [TILES, G_PAD, PER]
-            tail += _chunk_tail(per, Sums, h, n0, NM, stride_sh, stride_sc, BLOCK_N, TILES,
-                                MASS_CHUNK, D)
+            tail += _chunk_tail(per, v)
             tail_m += tl.sum(tl.sum(per, axis=2), axis=0)
         elif MASS_CHUNK > 0:
             _store_mass(Mass, p, h, n0, G, NM, stride_ah, stride_ag, BLOCK_N, G_PAD, TILES,
@@ -346,15 +347,19 @@ def _store_mass(Mass, p, h, n0, G, NM, stride_ah, stride_ag, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _chunk_tail(per, Sums, h, n0, NM, stride_sh, stride_sc, BLOCK_N: tl.constexpr,
+def _chunk_sums(Sums, h, n0, NM, stride_sh, stride_sc, BLOCK_N: tl.constexpr,
                 TILES: tl.constexpr, MASS_CHUNK: tl.constexpr, D: tl.constexpr):
-    """sum over a step's chunks c of per [TILES, G_PAD, PER] (mass_gc) times the V chunk
-    sums Sums_c [D] -> [G_PAD, D]."""
+    """The V chunk sums of a step's chunks [TILES, PER, D] (0 past NM)."""
     PER: tl.constexpr = BLOCK_N // MASS_CHUNK
     j = ((n0 + tl.arange(0, TILES) * BLOCK_N) // MASS_CHUNK)[:, None] + tl.arange(0, PER)[None, :]
-    v = tl.load(Sums + h * stride_sh + j[:, :, None].to(tl.int64) * stride_sc
-                + tl.arange(0, D)[None, None, :], mask=(j < NM)[:, :, None],
-                other=0.0)  # [TILES, PER, D]
+    return tl.load(Sums + h * stride_sh + j[:, :, None].to(tl.int64) * stride_sc
+                   + tl.arange(0, D)[None, None, :], mask=(j < NM)[:, :, None], other=0.0)
+
+
+@triton.jit
+def _chunk_tail(per, v):
+    """sum over a step's chunks c of per [TILES, G_PAD, PER] (mass_gc) times the V chunk
+    sums v [TILES, PER, D] (Sums_c) -> [G_PAD, D]."""
     x = per[:, :, :, None] * v[:, None, :, :]  # [TILES, G_PAD, PER, D]
     return tl.sum(tl.sum(x, axis=2), axis=0)
 

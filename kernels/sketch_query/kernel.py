@@ -8,7 +8,7 @@ divide, round, clamp, cast) a layer's decode step spent on it.
 import triton
 import triton.language as tl
 
-from .._jit import round_half_even
+from .._jit import int4_nibbles, round_half_even
 
 
 @triton.jit
@@ -65,8 +65,9 @@ def sketch_scores_at_kernel(
                    mask=(i < K)[:, None], other=0)  # [BLOCK, W]
     if PACKED:  # a byte holds dims j (low nibble) and j + R / 2, each v + 8
         qr_b = tl.load(q_row + W, mask=g[:, None] < G, other=0).to(tl.float32)
-        low = ((keys & 15).to(tl.int8) - 8).to(tl.float32)
-        high = ((keys >> 4).to(tl.int8) - 8).to(tl.float32)
+        low, high = int4_nibbles(keys, True)  # a few positions: per-byte ops suffice
+        low = (low - 8).to(tl.float32)
+        high = (high - 8).to(tl.float32)
         x = (tl.dot(qr, tl.trans(low), input_precision="ieee")
              + tl.dot(qr_b, tl.trans(high), input_precision="ieee"))
     else:
