@@ -116,6 +116,10 @@ class LowRankRetriever:
         self.tail_chunk = 0
         self.tail_sums: Callable[[int], torch.Tensor] | None = None
         self.last_mass = None
+        # whether a re-rank returns its chosen tokens' keys (taken from the candidates'):
+        # a caller whose store is in device memory sets it False and gathers their K with
+        # their V in one launch, on the decode's critical path, instead of two
+        self.chosen_keys = True
         # the last select's query as the sketch scored it (LowRankKeys.query), for scoring
         # the selected positions alike (a tail estimate)
         self.last_query = None
@@ -216,14 +220,13 @@ class LowRankRetriever:
         """The second half of select_with_keys: the best of the candidates by their exact
         shares under q [Hkv, G, D] (one by one; with rerank_blocks, the runs of largest
         summed exact shares, whole), and any positions always kept -> (positions [Hkv, K],
-        count [1], their keys [Hkv, K, D])."""
+        count [1], their keys [Hkv, K, D], or None where chosen_keys is False)."""
         C, rows = c.ranked, q.shape[0]
         exact = self._exact_shares(q, c.keys[:, :C].to(q.dtype), c.positions[:, :C], c.end,
                                    c.total)
         if not self.use_blocks:
             best = exact.topk(c.keep, dim=-1, sorted=self.ordered).indices  # [Hkv, k]
-            chosen = c.keys.gather(1, best[:, :, None].expand(-1, -1, c.keys.shape[2]))
-            return c.positions.gather(1, best), c.count, chosen
+            return c.positions.gather(1, best), c.count, self._chosen_keys(c, best)
         P = self.block
         if self.rerank_blocks:  # the runs of largest exact mass, whole
             runs = _top_columns(exact.float().view(rows, -1, P).sum(-1), c.keep // P)
@@ -231,11 +234,15 @@ class LowRankRetriever:
             # the chosen candidates, then the partial block (the last P rows, keys too)
             take = torch.cat([best, self._last_rows(C, P, best.device).expand(rows, P)],
                              dim=1)
-            return c.positions.gather(1, take), c.count, _take_rows(c.keys, take)
+            return c.positions.gather(1, take), c.count, self._chosen_keys(c, take)
         # the chosen candidates and the partial block after them (the last P rows), with
         # their positions: one launch on a GPU
         take, positions = _top_columns_with(exact, c.keep, c.positions, P)
-        return positions, c.count, _take_rows(c.keys, take)
+        return positions, c.count, self._chosen_keys(c, take)
+
+    def _chosen_keys(self, c: Candidates, take: torch.Tensor) -> torch.Tensor | None:
+        """The candidates' keys at take [Hkv, K] -> [Hkv, K, D], or None (chosen_keys)."""
+        return _take_rows(c.keys, take) if self.chosen_keys else None
 
     def _last_rows(self, c: int, p: int, device: torch.device) -> torch.Tensor:
         """[P] = c .. c + P - 1, made once per size."""

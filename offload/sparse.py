@@ -103,6 +103,8 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
                                              rerank_blocks=cfg.rerank_blocks)
             # hi = pos + 1 - W at most (_step_bounds): the last W positions stay in the window
             self.selector.region_end = max_tokens - cfg.window_tokens
+            # a device store: attend gathers the chosen K with their V (one launch, not two)
+            self.selector.chosen_keys = not on_device
         elif cfg.policy == "quest":
             self.selector = QuestRetriever(num_layers, rows, max_tokens, head_dim,
                                            cfg.page_tokens, device, dtype)
@@ -196,7 +198,7 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
             k_sel, v_sel = self._gather(keys.rows, values.rows, sel,
                                         scales=(keys.scale, values.scale) if quantized else None,
                                         dtype=self.dtype if quantized else None)
-        else:  # values only: half the host reads
+        else:  # values only: half the host reads (a host store; selector.chosen_keys)
             v_sel = self._gather_rows(values, sel)
         out, lse = self._attention(q[:, :, 0], self._per_seq(self.window.k[layer]),
                                    self._per_seq(self.window.v[layer]), window.expand(B),

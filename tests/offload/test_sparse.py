@@ -313,6 +313,31 @@ def test_a_lookahead_left_by_another_step_is_dropped():
     assert kv._ahead == {}
 
 
+def test_a_device_store_gathers_the_chosen_keys_with_their_values():
+    """kv.store_on device: the re-rank leaves the chosen tokens' keys (chosen_keys False)
+    and attend gathers their K with their V from the store, one launch on a GPU instead of
+    two; a host store takes the keys from the candidates' and reads only V over PCIe. The
+    rows are the same: every output equal."""
+    h, hkv, d, n, prompt = 8, 2, 64, 2940, 2900
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, d, generator=gen) for heads in (h, hkv, hkv))
+    outs, pairs = {}, {}
+    for place in ("host", "device"):
+        cfg = KVConfig(policy="retrieval", sink_tokens=4, window_tokens=64, top_k=64, rank=16,
+                       sketch_dtype="int8", rerank_factor=2, select_block=4,
+                       host_dtype="int8", store_on=place)
+        kv = make_kv_policy(cfg, L, h, hkv, d, n, torch.device("cpu"), torch.float32)
+        assert kv.selector.chosen_keys == (place == "host")
+        calls, gather = [], kv._gather
+        kv._gather = lambda *a, calls=calls, gather=gather, **kw: (calls.append(1)
+                                                                   or gather(*a, **kw))
+        outs[place] = run_policy(kv, q, k, v, prompt)
+        pairs[place] = len(calls)
+    assert pairs == {"host": 0, "device": (n - prompt) * L}
+    for a, b in zip(outs["device"], outs["host"], strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("ahead", [0, 1], ids=["select", "lookahead"])
 def test_store_on_device_decodes_as_the_host_store_on_gpu(ahead):
