@@ -13,13 +13,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     pytest.param(4, 4096, 2048, torch.bfloat16, True, id="rerank-shape-bf16-ties"),
     pytest.param(2, 50, 50, torch.float32, False, id="all"),
     pytest.param(2, 64, 1, torch.float16, True, id="one-of-ties"),
-    pytest.param(3, 1000, 300, torch.float16, False, id="f16-three-digits"),
-    pytest.param(2, 2048, 700, torch.float32, "close", id="f32-cut-in-the-low-digits"),
+    pytest.param(3, 1000, 300, torch.float16, False, id="f16-distinct"),
+    pytest.param(2, 2048, 700, torch.float32, "close", id="f32-cut-in-the-low-bits"),
 ])
 def test_matches_reference(rows, c, k, dtype, ties):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, c, generator=gen)
-    if ties == "close":  # values that share their top bits: the low digits decide the cut
+    if ties == "close":  # values that share their top bits: the low bits decide the cut
         x = 1.0 + x * 1e-5
     elif ties:  # few distinct values: the cut falls inside a run of equal values
         x = (x * 2).round()
