@@ -259,20 +259,21 @@ def shares_kernel(
     tail = tl.zeros([G_PAD, D], tl.float32)  # TAIL: sum_c mass_gc · Sums_c
     tail_m = tl.zeros([G_PAD], tl.float32)  # TAIL: sum_c mass_gc
     if TAIL:  # the V sums are loaded a step ahead: unlike the keys (which feed a dot) the
-        # compiler does not pipeline them, and their latency was waited out every step
-        v_next = _chunk_sums(Sums, h, start, NM, stride_sh, stride_sc, BLOCK_N, TILES,
+        # compiler does not pipeline them, and their latency was waited out every step.
+        # Chunks past this program's positions read nothing (the last step's prefetch)
+        nm_here = tl.minimum(NM, (start + CHUNK) // MASS_CHUNK)
+        v_next = _chunk_sums(Sums, h, start, nm_here, stride_sh, stride_sc, BLOCK_N, TILES,
                              MASS_CHUNK, D)
     for off in range(0, CHUNK, STEP):
         n0 = start + off
         if TAIL:
             v = v_next
-            # past this program's chunk: read, unused (one step's sums, ~2 KB)
-            v_next = _chunk_sums(Sums, h, n0 + STEP, NM, stride_sh, stride_sc, BLOCK_N, TILES,
-                                 MASS_CHUNK, D)
+            v_next = _chunk_sums(Sums, h, n0 + STEP, nm_here, stride_sh, stride_sc, BLOCK_N,
+                                 TILES, MASS_CHUNK, D)
         x = _raw_scores(qa_hi, qa_lo, qb_hi, qb_lo, offset, Keys, h, n0, lo, hi, stride_kh,
                         stride_kn, BLOCK_N, TILES, R, F32_DOT, HI_LO, KEY_BITS)
         y = x * a + b[:, None]
-        if (n0 < lo) | (n0 + TILES * BLOCK_N > hi):  # a tile at an edge of [lo, hi)
+        if (n0 < lo) | (n0 + STEP > hi):  # a tile at an edge of [lo, hi)
             ok = _in_range(n0, lo, hi, G, BLOCK_N, G_PAD, TILES)
             y = tl.where(ok, y, float("-inf"))
             x = tl.where(ok, x, float("-inf"))
@@ -349,7 +350,7 @@ def _store_mass(Mass, p, h, n0, G, NM, stride_ah, stride_ag, BLOCK_N: tl.constex
 @triton.jit
 def _chunk_sums(Sums, h, n0, NM, stride_sh, stride_sc, BLOCK_N: tl.constexpr,
                 TILES: tl.constexpr, MASS_CHUNK: tl.constexpr, D: tl.constexpr):
-    """The V chunk sums of a step's chunks [TILES, PER, D] (0 past NM)."""
+    """The V chunk sums of a step's chunks [TILES, PER, D] (0, unread, from chunk NM)."""
     PER: tl.constexpr = BLOCK_N // MASS_CHUNK
     j = ((n0 + tl.arange(0, TILES) * BLOCK_N) // MASS_CHUNK)[:, None] + tl.arange(0, PER)[None, :]
     return tl.load(Sums + h * stride_sh + j[:, :, None].to(tl.int64) * stride_sc
