@@ -17,6 +17,7 @@ from .append_token import (
     sketch_storage,
 )
 from .gather_kv import dequantize_rows, gather_k, gather_kv, gather_kv_ref, quantize_rows
+from .guess_query import GuessWeights, guess_query, guess_query_ref, quantize_guess
 from .rerank_shares import rerank_shares, rerank_shares_ref
 from .rms_norm import rms_norm, rms_norm_ref
 from .rope import rope, rope_ref
@@ -62,8 +63,9 @@ from .window_lse import window_lse, window_lse_ref
 
 __all__ = [
     "add_to_tail", "append_token", "append_token_ref", "block_sums_ref", "dequantize_rows",
-    "gather_k", "gather_kv", "gather_kv_ref", "guess_lse_ref", "kernel_scores", "KEY_BITS",
-    "LseState", "pack_int4", "quantise_query", "quantize_rows",
+    "gather_k", "gather_kv", "gather_kv_ref", "guess_lse_ref", "guess_query",
+    "guess_query_ref", "GuessWeights", "kernel_scores", "KEY_BITS",
+    "LseState", "pack_int4", "quantise_query", "quantize_guess", "quantize_rows",
     "rerank_shares", "rerank_shares_ref", "rms_norm", "rms_norm_ref", "rope", "rope_ref",
     "select_scores", "select_scores_ref", "select_topk", "select_topk_ref", "select_topk_values",
     "select_topk_values_ref", "sketch_query",

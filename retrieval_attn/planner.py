@@ -274,6 +274,13 @@ def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) ->
                 "B·H·M·8  mass [B·Hkv, G, M] float32 and its "
                 "update" + ("" if fused else " + B·H·N·4 padded probabilities (PyTorch "
                             "path)"), "decode")
+        guessed = L - max(kv.lookahead_from, 1) if kv.lookahead_from else 0
+        if guessed > 0:  # model/llama.py Block.prepare_guess, kernels/guess_query
+            C, bias = spec.hidden_size, b if spec.qkv_bias else 0
+            add("lookahead: int8 query weights", dev, guessed * H * D * (C + 4 + bias),
+                f"(L - {max(kv.lookahead_from, 1)})·H·D·(C + 4{' + b' if bias else ''})  int8 "
+                "[H·D, C], float32 scales" + (", bias" if bias else "")
+                + " of each guessed layer", "held")
         # (an int8 store's quantising temporaries, pieces of QUANTIZE_TOKENS tokens, are
         # freed before the fit starts and are smaller than it: not counted)
         f32 = b != 4  # a float32 model's keys are used in place, not copied

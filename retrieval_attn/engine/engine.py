@@ -52,9 +52,12 @@ class Engine:
         """A KV policy for this model; index None = the low-rank retriever (no host index)."""
         spec, weight = self.loaded.spec, self.loaded.model.embed.weight
         rt = self.config.runtime
-        return make_kv_policy(kv, spec.num_layers, spec.num_heads, spec.num_kv_heads,
-                              spec.head_dim, self.max_tokens, weight.device, weight.dtype,
-                              index, rt.progress_bar, rt.max_batch)
+        policy = make_kv_policy(kv, spec.num_layers, spec.num_heads, spec.num_kv_heads,
+                                spec.head_dim, self.max_tokens, weight.device, weight.dtype,
+                                index, rt.progress_bar, rt.max_batch)
+        if kv.policy == "retrieval" and kv.lookahead_from:  # its guesses' int8 weights
+            self.loaded.model.prepare_guesses(kv.lookahead_from)
+        return policy
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:

@@ -11,6 +11,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from .. import kernels
 from ..offload.policy import AttnStep, KVPolicy
 from .layers import RMSNorm, SwiGLU, apply_rope, rope_inv_freq, rope_tables
 from .spec import ModelSpec
@@ -51,6 +52,8 @@ class Block(nn.Module):
         self.attn = Attention(spec, layer)
         self.mlp_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = SwiGLU(spec.hidden_size, spec.intermediate_size)
+        # an int8 copy of the query projection for guesses (prepare_guess), or None
+        self.guess: kernels.GuessWeights | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVPolicy,
                 step: AttnStep) -> torch.Tensor:
@@ -61,8 +64,20 @@ class Block(nn.Module):
                     ) -> torch.Tensor:
         """This layer's queries [B, H, T, D] as if x [B, T, C] were its input: an earlier
         layer's hidden state gives a close guess (the residual stream changes little from
-        one layer to the next)."""
+        one layer to the next). With prepare_guess's int8 weights, a decode token's (T = 1)
+        in one kernel (kernels.guess_query: half the weight bytes; the real queries
+        re-rank what the guess chose)."""
+        if self.guess is not None and x.shape[1] == 1:
+            return kernels.guess_query(x[:, 0], self.guess, cos[0], sin[0])[:, :, None]
         return self.attn.query(self.attn_norm(x), cos, sin)
+
+    @torch.no_grad()
+    def prepare_guess(self) -> None:
+        """Make the int8 query weights guess_query uses (kernels.GuessWeights)."""
+        a, n = self.attn, self.attn.H * self.attn.D  # the packed weight's first rows
+        bias = None if a.qkv.bias is None else a.qkv.bias[:n]
+        self.guess = kernels.GuessWeights.of(a.qkv.weight[:n], self.attn_norm.weight, bias,
+                                             self.attn_norm.eps, a.H)
 
 
 class Llama(nn.Module):
@@ -81,6 +96,17 @@ class Llama(nn.Module):
         p = self.embed.weight
         inv = rope_inv_freq(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling)
         self.cos, self.sin = rope_tables(inv, max_positions, p.device, p.dtype)
+
+    def prepare_guesses(self, first: int) -> None:
+        """int8 query weights for the guesses of layers first.. (kv.lookahead_from: a
+        decode step guesses layer l's queries from layer l - 1's input; Block.guess_query),
+        and none for the layers before; layers that have them keep them."""
+        for i, block in enumerate(self.layers):
+            if i >= max(first, 1):
+                if block.guess is None:
+                    block.prepare_guess()
+            else:
+                block.guess = None
 
     def forward(self, ids: torch.Tensor, kv: KVPolicy, step: AttnStep,
                 last_only: bool = True) -> torch.Tensor:

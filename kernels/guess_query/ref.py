@@ -1,0 +1,38 @@
+"""Reference guessed queries: plain PyTorch, same signature and layout as `guess_query`."""
+
+import torch
+
+PIECE = 512  # rows quantised at a time
+
+
+def quantize_guess(weight: torch.Tensor, norm_weight: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's query rows of the packed qkv weight [N, C] (N = H·D) and its attention
+    norm's weight [C] -> (int8 [N, C], float32 scales [N]): the norm's weight folded into
+    the columns, then each row rounded to int8 by its largest magnitude. In pieces of
+    PIECE rows, so the float32 temporaries stay small beside the model."""
+    rows = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for i in range(0, weight.shape[0], PIECE):
+        folded = weight[i:i + PIECE].float() * norm_weight.float()
+        s = folded.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        rows[i:i + PIECE] = (folded / s[:, None]).round().clamp(-127, 127)
+        scale[i:i + PIECE] = s
+    return rows, scale
+
+
+def guess_query_ref(x: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor,
+                    bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                    eps: float, heads: int) -> torch.Tensor:
+    """x [B, C] (a layer's input, before its norm); rows [N, C] int8 and scale [N] from
+    `quantize_guess`; bias [N] or None; cos, sin [D] of the token's position -> queries
+    [B, H, D] in x's dtype: RMSNorm, the query projection and RoPE, in float32."""
+    xf = x.float()
+    inv_rms = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)  # [B, 1]
+    q = (xf @ rows.float().t()) * scale * inv_rms  # [B, N]
+    if bias is not None:
+        q = q + bias.float()
+    q = q.view(x.shape[0], heads, -1)  # [B, H, D]
+    half = q.shape[-1] // 2
+    rotated = torch.cat([-q[..., half:], q[..., :half]], dim=-1)
+    return (q * cos.float() + rotated * sin.float()).to(x.dtype)
