@@ -29,6 +29,9 @@ class Lookahead(NamedTuple):
     scores: tuple  # the selector's (last_total, last_mass, last_query) after choosing
     window_lse: torch.Tensor  # [B·Hkv, G] the guess's over the window (the tail's weight)
     done: torch.cuda.Event | None  # recorded on the side stream when they are ready
+    # without a re-rank (kv.rerank_factor 1) the guess's choice is final, and the side
+    # stream also read it: (K, V [B·Hkv, K, D], the tail's merge(out, lse) or None)
+    ready: tuple | None = None
 
 
 class LookaheadSelect:
@@ -42,7 +45,10 @@ class LookaheadSelect:
         reads from the host, then the top-k and the host reads of the candidates' keys
         beside its MLP. The window's lse leaves out this step's token (not written yet),
         and the layer's tail estimate is the guess's (_start_tail): approximations of the
-        guess, checked against dense attention (README)."""
+        guess, checked against dense attention (README). Without a re-rank
+        (kv.rerank_factor 1) the guess's choice is final: the side stream then also reads
+        the chosen K, V and computes the tail's partial sums, and attend(layer) is left the
+        attention and the merges."""
         if (self.prefill_kv is not None or not 0 < self.cfg.lookahead_from <= layer
                 or not isinstance(self.selector, LowRankRetriever)):
             return
@@ -56,11 +62,17 @@ class LookaheadSelect:
             sel, window_lse = self.selector, self._window_lse(layer, qg, window, newest)
             found = sel.candidates(layer, qg, self.cfg.sink_tokens, hi, self.budget,
                                    window_lse, self.cfg.lookahead_sm_share)
+            scores = (sel.last_total, sel.last_mass, sel.last_query)
+            ready = None
+            if not isinstance(found, Candidates):  # final: read it and start its tail now
+                positions, count, _ = found
+                ready = (*self._read_selected(layer, positions),
+                         self._tail_parts(layer, positions, count, step.positions,
+                                          window_lse))
             done = torch.cuda.Event() if qg.is_cuda else None
             if done is not None:
                 done.record()
-            return Lookahead(step, found, (sel.last_total, sel.last_mass, sel.last_query),
-                             window_lse, done)
+            return Lookahead(step, found, scores, window_lse, done, ready)
 
         if self.device.type != "cuda":
             self._ahead[layer] = choose()

@@ -171,7 +171,7 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
             self.selector.append(layer, pos, k1)
         lo, (hi, window, _) = self.cfg.sink_tokens, self._step_bounds(layer, step)
         qg = q[:, :, 0].reshape(rows, self.H // self.Hkv, self.D)  # [B·Hkv, G, D]
-        k_sel = guess_lse = None
+        k_sel = v_sel = finish_tail = guess_lse = None
         # candidates chosen early for this step (lookahead); a step interrupted after its
         # lookahead leaves one for another step, which is dropped here
         ahead = self._ahead.pop(layer, None)
@@ -181,6 +181,8 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
         elif ahead is not None and ahead.step is step:  # re-rank them
             sel, count, k_sel = self._join_lookahead(ahead, qg, hi)
             guess_lse = ahead.window_lse
+            if ahead.ready is not None:  # final, and read with its tail on the side stream
+                k_sel, v_sel, finish_tail = ahead.ready
         else:
             window_lse = self._window_lse(layer, qg, window)
             args = (layer, qg, lo, hi, self.budget, window_lse)
@@ -188,18 +190,12 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
                 sel, count, k_sel = self.selector.select_with_keys(*args)
             else:
                 sel, count = self.selector.select(*args)  # [B·Hkv, K], [1]
-        finish_tail = None
-        if (self.tail is not None and self.selector.last_total is not None
-                and self.selector.last_mass is not None):
+        if v_sel is None:
             finish_tail = self._start_tail(layer, sel, count, pos, guess_lse)
-        keys, values = self.store.layer_rows(layer)
-        if k_sel is None:
-            quantized = keys.scale is not None
-            k_sel, v_sel = self._gather(keys.rows, values.rows, sel,
-                                        scales=(keys.scale, values.scale) if quantized else None,
-                                        dtype=self.dtype if quantized else None)
-        else:  # values only: half the host reads (a host store; selector.chosen_keys)
-            v_sel = self._gather_rows(values, sel)
+            if k_sel is None:
+                k_sel, v_sel = self._read_selected(layer, sel)
+            else:  # values only: half the host reads (a host store; selector.chosen_keys)
+                v_sel = self._gather_rows(self.store.layer_rows(layer)[1], sel)
         out, lse = self._attention(q[:, :, 0], self._per_seq(self.window.k[layer]),
                                    self._per_seq(self.window.v[layer]), window.expand(B),
                                    self._per_seq(k_sel), self._per_seq(v_sel),
@@ -231,34 +227,56 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
         """[B·Hkv, N, D] -> [B, Hkv, N, D] (a view)."""
         return x.view(self.B, self.Hkv, *x.shape[1:])
 
-    def _start_tail(self, layer: int, sel: torch.Tensor, count: torch.Tensor,
+    def _read_selected(self, layer: int, sel: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [B·Hkv, K, D] of the selected positions sel [B·Hkv, K], in the model's
+        dtype (an int8 store's rows times their scales): one gather launch."""
+        keys, values = self.store.layer_rows(layer)
+        quantized = keys.scale is not None
+        return self._gather(keys.rows, values.rows, sel,
+                            scales=(keys.scale, values.scale) if quantized else None,
+                            dtype=self.dtype if quantized else None)
+
+    def _tail_parts(self, layer: int, sel: torch.Tensor, count: torch.Tensor,
                     pos: torch.Tensor, guess_window_lse: torch.Tensor | None = None
-                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """Begin the tail estimate of this step (offload/tail.py) -> merge(out, lse) of the
-        exact part, out [B·Hkv, G, D], lse [B·Hkv, G]. The sketch's mass per chunk came
-        from the selection's own scoring pass. On a GPU its partial sums run on a side
-        stream, beside the value gather (host reads, which leave the SMs idle), and merge
-        joins that stream first (the fork and join are captured by a CUDA graph too).
+                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """The tail estimate of this step (offload/tail.py), started on the current stream
+        -> merge(out, lse) of the exact part (out [B·Hkv, G, D], lse [B·Hkv, G]), or None
+        without a tail or a scored sketch this step. The sketch's mass per chunk came from
+        the selection's own scoring pass.
 
         Where a guess at the query scored the sketch (lookahead; guess_window_lse [B·Hkv,
         G] its window lse), the tail's weight against the exact part comes from the guess
         alone (TailEstimate.start)."""
-        scale = self.D**-0.5
+        if not self._tail_scored():
+            return None
+        s = self.selector
+        scores = self.sketch.scores_at(layer, s.last_query, sel)  # [R, G, K]
+        return self.tail.start(layer, s.last_mass, s.last_total, sel, scores, count, pos,
+                               self.D**-0.5, guess_window_lse)
 
-        def start():
-            scores = self.sketch.scores_at(layer, self.selector.last_query, sel)  # [R, G, K]
-            return self.tail.start(layer, self.selector.last_mass, self.selector.last_total,
-                                   sel, scores, count, pos, scale, guess_window_lse)
+    def _tail_scored(self) -> bool:
+        """Whether this step has a tail to estimate: the selection scored the sketch."""
+        return (self.tail is not None and self.selector.last_total is not None
+                and self.selector.last_mass is not None)
 
+    def _start_tail(self, layer: int, sel: torch.Tensor, count: torch.Tensor,
+                    pos: torch.Tensor, guess_window_lse: torch.Tensor | None = None
+                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """_tail_parts on a side stream (on a GPU), beside the value gather (host reads,
+        which leave the SMs idle); the merge it returns joins that stream first (the fork
+        and join are captured by a CUDA graph too)."""
         if not sel.is_cuda:
-            return start()
+            return self._tail_parts(layer, sel, count, pos, guess_window_lse)
+        if not self._tail_scored():
+            return None
         main = torch.cuda.current_stream()
         if self._side is None:
             self._side = torch.cuda.Stream(sel.device)
         side = self._side
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            merge = start()
+            merge = self._tail_parts(layer, sel, count, pos, guess_window_lse)
 
         def finish(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
             main.wait_stream(side)

@@ -117,7 +117,8 @@ class KVConfig:
     store_on: str = "host"
     # retrieval: layers from this one on choose their re-rank candidates early, with a
     # guess at their queries from the previous layer's input, while that layer runs; the
-    # re-rank takes the real queries (README: lookahead). 0 = off
+    # re-rank takes the real queries (README: lookahead). With rerank_factor 1 the guess's
+    # choice is final, read and its tail begun beside that layer too. 0 = off
     lookahead_from: int = 0
     # retrieval with lookahead: the share of the GPU's SMs its sketch scoring pass takes.
     # The pass is bound by memory and fills every SM it is given, and the layer beside it
@@ -158,11 +159,6 @@ class KVConfig:
         if self.lookahead_from < 0:
             raise ConfigError(f"kv.lookahead_from is {self.lookahead_from}: use 0 (off) or "
                               "the first layer to look ahead for (1 or more)")
-        if self.lookahead_from and self.rerank_factor < 2:
-            raise ConfigError(f"kv.lookahead_from is {self.lookahead_from}: its guessed "
-                              "queries choose candidates that a re-rank with the real ones "
-                              "narrows down, and kv.rerank_factor is 1: set it to 2 or more, "
-                              "or lookahead_from 0")
         if not 0.0 < self.lookahead_sm_share <= 1.0:
             raise ConfigError(f"kv.lookahead_sm_share is {self.lookahead_sm_share}: a share "
                               "of the GPU's SMs in (0, 1], e.g. 0.75 (1 takes them all)")

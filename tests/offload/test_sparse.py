@@ -232,11 +232,14 @@ def test_store_settings_are_checked_and_need_the_lowrank_index(field, bad, good,
 
 
 @pytest.mark.parametrize("block", [1, 4])
-def test_lookahead_with_a_budget_of_everything_is_exact(block):
-    """Candidates chosen with a poor guess (noise) are re-ranked with the real queries; a
-    budget of every offloaded token keeps them all, so the output is dense attention."""
+@pytest.mark.parametrize("rerank", [2, 1], ids=["rerank", "final"])
+def test_lookahead_with_a_budget_of_everything_is_exact(block, rerank):
+    """Candidates chosen with a poor guess (noise) are re-ranked with the real queries (or
+    without a re-rank, final); a budget of every offloaded token keeps them all, so the
+    output is dense attention."""
     cfg = KVConfig(policy="retrieval", sink_tokens=3, window_tokens=10, top_k=N, rank=4,
-                   rerank_factor=2, select_block=block, tail_estimate=False, lookahead_from=1)
+                   rerank_factor=rerank, select_block=block, tail_estimate=False,
+                   lookahead_from=1)
     q, k, v = qkv(70)
     dense = run_policy(DenseKV(L, 1, HKV, N, D, torch.device("cpu"), torch.float32),
                        q, k, v, 50)
@@ -288,15 +291,51 @@ def test_lookahead_with_the_real_query_selects_as_without():
     assert sum(e < 1e-5 for e in errors[1::L]) >= 0.6 * len(errors[1::L]) and max(errors) > 0
 
 
-def test_lookahead_needs_a_rerank_and_the_lowrank_index():
-    with pytest.raises(ConfigError, match="set it to 2 or more"):
-        KVConfig(policy="retrieval", lookahead_from=2, rerank_factor=1)
+def test_lookahead_needs_the_lowrank_index():
     with pytest.raises(ConfigError, match="kv.lookahead_from is -1"):
         KVConfig(policy="retrieval", lookahead_from=-1)
     cfg = KVConfig(policy="retrieval", lookahead_from=2, rerank_factor=2, rank=4)
     with pytest.raises(ConfigError, match="use kv.lookahead_from 0, or index.kind lowrank"):
         make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32,
                        IndexConfig(kind="attention", builder="inline"))
+
+
+def _final_lookahead(device, side_reads=True):
+    """Decode with lookahead and no re-rank (the guess's choice final), tail on, an int8
+    store and a noisy guess; side_reads False makes attend read the choice and start its
+    tail itself (as without lookahead) instead of taking what the side stream made."""
+    h, hkv, d, n, prompt = 8, 2, 64, 3000, 2900
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, d, generator=gen).to(device) for heads in (h, hkv, hkv))
+    cfg = KVConfig(policy="retrieval", sink_tokens=4, window_tokens=64, top_k=128, rank=16,
+                   sketch_dtype="int8", rerank_factor=1, select_block=4, lookahead_from=1,
+                   host_dtype="int8")
+    kv = make_kv_policy(cfg, L, h, hkv, d, n, torch.device(device), torch.float32)
+    attend, ready = kv.attend, []
+
+    def attend_here(layer, *a):
+        ahead = kv._ahead.get(layer)
+        if ahead is not None:
+            ready.append(ahead.ready is not None and ahead.ready[2] is not None)  # tail too
+            if not side_reads:
+                kv._ahead[layer] = ahead._replace(ready=None)
+        return attend(layer, *a)
+    kv.attend = attend_here
+    outs = run_policy(kv, q, k, v, prompt,
+                      lambda t, layer: q[:, :, t:t + 1] + 0.3 * q[:, :, t - 1:t])
+    assert ready == [True] * (n - prompt)  # layer 1 of every step: chosen and read ahead
+    return outs
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_final_lookahead_reads_its_choice_and_tail_as_attend_would(device):
+    """Without a re-rank, lookahead reads the chosen K, V and starts the tail estimate on
+    its side stream; attend then only attends and merges. Same output as attend reading
+    the same choice and computing the tail itself (on a GPU: the same kernels, on other
+    streams)."""
+    ahead, here = _final_lookahead(device), _final_lookahead(device, side_reads=False)
+    for a, b in zip(ahead, here, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_a_lookahead_left_by_another_step_is_dropped():
