@@ -108,6 +108,9 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
         elif cfg.policy == "quest":
             self.selector = QuestRetriever(num_layers, rows, max_tokens, head_dim,
                                            cfg.page_tokens, device, dtype)
+        # an int8 store in GPU memory: the attention reads the selected rows by index
+        self.indexed_reads = (on_device and device.type == "cuda"
+                              and cfg.host_dtype == "int8" and cfg.policy == "retrieval")
         self.ann: AnnRetriever | None = None
         self.builder: IndexBuildService | None = None
         if cfg.policy == "retrieval" and self.index_cfg.kind != "lowrank":
@@ -190,16 +193,13 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
                 sel, count, k_sel = self.selector.select_with_keys(*args)
             else:
                 sel, count = self.selector.select(*args)  # [B·Hkv, K], [1]
-        if v_sel is None:
+        if ahead is None or ahead.step is not step or ahead.ready is None:
             finish_tail = self._start_tail(layer, sel, count, pos, guess_lse)
             if k_sel is None:
                 k_sel, v_sel = self._read_selected(layer, sel)
             else:  # values only: half the host reads (a host store; selector.chosen_keys)
                 v_sel = self._gather_rows(self.store.layer_rows(layer)[1], sel)
-        out, lse = self._attention(q[:, :, 0], self._per_seq(self.window.k[layer]),
-                                   self._per_seq(self.window.v[layer]), window.expand(B),
-                                   self._per_seq(k_sel), self._per_seq(v_sel),
-                                   count.expand(B))  # out [B, H, D], lse [B, H]
+        out, lse = self._attend_selected(layer, q[:, :, 0], window, sel, count, k_sel, v_sel)
         if finish_tail is not None:
             G = qg.shape[1]
             out = finish_tail(out.reshape(rows, G, self.D), lse.reshape(rows, G)
@@ -227,10 +227,31 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
         """[B·Hkv, N, D] -> [B, Hkv, N, D] (a view)."""
         return x.view(self.B, self.Hkv, *x.shape[1:])
 
+    def _attend_selected(self, layer: int, q: torch.Tensor, window: torch.Tensor,
+                         sel: torch.Tensor, count: torch.Tensor, k_sel: torch.Tensor | None,
+                         v_sel: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of q [B, H, D] over the window's filled slots and the selected
+        positions sel [B·Hkv, K] (count [1] of them real) -> out [B, H, D], lse [B, H]:
+        their K, V [B·Hkv, K, D] as read, or None where the attention reads them from the
+        store itself (_read_selected)."""
+        B, per_seq = self.B, self._per_seq
+        wk, wv = per_seq(self.window.k[layer]), per_seq(self.window.v[layer])
+        if k_sel is not None:
+            return self._attention(q, wk, wv, window.expand(B), per_seq(k_sel),
+                                   per_seq(v_sel), count.expand(B))
+        keys, values = self.store.layer_rows(layer)
+        return self._attention(q, wk, wv, window.expand(B), per_seq(keys.rows),
+                               per_seq(values.rows), count.expand(B), idx_b=per_seq(sel),
+                               scales_b=(per_seq(keys.scale), per_seq(values.scale)))
+
     def _read_selected(self, layer: int, sel: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
         """K, V [B·Hkv, K, D] of the selected positions sel [B·Hkv, K], in the model's
-        dtype (an int8 store's rows times their scales): one gather launch."""
+        dtype (an int8 store's rows times their scales): one gather launch. (None, None)
+        for an int8 store in GPU memory: the attention kernel reads those rows by index
+        and dequantises them in registers (no gathered copy written and read back)."""
+        if self.indexed_reads:
+            return None, None
         keys, values = self.store.layer_rows(layer)
         quantized = keys.scale is not None
         return self._gather(keys.rows, values.rows, sel,

@@ -378,19 +378,22 @@ def test_a_device_store_gathers_the_chosen_keys_with_their_values():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("ahead", [0, 1], ids=["select", "lookahead"])
-def test_store_on_device_decodes_as_the_host_store_on_gpu(ahead):
+@pytest.mark.parametrize("ahead, rerank", [(0, 2), (1, 2), (1, 1)],
+                         ids=["select", "lookahead", "final"])
+def test_store_on_device_decodes_as_the_host_store_on_gpu(ahead, rerank):
     """kv.store_on device reads the same int8 rows from HBM that the host store reads over
-    PCIe: every output equal, the store counted on the GPU."""
+    PCIe (the attention kernel reads them by index; the host store's are gathered): every
+    output equal, the store counted on the GPU."""
     h, hkv, d, n, prompt = 8, 2, 64, 3000, 2900
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, n, d, generator=gen).cuda() for heads in (h, hkv, hkv))
     outs, mem = {}, {}
     for place in ("host", "device"):
         cfg = KVConfig(policy="retrieval", sink_tokens=4, window_tokens=64, top_k=64, rank=16,
-                       sketch_dtype="int8", rerank_factor=2, select_block=4,
+                       sketch_dtype="int8", rerank_factor=rerank, select_block=4,
                        lookahead_from=ahead, host_dtype="int8", store_on=place)
         kv = make_kv_policy(cfg, L, h, hkv, d, n, torch.device("cuda"), torch.float32)
+        assert kv.indexed_reads == (place == "device")
         guess = (lambda t, layer: q[:, :, t:t + 1] + 0.1 * q[:, :, t - 1:t]) if ahead else None
         outs[place] = run_policy(kv, q, k, v, prompt, guess)
         mem[place] = kv.memory_bytes()
