@@ -30,7 +30,8 @@ class Lookahead(NamedTuple):
     window_lse: torch.Tensor  # [B·Hkv, G] the guess's over the window (the tail's weight)
     done: torch.cuda.Event | None  # recorded on the side stream when they are ready
     # without a re-rank (kv.rerank_factor 1) the guess's choice is final, and the side
-    # stream also read it: (K, V [B·Hkv, K, D], the tail's merge(out, lse) or None)
+    # stream also read it: (K, V [B·Hkv, K, D], or None, None where the attention reads
+    # them from the store by index; the tail's merge(out, lse), or None without a tail)
     ready: tuple | None = None
 
 

@@ -65,8 +65,8 @@ class Block(nn.Module):
         """This layer's queries [B, H, T, D] as if x [B, T, C] were its input: an earlier
         layer's hidden state gives a close guess (the residual stream changes little from
         one layer to the next). With prepare_guess's int8 weights, a decode token's (T = 1)
-        in one kernel (kernels.guess_query: half the weight bytes; the real queries
-        re-rank what the guess chose)."""
+        in one kernel (kernels.guess_query: half the weight bytes; the guess only chooses
+        which tokens the layer reads, checked against dense attention in README)."""
         if self.guess is not None and x.shape[1] == 1:
             return kernels.guess_query(x[:, 0], self.guess, cos[0], sin[0])[:, :, None]
         return self.attn.query(self.attn_norm(x), cos, sin)
