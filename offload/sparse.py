@@ -174,7 +174,7 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
             self.selector.append(layer, pos, k1)
         lo, (hi, window, _) = self.cfg.sink_tokens, self._step_bounds(layer, step)
         qg = q[:, :, 0].reshape(rows, self.H // self.Hkv, self.D)  # [B·Hkv, G, D]
-        k_sel = v_sel = finish_tail = guess_lse = None
+        k_sel = guess_lse = ready = None
         # candidates chosen early for this step (lookahead); a step interrupted after its
         # lookahead leaves one for another step, which is dropped here
         ahead = self._ahead.pop(layer, None)
@@ -184,8 +184,7 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
         elif ahead is not None and ahead.step is step:  # re-rank them
             sel, count, k_sel = self._join_lookahead(ahead, qg, hi)
             guess_lse = ahead.window_lse
-            if ahead.ready is not None:  # final, and read with its tail on the side stream
-                k_sel, v_sel, finish_tail = ahead.ready
+            ready = ahead.ready  # final, and read with its tail on the side stream
         else:
             window_lse = self._window_lse(layer, qg, window)
             args = (layer, qg, lo, hi, self.budget, window_lse)
@@ -193,7 +192,9 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
                 sel, count, k_sel = self.selector.select_with_keys(*args)
             else:
                 sel, count = self.selector.select(*args)  # [B·Hkv, K], [1]
-        if ahead is None or ahead.step is not step or ahead.ready is None:
+        if ready is not None:
+            k_sel, v_sel, finish_tail = ready
+        else:
             finish_tail = self._start_tail(layer, sel, count, pos, guess_lse)
             if k_sel is None:
                 k_sel, v_sel = self._read_selected(layer, sel)

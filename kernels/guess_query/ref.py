@@ -2,6 +2,8 @@
 
 import torch
 
+from ..rope.ref import rope_ref
+
 PIECE = 512  # rows quantised at a time
 
 
@@ -33,6 +35,4 @@ def guess_query_ref(x: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor,
     if bias is not None:
         q = q + bias.float()
     q = q.view(x.shape[0], heads, -1)  # [B, H, D]
-    half = q.shape[-1] // 2
-    rotated = torch.cat([-q[..., half:], q[..., :half]], dim=-1)
-    return (q * cos.float() + rotated * sin.float()).to(x.dtype)
+    return rope_ref(q, cos.float(), sin.float()).to(x.dtype)
