@@ -376,10 +376,12 @@ def test_a_share_of_the_sms_splits_the_pass_fewer_ways_to_the_same_result():
     splits of the positions, the same shares, lse, state and chunk term."""
     from retrieval_attn.kernels import ChunkTail
 
-    n, lo, hi = 2300, 4, 1800
+    # enough positions that a GPU's full grid has more splits than half of it has
+    n = 40000 if DEVICE == "cuda" else 2300
+    lo, hi = 4, n - 500
     q, basis, mean, keys, other = _inputs(2, 4, 32, 64, n, torch.float32, seed=3)
     keys = _quantised(3 * keys, 8)
-    sums = torch.randn(2, 40, 16, generator=torch.Generator().manual_seed(5))
+    sums = torch.randn(2, -(-n // 64), 16, generator=torch.Generator().manual_seed(5))
     args = [t.to(DEVICE) for t in (q, basis, mean, keys)]
     hi_t = torch.tensor([hi], device=DEVICE)
     got = {}
@@ -394,7 +396,8 @@ def test_a_share_of_the_sms_splits_the_pass_fewer_ways_to_the_same_result():
     for a, b in ((full[0], half[0]), (full[1], half[1]), (full[3], half[3])):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
     for a, b in ((full[2].part_t, half[2].part_t), (full[2].part_m, half[2].part_m)):
-        torch.testing.assert_close(b.sum(1), a.sum(1), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b.sum(1), a.sum(1), rtol=1e-4, atol=1e-7)  # sum order
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="sm_share"):
             select_scores(*args, lo, hi_t, 0.2, sm_share=bad)
+
