@@ -324,9 +324,9 @@ def test_llama_512k_preset_is_the_plan_of_its_command(tmp_path, capsys):
     into an int4 one of the same rank: half the bytes each decode step scores."""
     out = tmp_path / "plan.yaml"
     args = ["--model", "llama-3-8b", "--context", "524288", "--gpu-mem", "80GiB",
-            "--host-mem", "128GiB", "--max-rank", "64", "--rerank-factor", "2",
-            "--select-block", "4", "--host-dtype", "int8", "--lookahead-from", "3",
-            "--store-on", "device"]
+            "--host-mem", "128GiB", "--max-rank", "64", "--rerank-factor", "1",
+            "--top-k", "4096", "--select-block", "4", "--host-dtype", "int8",
+            "--lookahead-from", "3", "--store-on", "device"]
     assert plan_main(args + ["--write", str(out)]) == 0
     assert EngineConfig.from_yaml(out).kv.sketch_dtype == "int8"
     assert plan_main(args + ["--max-kv-gpu-mem", "40GiB", "--write", str(out)]) == 0
