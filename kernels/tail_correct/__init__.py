@@ -19,9 +19,14 @@ from .ref import SPLITS, ChunkTail, chunk_tail_ref, guess_lse_ref, tail_correct_
 __all__ = ["ChunkTail", "TailPartials", "chunk_tail_ref", "guess_lse_ref", "tail_correct",
            "tail_correct_ref", "tail_merge", "tail_partials"]
 
-BLOCK = 64  # chunks, or selected tokens, per step of a program
+# chunks, or selected tokens, per step of a program: the selected tokens' partials (on the
+# side stream) are half as many as with 64 and the merge, on the critical path, reads half
+# as many. Llama 256K final choice, H100, one engine, alternating: 128 with 8 warps
+# 9.27 ms/token against 64 with 4 warps 9.46 (4 rounds; 3 more: 9.39 against 9.58); 64 with
+# 8 warps 9.43, 128 with 4 9.46, 256 with 8 9.86
+BLOCK = 128
 MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a row are padded to this
-NUM_WARPS = 4
+NUM_WARPS = 8
 MERGE_WARPS = 4
 DOT_PRECISION = "ieee"  # the partial sums' float32 dots
 MERGE_TILE = 64  # partials the merge reads per step (README: 32 and 128 measured)

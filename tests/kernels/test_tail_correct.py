@@ -54,9 +54,10 @@ def test_the_merge_reads_its_partials_in_any_number_of_steps(monkeypatch, tile):
     are the reference's."""
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("retrieval_attn.kernels.tail_correct"),
-                        "MERGE_TILE", tile)
-    args, scale = _inputs(3, 4, 16, 5000, 130, 130, 4100)
+    tc = importlib.import_module("retrieval_attn.kernels.tail_correct")
+    monkeypatch.setattr(tc, "MERGE_TILE", tile)
+    k = 2 * tc.BLOCK + 2  # selected tokens: 3 partials
+    args, scale = _inputs(3, 4, 16, 5000, k, k, 4100)
     want = tail_correct_ref(*args, scale, CHUNK)
     got = tail_correct(*(a.to(DEVICE) for a in args), scale, CHUNK)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
@@ -136,6 +137,8 @@ def test_chunk_partials_made_elsewhere_merge_as_the_reference(with_guess):
     chunks = ChunkTail(*(t.to(DEVICE) for t in chunk_tail_ref(mass, sums, CHUNK)))
     dev = [a.to(DEVICE) for a in args]
     parts = tail_partials(chunks, *dev[3:], scale, CHUNK)
-    assert parts.chunks is chunks and parts.picked.part_t.shape[1] == 2  # 100 selected
+    from retrieval_attn.kernels.tail_correct import BLOCK
+
+    assert parts.chunks is chunks and parts.picked.part_t.shape[1] == -(-100 // BLOCK)
     got = tail_merge(dev[0], dev[1], parts, guess.to(DEVICE) if with_guess else None)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
