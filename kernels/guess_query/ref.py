@@ -2,6 +2,7 @@
 
 import torch
 
+from ..gather_kv.ref import quantize_rows
 from ..rope.ref import rope_ref
 
 PIECE = 512  # rows quantised at a time
@@ -11,15 +12,14 @@ def quantize_guess(weight: torch.Tensor, norm_weight: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's query rows of the packed qkv weight [N, C] (N = H·D) and its attention
     norm's weight [C] -> (int8 [N, C], float32 scales [N]): the norm's weight folded into
-    the columns, then each row rounded to int8 by its largest magnitude. In pieces of
+    the columns, then each row rounded to int8 by its largest magnitude (quantize_rows with
+    float32 scales). In pieces of
     PIECE rows, so the float32 temporaries stay small beside the model."""
     rows = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     for i in range(0, weight.shape[0], PIECE):
         folded = weight[i:i + PIECE].float() * norm_weight.float()
-        s = folded.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-        rows[i:i + PIECE] = (folded / s[:, None]).round().clamp(-127, 127)
-        scale[i:i + PIECE] = s
+        rows[i:i + PIECE], scale[i:i + PIECE] = quantize_rows(folded, torch.float32)
     return rows, scale
 
 
