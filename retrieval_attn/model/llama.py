@@ -66,9 +66,14 @@ class Block(nn.Module):
         layer's hidden state gives a close guess (the residual stream changes little from
         one layer to the next). With prepare_guess's int8 weights, a decode token's (T = 1)
         in one kernel (kernels.guess_query: half the weight bytes; the guess only chooses
-        which tokens the layer reads, checked against dense attention in README)."""
+        which tokens the layer reads, checked against dense attention in README): the
+        Triton kernel on a GPU, its reference elsewhere (not the interpreter, which tests
+        may have switched on for the whole process: it made a CPU decode ~10x slower)."""
         if self.guess is not None and x.shape[1] == 1:
-            return kernels.guess_query(x[:, 0], self.guess, cos[0], sin[0])[:, :, None]
+            g, x1, c, s = self.guess, x[:, 0], cos[0], sin[0]
+            q = (kernels.guess_query(x1, g, c, s) if x.is_cuda else
+                 kernels.guess_query_ref(x1, g.rows, g.scale, g.bias, c, s, g.eps, g.heads))
+            return q[:, :, None]
         return self.attn.query(self.attn_norm(x), cos, sin)
 
     @torch.no_grad()
