@@ -13,8 +13,8 @@ def quantize_guess(weight: torch.Tensor, norm_weight: torch.Tensor
     """A layer's query rows of the packed qkv weight [N, C] (N = H·D) and its attention
     norm's weight [C] -> (int8 [N, C], float32 scales [N]): the norm's weight folded into
     the columns, then each row rounded to int8 by its largest magnitude (quantize_rows with
-    float32 scales). In pieces of
-    PIECE rows, so the float32 temporaries stay small beside the model."""
+    float32 scales). In pieces of PIECE rows, so the float32 temporaries stay small beside
+    the model."""
     rows = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     for i in range(0, weight.shape[0], PIECE):

@@ -400,4 +400,3 @@ def test_a_share_of_the_sms_splits_the_pass_fewer_ways_to_the_same_result():
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="sm_share"):
             select_scores(*args, lo, hi_t, 0.2, sm_share=bad)
-
