@@ -55,8 +55,8 @@ class Engine:
         policy = make_kv_policy(kv, spec.num_layers, spec.num_heads, spec.num_kv_heads,
                                 spec.head_dim, self.max_tokens, weight.device, weight.dtype,
                                 index, rt.progress_bar, rt.max_batch)
-        if kv.policy == "retrieval" and kv.lookahead_from:  # its guesses' int8 weights
-            self.loaded.model.prepare_guesses(kv.lookahead_from)
+        # the guessed layers' int8 query weights; a policy without lookahead frees them
+        self.loaded.model.prepare_guesses(kv.lookahead_from if kv.policy == "retrieval" else 0)
         return policy
 
     def check_prompt(self, prompt_ids: list[int]) -> None:

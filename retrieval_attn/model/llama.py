@@ -105,9 +105,10 @@ class Llama(nn.Module):
     def prepare_guesses(self, first: int) -> None:
         """int8 query weights for the guesses of layers first.. (kv.lookahead_from: a
         decode step guesses layer l's queries from layer l - 1's input; Block.guess_query),
-        and none for the layers before; layers that have them keep them."""
+        and none for the layers before (none at all for first 0: no lookahead); layers that
+        have them keep them."""
         for i, block in enumerate(self.layers):
-            if i >= max(first, 1):
+            if 0 < first <= i:
                 if block.guess is None:
                     block.prepare_guess()
             else:

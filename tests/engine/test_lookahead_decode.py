@@ -35,3 +35,5 @@ def test_lookahead_with_a_budget_of_everything_decodes_as_dense(rerank):
     assert got == want
     steps = len(want) - 1  # the first token comes from the prefill's logits
     assert used == [rerank == 1] * (steps * (len(model.layers) - 3))
+    engine.make_policy(KVConfig(policy="dense"))  # no lookahead: the int8 copies are freed
+    assert all(b.guess is None for b in model.layers)
