@@ -122,7 +122,7 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
                                              progress=progress)
         self.tail: TailEstimate | None = None
         if cfg.policy == "retrieval" and cfg.tail_estimate and self.ann is None:
-            self.tail = TailEstimate(num_layers, rows, max_tokens, head_dim, device)
+            self.tail = TailEstimate(num_layers, rows, max_tokens, head_dim, device, dtype)
             self.selector.tail_chunk = TAIL_CHUNK
             if device.type == "cuda" and cfg.window_tokens >= TAIL_CHUNK:
                 # the scoring pass sums the tail's chunk term itself (one read of the sums

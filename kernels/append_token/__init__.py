@@ -112,10 +112,10 @@ def _check(pos, k, v, store, window, sinks, tail, sketch, store_scale) -> None:
     if window[0].device != device or not 0 <= sinks < window[0].shape[1]:
         raise ValueError(f"window must be on {device} with more slots than its {sinks} sinks")
     if tail is not None and (tail.sums.shape[::2] != (r_rows, d) or tail.last.shape != (r_rows,)
-                             or tail.sums.dtype != torch.float32
+                             or tail.sums.dtype not in (torch.float32, torch.bfloat16)
                              or tail.last.dtype != torch.int64 or tail.chunk < 1):
-        raise ValueError(f"tail must be sums [R={r_rows}, M, D={d}] float32 and last [R] "
-                         f"int64; got {tuple(tail.sums.shape)} {tail.sums.dtype}, "
+        raise ValueError(f"tail must be sums [R={r_rows}, M, D={d}] float32 or bfloat16 and "
+                         f"last [R] int64; got {tuple(tail.sums.shape)} {tail.sums.dtype}, "
                          f"{tuple(tail.last.shape)} {tail.last.dtype}")
     if sketch is not None:
         mean, basis, scale, keys = sketch

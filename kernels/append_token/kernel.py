@@ -54,7 +54,7 @@ def append_token_kernel(
     Pos, K, V,  # [1], [R, D] x2
     StoreK, StoreV, WinK, WinV,  # [R, N, D] x2 (host), [R, S + W, D] x2
     ScaleK, ScaleV,  # [R, N] float16 x2: a quantised store's row scales (unread: not QUANT)
-    Sums, Last,  # [R, M, D] float32, [R] int64 (unread without HAS_TAIL)
+    Sums, Last,  # [R, M, D] float32 or bfloat16, [R] int64 (unread without HAS_TAIL)
     Mean, Basis, Scale, Keys,  # [R, D], [R, D, r], [R, r], [R, N, w] (unread: NO_SKETCH)
     stride_k, stride_v,
     stride_skr, stride_skn, stride_svr, stride_svn,
@@ -83,7 +83,9 @@ def append_token_kernel(
         last = tl.load(Last + row)
         at = Sums + row * stride_sumr + (pos // CHUNK) * stride_summ + d
         old = tl.load(at, mask=dm, other=0.0)
-        tl.store(at, tl.where(pos != last, old + v.to(tl.float32), old), mask=dm)
+        new = old.to(tl.float32) + tl.where(pos != last, v.to(tl.float32), 0.0)
+        # bfloat16 sums: rounded to nearest on a GPU (Triton 3.6's interpreter truncates)
+        tl.store(at, new.to(Sums.dtype.element_ty, fp_downcast_rounding="rtne"), mask=dm)
         tl.store(Last + row, pos)
     if SKETCH != NO_SKETCH:
         x = k.to(tl.float32) - tl.load(Mean + row * stride_meanr + d, mask=dm,

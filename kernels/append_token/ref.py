@@ -65,7 +65,9 @@ def add_to_tail(pos: torch.Tensor, v: torch.Tensor, tail: TailLayer) -> None:
     """Add v [R, D] to each row's sum of the chunk holding pos, unless the row's last
     added position was pos already."""
     fresh = (pos != tail.last).float()[:, None, None]  # [R, 1, 1]
-    tail.sums.index_add_(1, pos // tail.chunk, v[:, None].float() * fresh)
+    # a bfloat16 sum is added to in float32 and rounded once per token, as the kernel does
+    added = tail.sums.float().index_select(1, pos // tail.chunk) + v[:, None].float() * fresh
+    tail.sums.index_copy_(1, pos // tail.chunk, added.to(tail.sums.dtype))
     tail.last.copy_(pos.expand_as(tail.last))
 
 

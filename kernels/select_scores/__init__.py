@@ -105,7 +105,7 @@ def select_scores(
         query: q as scored, from kernels.sketch_query(q, basis, ..., mean, integer keys),
             when the caller has it already (it also scores selected positions); else it is
             made here. Given, q, basis and mean are read for their shapes only.
-        tail_sums: None, or [Hkv, M, D] float32 V sums per chunk of `chunk` positions
+        tail_sums: None, or [Hkv, M, D] float32 (or bfloat16) V sums per chunk of `chunk` positions
             (M >= ceil(N / chunk); needs chunk > 0): the pass also sums the tail
             estimate's chunk term, sum_c mass_gc · tail_sums_c / chunk (offload/tail.py),
             which it returns instead of mass. Every chunk with mass is taken as full: true
@@ -146,9 +146,9 @@ def select_scores(
     if tail_sums is not None and (not chunk or tail_sums.dim() != 3
                                   or tail_sums.shape[0] != hkv
                                   or tail_sums.shape[1] < cdiv(n, chunk)
-                                  or tail_sums.dtype != torch.float32):
-        raise ValueError(f"tail_sums must be float32 [Hkv, M >= ceil(N / chunk), D] with "
-                         f"chunk > 0; got {tuple(tail_sums.shape)} {tail_sums.dtype}, "
+                                  or tail_sums.dtype not in (torch.float32, torch.bfloat16)):
+        raise ValueError(f"tail_sums must be float32 or bfloat16 [Hkv, M >= ceil(N / chunk), "
+                         f"D] with chunk > 0; got {tuple(tail_sums.shape)} {tail_sums.dtype}, "
                          f"chunk={chunk}, N={n}")
     if hi.numel() != 1 or hi.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"hi must be [1] int32/int64; got {tuple(hi.shape)} {hi.dtype}")

@@ -354,7 +354,8 @@ def _chunk_sums(Sums, h, n0, NM, stride_sh, stride_sc, BLOCK_N: tl.constexpr,
     PER: tl.constexpr = BLOCK_N // MASS_CHUNK
     j = ((n0 + tl.arange(0, TILES) * BLOCK_N) // MASS_CHUNK)[:, None] + tl.arange(0, PER)[None, :]
     return tl.load(Sums + h * stride_sh + j[:, :, None].to(tl.int64) * stride_sc
-                   + tl.arange(0, D)[None, None, :], mask=(j < NM)[:, :, None], other=0.0)
+                   + tl.arange(0, D)[None, None, :], mask=(j < NM)[:, :, None],
+                   other=0.0).to(tl.float32)
 
 
 @triton.jit

@@ -49,12 +49,13 @@ def tail_correct(out: torch.Tensor, lse_att: torch.Tensor, mass: torch.Tensor,
 
     mass [R, G, Mm] float32, total_lse and lse_att [R, G] float32, selected [R, K] int,
     selected_scores [R, G, K] float32, count and pos [1] int on sums' device, sums
-    [R, M, D] float32 with M >= Mm a multiple of SPLITS.
+    [R, M, D] float32 or bfloat16 (read as float32) with M >= Mm a multiple of SPLITS.
     """
     _check(out.shape, lse_att.shape, mass, total_lse, selected, selected_scores, sums)
     device = sums.device
     D = sums.shape[-1]
-    if not use_triton(device) or D & (D - 1) or D < 16 or sums.dtype != torch.float32:
+    if (not use_triton(device) or D & (D - 1) or D < 16
+            or sums.dtype not in (torch.float32, torch.bfloat16)):
         return tail_correct_ref(out, lse_att, mass, total_lse, selected, selected_scores,
                                 count, pos, sums, scale, chunk)
     parts = tail_partials(mass, total_lse, selected, selected_scores, count, pos, sums,

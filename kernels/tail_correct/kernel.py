@@ -49,7 +49,7 @@ def tail_partials_kernel(
             m = tl.load(Mass + r * stride_mr + g[:, None] * stride_mg + c[None, :],
                         mask=(g[:, None] < G) & ok[None, :], other=0.0)  # [G_PAD, BLOCK]
             v = tl.load(Sums + r * stride_sr + c[:, None] * stride_sm + d[None, :],
-                        mask=ok[:, None], other=0.0)  # [BLOCK, D]
+                        mask=ok[:, None], other=0.0).to(tl.float32)  # [BLOCK, D]
             acc += tl.dot(m / _filled(pos, c, CHUNK)[None, :], v, input_precision=DOT_PRECISION)
             acc_m += tl.sum(m, axis=1)
     else:  # minus the sketch's mass of a block of the selected tokens (attended exactly)
@@ -62,7 +62,7 @@ def tail_partials_kernel(
         p = tl.where(both, tl.exp(sc * scale - total[:, None]), 0.0)
         c = tl.load(Sel + r * stride_selr + i, mask=ok, other=0).to(tl.int64) // CHUNK
         v = tl.load(Sums + r * stride_sr + c[:, None] * stride_sm + d[None, :],
-                    mask=ok[:, None], other=0.0)  # [BLOCK, D]
+                    mask=ok[:, None], other=0.0).to(tl.float32)  # [BLOCK, D]
         acc -= tl.dot(p / _filled(pos, c, CHUNK)[None, :], v, input_precision=DOT_PRECISION)
         acc_m -= tl.sum(p, axis=1)
     tl.store(PartT + r * stride_ptr + s * stride_pts + g[:, None] * stride_ptg + d[None, :],

@@ -38,7 +38,7 @@ def tail_correct_ref(out: torch.Tensor, lse_att: torch.Tensor, mass: torch.Tenso
     the mass is relative to. selected [R, K] positions attended exactly, selected_scores
     [R, G, K] their sketch scores, count [1] how many of the K are real. pos [1]: the
     current position (a chunk's V sum covers min(chunk, pos + 1 - start) tokens). sums
-    [R, M, D] float32: V summed per chunk, M a multiple of SPLITS. Returns [R, G, D] in
+    [R, M, D] float32 or bfloat16: V summed per chunk, M a multiple of SPLITS. Returns [R, G, D] in
     out's dtype: (out + r · tail) / (1 + r · tail mass), r = exp(total_lse - lse_att).
     """
     R, G = mass.shape[:2]
@@ -53,7 +53,7 @@ def tail_correct_ref(out: torch.Tensor, lse_att: torch.Tensor, mass: torch.Tenso
     start = torch.arange(M, device=mass.device) * chunk
     filled = torch.clamp(pos + 1 - start, 0, chunk).clamp_min_(1)  # [M]
     weights = (mass / filled).view(R, G, SPLITS, -1).transpose(1, 2)  # [R, S, G, M/S]
-    parts = sums.view(R, SPLITS, -1, sums.shape[-1])  # [R, S, M/S, D]
+    parts = sums.float().view(R, SPLITS, -1, sums.shape[-1])  # [R, S, M/S, D]
     tail = (weights @ parts).sum(dim=1)  # [R, G, D]: sum_m mass_m · sums_m / filled_m
     r = torch.exp(total_lse - lse_att)[..., None]  # tail mass is relative to total_lse
     merged = (out.float() + r * tail) / (1.0 + r * mass.sum(dim=-1, keepdim=True))

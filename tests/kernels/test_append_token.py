@@ -16,13 +16,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 R, N, D, S, W, CHUNK = 3, 300, 32, 4, 16, 64
 
 
-def _state(dtype, sketch_dtype, rank, tail, device, pinned=False):
+def _state(dtype, sketch_dtype, rank, tail, device, pinned=False, sums_dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     store = [torch.randn(R, N, D, generator=g).to(dtype) for _ in range(2)]
-    if pinned:
+    if pinned or device == "cuda":  # a host store is written from the GPU only when pinned
         store = [t.pin_memory() for t in store]
     window = [torch.randn(R, S + W, D, generator=g).to(dtype).to(device) for _ in range(2)]
-    sums = TailLayer(torch.randn(R, -(-N // CHUNK), D, generator=g).to(device),
+    sums = TailLayer(torch.randn(R, -(-N // CHUNK), D, generator=g).to(device, sums_dtype),
                      torch.full((R,), -1, dtype=torch.long, device=device), CHUNK)
     sketch = None
     if sketch_dtype is not None:
@@ -48,7 +48,12 @@ def _assert_same(got, want, sketch_dtype, written):
     for a, b in zip(got[0] + got[1], want[0] + want[1], strict=True):
         assert torch.equal(a.cpu(), b.cpu())
     if got[2] is not None:
-        torch.testing.assert_close(got[2].sums.cpu(), want[2].sums.cpu())
+        a, b = got[2].sums.cpu(), want[2].sums.cpu()
+        if a.dtype == torch.bfloat16:  # one rounding a token: the interpreter truncates
+            # where a GPU rounds to nearest: up to an ulp a token apart (v's are ~1 here)
+            torch.testing.assert_close(a.float(), b.float(), rtol=2**-6, atol=2**-4)
+        else:
+            torch.testing.assert_close(a, b)
         assert torch.equal(got[2].last.cpu(), want[2].last.cpu())
     if got[3] is not None:
         a, b = got[3].keys.cpu(), want[3].keys.cpu()
@@ -69,14 +74,18 @@ def _written(positions) -> torch.Tensor:
     return mask
 
 
-@pytest.mark.parametrize("dtype, sketch_dtype, rank, tail", [
-    pytest.param(torch.float32, torch.int8, 16, True, id="f32-int8-tail"),
-    pytest.param(torch.bfloat16, torch.uint8, 32, True, id="bf16-int4-tail"),
-    pytest.param(torch.float32, torch.float32, 8, False, id="f32-float-sketch"),
-    pytest.param(torch.bfloat16, None, 0, False, id="bf16-window-and-store-only"),
+@pytest.mark.parametrize("dtype, sketch_dtype, rank, tail, sums_dtype", [
+    pytest.param(torch.float32, torch.int8, 16, True, torch.float32, id="f32-int8-tail"),
+    pytest.param(torch.bfloat16, torch.uint8, 32, True, torch.float32, id="bf16-int4-tail"),
+    pytest.param(torch.bfloat16, torch.int8, 16, True, torch.bfloat16,
+                 id="bf16-bf16-tail-sums"),
+    pytest.param(torch.float32, torch.float32, 8, False, torch.float32, id="f32-float-sketch"),
+    pytest.param(torch.bfloat16, None, 0, False, torch.float32,
+                 id="bf16-window-and-store-only"),
 ])
-def test_matches_reference_over_sinks_ring_and_repeats(dtype, sketch_dtype, rank, tail):
-    state = _state(dtype, sketch_dtype, rank, tail, DEVICE)
+def test_matches_reference_over_sinks_ring_and_repeats(dtype, sketch_dtype, rank, tail,
+                                                       sums_dtype):
+    state = _state(dtype, sketch_dtype, rank, tail, DEVICE, sums_dtype=sums_dtype)
     want = _cpu_copy(state)
     g = torch.Generator().manual_seed(1)
     # a sink position, ring slots before and after wrapping, a repeat (graph warm-up), and

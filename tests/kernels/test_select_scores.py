@@ -340,17 +340,20 @@ def test_tiles_inside_and_at_the_edges_match_reference(g, bits, block, one_pass)
         torch.testing.assert_close(states[1].lse.cpu(), states[0].lse, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("g, one_pass", [(4, True), (7, False)])
-def test_tail_sums_give_the_chunk_term_of_the_mass(g, one_pass):
+@pytest.mark.parametrize("g, one_pass, sums_dtype", [
+    (4, True, torch.float32), (7, False, torch.float32), (4, True, torch.bfloat16)])
+def test_tail_sums_give_the_chunk_term_of_the_mass(g, one_pass, sums_dtype):
     """tail_sums: the pass returns, instead of the chunk masses, their partial sums against
     the V chunk sums (sum_c mass_gc · sums_c / chunk) and of the masses themselves, which
-    add up to what the reference's masses give; shares and lse unchanged."""
+    add up to what the reference's masses give; shares and lse unchanged. bfloat16 sums
+    (offload/tail.py's for 16-bit models) are read as float32."""
     from retrieval_attn.kernels import ChunkTail
 
     n, lo, hi = 2300, 4, 1800
     q, basis, mean, keys, other = _inputs(2, g, 32, 64, n, torch.float32, seed=g)
     keys = _quantised(3 * keys, 8)
     sums = torch.randn(2, 40, 16, generator=torch.Generator().manual_seed(5))  # M >= 36
+    sums = sums.to(sums_dtype)
     hi_t = torch.tensor([hi])
     states = [LseState.empty(2, g, d) if one_pass else None for d in ("cpu", DEVICE)]
     want = select_scores_ref(q, basis, mean, keys, lo, hi_t, 0.2, other, chunk=64,
@@ -363,7 +366,7 @@ def test_tail_sums_give_the_chunk_term_of_the_mass(g, one_pass):
         torch.testing.assert_close(g_.cpu(), w, rtol=1e-4, atol=1e-7)
     mass = want[2]  # [2, G, 36]
     term = got[2].part_t.sum(1)[:, :g].cpu()  # over the splits, the real heads
-    torch.testing.assert_close(term, (mass / 64) @ sums[:, :36], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(term, (mass / 64) @ sums[:, :36].float(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got[2].part_m.sum(1)[:, :g].cpu(), mass.sum(-1), rtol=1e-4,
                                atol=1e-7)
     with pytest.raises(ValueError, match="tail_sums"):  # needs the chunk masses' chunk

@@ -47,6 +47,18 @@ def test_tail_correct_matches_reference(r, g, d, n, k, count, pos, dtype):
     assert not torch.allclose(want.float(), args[0].float(), atol=1e-3)  # a real change
 
 
+def test_bfloat16_sums_are_read_as_float32():
+    """offload/tail.py keeps a 16-bit model's chunk sums in bfloat16: the kernels read them
+    as float32, the same as the reference given them."""
+    args, scale = _inputs(2, 4, 32, 3000, 60, 60, 2900, torch.bfloat16, seed=3)
+    args[-1] = args[-1].bfloat16()
+    want = tail_correct_ref(*args, scale, CHUNK)
+    got = tail_correct(*(a.to(DEVICE) for a in args), scale, CHUNK)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-2, atol=1e-2)
+    exact = tail_correct_ref(*args[:-1], args[-1].float(), scale, CHUNK)
+    assert torch.equal(want, exact)  # the reference upcasts: the same as float32 sums
+
+
 @pytest.mark.parametrize("tile", [2, 4])
 def test_the_merge_reads_its_partials_in_any_number_of_steps(monkeypatch, tile):
     """tail_merge sums the partials MERGE_TILE at a time: in tiles of 2 and 4 (several
