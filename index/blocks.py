@@ -33,11 +33,20 @@ def slots_for(k: int, block: int) -> int:
     return k if block == 1 else blocks_for(k, block) * block + block
 
 
-def block_tokens(blocks: torch.Tensor, start: int, block: int) -> torch.Tensor:
+def block_tokens(blocks: torch.Tensor, start: int, block: int,
+                 first: torch.Tensor | None = None, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """blocks [R, b] block numbers -> [R, b·P] positions start + j·P + (0..P-1), block by
-    block (so position i of the output belongs to block i // P)."""
-    offsets = torch.arange(block, device=blocks.device)
-    return (start + blocks[..., None] * block + offsets).reshape(blocks.shape[0], -1)
+    block (so position i of the output belongs to block i // P), in one launch. first:
+    block 0's positions [P] (start + 0..P-1) where the caller keeps them; out: an int64
+    [R, b·P] (a view: the decode writes the chosen runs before the partial one, no cat)."""
+    if first is None:
+        first = start + torch.arange(block, device=blocks.device)
+    rows, b = blocks.shape
+    if out is None:
+        out = torch.empty(rows, b * block, dtype=torch.long, device=blocks.device)
+    torch.add(first, blocks[..., None], alpha=block, out=out.view(rows, b, block))
+    return out
 
 
 def partial_block(lo: int, hi: torch.Tensor, block: int, capacity: int

@@ -133,6 +133,7 @@ class LowRankRetriever:
         # (hi, (lo, blocks), partial block positions, count, its first) of the last hi seen
         self._partial: tuple | None = None
         self._last: tuple | None = None  # _last_rows: (c, p, positions)
+        self._first: tuple | None = None  # _first_run: (lo, p, positions)
 
     def prepare(self, region: int, k: int) -> None:
         """A prompt's first decode step will see `region` offloaded positions (the count
@@ -207,13 +208,15 @@ class LowRankRetriever:
         sums, total = self._shares(layer, q, lo, hi, other_lse, rerank, P, sm_share)
         self.last_total = total
         top = _top_blocks(sums[:, :live], n_cand if rerank else nb)  # [R, blocks], no order
-        cand = block_tokens(top, lo, P)  # [R, blocks·P]
         part, count, first = self._partial_block(lo, hi, nb)
-        every = torch.cat([cand, part.expand(rows, P)], dim=1)  # [R, C + P]
+        C = top.shape[1] * P
+        every = torch.empty(rows, C + P, dtype=torch.long, device=top.device)  # [R, C + P]
+        block_tokens(top, lo, P, self._first_run(lo, P, top.device), out=every[:, :C])
+        every[:, C:] = part  # the partial block after the chosen runs
         if not rerank:
             return every, count, None
-        return Candidates(every, self.exact_keys(layer, every), count, total, cand.shape[1],
-                          nb * P, first)
+        return Candidates(every, self.exact_keys(layer, every), count, total, C, nb * P,
+                          first)
 
     def rerank(self, q: torch.Tensor, hi: torch.Tensor, c: Candidates
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -243,6 +246,13 @@ class LowRankRetriever:
     def _chosen_keys(self, c: Candidates, take: torch.Tensor) -> torch.Tensor | None:
         """The candidates' keys at take [Hkv, K] -> [Hkv, K, D], or None (chosen_keys)."""
         return _take_rows(c.keys, take) if self.chosen_keys else None
+
+    def _first_run(self, lo: int, p: int, device: torch.device) -> torch.Tensor:
+        """[P] = lo .. lo + P - 1 (block_tokens' first run), made once per lo and size."""
+        if (self._first is None or self._first[:2] != (lo, p)
+                or self._first[2].device != device):
+            self._first = (lo, p, lo + torch.arange(p, device=device))
+        return self._first[2]
 
     def _last_rows(self, c: int, p: int, device: torch.device) -> torch.Tensor:
         """[P] = c .. c + P - 1, made once per size."""

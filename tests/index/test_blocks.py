@@ -19,6 +19,11 @@ def test_block_helpers_against_loops():
         want = shares[:, j * P:j * P + P].sum(-1) if lo + j * P + P <= 47 else -torch.ones(HKV)
         torch.testing.assert_close(sums[:, j], want)
     assert block_tokens(torch.tensor([[0, 3]]), lo, P).tolist() == [[5, 6, 7, 8, 17, 18, 19, 20]]
+    # into a view of a wider row (the decode's runs, then the partial run), from kept first
+    out = torch.full((2, 10), -1)
+    block_tokens(torch.tensor([[0, 3], [1, 0]]), lo, P, lo + torch.arange(P), out=out[:, :8])
+    assert out.tolist() == [[5, 6, 7, 8, 17, 18, 19, 20, -1, -1],
+                            [9, 10, 11, 12, 5, 6, 7, 8, -1, -1]]
     part, count = partial_block(lo, hi, P, N)
     assert part.tolist() == [45, 46, 47, 48] and count.tolist() == [2]
     part, count = partial_block(lo, torch.tensor([N]), P, N)  # clamped to the capacity
