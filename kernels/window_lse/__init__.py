@@ -13,9 +13,14 @@ from .ref import window_lse_ref
 
 __all__ = ["window_lse", "window_lse_ref"]
 
-BLOCK_S = 64  # window slots per tile
+# window slots per tile: one program a row loops over the window (516 slots in the
+# presets), on lookahead's chain, where its latency counts. Llama 256K, H100, one engine,
+# alternating (ms/token): 256 with 8 warps 8.66 / 8.98 / 8.78 / 8.70, 128 with 4
+# 8.68 / 9.04 / 8.89 / 8.84, 128 with 8 8.94 / 8.96 / 8.86 / 8.98, 64 with 4 (before)
+# 9.02 / 8.78 / 9.14 / 9.08; 32 with 4 9.20 / 9.22 / 9.17
+BLOCK_S = 256
 MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a row are padded to this
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 
 def window_lse(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
