@@ -132,8 +132,7 @@ class LowRankRetriever:
         self.region_end: int | None = None
         # (hi, (lo, blocks), partial block positions, count, its first) of the last hi seen
         self._partial: tuple | None = None
-        self._last: tuple | None = None  # _last_rows: (c, p, positions)
-        self._first: tuple | None = None  # _first_run: (lo, p, positions)
+        self._runs: dict[tuple, torch.Tensor] = {}  # _run: (start, p, device) -> positions
 
     def prepare(self, region: int, k: int) -> None:
         """A prompt's first decode step will see `region` offloaded positions (the count
@@ -211,7 +210,7 @@ class LowRankRetriever:
         part, count, first = self._partial_block(lo, hi, nb)
         C = top.shape[1] * P
         every = torch.empty(rows, C + P, dtype=torch.long, device=top.device)  # [R, C + P]
-        block_tokens(top, lo, P, self._first_run(lo, P, top.device), out=every[:, :C])
+        block_tokens(top, lo, P, self._run(lo, P, top.device), out=every[:, :C])
         every[:, C:] = part  # the partial block after the chosen runs
         if not rerank:
             return every, count, None
@@ -235,7 +234,7 @@ class LowRankRetriever:
             runs = _top_columns(exact.float().view(rows, -1, P).sum(-1), c.keep // P)
             best = block_tokens(runs, 0, P)  # [R, keep] into the candidates
             # the chosen candidates, then the partial block (the last P rows, keys too)
-            take = torch.cat([best, self._last_rows(C, P, best.device).expand(rows, P)],
+            take = torch.cat([best, self._run(C, P, best.device).expand(rows, P)],
                              dim=1)
             return c.positions.gather(1, take), c.count, self._chosen_keys(c, take)
         # the chosen candidates and the partial block after them (the last P rows), with
@@ -247,18 +246,13 @@ class LowRankRetriever:
         """The candidates' keys at take [Hkv, K] -> [Hkv, K, D], or None (chosen_keys)."""
         return _take_rows(c.keys, take) if self.chosen_keys else None
 
-    def _first_run(self, lo: int, p: int, device: torch.device) -> torch.Tensor:
-        """[P] = lo .. lo + P - 1 (block_tokens' first run), made once per lo and size."""
-        if (self._first is None or self._first[:2] != (lo, p)
-                or self._first[2].device != device):
-            self._first = (lo, p, lo + torch.arange(p, device=device))
-        return self._first[2]
-
-    def _last_rows(self, c: int, p: int, device: torch.device) -> torch.Tensor:
-        """[P] = c .. c + P - 1, made once per size."""
-        if self._last is None or self._last[:2] != (c, p) or self._last[2].device != device:
-            self._last = (c, p, torch.arange(c, c + p, device=device))  # no sync to check
-        return self._last[2]
+    def _run(self, start: int, p: int, device: torch.device) -> torch.Tensor:
+        """[P] = start .. start + P - 1, made once per start, size and device (block_tokens'
+        first run; the partial block's rows after the candidates): no launch a step."""
+        key = (start, p, device)
+        if key not in self._runs:
+            self._runs[key] = torch.arange(start, start + p, device=device)
+        return self._runs[key]
 
     def _partial_block(self, lo: int, hi: torch.Tensor, nb: int
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -31,13 +31,14 @@ from ..kernels.tail_correct import SPLITS  # the chunk axis is summed in SPLITS 
 CHUNK = 64  # tokens per value chunk: V sums take 1/CHUNK of V's rows on the GPU
 
 
-def sums_dtype(kv_dtype: torch.dtype) -> torch.dtype:
-    """The chunk sums' dtype for values of kv_dtype: bfloat16 for 16-bit values (V's own
+def sums_dtype(value_bytes: int) -> torch.dtype:
+    """The chunk sums' dtype for values of value_bytes bytes (the planner has only the
+    size): bfloat16 for 16-bit values (V's own
     precision, and the range of float32 where a float16 sum of 64 could overflow), else
     float32. Every read (the scoring pass, the tail's kernels) sums in float32; bfloat16
     halves the bytes the scoring pass reads beside the sketch (16 of 80 MiB a layer at
     256K Llama with an int4 rank-64 sketch) and the sums' GPU memory."""
-    return torch.bfloat16 if kv_dtype.itemsize == 2 else torch.float32
+    return torch.bfloat16 if value_bytes == 2 else torch.float32
 
 
 def padded_chunks(max_tokens: int) -> int:
@@ -46,7 +47,7 @@ def padded_chunks(max_tokens: int) -> int:
 
 
 class TailEstimate:
-    """sums [L, R, M, D] sums_dtype(kv_dtype): V summed over each chunk of CHUNK positions,
+    """sums [L, R, M, D] sums_dtype(kv_dtype.itemsize): V summed over each chunk of CHUNK positions,
     per kv-head row (R = batch · Hkv), on the device; M = padded_chunks(N) (the padding
     stays 0). A prompt's sums are made in float32 and rounded once; a decode token is added
     in float32 and the sum rounded again (a bfloat16 chunk filled at decode carries up to
@@ -56,7 +57,7 @@ class TailEstimate:
                  device: torch.device, kv_dtype: torch.dtype = torch.float32) -> None:
         self.M = padded_chunks(max_tokens)
         self.sums = torch.zeros(num_layers, rows, self.M, head_dim,
-                                dtype=sums_dtype(kv_dtype), device=device)
+                                dtype=sums_dtype(kv_dtype.itemsize), device=device)
         # the last position appended per layer and row: a CUDA graph capture runs the
         # decode step more than once at one position (warm-up, then replay), and a sum must
         # not count a token twice (every other decode-time write overwrites). Per row, so

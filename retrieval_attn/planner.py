@@ -45,7 +45,7 @@ from .model.spec import ModelSpec
 from .offload import policy_class
 from .offload.lowrank import STORE_BYTES_PER_VALUE, STORE_TOKENS
 from .offload.tail import CHUNK as TAIL_CHUNK
-from .offload.tail import padded_chunks
+from .offload.tail import padded_chunks, sums_dtype
 
 GiB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -265,10 +265,11 @@ def _plan_sparse(plan: MemoryPlan, spec: ModelSpec, n: int, b: int, dev: str) ->
                 f"{kv.sketch_dtype} keys [L, B·Hkv, N, r]", "held")
         if kv.tail_estimate and plan.config.index.kind == "lowrank":  # offload/tail.py
             chunks = padded_chunks(N)
-            sb = 2 if b == 2 else 4  # offload/tail.py sums_dtype: bfloat16 for 16-bit values
-            add("kv: tail V chunk sums", dev, L * Hkv * chunks * D * sb,
-                f"L·B·Hkv·M·D·{sb}  {'bfloat16' if sb == 2 else 'float32'} [L, B·Hkv, M, D], "
-                f"M = ceil(N/{TAIL_CHUNK}) rounded up to a multiple of 64", "held")
+            sums = sums_dtype(b)
+            add("kv: tail V chunk sums", dev, L * Hkv * chunks * D * sums.itemsize,
+                f"L·B·Hkv·M·D·{sums.itemsize}  {str(sums).removeprefix('torch.')} "
+                f"[L, B·Hkv, M, D], M = ceil(N/{TAIL_CHUNK}) rounded up to a multiple of 64",
+                "held")
             fused = dev == "gpu" and kernel_scores(r, _key_bits(kv.sketch_dtype))
             add("decode: tail chunk masses", dev, B * H * chunks * 8 + (0 if fused else
                                                                        B * H * N * 4),
