@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .attention_graph import AttentionAwareIndex
-from .faiss_ann import FaissHNSWIndex, FaissIVFIndex
-from .hnswlib_ann import HnswlibIndex
+from retrieval_attn.index.attention_graph import AttentionAwareIndex
+from retrieval_attn.index.faiss_ann import FaissHNSWIndex, FaissIVFIndex
+from retrieval_attn.index.hnswlib_ann import HnswlibIndex
 
 LOG = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from .ann import beam_search, csr_from_edges, exact_topk
+from retrieval_attn.index.ann import beam_search, csr_from_edges, exact_topk
 
 
 class AttentionAwareIndex:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import block_sums_ref as block_sums  # noqa: F401 (part of this module's API)
+from retrieval_attn.kernels.select_scores import block_sums_ref as block_sums  # noqa: F401 (part of this module's API)
 
 
 def blocks_for(k: int, block: int) -> int:

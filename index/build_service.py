@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
-from .ann_retriever import build_layer_states
+from retrieval_attn.errors import ConfigError
+from retrieval_attn.index.ann_retriever import build_layer_states
 
 LOG = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from .ann import beam_search
+from retrieval_attn.index.ann import beam_search
 
 _HEADER = struct.Struct("<6Q i I 3Q d Q")  # hnswlib HierarchicalNSW::saveIndex
 

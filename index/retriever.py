@@ -17,8 +17,17 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from ..kernels import LseState
-from .blocks import block_sums, block_tokens, blocks_for, partial_block, slots_for
+from retrieval_attn.index.blocks import (
+    block_sums,
+    block_tokens,
+    blocks_for,
+    partial_block,
+    slots_for,
+)
+from retrieval_attn.kernels.gather_kv import gather_k
+from retrieval_attn.kernels.rerank_shares import rerank_shares, rerank_shares_ref
+from retrieval_attn.kernels.select_scores import LseState
+from retrieval_attn.kernels.select_topk import select_topk, select_topk_values, topk_indices
 
 
 class KeySketch(Protocol):
@@ -283,12 +292,10 @@ class LowRankRetriever:
                        hi: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
         """[Hkv, C] exact shares of the candidates (kernels.rerank_shares on a GPU, in
         bfloat16 there: only their top-k is taken; the float32 reference elsewhere)."""
-        from .. import kernels
-
         if q.is_cuda:
-            return kernels.rerank_shares(q, keys, cand, hi.reshape(1), total, self.scale,
+            return rerank_shares(q, keys, cand, hi.reshape(1), total, self.scale,
                                          torch.bfloat16)
-        return kernels.rerank_shares_ref(q, keys, cand, hi.reshape(1), total, self.scale)
+        return rerank_shares_ref(q, keys, cand, hi.reshape(1), total, self.scale)
 
     def _shares(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor,
                 other_lse: torch.Tensor | None, candidates: bool = False, block: int = 1,
@@ -335,10 +342,8 @@ def _top_columns(x: torch.Tensor, k: int) -> torch.Tensor:
     """[R, k] column indices of each row's k largest, in no promised order: kernels.
     select_topk on a GPU (one launch for the few short rows of a re-rank; increasing),
     torch.topk elsewhere."""
-    from .. import kernels
-
     if x.is_cuda:
-        return kernels.select_topk(x, k)
+        return select_topk(x, k)
     return x.topk(k, dim=-1, sorted=False).indices
 
 
@@ -346,10 +351,8 @@ def _top_blocks(sums: torch.Tensor, k: int) -> torch.Tensor:
     """[R, k] indices of each row's k largest block sums (>= -1: no -inf), in no order:
     kernels.topk_indices on a GPU (a few launches, where torch.topk's ~15 small ones each
     wait for the SMs beside a decode step's matmuls), torch.topk elsewhere."""
-    from .. import kernels
-
     if sums.is_cuda:
-        return kernels.topk_indices(sums, k)
+        return topk_indices(sums, k)
     return sums.topk(k, dim=-1, sorted=False).indices
 
 
@@ -358,10 +361,8 @@ def _top_columns_with(x: torch.Tensor, k: int, values: torch.Tensor, always: int
     """_top_columns of x [R, C] then the always columns C .. C + always - 1, and values
     [R, C + always] at them -> ([R, k + always], [R, k + always]): kernels.
     select_topk_values on a GPU, torch.topk elsewhere."""
-    from .. import kernels
-
     if x.is_cuda:
-        return kernels.select_topk_values(x, k, values, always)
+        return select_topk_values(x, k, values, always)
     extra = torch.arange(x.shape[1], x.shape[1] + always, device=x.device)
     cols = torch.cat([_top_columns(x, k), extra.expand(x.shape[0], always)], dim=1)
     return cols, values.gather(1, cols)
@@ -370,8 +371,6 @@ def _top_columns_with(x: torch.Tensor, k: int, values: torch.Tensor, always: int
 def _take_rows(keys: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
     """keys [R, C, D] rows at take [R, K] -> [R, K, D]: one gather_kv launch on a GPU
     (a device source)."""
-    from .. import kernels
-
     if keys.is_cuda:
-        return kernels.gather_k(keys, take)
+        return gather_k(keys, take)
     return keys.gather(1, take[..., None].expand(-1, -1, keys.shape[2]))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .policy import AttnStep
+from retrieval_attn.kernels.sparse_attention import sparse_attention
+from retrieval_attn.offload.policy import AttnStep
 
 
 class DenseKV:
@@ -80,11 +81,9 @@ def _flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     [B, Hkv, N, D] -> [B, H, 1, D]: the sparse_attention kernel with no retrieved source,
     split over N so that a 1M-token cache is read at HBM speed (a plain matmul + softmax,
     p @ V with a 1M-long inner dimension, ran ~15x slower at 1M)."""
-    from .. import kernels
-
     B = q.shape[0]
     none = k[:, :, :0]  # [B, Hkv, 0, D]: no second source
-    out, _ = kernels.sparse_attention(q[:, :, 0], k, v, length.expand(B), none, none,
+    out, _ = sparse_attention(q[:, :, 0], k, v, length.expand(B), none, none,
                                       torch.zeros_like(length).expand(B))
     return out[:, :, None]
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .kv_store import KVStore
-from .policy import AttnStep
+from retrieval_attn.offload.kv_store import KVStore
+from retrieval_attn.offload.policy import AttnStep
 
 
 class FullOffloadKV:

@@ -15,8 +15,8 @@ import logging
 import numpy as np
 import torch
 
-from ..index.ann_retriever import LayerIndex
-from .policy import AttnStep
+from retrieval_attn.index.ann_retriever import LayerIndex
+from retrieval_attn.offload.policy import AttnStep
 
 LOG = logging.getLogger(__name__)
 PROBE_QUERIES = 32  # last prompt positions held out of index builds, kept for inspection

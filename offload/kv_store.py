@@ -7,8 +7,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..errors import ConfigError
-from ..kernels import dequantize_rows, quantize_rows
+from retrieval_attn.errors import ConfigError
+from retrieval_attn.kernels.gather_kv import dequantize_rows, quantize_rows
 
 
 class KVStore:

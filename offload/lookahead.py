@@ -17,8 +17,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..index.retriever import Candidates, LowRankRetriever
-from .policy import AttnStep
+from retrieval_attn.index.retriever import Candidates, LowRankRetriever
+from retrieval_attn.offload.policy import AttnStep
 
 
 class Lookahead(NamedTuple):

@@ -16,16 +16,22 @@ from __future__ import annotations
 
 import torch
 
-from ..config import SKETCH_DTYPES  # auto: the model's dtype
-from ..kernels import (
+from retrieval_attn.config import SKETCH_DTYPES  # auto: the model's dtype
+from retrieval_attn.kernels.append_token import SketchLayer, sketch_rows, sketch_storage
+from retrieval_attn.kernels.append_token.ref import INT_MAX  # the integer sketches' largest values
+from retrieval_attn.kernels.select_scores import (
     LseState,
-    SketchLayer,
-    SketchQuery,
-    sketch_rows,
-    sketch_storage,
+    select_scores,
+    select_scores_ref,
     sketch_values,
 )
-from ..kernels.append_token.ref import INT_MAX  # the integer sketches' largest values
+from retrieval_attn.kernels.sketch_query import (
+    SketchQuery,
+    sketch_query,
+    sketch_query_ref,
+    sketch_scores_at,
+    sketch_scores_at_ref,
+)
 
 # tokens quantised at a time when a prompt is stored: the temporaries of rounding and
 # packing (~10 bytes per sketch value, STORE_BYTES_PER_VALUE) stay at 20 MiB per kv head
@@ -104,10 +110,8 @@ class LowRankKeys:
     def query(self, layer: int, q: torch.Tensor) -> SketchQuery:
         """q [Hkv, G, D] as select_scores scores this layer's sketch (kernels.sketch_query;
         through int8 when the keys are integers): for `shares` and `scores_at`."""
-        from .. import kernels
-
         # the Triton kernel on a GPU; elsewhere its reference (not the interpreter)
-        fn = kernels.sketch_query if self.keys.is_cuda else kernels.sketch_query_ref
+        fn = sketch_query if self.keys.is_cuda else sketch_query_ref
         return fn(q, self.basis[layer], None if self.sketch == "auto" else self.scale[layer],
                   self.mean[layer], self.sketch != "auto")
 
@@ -129,10 +133,8 @@ class LowRankKeys:
                   ) -> torch.Tensor:
         """Approximate q·k of given positions, float32 (as select_scores scores them).
         query: self.query(layer, q) of q [Hkv, G, D]; positions [Hkv, K] -> [Hkv, G, K]."""
-        from .. import kernels
-
         # the Triton kernel on a GPU; elsewhere its reference (not the interpreter)
-        fn = kernels.sketch_scores_at if self.keys.is_cuda else kernels.sketch_scores_at_ref
+        fn = sketch_scores_at if self.keys.is_cuda else sketch_scores_at_ref
         return fn(query, self.keys[layer], positions)
 
     def shares(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, scale: float,
@@ -155,8 +157,6 @@ class LowRankKeys:
         summed in the same pass, in place of the masses (select_scores). sm_share: the
         share of the GPU's SMs the pass's grid is sized for (select_scores; the reference
         has no grid)."""
-        from .. import kernels
-
         query = self.query(layer, q) if query is None else query
         # with the query made, select_scores reads the basis for its shape only
         args = (q, self.basis[layer], self.mean[layer], self.keys[layer], lo, hi, scale,
@@ -164,8 +164,8 @@ class LowRankKeys:
         # the Triton kernel on a GPU; elsewhere its reference (not the interpreter, which
         # tests may have switched on for the whole process)
         if self.keys.is_cuda:
-            return kernels.select_scores(*args, sm_share=sm_share)
-        return kernels.select_scores_ref(*args)
+            return select_scores(*args, sm_share=sm_share)
+        return select_scores_ref(*args)
 
     def memory_bytes(self) -> dict[str, int]:
         parts = (self.mean, self.basis, self.keys) + ((self.scale,) if self.sketch != "auto"

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import RequestError
-from ..index.quest import QuestRetriever
-from ..index.retriever import LowRankRetriever
-from .dense import DenseKV
-from .policy import AttnStep
-from .window import WindowCache
+from retrieval_attn.errors import RequestError
+from retrieval_attn.index.quest import QuestRetriever
+from retrieval_attn.index.retriever import LowRankRetriever
+from retrieval_attn.offload.dense import DenseKV
+from retrieval_attn.offload.policy import AttnStep
+from retrieval_attn.offload.window import WindowCache
 
 
 class PromptIngest:

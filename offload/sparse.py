@@ -25,23 +25,26 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import IndexConfig, KVConfig
-from ..errors import ConfigError
-from ..index.ann_retriever import AnnRetriever
-from ..index.build_service import IndexBuildService
-from ..index.quest import QuestRetriever
-from ..index.retriever import LowRankRetriever
-from ..kernels.append_token import window_slot
-from .dense import DenseKV
-from .host_index import HostIndexFeed
-from .kv_store import KVStore, StoreRows
-from .lookahead import Lookahead, LookaheadSelect
-from .lowrank import LowRankKeys
-from .policy import AttnStep
-from .prompt_ingest import PromptIngest
-from .tail import CHUNK as TAIL_CHUNK
-from .tail import TailEstimate
-from .window import WindowCache
+from retrieval_attn.config import IndexConfig, KVConfig
+from retrieval_attn.errors import ConfigError
+from retrieval_attn.index.ann_retriever import AnnRetriever
+from retrieval_attn.index.build_service import IndexBuildService
+from retrieval_attn.index.quest import QuestRetriever
+from retrieval_attn.index.retriever import LowRankRetriever
+from retrieval_attn.kernels.append_token import append_token, append_token_ref, window_slot
+from retrieval_attn.kernels.gather_kv import gather_k, gather_kv, gather_kv_ref
+from retrieval_attn.kernels.sparse_attention import sparse_attention, sparse_attention_ref
+from retrieval_attn.kernels.window_lse import window_lse, window_lse_ref
+from retrieval_attn.offload.dense import DenseKV
+from retrieval_attn.offload.host_index import HostIndexFeed
+from retrieval_attn.offload.kv_store import KVStore, StoreRows
+from retrieval_attn.offload.lookahead import Lookahead, LookaheadSelect
+from retrieval_attn.offload.lowrank import LowRankKeys
+from retrieval_attn.offload.policy import AttnStep
+from retrieval_attn.offload.prompt_ingest import PromptIngest
+from retrieval_attn.offload.tail import CHUNK as TAIL_CHUNK
+from retrieval_attn.offload.tail import TailEstimate
+from retrieval_attn.offload.window import WindowCache
 
 
 @dataclass
@@ -214,9 +217,7 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
     def _append(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """The decode token's k, v [B·Hkv, D] into the store, window, tail sums and sketch:
         one fused kernel on a GPU; its reference elsewhere (not the interpreter)."""
-        from .. import kernels
-
-        fn = kernels.append_token if k.is_cuda else kernels.append_token_ref
+        fn = append_token if k.is_cuda else append_token_ref
         keys, values = self.store.layer_rows(layer)
         fn(pos, k, v, (keys.rows, values.rows),
            (self.window.k[layer], self.window.v[layer]), self.window.S,
@@ -327,9 +328,7 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
         """Log-sum-exp [B·Hkv, G] of the scaled scores over the filled window slots, but
         slot skip [1] when given (the Triton kernel on a GPU; its reference elsewhere, not
         the interpreter)."""
-        from .. import kernels
-
-        fn = kernels.window_lse if qg.is_cuda else kernels.window_lse_ref
+        fn = window_lse if qg.is_cuda else window_lse_ref
         return fn(qg, self.window.k[layer], filled, self.D**-0.5, skip)
 
     def _exact_keys(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
@@ -340,13 +339,11 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
         model's dtype. The kernel on a GPU, else its reference (not the interpreter, which
         tests may have switched on for the whole process: it made every CPU retrieval
         decode of the test suite ~5x slower)."""
-        from .. import kernels
-
         dtype = None if src.scale is None else self.dtype
         if positions.is_cuda:
-            return kernels.gather_k(src.rows, positions, scale=src.scale, dtype=dtype)
+            return gather_k(src.rows, positions, scale=src.scale, dtype=dtype)
         scales = None if src.scale is None else (src.scale, src.scale)
-        return kernels.gather_kv_ref(src.rows, src.rows, positions, scales=scales,
+        return gather_kv_ref(src.rows, src.rows, positions, scales=scales,
                                      dtype=dtype)[0]
 
     def memory_bytes(self) -> dict[str, int]:
@@ -369,8 +366,6 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
 
 def _ops(device: torch.device):
     """The Triton kernels on a GPU; their PyTorch references elsewhere."""
-    from .. import kernels
-
     if device.type == "cuda":
-        return kernels.gather_kv, kernels.sparse_attention
-    return kernels.gather_kv_ref, kernels.sparse_attention_ref
+        return gather_kv, sparse_attention
+    return gather_kv_ref, sparse_attention_ref

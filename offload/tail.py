@@ -25,8 +25,15 @@ from collections.abc import Callable
 
 import torch
 
-from ..kernels import ChunkTail, TailLayer, add_to_tail
-from ..kernels.tail_correct import SPLITS  # the chunk axis is summed in SPLITS pieces
+from retrieval_attn.kernels.append_token import TailLayer, add_to_tail
+from retrieval_attn.kernels.tail_correct import (
+    SPLITS,  # the chunk axis is summed in SPLITS pieces
+    ChunkTail,
+    guess_lse_ref,
+    tail_correct_ref,
+    tail_merge,
+    tail_partials,
+)
 
 CHUNK = 64  # tokens per value chunk: V sums take 1/CHUNK of V's rows on the GPU
 
@@ -112,8 +119,6 @@ class TailEstimate:
         exact attention exists, so a caller may run them on a side stream; elsewhere the
         reference runs whole at merge.
         """
-        from .. import kernels
-
         args = (mass, total_lse, selected, selected_scores, count, pos, self.sums[layer],
                 scale, CHUNK)
         if not self.sums.is_cuda:  # the reference, not the interpreter
@@ -122,12 +127,12 @@ class TailEstimate:
 
             def merge_ref(out: torch.Tensor, lse_att: torch.Tensor) -> torch.Tensor:
                 if guess_window_lse is not None:
-                    lse_att = kernels.guess_lse_ref(guess_window_lse, selected_scores, count,
+                    lse_att = guess_lse_ref(guess_window_lse, selected_scores, count,
                                                     scale)
-                return kernels.tail_correct_ref(out, lse_att, *args)
+                return tail_correct_ref(out, lse_att, *args)
             return merge_ref
-        parts = kernels.tail_partials(*args)
-        return lambda out, lse_att: kernels.tail_merge(out, lse_att, parts, guess_window_lse)
+        parts = tail_partials(*args)
+        return lambda out, lse_att: tail_merge(out, lse_att, parts, guess_window_lse)
 
     def memory_bytes(self) -> dict[str, int]:
         n = self.sums.numel() * self.sums.element_size()

@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from .config import EngineConfig
-from .context import SavedContext, open_context, save_context
-from .engine import Engine, GenerationStats, TextAssembler
-from .errors import ConfigError, RequestError
-from .model.loader import load_model
-from .planner import available_memory, check_budget, plan_memory, spec_for
-from .sampling import SamplingParams
+from retrieval_attn.config import EngineConfig
+from retrieval_attn.context import SavedContext, open_context, save_context
+from retrieval_attn.engine import Engine, GenerationStats, TextAssembler
+from retrieval_attn.errors import ConfigError, RequestError
+from retrieval_attn.model.loader import load_model
+from retrieval_attn.planner import available_memory, check_budget, plan_memory, spec_for
+from retrieval_attn.sampling import SamplingParams
 
 LOG = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from retrieval_attn.errors import ConfigError
 
 KV_POLICIES = ("dense", "streaming", "quest", "retrieval")
 DEVICES = ("auto", "cpu", "cuda")

@@ -31,8 +31,8 @@ from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 from safetensors.torch import load_file, save_file
 
-from .config import IndexConfig, KVConfig
-from .errors import ConfigError, RetrievalAttnError
+from retrieval_attn.config import IndexConfig, KVConfig
+from retrieval_attn.errors import ConfigError, RetrievalAttnError
 
 FORMAT, VERSION = "retrieval-attn-context", 1
 
@@ -52,7 +52,8 @@ class SavedContext:
 
 def save_context(engine, prompt_ids: list[int], logits: torch.Tensor, path: str | Path) -> Path:
     """Write the engine's current KV state (just after prefilling prompt_ids) to path."""
-    from .offload import DenseKV, SparseKV
+    from retrieval_attn.offload.dense import DenseKV
+    from retrieval_attn.offload.sparse import SparseKV
 
     _one_sequence(engine)
     path, kv, n = Path(path), engine.kv, len(prompt_ids)
@@ -159,8 +160,9 @@ def open_context(engine, path: str | Path) -> SavedContext:
 
 def restore_context(engine, ctx: SavedContext) -> torch.Tensor:
     """Load a checked context into the engine's policy -> the prompt's last logits [V]."""
-    from .index.ann_retriever import LayerIndex
-    from .offload import DenseKV, SparseKV
+    from retrieval_attn.index.ann_retriever import LayerIndex
+    from retrieval_attn.offload.dense import DenseKV
+    from retrieval_attn.offload.sparse import SparseKV
 
     kv, n, path = engine.kv, len(ctx.prompt_token_ids), ctx.path
     tensors = load_file(str(path / "kv.safetensors"))

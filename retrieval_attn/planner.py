@@ -38,14 +38,14 @@ from typing import NamedTuple
 
 import yaml
 
-from .config import EngineConfig
-from .errors import ConfigError
-from .kernels import kernel_scores
-from .model.spec import ModelSpec
-from .offload import policy_class
-from .offload.lowrank import STORE_BYTES_PER_VALUE, STORE_TOKENS
-from .offload.tail import CHUNK as TAIL_CHUNK
-from .offload.tail import padded_chunks, sums_dtype
+from retrieval_attn.config import EngineConfig
+from retrieval_attn.errors import ConfigError
+from retrieval_attn.kernels.select_scores import kernel_scores
+from retrieval_attn.model.spec import ModelSpec
+from retrieval_attn.offload.lowrank import STORE_BYTES_PER_VALUE, STORE_TOKENS
+from retrieval_attn.offload.make import policy_class
+from retrieval_attn.offload.tail import CHUNK as TAIL_CHUNK
+from retrieval_attn.offload.tail import padded_chunks, sums_dtype
 
 GiB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -574,8 +574,8 @@ def format_bytes(n: int | float) -> str:
 def spec_for(path: str | None, cache_dir: str = "~/.cache/retrieval-attn") -> ModelSpec:
     """A model's spec without loading weights: 'random:<shape>' or a shape name, a HF
     checkpoint directory (config.json), a .gguf file (its export), or None (embedded)."""
-    from .model.loader import checkpoint_dir, read_spec
-    from .model.spec import NAMED_SHAPES, named_shape
+    from retrieval_attn.model.loader import checkpoint_dir, read_spec
+    from retrieval_attn.model.spec import NAMED_SHAPES, named_shape
 
     if path is not None and (path.startswith("random:") or path in NAMED_SHAPES):
         return named_shape(path.removeprefix("random:"))

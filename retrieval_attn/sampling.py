@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import RequestError
+from retrieval_attn.errors import RequestError
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from retrieval_attn.config import EngineConfig, preset_path
 from retrieval_attn.errors import ConfigError
 from retrieval_attn.model.llama import Llama
 from retrieval_attn.model.spec import NAMED_SHAPES, ModelSpec
-from retrieval_attn.offload import make_kv_policy
+from retrieval_attn.offload.make import make_kv_policy
 from retrieval_attn.planner import (
     DEVICE_LOOKAHEAD_SM_SHARE,
     check_budget,
@@ -241,7 +241,7 @@ def test_sketch_search_order_is_rank_then_precision_within_half_the_dense_keys()
 
 @pytest.mark.parametrize("sketch, rank", [("auto", 32), ("int8", 64), ("int4", 64), ("int4", 128)])
 def test_sketch_bytes_are_what_low_rank_keys_allocates(sketch, rank):
-    from retrieval_attn.offload import LowRankKeys
+    from retrieval_attn.offload.lowrank import LowRankKeys
 
     N = 1 << 20
     plan = plan_memory(QWEN, config("retrieval", rank=rank).replace(
@@ -262,7 +262,7 @@ def test_quantised_sketch_of_the_same_bytes_costs_the_same():
 
 
 def test_search_skips_integer_sketches_the_kernel_cannot_score():
-    from retrieval_attn.kernels import kernel_scores
+    from retrieval_attn.kernels.select_scores import kernel_scores
     from retrieval_attn.planner import _key_bits, _sketches
 
     for rank, sketch in _sketches(128, 2) + _sketches(64, 4):

@@ -28,13 +28,18 @@ import torch
 from retrieval_attn import LLM, EngineConfig
 from retrieval_attn.engine import GenerationStats
 from retrieval_attn.errors import RetrievalAttnError
-from retrieval_attn.offload import DenseKV, SparseKV
+from retrieval_attn.offload.dense import DenseKV
 from retrieval_attn.offload.full_offload import FullOffloadKV
+from retrieval_attn.offload.sparse import SparseKV
 from retrieval_attn.planner import plan_memory
 from retrieval_attn.sampling import SamplingParams
-
-from .bench_grid import free_device, run_grid, write_json
-from .bench_step_parts import bench_gathers, bench_scores, bench_tail, bench_topk
+from retrieval_attn.tools.bench_grid import free_device, run_grid, write_json
+from retrieval_attn.tools.bench_step_parts import (
+    bench_gathers,
+    bench_scores,
+    bench_tail,
+    bench_topk,
+)
 
 GiB = 1 << 30
 # bench policy -> kv.policy; retrieval-ann also sets index.kind attention (host graphs)

@@ -16,8 +16,7 @@ import time
 import torch
 
 from retrieval_attn import LLM, SamplingParams
-
-from .niah import haystack_text
+from retrieval_attn.tools.niah import haystack_text
 
 
 def ours_decode_tps(llm: LLM, ids: list[int], new_tokens: int) -> tuple[float, list[int]]:

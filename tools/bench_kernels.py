@@ -29,7 +29,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from retrieval_attn.kernels import gather_kv, sparse_attention
+from retrieval_attn.kernels.gather_kv import gather_kv
+from retrieval_attn.kernels.sparse_attention import sparse_attention
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -15,8 +15,7 @@ import json
 import torch
 
 from retrieval_attn import LLM, SamplingParams
-
-from .niah import haystack_text
+from retrieval_attn.tools.niah import haystack_text
 
 MB = 1 << 20
 

@@ -15,8 +15,7 @@ import torch
 from retrieval_attn import LLM, EngineConfig, SamplingParams
 from retrieval_attn.model.spec import named_shape
 from retrieval_attn.planner import plan_memory
-
-from .bench_grid import free_device, run_grid, write_json
+from retrieval_attn.tools.bench_grid import free_device, run_grid, write_json
 
 GiB = 1 << 30
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 
 from retrieval_attn.model.spec import named_shape
-
-from .bench_grid import free_device
+from retrieval_attn.tools.bench_grid import free_device
 
 
 def bench_gathers(shape: str, n: int, candidates: int, top_k: int, reps: int = 4) -> dict:
@@ -18,8 +17,8 @@ def bench_gathers(shape: str, n: int, candidates: int, top_k: int, reps: int = 4
     through every layer (as decode does): K of the re-rank candidates, K+V of the final
     set, V alone of the final set, K of the candidates then V of the final set, and that
     again with the candidates in aligned runs of 4 (kv.select_block 4)."""
-    from retrieval_attn.kernels import gather_k, gather_kv
-    from retrieval_attn.offload import KVStore
+    from retrieval_attn.kernels.gather_kv import gather_k, gather_kv
+    from retrieval_attn.offload.kv_store import KVStore
 
     spec = named_shape(shape)
     store = KVStore(spec.num_layers, spec.num_kv_heads, n, spec.head_dim,
@@ -69,7 +68,7 @@ def bench_topk(shape: str, n: int, k: int, block: int, reps: int = 5) -> dict:
     of [Hkv, n // block] bfloat16 block sums (kernels.topk_indices, in stages), against
     torch.topk of the same rows, cycling through one buffer per layer; and the share of
     torch.topk's set that ours finds in a row (1 but for ties at the cut)."""
-    from retrieval_attn.kernels import topk_indices
+    from retrieval_attn.kernels.select_topk import topk_indices
 
     spec = named_shape(shape)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -111,7 +110,7 @@ def bench_tail(shape: str, n: int, top_k: int, variants: dict = TAIL_VARIANTS,
     variant's largest difference from the built one's output."""
     import importlib
 
-    from retrieval_attn.kernels import tail_merge, tail_partials
+    from retrieval_attn.kernels.tail_correct import tail_merge, tail_partials
     from retrieval_attn.offload.tail import CHUNK, padded_chunks
 
     tc = importlib.import_module("retrieval_attn.kernels.tail_correct")
@@ -184,7 +183,7 @@ def bench_scores(shape: str, n: int, rank: int, sketch_dtype: str, block: int,
     0 for a variant of other outputs)."""
     import importlib
 
-    from retrieval_attn.kernels import LseState, select_scores
+    from retrieval_attn.kernels.select_scores import LseState, select_scores
     from retrieval_attn.offload.tail import CHUNK as TAIL_CHUNK
 
     ss = importlib.import_module("retrieval_attn.kernels.select_scores")

@@ -14,23 +14,23 @@ from retrieval_attn.errors import RetrievalAttnError
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:  # its own argument parser: long-context evaluation
-        from .eval_longctx import main as eval_main
+        from retrieval_attn.tools.eval_longctx import main as eval_main
 
         return _guarded(lambda: eval_main(argv[1:]))
     if argv[:1] == ["plan"]:  # its own argument parser: the memory planner
-        from .plan import main as plan_main
+        from retrieval_attn.tools.plan import main as plan_main
 
         return _guarded(lambda: plan_main(argv[1:]))
     if argv[:1] == ["inspect"]:  # its own argument parser: saved-context index inspection
-        from .inspect_index import main as inspect_main
+        from retrieval_attn.tools.inspect_index import main as inspect_main
 
         return _guarded(lambda: inspect_main(argv[1:]))
     if argv[:1] == ["bench"]:  # its own argument parser: decode speed against baselines
-        from .bench_decode import main as bench_main
+        from retrieval_attn.tools.bench_decode import main as bench_main
 
         return _guarded(lambda: bench_main(argv[1:]))
     if argv[:1] == ["check-plan"]:  # its own argument parser: planned vs measured memory
-        from .check_plan import main as check_main
+        from retrieval_attn.tools.check_plan import main as check_main
 
         return _guarded(lambda: check_main(argv[1:]))
     parser = argparse.ArgumentParser(prog="retrieval-attn", description=__doc__)
@@ -115,7 +115,7 @@ def _generate(llm: LLM, args: argparse.Namespace) -> int:
 
 
 def _niah(llm: LLM, args: argparse.Namespace) -> int:
-    from .niah import run_niah
+    from retrieval_attn.tools.niah import run_niah
 
     rows = []
     for length in args.length:
@@ -133,7 +133,7 @@ def _niah(llm: LLM, args: argparse.Namespace) -> int:
 
 
 def _save_context(llm: LLM, args: argparse.Namespace) -> int:
-    from .niah import build_prompt
+    from retrieval_attn.tools.niah import build_prompt
 
     if args.prompt is not None:
         prompt = [{"role": "user", "content": args.prompt}]

@@ -21,10 +21,9 @@ import torch
 from retrieval_attn import LLM, SamplingParams
 from retrieval_attn.config import INDEX_KINDS, IndexConfig, KVConfig
 from retrieval_attn.engine import GenerationStats
-
-from .capture_qk import RecordingKV
-from .longctx_diagnostics import layer_diagnostics, rank_recall
-from .longctx_tasks import Sample, make_samples, render
+from retrieval_attn.tools.capture_qk import RecordingKV
+from retrieval_attn.tools.longctx_diagnostics import layer_diagnostics, rank_recall
+from retrieval_attn.tools.longctx_tasks import Sample, make_samples, render
 
 TASKS = ["niah", "multikey", "multivalue", "vartrack", "cwe"]
 POLICIES = ["dense", "streaming", "quest", "retrieval"]

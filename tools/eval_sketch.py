@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval_attn.index import LowRankRetriever
-from retrieval_attn.offload import LowRankKeys
-
-from .longctx_diagnostics import _recall, _true_topk
+from retrieval_attn.index.retriever import LowRankRetriever
+from retrieval_attn.offload.lowrank import LowRankKeys
+from retrieval_attn.tools.longctx_diagnostics import _recall, _true_topk
 
 SKETCHES = {"float32": "auto", "int8": "int8", "int4": "int4"}
 

@@ -21,8 +21,7 @@ from safetensors.torch import load_file
 
 from retrieval_attn.context import ContextError, check_files
 from retrieval_attn.index.ann_retriever import INDEX_CLASSES
-
-from .eval_recall import KNOBS, evaluate_head, first_reaching, plot
+from retrieval_attn.tools.eval_recall import KNOBS, evaluate_head, first_reaching, plot
 
 KIND_NAMES = {"attention": "attention-aware", "hybrid": "attention-aware"}
 

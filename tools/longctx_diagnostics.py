@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from retrieval_attn.config import KVConfig
-from retrieval_attn.index import LowRankRetriever
-from retrieval_attn.offload import LowRankKeys, SparseKV
-from retrieval_attn.offload.sparse import TraceEntry
+from retrieval_attn.index.retriever import LowRankRetriever
+from retrieval_attn.offload.lowrank import LowRankKeys
+from retrieval_attn.offload.sparse import SparseKV, TraceEntry
 
 Prompt = tuple[torch.Tensor, torch.Tensor]  # a prompt's exact K, V [L, Hkv, n, D]
 

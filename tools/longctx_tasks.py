@@ -10,7 +10,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .niah import haystack_text
+from retrieval_attn.tools.niah import haystack_text
 
 Encode = Callable[[str], list[int]]
 Decode = Callable[[list[int]], str]

@@ -13,8 +13,8 @@ one step from the reference's where the projection falls on a rounding boundary.
 
 import torch
 
-from .._launch import next_power_of_2, use_triton
-from .ref import (
+from retrieval_attn.kernels._launch import next_power_of_2, use_triton
+from retrieval_attn.kernels.append_token.ref import (
     SketchLayer,
     TailLayer,
     add_to_tail,
@@ -62,7 +62,13 @@ def append_token(
     if not use_triton(device) or rank % 2 or rank // 2 != next_power_of_2(rank // 2):
         append_token_ref(pos, k, v, store, window, sinks, tail, sketch, store_scale)
         return
-    from .kernel import FLOAT_SKETCH, INT4_SKETCH, INT8_SKETCH, NO_SKETCH, append_token_kernel
+    from retrieval_attn.kernels.append_token.kernel import (
+        FLOAT_SKETCH,
+        INT4_SKETCH,
+        INT8_SKETCH,
+        NO_SKETCH,
+        append_token_kernel,
+    )
 
     sums, last, chunk = tail if tail is not None else (k, pos, 1)  # stand-ins: unread
     if sketch is None:

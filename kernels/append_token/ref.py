@@ -10,8 +10,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..gather_kv.ref import quantize_rows
-from ..select_scores.ref import pack_int4
+from retrieval_attn.kernels.gather_kv.ref import quantize_rows
+from retrieval_attn.kernels.select_scores.ref import pack_int4
 
 INT_MAX = {torch.int8: 127, torch.uint8: 7}  # int8, packed int4 (see select_scores/ref.py)
 

@@ -15,8 +15,8 @@ CPU and TRITON_INTERPRET=1 (tests); otherwise (CPU without the interpreter) the 
 
 import torch
 
-from .._launch import cdiv, next_power_of_2, use_triton
-from .ref import dequantize_rows, gather_kv_ref, quantize_rows
+from retrieval_attn.kernels._launch import cdiv, next_power_of_2, use_triton
+from retrieval_attn.kernels.gather_kv.ref import dequantize_rows, gather_kv_ref, quantize_rows
 
 __all__ = ["dequantize_rows", "gather_k", "gather_kv", "gather_kv_ref", "quantize_rows"]
 
@@ -160,7 +160,7 @@ def _check_sources(k_src: torch.Tensor, v_src: torch.Tensor, idx: torch.Tensor,
 def _launch(k_src: torch.Tensor, v_src: torch.Tensor, idx: torch.Tensor, k_out: torch.Tensor,
             v_out: torch.Tensor, has_v: bool, max_span: int,
             scales: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-    from .kernel import gather_kv_kernel
+    from retrieval_attn.kernels.gather_kv.kernel import gather_kv_kernel
 
     # A pinned CPU tensor is passed as is: Triton's CUDA launcher turns every pointer
     # argument into a device address with cuPointerGetAttribute(DEVICE_POINTER), which for

@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from .._launch import use_triton
-from .ref import guess_query_ref, quantize_guess
+from retrieval_attn.kernels._launch import use_triton
+from retrieval_attn.kernels.guess_query.ref import guess_query_ref, quantize_guess
 
 __all__ = ["GuessWeights", "guess_query", "guess_query_ref", "quantize_guess"]
 
@@ -65,7 +65,7 @@ def guess_query(x: torch.Tensor, w: GuessWeights, cos: torch.Tensor, sin: torch.
     if (not use_triton(x.device) or d % 2 or half % ROWS or x.stride(-1) != 1
             or not (cos.is_contiguous() and sin.is_contiguous())):
         return guess_query_ref(x, w.rows, w.scale, w.bias, cos, sin, w.eps, w.heads)
-    from .kernel import guess_query_kernel
+    from retrieval_attn.kernels.guess_query.kernel import guess_query_kernel
 
     out = torch.empty(x.shape[0], w.heads, d, dtype=x.dtype, device=x.device)
     if out.numel():

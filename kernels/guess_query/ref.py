@@ -2,8 +2,8 @@
 
 import torch
 
-from ..gather_kv.ref import quantize_rows
-from ..rope.ref import rope_ref
+from retrieval_attn.kernels.gather_kv.ref import quantize_rows
+from retrieval_attn.kernels.rope.ref import rope_ref
 
 PIECE = 512  # rows quantised at a time
 

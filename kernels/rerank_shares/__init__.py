@@ -11,8 +11,8 @@ TRITON_INTERPRET=1 (tests); otherwise the float32 reference `rerank_shares_ref`.
 
 import torch
 
-from .._launch import cdiv, interpreting, next_power_of_2, use_triton
-from .ref import rerank_shares_ref
+from retrieval_attn.kernels._launch import cdiv, interpreting, next_power_of_2, use_triton
+from retrieval_attn.kernels.rerank_shares.ref import rerank_shares_ref
 
 __all__ = ["rerank_shares", "rerank_shares_ref"]
 
@@ -62,7 +62,7 @@ def rerank_shares(
     if (not use_triton(device) or d & (d - 1) or d < 16 or keys.stride(-1) != 1
             or q.stride(-1) != 1 or keys.dtype != q.dtype):
         return rerank_shares_ref(q, keys, cand, hi, total_lse, scale, out_dtype)
-    from .kernel import rerank_shares_kernel
+    from retrieval_attn.kernels.rerank_shares.kernel import rerank_shares_kernel
 
     out = torch.empty(hkv, c, dtype=out_dtype, device=device)
     if c == 0:

@@ -6,8 +6,8 @@ TRITON_INTERPRET=1 (tests); otherwise the reference `rms_norm_ref`.
 
 import torch
 
-from .._launch import next_power_of_2, use_triton
-from .ref import rms_norm_ref
+from retrieval_attn.kernels._launch import next_power_of_2, use_triton
+from retrieval_attn.kernels.rms_norm.ref import rms_norm_ref
 
 __all__ = ["rms_norm", "rms_norm_ref"]
 
@@ -25,7 +25,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
                          f"{tuple(weight.shape)} {weight.dtype} on {weight.device}")
     if not use_triton(x.device) or c > MAX_ROW or x.stride(-1) != 1:
         return rms_norm_ref(x, weight, eps)
-    from .kernel import rms_norm_kernel
+    from retrieval_attn.kernels.rms_norm.kernel import rms_norm_kernel
 
     rows = x.reshape(-1, c)  # a view unless x's rows are not evenly strided
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)

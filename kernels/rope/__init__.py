@@ -6,8 +6,8 @@ TRITON_INTERPRET=1 (tests); otherwise the reference `rope_ref`.
 
 import torch
 
-from .._launch import use_triton
-from .ref import rope_ref
+from retrieval_attn.kernels._launch import use_triton
+from retrieval_attn.kernels.rope.ref import rope_ref
 
 __all__ = ["rope", "rope_ref"]
 
@@ -27,7 +27,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if (not use_triton(x.device) or d % 2 or half & (half - 1) or x.stride(-1) != 1
             or cos.stride(-1) != 1 or sin.stride(-1) != 1):
         return rope_ref(x, cos, sin)
-    from .kernel import rope_kernel
+    from retrieval_attn.kernels.rope.kernel import rope_kernel
 
     out = torch.empty(b, h, t, d, dtype=x.dtype, device=x.device)
     if out.numel():

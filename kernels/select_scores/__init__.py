@@ -12,7 +12,7 @@ TRITON_INTERPRET=1 (tests); otherwise the float32 reference `select_scores_ref`.
 
 import torch
 
-from .._launch import (
+from retrieval_attn.kernels._launch import (
     PROGRAMS_PER_SM,
     cdiv,
     interpreting,
@@ -20,9 +20,7 @@ from .._launch import (
     sm_count,
     use_triton,
 )
-from ..sketch_query import SketchQuery, sketch_query
-from ..tail_correct.ref import ChunkTail
-from .ref import (
+from retrieval_attn.kernels.select_scores.ref import (
     LseState,
     block_sums_ref,
     pack_int4,
@@ -31,6 +29,8 @@ from .ref import (
     sketch_values,
     unpack_int4,
 )
+from retrieval_attn.kernels.sketch_query import SketchQuery, sketch_query
+from retrieval_attn.kernels.tail_correct.ref import ChunkTail
 
 __all__ = ["KEY_BITS", "LseState", "block_sums_ref", "kernel_scores", "pack_int4", "quantise_query",
            "select_scores", "select_scores_ref", "sketch_values", "unpack_int4"]
@@ -185,7 +185,11 @@ def select_scores(
         shares, *rest = select_scores(q, basis, mean, keys, lo, hi, scale, other_lse, chunk,
                                       torch.float32, lse_state, 1, query, tail_sums)
         return (block_sums_ref(shares, lo, hi, block).to(shares_dtype), *rest)
-    from .kernel import lse_partial_kernel, lse_state_kernel, shares_kernel
+    from retrieval_attn.kernels.select_scores.kernel import (
+        lse_partial_kernel,
+        lse_state_kernel,
+        shares_kernel,
+    )
 
     f32_dot = keys.dtype == torch.float32 or interpreting()
     if query is None:

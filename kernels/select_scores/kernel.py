@@ -24,7 +24,7 @@ real heads (3x fewer instructions at Llama, ncu; the pass is then bound by memor
 import triton
 import triton.language as tl
 
-from .._jit import int4_nibbles, log_add
+from retrieval_attn.kernels._jit import int4_nibbles, log_add
 
 
 @triton.jit

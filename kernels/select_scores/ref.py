@@ -100,7 +100,9 @@ def select_scores_ref(
     estimate instead of mass (tail_correct.chunk_tail_ref of it).
     """
     if query is None:  # integer keys are scored against an int8 query
-        from ..sketch_query.ref import sketch_query_ref  # (it imports this module)
+        from retrieval_attn.kernels.sketch_query.ref import (
+            sketch_query_ref,  # (it imports this module)
+        )
 
         query = sketch_query_ref(q, basis, None, mean, not keys.dtype.is_floating_point)
     qr, const = query.values(), query.const[..., None]  # [Hkv, G, r], [Hkv, G, 1]
@@ -129,7 +131,7 @@ def select_scores_ref(
     padded = torch.nn.functional.pad(probs, (lo, m * chunk - n))  # positions [0, m·chunk)
     mass = padded.view(*probs.shape[:2], m, chunk).sum(dim=-1)
     if tail_sums is not None:
-        from ..tail_correct.ref import chunk_tail_ref
+        from retrieval_attn.kernels.tail_correct.ref import chunk_tail_ref
 
         return shares, lse, chunk_tail_ref(mass, tail_sums, chunk)
     return shares, lse, mass

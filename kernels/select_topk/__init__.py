@@ -11,8 +11,8 @@ TRITON_INTERPRET=1 (tests); otherwise, or for rows longer than MAX_COLUMNS, the 
 
 import torch
 
-from .._launch import next_power_of_2, use_triton
-from .ref import select_topk_ref, select_topk_values_ref
+from retrieval_attn.kernels._launch import next_power_of_2, use_triton
+from retrieval_attn.kernels.select_topk.ref import select_topk_ref, select_topk_values_ref
 
 __all__ = ["select_topk", "select_topk_ref", "select_topk_values", "select_topk_values_ref",
            "topk_indices"]
@@ -33,7 +33,7 @@ def select_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     rows, c = x.shape
     if not use_triton(x.device) or c > MAX_COLUMNS or x.stride(-1) != 1:
         return select_topk_ref(x, k)
-    from .kernel import select_topk_kernel
+    from retrieval_attn.kernels.select_topk.kernel import select_topk_kernel
 
     out = torch.empty(rows, k, dtype=torch.int64, device=x.device)
     if k == 0 or rows == 0:
@@ -60,7 +60,7 @@ def select_topk_values(x: torch.Tensor, k: int, values: torch.Tensor, always: in
     if (not use_triton(x.device) or c > MAX_COLUMNS or x.stride(-1) != 1
             or values.stride(-1) != 1):
         return select_topk_values_ref(x, k, values, always)
-    from .kernel import select_topk_kernel
+    from retrieval_attn.kernels.select_topk.kernel import select_topk_kernel
 
     out = torch.empty(rows, k + always, dtype=torch.int64, device=x.device)
     taken = torch.empty(rows, k + always, dtype=values.dtype, device=x.device)
@@ -92,7 +92,7 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     rows, c = x.shape
     if not use_triton(x.device) or 4 * k > MAX_COLUMNS or k == 0 or x.stride(-1) != 1:
         return x.topk(k, dim=-1, sorted=False).indices
-    from .kernel import select_topk_chunks_kernel
+    from retrieval_attn.kernels.select_topk.kernel import select_topk_chunks_kernel
 
     values = None
     while True:

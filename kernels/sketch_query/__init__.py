@@ -8,8 +8,12 @@ q @ basis falls on a rounding boundary.
 
 import torch
 
-from .._launch import next_power_of_2, use_triton
-from .ref import SketchQuery, sketch_query_ref, sketch_scores_at_ref
+from retrieval_attn.kernels._launch import next_power_of_2, use_triton
+from retrieval_attn.kernels.sketch_query.ref import (
+    SketchQuery,
+    sketch_query_ref,
+    sketch_scores_at_ref,
+)
 
 __all__ = ["SketchQuery", "sketch_query", "sketch_query_ref", "sketch_scores_at",
            "sketch_scores_at_ref"]
@@ -37,7 +41,7 @@ def sketch_query(q: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor | Non
             or q.stride(-1) != 1 or basis.stride(-1) != 1 or mean.stride(-1) != 1
             or (scale is not None and scale.stride(-1) != 1)):
         return sketch_query_ref(q, basis, scale, mean, integer)
-    from .kernel import sketch_query_kernel
+    from retrieval_attn.kernels.sketch_query.kernel import sketch_query_kernel
 
     qr = torch.empty(hkv, g, r, dtype=torch.int8 if integer else torch.float32, device=device)
     step = torch.empty(hkv, dtype=torch.float32, device=device)
@@ -68,7 +72,7 @@ def sketch_scores_at(query: SketchQuery, keys: torch.Tensor,
             or r < (32 if packed else 16) or r & (r - 1) or keys.stride(-1) != 1
             or query.qr.stride(-1) != 1):
         return sketch_scores_at_ref(query, keys, positions)
-    from .kernel import sketch_scores_at_kernel
+    from retrieval_attn.kernels.sketch_query.kernel import sketch_scores_at_kernel
 
     k = positions.shape[1]
     out = torch.empty(hkv, g, k, dtype=torch.float32, device=device)

@@ -8,7 +8,7 @@ divide, round, clamp, cast) a layer's decode step spent on it.
 import triton
 import triton.language as tl
 
-from .._jit import int4_nibbles, round_half_even
+from retrieval_attn.kernels._jit import int4_nibbles, round_half_even
 
 
 @triton.jit

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..select_scores.ref import quantise_query, sketch_values
+from retrieval_attn.kernels.select_scores.ref import quantise_query, sketch_values
 
 
 class SketchQuery(NamedTuple):

@@ -14,7 +14,7 @@ TRITON_INTERPRET=1 (tests); otherwise the float32 reference `sparse_attention_re
 
 import torch
 
-from .._launch import (
+from retrieval_attn.kernels._launch import (
     PROGRAMS_PER_SM,
     cdiv,
     interpreting,
@@ -22,7 +22,7 @@ from .._launch import (
     sm_count,
     use_triton,
 )
-from .ref import sparse_attention_ref
+from retrieval_attn.kernels.sparse_attention.ref import sparse_attention_ref
 
 __all__ = ["sparse_attention", "sparse_attention_ref"]
 
@@ -78,7 +78,7 @@ def _gathered(rows_k: torch.Tensor, rows_v: torch.Tensor, idx: torch.Tensor,
               scales: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Source b as gather_kv's reference makes it: [B, Hkv, Nb, D] each, in dtype."""
-    from ..gather_kv import gather_kv_ref
+    from retrieval_attn.kernels.gather_kv import gather_kv_ref
 
     b, hkv, n, d = rows_k.shape
     flat = [t.reshape(b * hkv, *t.shape[2:]) for t in (rows_k, rows_v, idx, *scales)]
@@ -149,7 +149,10 @@ def sparse_attention(
             k_b, v_b = _gathered(k_b, v_b, idx_b, scales_b, q.dtype)
         return sparse_attention_ref(q, k_a, v_a, len_a, k_b, v_b, len_b, scale)
 
-    from .kernel import sparse_attention_merge_kernel, sparse_attention_split_kernel
+    from retrieval_attn.kernels.sparse_attention.kernel import (
+        sparse_attention_merge_kernel,
+        sparse_attention_split_kernel,
+    )
 
     # the kernel reads len[b] at offset b: lengths expanded from one value (stride 0) are
     # made real [B] tensors

@@ -8,8 +8,8 @@ with TRITON_INTERPRET=1; otherwise the reference).
 
 import torch
 
-from .._launch import next_power_of_2, use_triton
-from .ref import store_kv_ref
+from retrieval_attn.kernels._launch import next_power_of_2, use_triton
+from retrieval_attn.kernels.store_kv.ref import store_kv_ref
 
 __all__ = ["store_kv", "store_kv_ref"]
 
@@ -47,7 +47,7 @@ def store_kv(k_dst: torch.Tensor, v_dst: torch.Tensor, pos: torch.Tensor,
         store_kv_ref(k_dst, v_dst, pos, k_new, v_new)
         return
 
-    from .kernel import store_kv_kernel
+    from retrieval_attn.kernels.store_kv.kernel import store_kv_kernel
 
     store_kv_kernel[(hkv, t)](
         k_dst, v_dst, pos, k_new, v_new,

@@ -13,8 +13,20 @@ from typing import NamedTuple
 
 import torch
 
-from .._launch import PROGRAMS_PER_SM, cdiv, next_power_of_2, sm_count, use_triton
-from .ref import SPLITS, ChunkTail, chunk_tail_ref, guess_lse_ref, tail_correct_ref
+from retrieval_attn.kernels._launch import (
+    PROGRAMS_PER_SM,
+    cdiv,
+    next_power_of_2,
+    sm_count,
+    use_triton,
+)
+from retrieval_attn.kernels.tail_correct.ref import (
+    SPLITS,
+    ChunkTail,
+    chunk_tail_ref,
+    guess_lse_ref,
+    tail_correct_ref,
+)
 
 __all__ = ["ChunkTail", "TailPartials", "chunk_tail_ref", "guess_lse_ref", "tail_correct",
            "tail_correct_ref", "tail_merge", "tail_partials"]
@@ -99,7 +111,7 @@ def tail_partials(mass: torch.Tensor | ChunkTail, total_lse: torch.Tensor,
     K = selected.shape[1]
     _check((R, G, D), (R, G), mass, total_lse, selected, selected_scores, sums)
     device = sums.device
-    from .kernel import tail_partials_kernel
+    from retrieval_attn.kernels.tail_correct.kernel import tail_partials_kernel
 
     scores = selected_scores.float().contiguous()
     total, selected = total_lse.float().contiguous(), selected.contiguous()
@@ -142,7 +154,7 @@ def tail_merge(out: torch.Tensor, lse_att: torch.Tensor, parts: TailPartials,
     query), the exact part's weight comes from the guess alone and lse_att is unread:
     guess_lse_ref(guess_window_lse, selected_scores, count, scale), with the selected
     tokens' sketch lse taken from the partials (no launches of its own)."""
-    from .kernel import tail_merge_kernel
+    from retrieval_attn.kernels.tail_correct.kernel import tail_merge_kernel
 
     (ct, cm), (st, sm), total = parts
     R, G, D = out.shape

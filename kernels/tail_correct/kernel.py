@@ -14,7 +14,7 @@ where a chunk's float32 masses round below what was taken out of it.
 import triton
 import triton.language as tl
 
-from .._jit import log_add
+from retrieval_attn.kernels._jit import log_add
 
 
 @triton.jit

@@ -8,8 +8,8 @@ interpreter on the CPU when TRITON_INTERPRET=1 (tests); otherwise `window_lse_re
 
 import torch
 
-from .._launch import interpreting, next_power_of_2, use_triton
-from .ref import window_lse_ref
+from retrieval_attn.kernels._launch import interpreting, next_power_of_2, use_triton
+from retrieval_attn.kernels.window_lse.ref import window_lse_ref
 
 __all__ = ["window_lse", "window_lse_ref"]
 
@@ -39,7 +39,7 @@ def window_lse(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
     if (not use_triton(q.device) or d < 16 or d & (d - 1) or q.stride(-1) != 1
             or k.stride(-1) != 1):
         return window_lse_ref(q, k, valid, scale, skip)
-    from .kernel import window_lse_kernel
+    from retrieval_attn.kernels.window_lse.kernel import window_lse_kernel
 
     out = torch.empty(rows, g, dtype=torch.float32, device=q.device)
     # float32 inputs dot exactly; Triton's interpreter computes bfloat16 dots wrongly

@@ -1,7 +1,7 @@
 """The request loop (engine) and the forward runner (prefill chunks, graphed decode)."""
 
-from .engine import Engine, GenerationStats
-from .runner import ModelRunner
-from .text import TextAssembler
+from retrieval_attn.engine.engine import Engine, GenerationStats
+from retrieval_attn.engine.runner import ModelRunner
+from retrieval_attn.engine.text import TextAssembler
 
 __all__ = ["Engine", "GenerationStats", "ModelRunner", "TextAssembler"]

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import EngineConfig, IndexConfig, KVConfig
-from ..errors import ConfigError, RequestError
-from ..model.loader import LoadedModel
-from ..offload import make_kv_policy
-from ..offload.policy import KVPolicy
-from ..sampling import SamplingParams, sample
-from .runner import ModelRunner
+from retrieval_attn.config import EngineConfig, IndexConfig, KVConfig
+from retrieval_attn.engine.runner import ModelRunner
+from retrieval_attn.errors import ConfigError, RequestError
+from retrieval_attn.model.loader import LoadedModel
+from retrieval_attn.offload.make import make_kv_policy
+from retrieval_attn.offload.policy import KVPolicy
+from retrieval_attn.sampling import SamplingParams, sample
 
 LOG = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class Engine:
     def generate_from_context(self, ctx, params: SamplingParams,
                               stats: GenerationStats) -> Iterator[int]:
         """Like generate_ids, with the prompt's KV state loaded from a saved context."""
-        from ..context import restore_context
+        from retrieval_attn.context import restore_context
 
         t0 = time.perf_counter()
         logits = restore_context(self, ctx)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..model.llama import Llama
-from ..offload.policy import AttnStep, KVPolicy
+from retrieval_attn.model.llama import Llama
+from retrieval_attn.offload.policy import AttnStep, KVPolicy
 
 
 class ModelRunner:

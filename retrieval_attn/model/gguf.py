@@ -14,7 +14,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from ..errors import ModelLoadError
+from retrieval_attn.errors import ModelLoadError
 
 LOG = logging.getLogger(__name__)
 GGUF_MAGIC = b"GGUF"

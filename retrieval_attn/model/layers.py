@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
+from retrieval_attn.kernels.rms_norm import rms_norm, rms_norm_ref
+from retrieval_attn.kernels.rope import rope, rope_ref
 
 
 class RMSNorm(nn.Module):
@@ -23,8 +24,8 @@ class RMSNorm(nn.Module):
         # GPU one Triton launch instead of ~8 PyTorch kernels; on the CPU the reference
         # (never the interpreter, which tests may have switched on for the whole process).
         if x.is_cuda and self.weight.dtype == x.dtype:
-            return kernels.rms_norm(x, self.weight, self.eps)
-        return kernels.rms_norm_ref(x, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps)
+        return rms_norm_ref(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -73,5 +74,5 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     GPU (rounded once; up to a step or two of the dtype from the reference, which rounds
     each product), the reference elsewhere."""
     if x.is_cuda and cos.dtype == x.dtype:
-        return kernels.rope(x, cos, sin)
-    return kernels.rope_ref(x, cos, sin)
+        return rope(x, cos, sin)
+    return rope_ref(x, cos, sin)

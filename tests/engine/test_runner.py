@@ -2,7 +2,7 @@
 
 import torch
 
-from retrieval_attn.offload import DenseKV
+from retrieval_attn.offload.dense import DenseKV
 
 
 def test_chunk_major_prefill_equals_layer_major(cpu_llm):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from retrieval_attn.index import LowRankRetriever, group_scores
 from retrieval_attn.index.blocks import block_sums, block_tokens, partial_block, slots_for
-from retrieval_attn.offload import LowRankKeys
+from retrieval_attn.index.retriever import LowRankRetriever, group_scores
+from retrieval_attn.offload.lowrank import LowRankKeys
 
 HKV, G, D, N = 2, 3, 16, 200
 

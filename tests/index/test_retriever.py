@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from retrieval_attn.index import LowRankRetriever, QuestRetriever, group_scores
-from retrieval_attn.offload import LowRankKeys
+from retrieval_attn.index.quest import QuestRetriever
+from retrieval_attn.index.retriever import LowRankRetriever, group_scores
+from retrieval_attn.offload.lowrank import LowRankKeys
 
 HKV, G, D, N = 2, 3, 16, 200
 
@@ -168,8 +169,8 @@ def test_sparse_decode_with_reranked_keys_equals_gathering_k_and_v(monkeypatch):
     """SparseKV reads only V for the final set when re-ranking handed back the keys: the
     output equals the path that gathers K and V from the host store."""
     from retrieval_attn.config import KVConfig
-    from retrieval_attn.offload import SparseKV
     from retrieval_attn.offload.policy import AttnStep
+    from retrieval_attn.offload.sparse import SparseKV
 
     cfg = KVConfig(policy="retrieval", sink_tokens=2, window_tokens=6, top_k=8, rank=4,
                    rerank_factor=3)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from retrieval_attn.kernels import (
+from retrieval_attn.kernels.append_token import (
     SketchLayer,
     TailLayer,
     append_token,
@@ -155,7 +155,7 @@ def test_real_shape_into_pinned_host_memory_from_a_cuda_graph():
 def test_quantised_store_rows_match_reference_and_read_back(dtype):
     """An int8 store: each row's integers and float16 scale, as quantize_rows makes them,
     and read back within half a step of the token."""
-    from retrieval_attn.kernels import dequantize_rows, quantize_rows
+    from retrieval_attn.kernels.gather_kv import dequantize_rows, quantize_rows
 
     _, window, tail, sketch = _state(dtype, torch.int8, 16, True, DEVICE)
     store = [torch.zeros(R, N, D, dtype=torch.int8, device=DEVICE) for _ in range(2)]

@@ -4,7 +4,7 @@ int8 guess against the same guess in float32 weights: RMSNorm, projection, RoPE.
 import pytest
 import torch
 
-from retrieval_attn.kernels import GuessWeights, guess_query, guess_query_ref
+from retrieval_attn.kernels.guess_query import GuessWeights, guess_query, guess_query_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from retrieval_attn.kernels import rerank_shares, rerank_shares_ref
+from retrieval_attn.kernels.rerank_shares import rerank_shares, rerank_shares_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from retrieval_attn.kernels import rms_norm, rms_norm_ref
+from retrieval_attn.kernels.rms_norm import rms_norm, rms_norm_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -5,7 +5,7 @@ kernel only the result, so half-precision results agree to a step or two of the 
 import pytest
 import torch
 
-from retrieval_attn.kernels import rope, rope_ref
+from retrieval_attn.kernels.rope import rope, rope_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from retrieval_attn.kernels import (
+from retrieval_attn.kernels.select_scores import (
     LseState,
     pack_int4,
     quantise_query,
@@ -347,7 +347,7 @@ def test_tail_sums_give_the_chunk_term_of_the_mass(g, one_pass, sums_dtype):
     the V chunk sums (sum_c mass_gc · sums_c / chunk) and of the masses themselves, which
     add up to what the reference's masses give; shares and lse unchanged. bfloat16 sums
     (offload/tail.py's for 16-bit models) are read as float32."""
-    from retrieval_attn.kernels import ChunkTail
+    from retrieval_attn.kernels.tail_correct import ChunkTail
 
     n, lo, hi = 2300, 4, 1800
     q, basis, mean, keys, other = _inputs(2, g, 32, 64, n, torch.float32, seed=g)
@@ -377,7 +377,7 @@ def test_tail_sums_give_the_chunk_term_of_the_mass(g, one_pass, sums_dtype):
 def test_a_share_of_the_sms_splits_the_pass_fewer_ways_to_the_same_result():
     """sm_share sizes the grid for that share of the SMs (kv.lookahead_sm_share): fewer
     splits of the positions, the same shares, lse, state and chunk term."""
-    from retrieval_attn.kernels import ChunkTail
+    from retrieval_attn.kernels.tail_correct import ChunkTail
 
     # enough positions that a GPU's full grid has more splits than half of it has
     n = 40000 if DEVICE == "cuda" else 2300

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from retrieval_attn.kernels import select_topk, select_topk_ref
+from retrieval_attn.kernels.select_topk import select_topk, select_topk_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -53,7 +53,7 @@ def test_long_rows_take_the_reference_on_the_gpu():
 def test_values_and_always_columns(rows, c, k, always):
     """select_topk_values: the top-k columns, then C .. C + always - 1, and the values of
     another row at them (a re-rank's chosen candidates and their positions)."""
-    from retrieval_attn.kernels import select_topk_values, select_topk_values_ref
+    from retrieval_attn.kernels.select_topk import select_topk_values, select_topk_values_ref
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(rows, c, generator=gen).to(torch.bfloat16)
@@ -67,7 +67,7 @@ def test_values_and_always_columns(rows, c, k, always):
 
 
 def test_values_of_the_wrong_shape_are_refused():
-    from retrieval_attn.kernels import select_topk_values
+    from retrieval_attn.kernels.select_topk import select_topk_values
 
     with pytest.raises(ValueError, match="C \\+ always"):
         select_topk_values(torch.zeros(2, 5), 2, torch.zeros(2, 5, dtype=torch.long), 4)
@@ -81,7 +81,7 @@ def test_values_of_the_wrong_shape_are_refused():
 def test_topk_indices_in_stages_finds_the_top_k(rows, c, k):
     """topk_indices: the same set of columns as torch.topk (distinct values), for rows
     longer than a program holds (stages of select_topk), padding short chunks."""
-    from retrieval_attn.kernels import topk_indices
+    from retrieval_attn.kernels.select_topk import topk_indices
 
     gen = torch.Generator().manual_seed(2)
     x = torch.rand(rows, c, generator=gen)  # distinct, >= 0 (as block sums are)

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from retrieval_attn.kernels import (
-    select_scores,
-    select_scores_ref,
+from retrieval_attn.kernels.select_scores import select_scores, select_scores_ref
+from retrieval_attn.kernels.sketch_query import (
     sketch_query,
     sketch_query_ref,
     sketch_scores_at,

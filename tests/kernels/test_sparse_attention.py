@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from retrieval_attn.kernels import gather_kv, gather_kv_ref, sparse_attention, sparse_attention_ref
+from retrieval_attn.kernels.gather_kv import gather_kv, gather_kv_ref
+from retrieval_attn.kernels.sparse_attention import sparse_attention, sparse_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (max abs diff, relative RMS error) allowed on `out`; lse gets the first number.

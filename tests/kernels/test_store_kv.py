@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from retrieval_attn.kernels import store_kv, store_kv_ref
+from retrieval_attn.kernels.store_kv import store_kv, store_kv_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

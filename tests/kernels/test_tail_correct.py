@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from retrieval_attn.kernels import tail_correct, tail_correct_ref
+from retrieval_attn.kernels.tail_correct import tail_correct, tail_correct_ref
 from retrieval_attn.offload.tail import CHUNK, padded_chunks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,7 +108,7 @@ def test_merge_with_a_guess_weighs_by_the_guess(count):
     """Lookahead: tail_merge with the guess's window lse weighs the exact part by the guess
     (window lse log-added to the selected tokens' sketch lse, taken from the partials), as
     the reference does with guess_lse_ref in place of lse_att."""
-    from retrieval_attn.kernels import guess_lse_ref, tail_merge, tail_partials
+    from retrieval_attn.kernels.tail_correct import guess_lse_ref, tail_merge, tail_partials
 
     args, scale = _inputs(2, 7, 64, 3000, 100, count, 2900)
     out, lse_att, mass, total, selected, scores, cnt, pos, sums = args
@@ -131,7 +131,7 @@ def test_chunk_partials_made_elsewhere_merge_as_the_reference(with_guess):
     """tail_partials given the chunk term already summed (select_scores' tail_sums, which
     takes every chunk with mass as full) launches only the selected tokens' part; merged,
     the same as the reference."""
-    from retrieval_attn.kernels import (
+    from retrieval_attn.kernels.tail_correct import (
         ChunkTail,
         chunk_tail_ref,
         guess_lse_ref,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from retrieval_attn.kernels import window_lse, window_lse_ref
+from retrieval_attn.kernels.window_lse import window_lse, window_lse_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -7,7 +7,7 @@ import torch
 
 from retrieval_attn.errors import ModelLoadError
 from retrieval_attn.model import embedded_model_path, load_model, random_model
-from retrieval_attn.offload import DenseKV
+from retrieval_attn.offload.dense import DenseKV
 from retrieval_attn.offload.policy import AttnStep
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retrieval_attn.offload import DenseKV, dense_decode_attention
+from retrieval_attn.offload.dense import DenseKV, dense_decode_attention
 from retrieval_attn.offload.policy import AttnStep
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from retrieval_attn.kernels import gather_kv, gather_kv_ref, store_kv
-from retrieval_attn.offload import KVStore
+from retrieval_attn.kernels.gather_kv import gather_kv, gather_kv_ref
+from retrieval_attn.kernels.store_kv import store_kv
+from retrieval_attn.offload.kv_store import KVStore
 
 
 def test_write_fills_the_given_heads_only():
@@ -47,7 +48,7 @@ def test_registered_store_is_pinned_exact_and_read_by_the_kernels():
 
 
 def test_quantized_store_keeps_int8_rows_and_reads_back_within_half_a_step(monkeypatch):
-    from retrieval_attn.kernels import quantize_rows
+    from retrieval_attn.kernels.gather_kv import quantize_rows
     from retrieval_attn.offload import kv_store
 
     monkeypatch.setattr(kv_store, "QUANTIZE_TOKENS", 4)  # several pieces per write

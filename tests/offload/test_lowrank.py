@@ -5,8 +5,8 @@ by build and by append, the fused shares equal to the scores they stand for."""
 import pytest
 import torch
 
-from retrieval_attn.kernels import quantise_query, sketch_values, unpack_int4
-from retrieval_attn.offload import LowRankKeys
+from retrieval_attn.kernels.select_scores import quantise_query, sketch_values, unpack_int4
+from retrieval_attn.offload.lowrank import LowRankKeys
 
 HKV, G, N, D = 2, 3, 300, 32
 CPU = torch.device("cpu")

@@ -5,8 +5,8 @@ import torch
 
 from retrieval_attn.config import KVConfig
 from retrieval_attn.errors import RequestError
-from retrieval_attn.offload import SparseKV
 from retrieval_attn.offload.policy import AttnStep
+from retrieval_attn.offload.sparse import SparseKV
 
 L, H, HKV, D, N = 2, 4, 2, 16, 96
 

@@ -5,8 +5,10 @@ import torch
 
 from retrieval_attn.config import IndexConfig, KVConfig
 from retrieval_attn.errors import ConfigError
-from retrieval_attn.offload import DenseKV, SparseKV, make_kv_policy
+from retrieval_attn.offload.dense import DenseKV
+from retrieval_attn.offload.make import make_kv_policy
 from retrieval_attn.offload.policy import AttnStep
+from retrieval_attn.offload.sparse import SparseKV
 
 L, H, HKV, D, N = 2, 6, 2, 16, 96
 

@@ -5,7 +5,8 @@ import torch
 from test_sparse import L, run_policy  # the same prefill-then-decode driver (L layers)
 
 from retrieval_attn.config import KVConfig
-from retrieval_attn.offload import DenseKV, make_kv_policy
+from retrieval_attn.offload.dense import DenseKV
+from retrieval_attn.offload.make import make_kv_policy
 from retrieval_attn.offload.tail import CHUNK, TailEstimate
 
 H, HKV, D = 6, 2, 16

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from retrieval_attn.config import KVConfig
-from retrieval_attn.offload import make_kv_policy
+from retrieval_attn.offload.make import make_kv_policy
 from retrieval_attn.offload.policy import AttnStep
 from retrieval_attn.tools.longctx_diagnostics import rank_recall
 

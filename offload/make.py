@@ -1,19 +1,12 @@
-"""KV state: where past keys and values live and how decode attention reads them."""
+"""Which KV policy a config names, and making one."""
 
 from __future__ import annotations
 
 import torch
 
-from ..config import IndexConfig, KVConfig
-from .dense import DenseKV, dense_decode_attention
-from .kv_store import KVStore
-from .lowrank import LowRankKeys
-from .policy import AttnStep, KVPolicy
-from .sparse import SparseKV
-from .window import WindowCache
-
-__all__ = ["AttnStep", "DenseKV", "KVStore", "KVPolicy", "LowRankKeys", "SparseKV",
-           "WindowCache", "dense_decode_attention", "make_kv_policy", "policy_class"]
+from retrieval_attn.config import IndexConfig, KVConfig
+from retrieval_attn.offload.dense import DenseKV
+from retrieval_attn.offload.sparse import SparseKV
 
 
 def policy_class(policy: str) -> type[DenseKV] | type[SparseKV]:
