@@ -122,6 +122,11 @@ def tail_merge_kernel(
         lse_att = log_add(a, b)
     else:
         lse_att = tl.load(LseAtt + r * stride_lr + g + tl.arange(0, 1))
-    ratio = tl.exp(total - lse_att)  # tail mass is relative to total, out's to lse_att
-    merged = (out + ratio * tail) / (1.0 + ratio * mass)
+    # (out + r · tail) / (1 + r · mass), r = exp(total - lse_att), in the log domain
+    # (ref.merge_tail: r overflows where the two lse are far apart)
+    biggest = tl.max(tl.abs(tail), axis=0)  # NaN or inf where the tail is not finite
+    ok = (mass > 0.0) & (mass + biggest < float("inf"))
+    safe = tl.where(ok, mass, 1.0)
+    w = tl.where(ok, tl.sigmoid(total - lse_att + tl.log(safe)), 0.0)
+    merged = out + w * (tl.where(ok, tail / safe, 0.0) - out)
     tl.store(Res + r * stride_rr + g * stride_rg + d, merged.to(Res.dtype.element_ty))

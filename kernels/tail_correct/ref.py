@@ -55,9 +55,26 @@ def tail_correct_ref(out: torch.Tensor, lse_att: torch.Tensor, mass: torch.Tenso
     weights = (mass / filled).view(R, G, SPLITS, -1).transpose(1, 2)  # [R, S, G, M/S]
     parts = sums.float().view(R, SPLITS, -1, sums.shape[-1])  # [R, S, M/S, D]
     tail = (weights @ parts).sum(dim=1)  # [R, G, D]: sum_m mass_m · sums_m / filled_m
-    r = torch.exp(total_lse - lse_att)[..., None]  # tail mass is relative to total_lse
-    merged = (out.float() + r * tail) / (1.0 + r * mass.sum(dim=-1, keepdim=True))
-    return merged.to(out.dtype)
+    return merge_tail(out, lse_att, total_lse, tail, mass.sum(dim=-1))
+
+
+def merge_tail(out: torch.Tensor, lse_att: torch.Tensor, total_lse: torch.Tensor,
+               tail: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """out [R, G, D] (lse_att [R, G]) merged with the tail's sum tail [R, G, D] of mass
+    [R, G], both relative to total_lse [R, G]: out + w · (tail / mass - out), the tail's
+    share w = sigmoid(total_lse - lse_att + log mass), in out's dtype.
+
+    That is (out + r · tail) / (1 + r · mass) with r = exp(total_lse - lse_att), in the
+    log domain: the two lse may differ by more than float32's exp reaches (Qwen2's heads
+    score keys in the hundreds, and a one-pass lse is the previous step's), where r
+    overflowed to inf and inf · 0 mass gave NaN. A tail of no mass, or of mass that is
+    not finite (the sketch scored past float32's range), adds nothing."""
+    tail, mass = tail.float(), mass.float()[..., None]
+    ok = (mass > 0) & torch.isfinite(mass) & torch.isfinite(tail).all(-1, keepdim=True)
+    log_mass = torch.log(torch.where(ok, mass, 1.0))
+    w = torch.where(ok, torch.sigmoid((total_lse - lse_att).float()[..., None] + log_mass), 0.0)
+    mean = torch.where(ok, tail / torch.where(ok, mass, 1.0), 0.0)
+    return (out.float() + w * (mean - out.float())).to(out.dtype)
 
 
 def guess_lse_ref(guess_window_lse: torch.Tensor, selected_scores: torch.Tensor,

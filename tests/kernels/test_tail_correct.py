@@ -154,3 +154,48 @@ def test_chunk_partials_made_elsewhere_merge_as_the_reference(with_guess):
     assert parts.chunks is chunks and parts.picked.part_t.shape[1] == -(-100 // BLOCK)
     got = tail_merge(dev[0], dev[1], parts, guess.to(DEVICE) if with_guess else None)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_lse_far_apart_merge_in_the_log_domain():
+    """Qwen2's heads score keys in the hundreds, and a one-pass total lse is the previous
+    step's: total_lse - lse_att can pass float32's exp range (~88). The merge must stay
+    finite and equal the exact formula's limit: a head with no tail mass keeps its exact
+    output, a head whose tail outweighs it by e^100 takes the tail's mean, a head where
+    both are comparable matches (out + r·tail) / (1 + r·mass) in float64."""
+    args, scale = _inputs(1, 3, 32, 1000, 40, 40, 990)
+    out, lse_att, mass, total = args[0], args[1], args[2], args[3]
+    total[0] = lse_att[0] + torch.tensor([105.0, 100.0, 1.0])
+    mass[0, 0] = 0.0  # head 0: every chunk underflowed against a too-high total
+    args[5][0, 0] = -1e4  # and its selected tokens' sketch mass is nil too
+    want = tail_correct_ref(*args, scale, CHUNK)
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(want[0, 0], out[0, 0])
+    got = tail_correct(*(a.to(DEVICE) for a in args), scale, CHUNK)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_tail_is_the_plain_formula_where_it_is_representable():
+    """merge_tail = (out + r·tail) / (1 + r·mass), r = exp(total - lse_att), wherever
+    float64 computes that plainly."""
+    from retrieval_attn.kernels.tail_correct.ref import merge_tail
+
+    gen = torch.Generator().manual_seed(1)
+    out, tail = torch.randn(2, 3, 16, generator=gen), torch.randn(2, 3, 16, generator=gen)
+    mass = torch.rand(2, 3, generator=gen) * 2
+    lse_att = torch.randn(2, 3, generator=gen) * 5
+    total = lse_att + torch.randn(2, 3, generator=gen) * 5
+    r = torch.exp(total.double() - lse_att.double())[..., None]
+    plain = (out.double() + r * tail.double()) / (1 + r * mass.double()[..., None])
+    torch.testing.assert_close(merge_tail(out, lse_att, total, tail, mass), plain.float(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_tail_mass_adds_nothing():
+    """Sketch masses past float32's range (a one-pass lse far below this step's scores)
+    must not turn the output into NaN: that head keeps its exact part."""
+    args, scale = _inputs(1, 2, 32, 1000, 40, 40, 990)
+    args[2][0, 1, 3] = float("inf")
+    want = tail_correct_ref(*args, scale, CHUNK)
+    torch.testing.assert_close(want[0, 1], args[0][0, 1])
+    got = tail_correct(*(a.to(DEVICE) for a in args), scale, CHUNK)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
