@@ -40,3 +40,16 @@ def _seed_and_poison_empty(monkeypatch):
 def cpu_llm() -> LLM:
     """The embedded SmolLM2 on the CPU in fp32 (config preset cpu-small), loaded once."""
     return LLM(config="cpu-small")
+
+
+QWEN_SMALL = "qwen2.5-coder-0.5b-instruct"
+
+
+@pytest.fixture(scope="session")
+def qwen_llm() -> LLM:
+    """The real 32K Qwen2.5-Coder-0.5B on the CPU in fp32 (the test extra installs its
+    parts), loaded once: dense attention; sparse policies are made beside it."""
+    return LLM(QWEN_SMALL, config={"runtime": {"device": "cpu", "dtype": "float32",
+                                               "max_context_tokens": 4608,
+                                               "prefill_chunk_tokens": 1024,
+                                               "progress_bar": False}})

