@@ -21,23 +21,48 @@ import torch
 from retrieval_attn import LLM, SamplingParams
 from retrieval_attn.config import INDEX_KINDS, IndexConfig, KVConfig
 from retrieval_attn.engine import GenerationStats
+from retrieval_attn.errors import ConfigError
 from retrieval_attn.tools.capture_qk import RecordingKV
 from retrieval_attn.tools.longctx_diagnostics import layer_diagnostics, rank_recall
 from retrieval_attn.tools.longctx_tasks import Sample, make_samples, render
 
-TASKS = ["niah", "multikey", "multivalue", "vartrack", "cwe"]
+TASKS = ["niah", "multikey", "multivalue", "vartrack", "cwe", "multiquery", "extract"]
 POLICIES = ["dense", "streaming", "quest", "retrieval"]
 
 
 Policy = tuple[str, KVConfig, IndexConfig | None]
 
 
+def parse_ablation(spec: str) -> dict:
+    """'rank=32,sketch_dtype=int4' -> {'rank': 32, 'sketch_dtype': 'int4'}: kv keys set
+    together (one lossy setting may take two keys), each checked by KVConfig."""
+    fields = {f.name for f in dataclasses.fields(KVConfig)}
+    out: dict = {}
+    for item in spec.split(","):
+        key, sep, text = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"error: --ablate {spec!r}: write kv keys as KEY=VALUE[,...], "
+                             f"KEY one of {', '.join(sorted(fields))}")
+        value: object = {"true": True, "false": False}.get(text.lower(), text)
+        for kind in (int, float):
+            if isinstance(value, str):
+                try:
+                    value = kind(value)
+                except ValueError:
+                    pass
+        out[key] = value
+    return out
+
+
 def policy_grid(base: KVConfig, budgets: list[float], policies: list[str] = POLICIES,
                 indexes: list[str] = (), builder: str = "inline",
-                ablate_tail: bool = False) -> list[Policy]:
+                ablate_tail: bool = False, ablations: list[str] = (),
+                ablate_budget: float = 0.02) -> list[Policy]:
     """(name, kv config, index config) rows: dense, then every policy at every budget;
     retrieval also with each host index kind in indexes (named retrieval+KIND@budget),
-    and without the tail estimate if ablate_tail (retrieval-notail@budget)."""
+    and without the tail estimate if ablate_tail (retrieval-notail@budget); then
+    retrieval at ablate_budget with each of ablations' kv settings (parse_ablation),
+    named retrieval[SPEC]@budget."""
     grid: list[Policy] = [("dense", dataclasses.replace(base, policy="dense"), None)]
     for b in budgets:
         top_k: int | float = int(b) if b >= 1 else b
@@ -53,6 +78,14 @@ def policy_grid(base: KVConfig, budgets: list[float], policies: list[str] = POLI
                 grid += [(f"retrieval+{kind}@{b:g}", cfg, IndexConfig(kind=kind,
                                                                       builder=builder))
                          for kind in indexes]
+    top_k = int(ablate_budget) if ablate_budget >= 1 else ablate_budget
+    for spec in ablations:
+        try:
+            cfg = dataclasses.replace(base, policy="retrieval", top_k=top_k,
+                                      **parse_ablation(spec))
+        except ConfigError as e:
+            raise SystemExit(f"error: --ablate {spec!r}: {e}") from None
+        grid.append((f"retrieval[{spec}]@{ablate_budget:g}", cfg, None))
     return grid
 
 
@@ -112,13 +145,19 @@ def evaluate(llm: LLM, samples: list[Sample], grid: list[Policy],
 def accuracy_table(rows: list[dict]) -> list[str]:
     """Policy x task accuracy (%), per length and over all, policies in first-seen order."""
     lengths = sorted({r["length"] for r in rows})
-    lines = [f"{'policy':<24}{'length':>7}" + "".join(f"{t:>11}" for t in TASKS) + f"{'avg':>8}"]
+    w = max([24, *(len(r["policy"]) + 1 for r in rows)])
+    lines = [f"{'policy':<{w}}{'length':>7}" + "".join(f"{t:>11}" for t in TASKS) + f"{'avg':>8}"]
+    first = rows[0]["policy"] if rows else None
+    for length in lengths:  # prompts behind each cell
+        mine = [r for r in rows if r["policy"] == first and r["length"] == length]
+        lines.append(f"{'(prompts)':<{w}}{length!s:>7}"
+                     + "".join(f"{sum(r['task'] == t for r in mine):>11}" for t in TASKS))
     for name in dict.fromkeys(r["policy"] for r in rows):
         for length in lengths + ["all"]:
             mine = [r for r in rows if r["policy"] == name and length in ("all", r["length"])]
             accs = [_mean([r["score"] for r in mine if r["task"] == t]) for t in TASKS]
-            lines.append(f"{name:<24}{length!s:>7}" + "".join(f"{100 * a:>11.1f}" for a in accs)
-                         + f"{100 * _mean(accs):>8.1f}")
+            lines.append(f"{name:<{w}}{length!s:>7}" + "".join(f"{100 * a:>11.1f}" for a in accs)
+                         + f"{100 * _mean([a for a in accs if a == a]):>8.1f}")
     return lines
 
 
@@ -179,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="host index kinds to run retrieval with too (built inline)")
     p.add_argument("--ablate-tail", action="store_true",
                    help="also run retrieval without kv.tail_estimate at every budget")
+    p.add_argument("--ablate", nargs="*", default=[], metavar="KEY=VALUE[,...]",
+                   help="retrieval rows at --ablate-budget with these kv settings, one row "
+                        "each (e.g. rank=32,sketch_dtype=int4 host_dtype=int8)")
+    p.add_argument("--ablate-budget", type=float, default=0.02,
+                   help="top_k of the --ablate rows (share of the prompt, or tokens)")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/eval", help="folder for PNGs and results.json")
@@ -197,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     if llm.config.runtime.max_context_tokens < need:
         llm = LLM(args.model, config=llm.config.replace(runtime={"max_context_tokens": need}))
     grid = policy_grid(llm.config.kv, args.budgets, args.policies, args.indexes,
-                       ablate_tail=args.ablate_tail)
+                       ablate_tail=args.ablate_tail, ablations=args.ablate,
+                       ablate_budget=args.ablate_budget)
     samples = make_samples(args.lengths, args.depths, args.per_task, args.seed,
                            args.niah_per_depth)[shard::shards]
     diagnose = next((s for s in reversed(samples) if s.task == "niah"), None)

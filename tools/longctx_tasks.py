@@ -74,6 +74,39 @@ def vartrack(rng: random.Random, length: int) -> Sample:
                   "variables? List all of their names.", facts, names)
 
 
+def multiquery(rng: random.Random, length: int) -> Sample:
+    """RULER's multi-query NIAH: four keys, all asked for at once."""
+    keys = [_word(rng) for _ in range(4)]
+    values = [_num(rng) for _ in keys]
+    facts = [f"The special magic number for {k} is {v}." for k, v in zip(keys, values,
+                                                                          strict=True)]
+    return Sample("multiquery", length, None,
+                  f"What are the special magic numbers for {', '.join(keys[:-1])} and "
+                  f"{keys[-1]} mentioned in the essays above? Answer with the four numbers.",
+                  facts, values)
+
+
+def extract(rng: random.Random, length: int) -> Sample:
+    """Multi-field extraction (Text2JSON-like): five facts about one person, scattered
+    through the document, returned together as one JSON object. Low-rank key methods are
+    reported to lose exactly this kind of task (DESIGN.md, anchors)."""
+    name = _word(rng).capitalize() + " " + _word(rng).capitalize()
+    fields = {"badge": _num(rng), "room": f"{rng.randint(100, 999)}{rng.choice('ABCDEF')}",
+              "manager": _word(rng).capitalize() + " " + _word(rng).capitalize(),
+              "project": f"{_word(rng).upper()}-{rng.randint(10, 99)}",
+              "city": rng.choice(["Lisbon", "Oslo", "Tucson", "Nagoya", "Quito", "Leeds",
+                                  "Perth", "Tartu", "Cusco", "Malmo"])}
+    facts = [f"{name}'s badge number is {fields['badge']}.",
+             f"{name} works in room {fields['room']}.",
+             f"{name}'s manager is {fields['manager']}.",
+             f"{name} is assigned to project {fields['project']}.",
+             f"{name} moved here from {fields['city']}."]
+    return Sample("extract", length, None,
+                  f"Return everything the essays above say about {name} as one JSON object "
+                  "with the keys badge, room, manager, project and city. Answer with the "
+                  "JSON only.", facts, list(fields.values()))
+
+
 def cwe(rng: random.Random, length: int) -> Sample:
     """Common words: a numbered word list where 5 words repeat often; no essay filler."""
     common = [_word(rng) for _ in range(5)]
@@ -131,6 +164,6 @@ def make_samples(lengths: list[int], depths: list[float], per_task: int,
     samples = []
     for length in lengths:
         samples += [niah(rng, length, d) for d in depths for _ in range(niah_per_depth)]
-        for make in (multikey, multivalue, vartrack, cwe):
+        for make in (multikey, multivalue, vartrack, cwe, multiquery, extract):
             samples += [make(rng, length) for _ in range(per_task)]
     return samples
