@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,7 @@ class LLM:
         """One RequestOutput per prompt, in order. Prompts run one after another; with
         runtime.max_batch > 1, prompts of one token length decode together, up to
         max_batch at a time (stop strings then cut the text after decoding)."""
-        params = params or SamplingParams()
+        params = _check_params(params)
         batch = _as_batch(prompts)
         ids = [self._encode(p) for p in batch]  # every prompt is checked before any runs
         for one in ids:
@@ -127,7 +128,7 @@ class LLM:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text pieces of one prompt's answer as they are decoded."""
-        params = params or SamplingParams()
+        params = _check_params(params)
         ids = self._encode(prompt)
         out = yield from self._pieces(ids, params, GenerationStats(), [], prompt)
         return out
@@ -179,7 +180,16 @@ class LLM:
         if isinstance(prompt, SavedContext):
             return list(prompt.prompt_token_ids)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return [int(i) for i in prompt["prompt_token_ids"]]
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)):
+                raise RequestError(f"prompt_token_ids is a {type(ids).__name__}: give a list "
+                                   "of integer token ids")
+            bad = [i for i in ids if not isinstance(i, numbers.Integral) or isinstance(i, bool)]
+            if bad:
+                raise RequestError(f"prompt_token_ids holds {bad[:3]!r}: every token id must "
+                                   "be an integer (tokenize text with LLM.encode, or pass the "
+                                   "text itself)")
+            return [int(i) for i in ids]
         if self.tokenizer is None:
             raise RequestError(f"{self.loaded.source} has no tokenizer: pass prompts as "
                                "{'prompt_token_ids': [...]}")
@@ -191,6 +201,17 @@ class LLM:
             return self.tokenizer.encode_chat(prompt)
         raise RequestError(f"a prompt must be a string, a list of chat messages or "
                            f"{{'prompt_token_ids': [...]}}, not {type(prompt).__name__}")
+
+
+def _check_params(params: Any) -> SamplingParams:
+    if params is None:
+        return SamplingParams()
+    if not isinstance(params, SamplingParams):
+        hint = (f"SamplingParams(**{params!r})" if isinstance(params, dict)
+                else "SamplingParams(max_tokens=...)")
+        raise RequestError(f"sampling params are a {type(params).__name__}: pass a "
+                           f"SamplingParams, e.g. {hint}")
+    return params
 
 
 def _no_text(ids: list[int]) -> str:

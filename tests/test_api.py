@@ -93,3 +93,39 @@ def test_cuda_requested_without_cuda_is_refused():
         pytest.skip("a CUDA device is present")
     with pytest.raises(ConfigError, match="no CUDA device"):
         LLM(config={"runtime": {"device": "cuda"}})
+
+
+# ---------------------------------------------------------------- issue 27: bad inputs
+
+
+def test_params_as_a_dict_are_refused(cpu_llm):
+    with pytest.raises(RequestError, match=r"pass a SamplingParams, e.g. SamplingParams\(\*\*"):
+        cpu_llm.generate("hi", {"max_tokens": 4})
+    with pytest.raises(RequestError, match="pass a SamplingParams"):
+        next(cpu_llm.stream("hi", {"max_tokens": 4}))
+
+
+@pytest.mark.parametrize("ids", [["a"], [1.5], [1, True], "12"],
+                         ids=["str-id", "float-id", "bool-id", "str"])
+def test_token_ids_that_are_not_integers_are_refused(cpu_llm, ids):
+    with pytest.raises(RequestError, match="prompt_token_ids") as e:
+        cpu_llm.generate({"prompt_token_ids": ids})
+    assert "integer" in str(e.value)
+
+
+def test_numpy_token_ids_are_taken():
+    import numpy as np
+
+    assert LLM._encode(None, {"prompt_token_ids": list(np.arange(3))}) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("key, value", [("content", None), ("role", 1)])
+def test_chat_message_of_another_type_is_refused(cpu_llm, key, value):
+    message = {"role": "user", "content": "hi", key: value}
+    with pytest.raises(RequestError, match=f"its '{key}' is .*it must be a string"):
+        cpu_llm.generate([message])
+
+
+def test_config_of_another_type_is_refused_before_loading():
+    with pytest.raises(ConfigError, match="config is a list"):
+        LLM(config=["kv"])
