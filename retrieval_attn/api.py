@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import numbers
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from retrieval_attn.config import EngineConfig
-from retrieval_attn.context import SavedContext, open_context, save_context
+from retrieval_attn.context import SavedContext, open_context, prepare_target, save_context
 from retrieval_attn.engine import Engine, GenerationStats, TextAssembler
 from retrieval_attn.errors import ConfigError, RequestError
 from retrieval_attn.model.loader import load_model
@@ -126,19 +126,26 @@ class LLM:
                                          st.finish_reason or "stop", timings))
         return outputs
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield text pieces of one prompt's answer as they are decoded."""
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None
+               ) -> Generator[str, None, RequestOutput]:
+        """Yield text pieces of one prompt's answer as they are decoded; the generator's
+        return value (StopIteration.value) is the whole RequestOutput: finish reason, timings."""
         params = _check_params(params)
         ids = self._encode(prompt)
-        out = yield from self._pieces(ids, params, GenerationStats(), [], prompt)
-        return out
+        stats, new_ids, pieces = GenerationStats(), [], []
+        for piece in self._pieces(ids, params, stats, new_ids, prompt):
+            pieces.append(piece)
+            yield piece
+        return self._output(prompt, ids, "".join(pieces), new_ids, stats)
 
-    def save_context(self, prompt: Prompt, path: str | Path) -> Path:
+    def save_context(self, prompt: Prompt, path: str | Path, overwrite: bool = False) -> Path:
         """Prefill a prompt and write its KV state (host store, low-rank keys, every
-        layer's index, waiting for index builds) to the folder path."""
+        layer's index, waiting for index builds) to the folder path. A folder that holds
+        a saved context or other files is refused unless overwrite."""
         ids = self._encode(prompt)
+        prepare_target(path, overwrite)  # before the prefill: a bad path loses no work
         logits = self.engine.prefill(ids, GenerationStats())
-        return save_context(self.engine, ids, logits, path)
+        return save_context(self.engine, ids, logits, path, overwrite)
 
     def load_context(self, path: str | Path) -> SavedContext:
         """Check a saved context (checksums, model shape, config); pass the result to
@@ -152,6 +159,10 @@ class LLM:
     def _run(self, prompt: Prompt, ids: list[int], params: SamplingParams) -> RequestOutput:
         stats, new_ids = GenerationStats(), []
         text = "".join(self._pieces(ids, params, stats, new_ids, prompt))
+        return self._output(prompt, ids, text, new_ids, stats)
+
+    def _output(self, prompt: Prompt, ids: list[int], text: str, new_ids: list[int],
+                stats: GenerationStats) -> RequestOutput:
         timings = Timings(stats.prefill_s, stats.decode_s, stats.prompt_tokens,
                           stats.generated_tokens)
         return RequestOutput(prompt, ids, text, new_ids, stats.finish_reason or "stop", timings)

@@ -129,3 +129,18 @@ def test_chat_message_of_another_type_is_refused(cpu_llm, key, value):
 def test_config_of_another_type_is_refused_before_loading():
     with pytest.raises(ConfigError, match="config is a list"):
         LLM(config=["kv"])
+
+
+def test_stream_returns_the_request_output(cpu_llm):
+    """the generator's return value carries the finish reason and timings (the CLI prints
+    them after the text)"""
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    stream = cpu_llm.stream("Once upon a time", params)
+    pieces = []
+    with pytest.raises(StopIteration) as done:
+        while True:
+            pieces.append(next(stream))
+    out = done.value.value
+    assert out.text == "".join(pieces) and out.finish_reason == "length"
+    assert out.token_ids == cpu_llm.generate("Once upon a time", params)[0].token_ids
+    assert out.timings.generated_tokens == 3 and out.timings.prefill_s > 0
