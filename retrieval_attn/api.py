@@ -14,6 +14,7 @@ import torch
 from retrieval_attn.config import EngineConfig
 from retrieval_attn.context import SavedContext, open_context, prepare_target, save_context
 from retrieval_attn.engine import Engine, GenerationStats, TextAssembler
+from retrieval_attn.engine.engine import check_for_model
 from retrieval_attn.errors import ConfigError, RequestError
 from retrieval_attn.model.loader import load_model
 from retrieval_attn.planner import available_memory, check_budget, plan_memory, spec_for
@@ -71,6 +72,7 @@ class LLM:
         self.device, self.dtype = _resolve_device(cfg.runtime.device, cfg.runtime.dtype)
         # Refuse now, with numbers, rather than run out of memory halfway through a prompt.
         spec = spec_for(cfg.model.path, cfg.model.cache_dir)
+        check_for_model(cfg, spec, str(cfg.model.path or "the embedded model"))
         check_budget(plan_memory(spec, cfg, self.device.type), *available_memory(self.device))
         self.loaded = load_model(cfg.model.path, self.device, self.dtype, cfg.model.cache_dir)
         self.tokenizer = self.loaded.tokenizer

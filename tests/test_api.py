@@ -144,3 +144,10 @@ def test_stream_returns_the_request_output(cpu_llm):
     assert out.text == "".join(pieces) and out.finish_reason == "length"
     assert out.token_ids == cpu_llm.generate("Once upon a time", params)[0].token_ids
     assert out.timings.generated_tokens == 3 and out.timings.prefill_s > 0
+
+
+def test_lookahead_past_the_last_layer_is_refused_before_loading():
+    """kv.lookahead_from 1000 on the 30-layer model was taken silently (issue 27)"""
+    with pytest.raises(ConfigError, match="kv.lookahead_from is 1000 but .* has 30 layers"):
+        LLM(config={"runtime": {"device": "cpu"},
+                    "kv": {"policy": "retrieval", "lookahead_from": 1000}})
