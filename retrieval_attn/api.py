@@ -16,6 +16,7 @@ from retrieval_attn.context import SavedContext, open_context, prepare_target, s
 from retrieval_attn.engine import Engine, GenerationStats, TextAssembler
 from retrieval_attn.engine.engine import check_for_model
 from retrieval_attn.errors import ConfigError, RequestError
+from retrieval_attn.index.ann_retriever import require_index_modules
 from retrieval_attn.model.loader import load_model
 from retrieval_attn.planner import available_memory, check_budget, plan_memory, spec_for
 from retrieval_attn.sampling import SamplingParams
@@ -73,6 +74,8 @@ class LLM:
         # Refuse now, with numbers, rather than run out of memory halfway through a prompt.
         spec = spec_for(cfg.model.path, cfg.model.cache_dir)
         check_for_model(cfg, spec, str(cfg.model.path or "the embedded model"))
+        if cfg.kv.policy == "retrieval" and cfg.index.kind != "lowrank":
+            require_index_modules(cfg.index.kind)  # faiss, hnswlib: before the weights load
         check_budget(plan_memory(spec, cfg, self.device.type), *available_memory(self.device))
         self.loaded = load_model(cfg.model.path, self.device, self.dtype, cfg.model.cache_dir)
         self.tokenizer = self.loaded.tokenizer

@@ -1,5 +1,7 @@
 """The public API on the embedded model: answers, batching, streaming, stops, errors."""
 
+import sys
+
 import pytest
 
 from retrieval_attn import LLM, SamplingParams
@@ -151,3 +153,21 @@ def test_lookahead_past_the_last_layer_is_refused_before_loading():
     with pytest.raises(ConfigError, match="kv.lookahead_from is 1000 but .* has 30 layers"):
         LLM(config={"runtime": {"device": "cpu"},
                     "kv": {"policy": "retrieval", "lookahead_from": 1000}})
+
+
+def test_attention_index_without_faiss_is_refused_before_loading(monkeypatch):
+    """it raised ModuleNotFoundError once prefill's first layer ended (issue 27)"""
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+    with pytest.raises(ConfigError, match="index.kind is attention, which needs faiss"):
+        LLM(config={"runtime": {"device": "cpu"}, "kv": {"policy": "retrieval"},
+                    "index": {"kind": "attention", "builder": "inline"}})
+
+
+def test_engine_refuses_an_index_without_its_library(cpu_llm, monkeypatch):
+    """the same check where the build service starts (engines made without LLM)"""
+    from retrieval_attn.config import IndexConfig, KVConfig
+
+    monkeypatch.setitem(sys.modules, "hnswlib", None)
+    with pytest.raises(ConfigError, match="index.kind is hnswlib, which needs hnswlib"):
+        cpu_llm.engine.make_policy(KVConfig(policy="retrieval"),
+                                   IndexConfig(kind="hnswlib", builder="inline"))

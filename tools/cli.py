@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 def _guarded(run) -> int:
     """Run a command; user errors become one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # faiss logs each CPU build it fails to load (ModuleNotFoundError lines) before the one it
+    # loads: noise that reads as an error
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         return run()
     except RetrievalAttnError as e:

@@ -142,3 +142,25 @@ def test_sampling_flags_have_help(capsys):
     for flag in ("--temperature", "--top-p", "--top-k", "--seed", "--max-tokens"):
         after = out.split(f"{flag} {flag[2:].upper().replace('-', '_')} ", 1)[1]
         assert not after.startswith("--"), flag  # some words of help follow the flag
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("kv: {policy: retrieval}\nindex: {kind: attention, builder: inline}\n",
+     "index.kind is attention, which needs faiss"),
+    ("kv: {policy: retrieval, lookahead_from: 1000}\n",
+     "kv.lookahead_from is 1000 but the embedded model has 30 layers"),
+])
+def test_config_the_model_or_machine_cannot_serve(capsys, tmp_path, monkeypatch, yaml_text,
+                                                   message):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("runtime: {device: cpu}\n" + yaml_text)
+    assert main(["generate", "--config", str(cfg), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_generate_from_a_manifest_that_is_not_an_object(capsys, tmp_path):
+    (tmp_path / "manifest.json").write_text("[1, 2, 3]")
+    assert main(["generate", *NO_MODEL, "--context", str(tmp_path)]) == 2
+    assert "holds a JSON list, not an object" in capsys.readouterr().err
