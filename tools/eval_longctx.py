@@ -21,6 +21,7 @@ import torch
 from retrieval_attn import LLM, SamplingParams
 from retrieval_attn.config import INDEX_KINDS, IndexConfig, KVConfig
 from retrieval_attn.engine import GenerationStats
+from retrieval_attn.errors import ConfigError
 from retrieval_attn.tools.capture_qk import RecordingKV
 from retrieval_attn.tools.longctx_diagnostics import layer_diagnostics, rank_recall
 from retrieval_attn.tools.longctx_tasks import Sample, make_samples, render
@@ -89,11 +90,14 @@ def evaluate(llm: LLM, samples: list[Sample], grid: list[Policy],
                 kv.ingest(dense_k, dense_v, queries if index is not None else None)
                 if sample is diagnose:
                     kv.trace = []
-            tokens = list(engine.decode(logits, len(ids), params, GenerationStats(), kv=kv))
+            stats = GenerationStats()
+            tokens = list(engine.decode(logits, len(ids), params, stats, kv=kv))
             answer = tok.decode(tokens)
+            # cut: the answer ran into max_tokens (or the context's end) before it ended
             rows.append({"policy": name, "task": sample.task, "length": sample.length,
                          "prompt_tokens": len(ids), "depth": sample.depth,
-                         "score": sample.score(answer), "answer": answer.strip()[:200]})
+                         "score": sample.score(answer), "answer": answer.strip()[:200],
+                         "cut": stats.finish_reason == "length"})
             if kv is not None and kv.trace:
                 first_step = [t for t in kv.trace if t.n == len(ids) + 1]
                 exact = (dense_k, dense_v)  # the prefill's rows (an int8 store rounds them)
@@ -110,15 +114,24 @@ def evaluate(llm: LLM, samples: list[Sample], grid: list[Policy],
 
 
 def accuracy_table(rows: list[dict]) -> list[str]:
-    """Policy x task accuracy (%), per length and over all, policies in first-seen order."""
+    """Policy x task accuracy (%), per length and over all, policies in first-seen order;
+    'cut' counts the answers that hit max_tokens before they ended (scored as they were),
+    and a warning line follows the table when there are any."""
     lengths = sorted({r["length"] for r in rows})
-    lines = [f"{'policy':<24}{'length':>7}" + "".join(f"{t:>11}" for t in TASKS) + f"{'avg':>8}"]
+    lines = [f"{'policy':<24}{'length':>7}" + "".join(f"{t:>11}" for t in TASKS) + f"{'avg':>8}"
+             + f"{'cut':>9}"]
     for name in dict.fromkeys(r["policy"] for r in rows):
         for length in lengths + ["all"]:
             mine = [r for r in rows if r["policy"] == name and length in ("all", r["length"])]
             accs = [_mean([r["score"] for r in mine if r["task"] == t]) for t in TASKS]
+            cut = f"{sum(r.get('cut', False) for r in mine)}/{len(mine)}"
             lines.append(f"{name:<24}{length!s:>7}" + "".join(f"{100 * a:>11.1f}" for a in accs)
-                         + f"{100 * _mean(accs):>8.1f}")
+                         + f"{100 * _mean(accs):>8.1f}{cut:>9}")
+    cut = sum(r.get("cut", False) for r in rows)
+    if cut:
+        lines.append(f"warning: {cut} of {len(rows)} answers hit max_tokens before they ended "
+                     "and were scored cut short: raise --max-tokens (default 48) if the "
+                     "scores look low")
     return lines
 
 
@@ -179,10 +192,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="host index kinds to run retrieval with too (built inline)")
     p.add_argument("--ablate-tail", action="store_true",
                    help="also run retrieval without kv.tail_estimate at every budget")
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--max-tokens", type=int, default=48,
+                   help="new tokens per answer; the table's 'cut' column counts answers "
+                        "that hit it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/eval", help="folder for PNGs and results.json")
     args = p.parse_args(argv)
+    SamplingParams(max_tokens=args.max_tokens)  # refuse a bad --max-tokens before any load
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.report:
@@ -221,8 +237,7 @@ def report(folders: list[str], out: Path) -> int:
     for folder in folders:
         path = Path(folder) / "results.json"
         if not path.is_file():
-            raise SystemExit(f"error: {path} not found: pass folders an eval run wrote "
-                             "(its --out)")
+            raise ConfigError(f"{path} not found: pass folders an eval run wrote (its --out)")
         rows += json.loads(path.read_text())["rows"]
     pngs = heatmaps(rows, out)
     prompts = len(rows) // len({r["policy"] for r in rows})
@@ -236,9 +251,9 @@ def _shard(spec: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
-        raise SystemExit(f"error: --shard {spec!r}: write I/N, e.g. 0/4") from None
+        raise ConfigError(f"--shard {spec!r}: write I/N, e.g. 0/4") from None
     if not 0 <= i < n:
-        raise SystemExit(f"error: --shard {spec}: need 0 <= I < N")
+        raise ConfigError(f"--shard {spec}: need 0 <= I < N")
     return i, n
 
 
