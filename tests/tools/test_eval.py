@@ -34,6 +34,9 @@ def test_eval_runs_an_index_policy_beside_dense(tmp_path, capsys):
         assert f"\n{name} " in table
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert len(rows) == 5 * 3  # five tasks, three policies
+    assert all(isinstance(r["cut"], bool) for r in rows)
+    if any(r["cut"] for r in rows):  # 6 tokens cut most answers: the table says so
+        assert "answers hit max_tokens" in table
     diagnostics = json.loads((tmp_path / "results.json").read_text())["diagnostics"]
     assert "retrieval+attention@0.1" in diagnostics
 
