@@ -16,6 +16,7 @@ as in group_scores) win.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from retrieval_attn.errors import ConfigError
 from retrieval_attn.index.attention_graph import AttentionAwareIndex
 from retrieval_attn.index.faiss_ann import FaissHNSWIndex, FaissIVFIndex
 from retrieval_attn.index.hnswlib_ann import HnswlibIndex
@@ -36,6 +38,31 @@ INDEX_CLASSES = {"attention": AttentionAwareIndex, "hybrid": AttentionAwareIndex
                  "hnswlib": HnswlibIndex}
 
 HeadIndex = AttentionAwareIndex | FaissHNSWIndex | FaissIVFIndex | HnswlibIndex
+# the libraries each kind builds and searches with (build_layer_states imports faiss for all)
+INDEX_MODULES = {"attention": ("faiss",), "hybrid": ("faiss",), "faiss-hnsw": ("faiss",),
+                 "faiss-ivf": ("faiss",), "hnswlib": ("faiss", "hnswlib")}
+PIP_NAMES = {"faiss": "faiss-cpu (faiss-gpu where CUDA is)", "hnswlib": "hnswlib"}
+
+
+def missing_modules(kinds: list[str]) -> list[str]:
+    """The libraries of these index kinds that cannot be imported here."""
+    needed = dict.fromkeys(m for kind in kinds for m in INDEX_MODULES.get(kind, ()))
+    missing = []
+    for module in needed:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    return missing
+
+
+def require_index_modules(kind: str) -> None:
+    """Refuse index.kind `kind` now, before any prefill, when its library is missing."""
+    missing = missing_modules([kind])
+    if missing:
+        raise ConfigError(f"index.kind is {kind}, which needs {' and '.join(missing)}, not "
+                          f"installed: pip install {' '.join(PIP_NAMES[m] for m in missing)} "
+                          "(or retrieval-attn[index]), or set index.kind: lowrank")
 
 
 def build_head_index(kind: str, keys: np.ndarray, queries: np.ndarray) -> HeadIndex:

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from retrieval_attn.errors import ConfigError
-from retrieval_attn.index.ann_retriever import build_layer_states
+from retrieval_attn.index.ann_retriever import build_layer_states, require_index_modules
 
 LOG = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class IndexBuildService:
         self._bar: tqdm | None = None
         self.failed: list[int] = []
         self._futures: dict[Future, tuple[int, float]] = {}  # threads: -> (layer, submit time)
+        require_index_modules(kind)  # now, as Ray below: not when prefill's first layer ends
         if builder == "ray":
             self._remote = _ray_task(ray_address, max_retries)
         elif builder == "threads":

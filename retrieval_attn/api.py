@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import numbers
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,11 @@ from typing import Any
 import torch
 
 from retrieval_attn.config import EngineConfig
-from retrieval_attn.context import SavedContext, open_context, save_context
+from retrieval_attn.context import SavedContext, open_context, prepare_target, save_context
 from retrieval_attn.engine import Engine, GenerationStats, TextAssembler
+from retrieval_attn.engine.engine import check_for_model
 from retrieval_attn.errors import ConfigError, RequestError
+from retrieval_attn.index.ann_retriever import require_index_modules
 from retrieval_attn.model.loader import load_model
 from retrieval_attn.planner import available_memory, check_budget, plan_memory, spec_for
 from retrieval_attn.sampling import SamplingParams
@@ -70,6 +73,9 @@ class LLM:
         self.device, self.dtype = _resolve_device(cfg.runtime.device, cfg.runtime.dtype)
         # Refuse now, with numbers, rather than run out of memory halfway through a prompt.
         spec = spec_for(cfg.model.path, cfg.model.cache_dir)
+        check_for_model(cfg, spec, str(cfg.model.path or "the embedded model"))
+        if cfg.kv.policy == "retrieval" and cfg.index.kind != "lowrank":
+            require_index_modules(cfg.index.kind)  # faiss, hnswlib: before the weights load
         check_budget(plan_memory(spec, cfg, self.device.type), *available_memory(self.device))
         self.loaded = load_model(cfg.model.path, self.device, self.dtype, cfg.model.cache_dir)
         self.tokenizer = self.loaded.tokenizer
@@ -80,7 +86,7 @@ class LLM:
         """One RequestOutput per prompt, in order. Prompts run one after another; with
         runtime.max_batch > 1, prompts of one token length decode together, up to
         max_batch at a time (stop strings then cut the text after decoding)."""
-        params = params or SamplingParams()
+        params = _check_params(params)
         batch = _as_batch(prompts)
         ids = [self._encode(p) for p in batch]  # every prompt is checked before any runs
         for one in ids:
@@ -125,19 +131,26 @@ class LLM:
                                          st.finish_reason or "stop", timings))
         return outputs
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield text pieces of one prompt's answer as they are decoded."""
-        params = params or SamplingParams()
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None
+               ) -> Generator[str, None, RequestOutput]:
+        """Yield text pieces of one prompt's answer as they are decoded; the generator's
+        return value (StopIteration.value) is the whole RequestOutput: finish reason, timings."""
+        params = _check_params(params)
         ids = self._encode(prompt)
-        out = yield from self._pieces(ids, params, GenerationStats(), [], prompt)
-        return out
+        stats, new_ids, pieces = GenerationStats(), [], []
+        for piece in self._pieces(ids, params, stats, new_ids, prompt):
+            pieces.append(piece)
+            yield piece
+        return self._output(prompt, ids, "".join(pieces), new_ids, stats)
 
-    def save_context(self, prompt: Prompt, path: str | Path) -> Path:
+    def save_context(self, prompt: Prompt, path: str | Path, overwrite: bool = False) -> Path:
         """Prefill a prompt and write its KV state (host store, low-rank keys, every
-        layer's index, waiting for index builds) to the folder path."""
+        layer's index, waiting for index builds) to the folder path. A folder that holds
+        a saved context or other files is refused unless overwrite."""
         ids = self._encode(prompt)
+        prepare_target(path, overwrite)  # before the prefill: a bad path loses no work
         logits = self.engine.prefill(ids, GenerationStats())
-        return save_context(self.engine, ids, logits, path)
+        return save_context(self.engine, ids, logits, path, overwrite)
 
     def load_context(self, path: str | Path) -> SavedContext:
         """Check a saved context (checksums, model shape, config); pass the result to
@@ -151,6 +164,10 @@ class LLM:
     def _run(self, prompt: Prompt, ids: list[int], params: SamplingParams) -> RequestOutput:
         stats, new_ids = GenerationStats(), []
         text = "".join(self._pieces(ids, params, stats, new_ids, prompt))
+        return self._output(prompt, ids, text, new_ids, stats)
+
+    def _output(self, prompt: Prompt, ids: list[int], text: str, new_ids: list[int],
+                stats: GenerationStats) -> RequestOutput:
         timings = Timings(stats.prefill_s, stats.decode_s, stats.prompt_tokens,
                           stats.generated_tokens)
         return RequestOutput(prompt, ids, text, new_ids, stats.finish_reason or "stop", timings)
@@ -179,7 +196,16 @@ class LLM:
         if isinstance(prompt, SavedContext):
             return list(prompt.prompt_token_ids)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return [int(i) for i in prompt["prompt_token_ids"]]
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)):
+                raise RequestError(f"prompt_token_ids is a {type(ids).__name__}: give a list "
+                                   "of integer token ids")
+            bad = [i for i in ids if not isinstance(i, numbers.Integral) or isinstance(i, bool)]
+            if bad:
+                raise RequestError(f"prompt_token_ids holds {bad[:3]!r}: every token id must "
+                                   "be an integer (tokenize text with LLM.encode, or pass the "
+                                   "text itself)")
+            return [int(i) for i in ids]
         if self.tokenizer is None:
             raise RequestError(f"{self.loaded.source} has no tokenizer: pass prompts as "
                                "{'prompt_token_ids': [...]}")
@@ -191,6 +217,17 @@ class LLM:
             return self.tokenizer.encode_chat(prompt)
         raise RequestError(f"a prompt must be a string, a list of chat messages or "
                            f"{{'prompt_token_ids': [...]}}, not {type(prompt).__name__}")
+
+
+def _check_params(params: Any) -> SamplingParams:
+    if params is None:
+        return SamplingParams()
+    if not isinstance(params, SamplingParams):
+        hint = (f"SamplingParams(**{params!r})" if isinstance(params, dict)
+                else "SamplingParams(max_tokens=...)")
+        raise RequestError(f"sampling params are a {type(params).__name__}: pass a "
+                           f"SamplingParams, e.g. {hint}")
+    return params
 
 
 def _no_text(ids: list[int]) -> str:

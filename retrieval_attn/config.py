@@ -237,6 +237,10 @@ class EngineConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> EngineConfig:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory: pass a YAML file (e.g. "
+                              f"{path / 'config.yaml'}) or a preset name "
+                              f"({', '.join(preset_names())})")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist: pass an existing YAML file "
                               f"or a preset name ({', '.join(preset_names())})")
@@ -258,6 +262,10 @@ class EngineConfig:
             return config
         if isinstance(config, dict):
             return cls.from_dict(config)
+        if not isinstance(config, (str, Path)):
+            raise ConfigError(f"config is a {type(config).__name__} ({config!r}): pass a preset "
+                              f"name ({', '.join(preset_names())}), a YAML path, a dict of "
+                              "sections or an EngineConfig")
         text = str(config)
         if text in preset_names():
             return cls.from_yaml(preset_path(text))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,14 +51,70 @@ class SavedContext:
     manifest: dict
 
 
-def save_context(engine, prompt_ids: list[int], logits: torch.Tensor, path: str | Path) -> Path:
-    """Write the engine's current KV state (just after prefilling prompt_ids) to path."""
+def check_target(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse a folder save_context could not write, or would overwrite unasked; creates
+    nothing. Cheap: call it before the prefill (and the model load)."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ContextError(f"{path} is a file: a context is a folder of several files; "
+                           "give a folder path that is new or empty")
+    if path.is_dir() and not overwrite:
+        if (path / "manifest.json").exists():
+            raise ContextError(f"{path} already holds a saved context: choose another folder, "
+                               "or pass overwrite=True (CLI: --overwrite) to replace it")
+        if any(e.name != "index" or not e.is_dir() or any(e.iterdir())
+               for e in path.iterdir()):  # prepare_target's own empty index/ is no content
+            raise ContextError(f"{path} is not empty (and holds no saved context): choose a "
+                               "new or empty folder, or pass overwrite=True (CLI: --overwrite) "
+                               "to write into it")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ContextError(f"cannot create the folder {path}: {existing} is a file; give a "
+                           "path under a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ContextError(f"cannot create the folder {path}: {existing} is not writable; "
+                           "give a path you can write to")
+    return path
+
+
+def prepare_target(path: str | Path, overwrite: bool = False) -> Path:
+    """check_target, then create the folder and remove an old context's files from it (its
+    manifest first: a save cut short leaves no folder that looks like a whole context)."""
+    path = check_target(path, overwrite)
+    try:
+        old = path / "manifest.json"
+        if old.exists():
+            listed = json.loads(old.read_text()).get("files", {}) if _is_object(old) else {}
+            old.unlink()
+            for name in listed:
+                (path / name).unlink(missing_ok=True)
+            for f in (path / "index").glob("layer*.safetensors"):
+                f.unlink()  # a layer not in the new save must not be loaded with it
+        (path / "index").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ContextError(f"cannot write the context folder {path}: {e.strerror or e}; give "
+                           "a path you can write to") from None
+    return path
+
+
+def _is_object(manifest: Path) -> bool:
+    try:
+        return isinstance(json.loads(manifest.read_text()), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def save_context(engine, prompt_ids: list[int], logits: torch.Tensor, path: str | Path,
+                 overwrite: bool = False) -> Path:
+    """Write the engine's current KV state (just after prefilling prompt_ids) to path.
+    An existing context there is refused unless overwrite."""
     from retrieval_attn.offload.dense import DenseKV
     from retrieval_attn.offload.sparse import SparseKV
 
     _one_sequence(engine)
-    path, kv, n = Path(path), engine.kv, len(prompt_ids)
-    (path / "index").mkdir(parents=True, exist_ok=True)
+    path, kv, n = prepare_target(path, overwrite), engine.kv, len(prompt_ids)
     files: list[str] = []
 
     def put(name: str, tensors: dict, numpy: bool = False) -> None:
@@ -95,21 +152,49 @@ def save_context(engine, prompt_ids: list[int], logits: torch.Tensor, path: str 
     return path
 
 
-def check_files(path: str | Path) -> dict:
-    """A context folder's manifest, after checking every file's size and sha256."""
+def read_manifest(path: str | Path) -> dict:
+    """A context folder's manifest, checked for its format and layout (not its files:
+    check_files). Cheap: call it before the model load."""
     path = Path(path)
     mpath = path / "manifest.json"
     if not mpath.is_file():
         raise ContextError(f"{path} is not a saved context: {mpath} does not exist "
-                           "(write one with LLM.save_context)")
+                           "(write one with LLM.save_context or retrieval-attn save-context)")
     try:
         manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ContextError(f"{mpath} is not valid JSON ({e}): the file is damaged; "
                            "save the context again") from None
+    if not isinstance(manifest, dict):
+        raise ContextError(f"{mpath} holds a JSON {type(manifest).__name__}, not an object: "
+                           "it is not a context manifest; save the context again")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ContextError(f"{mpath}: format {manifest.get('format')!r} version "
                            f"{manifest.get('version')!r}, expected {FORMAT!r} {VERSION}")
+    layout = {"model": str, "spec": dict, "kv": dict, "index": dict, "prompt_token_ids": list,
+              "files": dict}
+    for key, kind in layout.items():
+        if not isinstance(manifest.get(key), kind):
+            raise ContextError(f"{mpath}: {key!r} is missing or not a JSON "
+                               f"{'object' if kind is dict else kind.__name__}: the manifest "
+                               "is damaged; save the context again")
+    ids = manifest["prompt_token_ids"]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ContextError(f"{mpath}: prompt_token_ids must be a non-empty list of integers: "
+                           "the manifest is damaged; save the context again")
+    for name, want in manifest["files"].items():
+        if not (isinstance(want, dict) and isinstance(want.get("bytes"), int)
+                and isinstance(want.get("sha256"), str)):
+            raise ContextError(f"{mpath}: the entry of {name!r} needs 'bytes' and 'sha256': "
+                               "the manifest is damaged; save the context again")
+    return manifest
+
+
+def check_files(path: str | Path) -> dict:
+    """A context folder's manifest, after checking every file's size and sha256."""
+    path = Path(path)
+    mpath = path / "manifest.json"
+    manifest = read_manifest(path)
     for name, want in manifest["files"].items():
         f = path / name
         if not f.is_file():

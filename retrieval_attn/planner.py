@@ -480,6 +480,12 @@ def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_byt
     store_on is kv.store_on, or "auto": the best config found with the store in host
     memory, moved onto the device where it still fits (the same quality, faster decode).
     """
+    if prefill_chunk_tokens < 1:
+        raise ConfigError(f"prefill_chunk_tokens is {prefill_chunk_tokens}: the largest "
+                          "prefill chunk to consider must be >= 1 token")
+    if max_rank is not None and max_rank < 1:
+        raise ConfigError(f"max_rank is {max_rank}: the largest kv.rank to consider must be "
+                          ">= 1 (or None: head_dim)")
     gpu_bytes, host_bytes = int(gpu_bytes * (1 - headroom)), int(host_bytes * (1 - headroom))
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" else "float32"
@@ -491,7 +497,8 @@ def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_byt
                "top_k": top_k, "tail_estimate": tail_estimate,
                "rerank_factor": rerank_factor, "select_block": select_block,
                "host_dtype": host_dtype, "lookahead_from": lookahead_from}})
-    chunks = [c for c in CHUNK_CHOICES if c <= prefill_chunk_tokens] or [CHUNK_CHOICES[-1]]
+    # below the smallest choice, the given chunk itself (not a larger one than asked)
+    chunks = [c for c in CHUNK_CHOICES if c <= prefill_chunk_tokens] or [prefill_chunk_tokens]
     kv_cap = max_kv_gpu_bytes if max_kv_gpu_bytes is not None else math.inf
 
     def first_fit(kv: dict) -> EngineConfig | None:
@@ -524,7 +531,7 @@ def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_byt
     smallest = base.replace(runtime={"prefill_chunk_tokens": chunks[-1]},
                             kv={"policy": order[-1], "rank": 1})
     plan = plan_memory(spec, smallest, device_type)
-    if plan.fits(gpu_bytes, host_bytes):  # only the KV cap was in the way
+    if plan.fits(gpu_bytes, host_bytes) and max_kv_gpu_bytes is not None:  # only the cap
         raise ConfigError(f"no config keeps the GPU KV state under {format_bytes(kv_cap)}: "
                           f"even kv.rank 1 needs {format_bytes(plan.kv_bytes('gpu'))}; raise the "
                           "cap or lower the context")
@@ -573,12 +580,17 @@ def format_bytes(n: int | float) -> str:
 
 def spec_for(path: str | None, cache_dir: str = "~/.cache/retrieval-attn") -> ModelSpec:
     """A model's spec without loading weights: 'random:<shape>' or a shape name, a HF
-    checkpoint directory (config.json), a .gguf file (its export), or None (embedded)."""
-    from retrieval_attn.model.loader import checkpoint_dir, read_spec
+    checkpoint directory (config.json), a .gguf file (its header: nothing is exported), or
+    None (the embedded GGUF)."""
+    from retrieval_attn.model.gguf import read_gguf_spec
+    from retrieval_attn.model.loader import checkpoint_dir, embedded_model_path, read_spec
     from retrieval_attn.model.spec import NAMED_SHAPES, named_shape
 
     if path is not None and (path.startswith("random:") or path in NAMED_SHAPES):
         return named_shape(path.removeprefix("random:"))
+    src = embedded_model_path() if path is None else Path(path).expanduser()
+    if src.is_file() and src.suffix == ".gguf":
+        return read_gguf_spec(src)
     return read_spec(checkpoint_dir(path, cache_dir))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -16,25 +18,37 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus: keep the smallest set of tokens with this much mass
     top_k: int = 0  # keep the k most likely tokens; 0 = all
     seed: int | None = None  # fixes the random draws of temperature sampling
-    stop: list[str] = field(default_factory=list)  # text that ends generation (not returned)
+    # text that ends generation (not returned): a string, a list of them, or None (none)
+    stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks)
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", [self.stop])
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        stop = [] if self.stop is None else self.stop  # None: no stop strings (as in vLLM)
+        if isinstance(stop, str):
+            stop = [stop]
+        if isinstance(stop, tuple):
+            stop = list(stop)
+        object.__setattr__(self, "stop", stop)
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise RequestError(f"max_tokens is {self.max_tokens!r}: it must be an integer >= 1")
-        if self.temperature < 0:
-            raise RequestError(f"temperature is {self.temperature}: it must be >= 0 "
-                               "(0 means greedy decoding)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise RequestError(f"top_p is {self.top_p}: it must be in (0, 1] "
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            raise RequestError(f"temperature is {self.temperature!r}: it must be a finite "
+                               "number >= 0 (0 means greedy decoding)")
+        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise RequestError(f"top_p is {self.top_p!r}: it must be a number in (0, 1] "
                                "(1 keeps every token)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise RequestError(f"top_k is {self.top_k!r}: it must be an integer >= 0 "
                                "(0 keeps every token)")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise RequestError(f"stop is {self.stop!r}: it must be a list of non-empty strings")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise RequestError(f"seed is {self.seed!r}: it must be an integer in [0, 2**64) "
+                               "or None (unseeded)")
+        if not isinstance(stop, list) or any(not isinstance(s, str) or not s for s in stop):
+            raise RequestError(f"stop is {self.stop!r}: it must be a string or a list of "
+                               "non-empty strings")
+        if not isinstance(self.ignore_eos, bool):
+            raise RequestError(f"ignore_eos is {self.ignore_eos!r}: it must be True or False")
 
     @property
     def greedy(self) -> bool:
@@ -58,3 +72,11 @@ def sample(logits: torch.Tensor, params: SamplingParams,
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -1,5 +1,7 @@
 """The public API on the embedded model: answers, batching, streaming, stops, errors."""
 
+import sys
+
 import pytest
 
 from retrieval_attn import LLM, SamplingParams
@@ -93,3 +95,79 @@ def test_cuda_requested_without_cuda_is_refused():
         pytest.skip("a CUDA device is present")
     with pytest.raises(ConfigError, match="no CUDA device"):
         LLM(config={"runtime": {"device": "cuda"}})
+
+
+# ---------------------------------------------------------------- issue 27: bad inputs
+
+
+def test_params_as_a_dict_are_refused(cpu_llm):
+    with pytest.raises(RequestError, match=r"pass a SamplingParams, e.g. SamplingParams\(\*\*"):
+        cpu_llm.generate("hi", {"max_tokens": 4})
+    with pytest.raises(RequestError, match="pass a SamplingParams"):
+        next(cpu_llm.stream("hi", {"max_tokens": 4}))
+
+
+@pytest.mark.parametrize("ids", [["a"], [1.5], [1, True], "12"],
+                         ids=["str-id", "float-id", "bool-id", "str"])
+def test_token_ids_that_are_not_integers_are_refused(cpu_llm, ids):
+    with pytest.raises(RequestError, match="prompt_token_ids") as e:
+        cpu_llm.generate({"prompt_token_ids": ids})
+    assert "integer" in str(e.value)
+
+
+def test_numpy_token_ids_are_taken():
+    import numpy as np
+
+    assert LLM._encode(None, {"prompt_token_ids": list(np.arange(3))}) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("key, value", [("content", None), ("role", 1)])
+def test_chat_message_of_another_type_is_refused(cpu_llm, key, value):
+    message = {"role": "user", "content": "hi", key: value}
+    with pytest.raises(RequestError, match=f"its '{key}' is .*it must be a string"):
+        cpu_llm.generate([message])
+
+
+def test_config_of_another_type_is_refused_before_loading():
+    with pytest.raises(ConfigError, match="config is a list"):
+        LLM(config=["kv"])
+
+
+def test_stream_returns_the_request_output(cpu_llm):
+    """the generator's return value carries the finish reason and timings (the CLI prints
+    them after the text)"""
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    stream = cpu_llm.stream("Once upon a time", params)
+    pieces = []
+    with pytest.raises(StopIteration) as done:
+        while True:
+            pieces.append(next(stream))
+    out = done.value.value
+    assert out.text == "".join(pieces) and out.finish_reason == "length"
+    assert out.token_ids == cpu_llm.generate("Once upon a time", params)[0].token_ids
+    assert out.timings.generated_tokens == 3 and out.timings.prefill_s > 0
+
+
+def test_lookahead_past_the_last_layer_is_refused_before_loading():
+    """kv.lookahead_from 1000 on the 30-layer model was taken silently (issue 27)"""
+    with pytest.raises(ConfigError, match="kv.lookahead_from is 1000 but .* has 30 layers"):
+        LLM(config={"runtime": {"device": "cpu"},
+                    "kv": {"policy": "retrieval", "lookahead_from": 1000}})
+
+
+def test_attention_index_without_faiss_is_refused_before_loading(monkeypatch):
+    """it raised ModuleNotFoundError once prefill's first layer ended (issue 27)"""
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+    with pytest.raises(ConfigError, match="index.kind is attention, which needs faiss"):
+        LLM(config={"runtime": {"device": "cpu"}, "kv": {"policy": "retrieval"},
+                    "index": {"kind": "attention", "builder": "inline"}})
+
+
+def test_engine_refuses_an_index_without_its_library(cpu_llm, monkeypatch):
+    """the same check where the build service starts (engines made without LLM)"""
+    from retrieval_attn.config import IndexConfig, KVConfig
+
+    monkeypatch.setitem(sys.modules, "hnswlib", None)
+    with pytest.raises(ConfigError, match="index.kind is hnswlib, which needs hnswlib"):
+        cpu_llm.engine.make_policy(KVConfig(policy="retrieval"),
+                                   IndexConfig(kind="hnswlib", builder="inline"))

@@ -114,6 +114,19 @@ def test_unknown_preset_name_is_reported_as_missing_file():
         EngineConfig.load("no-such-preset")
 
 
+def test_config_path_that_is_a_directory(tmp_path):
+    """said "does not exist" of a folder that exists (issue 27)"""
+    with pytest.raises(ConfigError, match="is a directory: pass a YAML file"):
+        EngineConfig.load(tmp_path)
+
+
+@pytest.mark.parametrize("config", [["kv"], 3, ("default",)], ids=["list", "int", "tuple"])
+def test_config_of_another_type_is_refused(config):
+    """LLM(config=["kv"]) said "config file ['kv'] does not exist" (issue 27)"""
+    with pytest.raises(ConfigError, match=f"config is a {type(config).__name__} .*preset name"):
+        EngineConfig.load(config)
+
+
 def test_invalid_yaml(tmp_path):
     path = write_yaml(tmp_path, "runtime:\n  device: [cpu\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -145,3 +145,59 @@ def test_int8_host_store_round_trips(llm, tmp_path):
     assert small.generate(small.load_context(path), PARAMS)[0].token_ids == want
     assert torch.equal(store.k[:, :, :1200], k) and torch.equal(store.k_scale[:, :, :1200],
                                                                  scale)
+
+
+# ---------------------------------------------------------------- issue 27: bad folders
+
+
+def _too_long(llm) -> dict:
+    """A prompt the prefill refuses: an error about the folder instead shows that the
+    folder was checked first, before any prefill."""
+    return {"prompt_token_ids": [1] * llm.config.runtime.max_context_tokens}
+
+
+def test_save_into_a_file_is_refused_before_prefill(cpu_llm, tmp_path):
+    f = tmp_path / "afile.txt"
+    f.write_text("mine")
+    with pytest.raises(ContextError, match="afile.txt is a file"):
+        cpu_llm.save_context(_too_long(cpu_llm), f)
+    with pytest.raises(ContextError, match="cannot create the folder .*afile.txt is a file"):
+        cpu_llm.save_context(_too_long(cpu_llm), f / "ctx")
+    assert f.read_text() == "mine"
+
+
+def test_save_where_no_folder_can_be_made_is_refused(cpu_llm):
+    with pytest.raises(ContextError, match="cannot (create|write)"):
+        cpu_llm.save_context("hi", "/proc/self/no-such/ctx")
+
+
+def test_existing_context_is_kept_unless_overwrite(cpu_llm, tmp_path):
+    path = cpu_llm.save_context("hi", tmp_path / "ctx")
+    manifest = (path / "manifest.json").read_text()
+    with pytest.raises(ContextError, match="already holds a saved context.*overwrite"):
+        cpu_llm.save_context(_too_long(cpu_llm), path)
+    assert (path / "manifest.json").read_text() == manifest  # nothing lost
+    stale = path / "index" / "layer099.safetensors"  # as from a save of a deeper model
+    stale.write_bytes(b"old")
+    cpu_llm.save_context("hello there", path, overwrite=True)
+    assert cpu_llm.load_context(path).prompt_token_ids == cpu_llm.encode("hello there")
+    assert not stale.exists()
+
+
+def test_folder_of_other_files_is_kept_unless_overwrite(cpu_llm, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ContextError, match="is not empty.*overwrite"):
+        cpu_llm.save_context(_too_long(cpu_llm), tmp_path)
+    cpu_llm.save_context("hi", tmp_path, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert cpu_llm.load_context(tmp_path).prompt_token_ids == cpu_llm.encode("hi")
+
+
+@pytest.mark.parametrize("text, what", [
+    ("[1, 2, 3]", "holds a JSON list, not an object"),
+    ('{"format": "retrieval-attn-context", "version": 1}', "'model' is missing"),
+])
+def test_manifest_that_is_not_a_manifest_is_refused(cpu_llm, tmp_path, text, what):
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ContextError, match=what):
+        cpu_llm.load_context(tmp_path)

@@ -382,3 +382,13 @@ def test_a_device_store_that_does_not_fit_is_refused_naming_the_host_store(capsy
                       "--host-mem", "128GiB", "--policy", "retrieval", "--max-rank", "64",
                       "--host-dtype", "int8", "--store-on", "auto"]) == 0
     assert "store_on: device" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"prefill_chunk_tokens": 0}, "prefill_chunk_tokens is 0"),
+    ({"max_rank": 0}, "max_rank is 0"),
+])
+def test_search_refuses_impossible_bounds(kwargs, words):
+    """chunk 0 silently planned 128; max_rank 0 said 'under inf GiB' (issue 27)"""
+    with pytest.raises(ConfigError, match=words):
+        search_config(NAMED_SHAPES["smollm2-135m"], 4096, 8 * 2**30, 16 * 2**30, **kwargs)

@@ -35,6 +35,20 @@ def frequencies(ids: list[int], vocab: int) -> torch.Tensor:
     pytest.param({"stop": ["ok", ""]}, "stop", id="stop-one-empty"),
     pytest.param({"stop": ""}, "stop", id="stop-empty-str"),
     pytest.param({"stop": [3]}, "stop", id="stop-not-str"),
+    pytest.param({"stop": 3}, "stop", id="stop-int"),
+    # issue 27: these ended in a TypeError or a RuntimeError inside generate
+    pytest.param({"temperature": "0.5"}, "temperature", id="temperature-str"),
+    pytest.param({"temperature": None}, "temperature", id="temperature-none"),
+    pytest.param({"temperature": float("nan")}, "temperature", id="temperature-nan"),
+    pytest.param({"temperature": float("inf")}, "temperature", id="temperature-inf"),
+    pytest.param({"top_p": "0.9"}, "top_p", id="top_p-str"),
+    pytest.param({"top_p": float("nan")}, "top_p", id="top_p-nan"),
+    pytest.param({"seed": "x"}, "seed", id="seed-str"),
+    pytest.param({"seed": 1.5}, "seed", id="seed-float"),
+    pytest.param({"seed": 2**70}, "seed", id="seed-too-big"),
+    pytest.param({"seed": -1}, "seed", id="seed-negative"),
+    pytest.param({"max_tokens": True}, "max_tokens", id="max_tokens-bool"),
+    pytest.param({"ignore_eos": "yes"}, "ignore_eos", id="ignore_eos-str"),
 ])
 def test_invalid_params(kwargs, field):
     with pytest.raises(RequestError) as e:
@@ -57,7 +71,20 @@ def test_valid_params(kwargs):
 def test_stop_string_becomes_list():
     assert SamplingParams(stop="x").stop == ["x"]
     assert SamplingParams(stop=["a", "bc"]).stop == ["a", "bc"]
+    assert SamplingParams(stop=("a",)).stop == ["a"]
     assert SamplingParams().stop == []
+
+
+def test_stop_none_means_no_stop_strings():
+    """as in vLLM: None is the default 'no stop strings', not a TypeError (issue 27)"""
+    assert SamplingParams(stop=None).stop == []
+
+
+def test_largest_seed_draws():
+    """seeds up to 2**64 - 1 reach torch's generator (larger ones overflowed in generate)"""
+    params = SamplingParams(temperature=1.0, seed=2**64 - 1)
+    gen = torch.Generator().manual_seed(params.seed)
+    assert 0 <= sample(torch.zeros(10), params, gen) < 10
 
 
 @pytest.mark.parametrize("kwargs, greedy", [

@@ -254,7 +254,8 @@ def _full_offload_llm(cfg: EngineConfig) -> LLM:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="retrieval-attn bench",
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--shape", default="qwen2.5-7b-1m")
     p.add_argument("--contexts", type=int, nargs="+", default=[131072, 1048576])
     p.add_argument("--policies", nargs="*", default=["retrieval", "dense", "full-offload"],

@@ -102,7 +102,8 @@ def table(row: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="retrieval-attn check-plan",
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--config", nargs="+", default=["cpu-small"],
                    help="preset names or YAML paths, each run in turn in this process: "
                         "give one per process for clean peaks")

@@ -7,7 +7,8 @@ import argparse
 import logging
 import sys
 
-from retrieval_attn import LLM, SamplingParams
+from retrieval_attn import LLM, RequestOutput, SamplingParams, __version__
+from retrieval_attn.context import SavedContext, check_target, read_manifest
 from retrieval_attn.errors import RetrievalAttnError
 
 
@@ -34,19 +35,33 @@ def main(argv: list[str] | None = None) -> int:
 
         return _guarded(lambda: check_main(argv[1:]))
     parser = argparse.ArgumentParser(prog="retrieval-attn", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"retrieval-attn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate text for one prompt, streamed")
+    gen = sub.add_parser("generate", help="generate text for one prompt (or from a saved "
+                         "context), streamed; finish reason and speed go to stderr")
     _common(gen)
-    gen.add_argument("--prompt", required=True, help="the prompt text")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--context", metavar="DIR",
+                        help="decode from a context saved by save-context (LLM.load_context) "
+                             "instead of prefilling a prompt; give the --config and --model "
+                             "it was saved with")
     gen.add_argument("--raw", action="store_true",
                      help="feed the prompt as plain text, without the chat template")
-    gen.add_argument("--max-tokens", type=int, default=256)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--max-tokens", type=int, default=256, help="new tokens at most")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="sampling temperature, >= 0; 0 (default) decodes greedily")
+    gen.add_argument("--top-p", type=float, default=1.0,
+                     help="nucleus sampling: keep the most likely tokens up to this much "
+                          "probability mass, in (0, 1]; 1 keeps all")
+    gen.add_argument("--top-k", type=int, default=0,
+                     help="keep the k most likely tokens; 0 keeps all")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="seed of the random draws (0 to 2**64 - 1): the same seed gives "
+                          "the same text; default: unseeded")
+    gen.add_argument("--stop", action="append", default=[],
+                     help="stop string: generation ends before it (repeatable)")
 
     niah = sub.add_parser("niah", help="needle-in-a-haystack demo on the shipped essays")
     _common(niah)
@@ -58,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     save = sub.add_parser("save-context", help="prefill a prompt and save its KV state and "
                           "indexes to a folder (LLM.save_context)")
     _common(save)
-    save.add_argument("out", help="folder to write")
+    save.add_argument("out", help="folder to write (new or empty)")
+    save.add_argument("--overwrite", action="store_true",
+                      help="replace a context already saved in that folder (or write into "
+                           "a folder that holds other files)")
     what = save.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the prompt text (chat template applied)")
     what.add_argument("--niah", type=int, metavar="TOKENS",
@@ -76,10 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> int:
+        # bad flags, paths and contexts are refused before the model loads
+        if args.command == "generate":
+            params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                                    top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                    stop=args.stop)
+            if args.context is not None:
+                read_manifest(args.context)
+        elif args.command == "save-context":
+            check_target(args.out, args.overwrite)
         llm = LLM(model=args.model, config=args.config)
         if args.command == "save-context":
             return _save_context(llm, args)
-        return _generate(llm, args) if args.command == "generate" else _niah(llm, args)
+        return _generate(llm, args, params) if args.command == "generate" else _niah(llm, args)
 
     return _guarded(run)
 
@@ -87,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 def _guarded(run) -> int:
     """Run a command; user errors become one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # faiss logs each CPU build it fails to load (ModuleNotFoundError lines) before the one it
+    # loads: noise that reads as an error
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         return run()
     except RetrievalAttnError as e:
@@ -103,15 +133,33 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="HF checkpoint dir or .gguf file (default: the config's model)")
 
 
-def _generate(llm: LLM, args: argparse.Namespace) -> int:
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
-    use_chat = not args.raw and llm.tokenizer is not None and llm.tokenizer.hf.chat_template
-    prompt = [{"role": "user", "content": args.prompt}] if use_chat else args.prompt
-    for piece in llm.stream(prompt, params):
-        print(piece, end="", flush=True)
+def _generate(llm: LLM, args: argparse.Namespace, params: SamplingParams) -> int:
+    if args.context is not None:
+        prompt = llm.load_context(args.context)
+    else:
+        use_chat = not args.raw and llm.tokenizer is not None and llm.tokenizer.hf.chat_template
+        prompt = [{"role": "user", "content": args.prompt}] if use_chat else args.prompt
+    stream = llm.stream(prompt, params)
+    while True:
+        try:
+            print(next(stream), end="", flush=True)
+        except StopIteration as done:
+            out = done.value
+            break
     print()
+    print(summary(out), file=sys.stderr)
     return 0
+
+
+def summary(out: RequestOutput) -> str:
+    """One line on how a request ended and how fast it ran."""
+    t = out.timings
+    why = {"stop": "end of text or a stop string",
+           "length": "max_tokens or the context's end reached"}.get(out.finish_reason, "")
+    prefill = "loaded" if isinstance(out.prompt, SavedContext) else "prefill"
+    return (f"[finish: {out.finish_reason} ({why}); {t.generated_tokens} new tokens; "
+            f"{prefill} {t.prompt_tokens} tokens in {t.prefill_s:.2f} s "
+            f"({t.prefill_tokens_per_s:.0f} tok/s); decode {t.decode_tokens_per_s:.1f} tok/s]")
 
 
 def _niah(llm: LLM, args: argparse.Namespace) -> int:
@@ -139,7 +187,7 @@ def _save_context(llm: LLM, args: argparse.Namespace) -> int:
         prompt = [{"role": "user", "content": args.prompt}]
     else:
         prompt = build_prompt(llm, args.niah, 0.5, "7305519")
-    path = llm.save_context(prompt, args.out)
+    path = llm.save_context(prompt, args.out, overwrite=args.overwrite)
     print(f"saved {len(llm.encode(prompt))} tokens to {path}")
     return 0
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from retrieval_attn import LLM, SamplingParams
-from retrieval_attn.config import INDEX_KINDS, IndexConfig, KVConfig
+from retrieval_attn.config import INDEX_KINDS, EngineConfig, IndexConfig, KVConfig
 from retrieval_attn.engine import GenerationStats
 from retrieval_attn.errors import ConfigError
 from retrieval_attn.tools.capture_qk import RecordingKV
@@ -41,8 +41,8 @@ def parse_ablation(spec: str) -> dict:
     for item in spec.split(","):
         key, sep, text = item.partition("=")
         if not sep or key not in fields:
-            raise SystemExit(f"error: --ablate {spec!r}: write kv keys as KEY=VALUE[,...], "
-                             f"KEY one of {', '.join(sorted(fields))}")
+            raise ConfigError(f"--ablate {spec!r}: write kv keys as KEY=VALUE[,...], KEY "
+                              f"one of {', '.join(sorted(fields))}")
         value: object = {"true": True, "false": False}.get(text.lower(), text)
         for kind in (int, float):
             if isinstance(value, str):
@@ -84,7 +84,7 @@ def policy_grid(base: KVConfig, budgets: list[float], policies: list[str] = POLI
             cfg = dataclasses.replace(base, policy="retrieval", top_k=top_k,
                                       **parse_ablation(spec))
         except ConfigError as e:
-            raise SystemExit(f"error: --ablate {spec!r}: {e}") from None
+            raise ConfigError(f"--ablate {spec!r}: {e}") from None
         grid.append((f"retrieval[{spec}]@{ablate_budget:g}", cfg, None))
     return grid
 
@@ -122,11 +122,14 @@ def evaluate(llm: LLM, samples: list[Sample], grid: list[Policy],
                 kv.ingest(dense_k, dense_v, queries if index is not None else None)
                 if sample is diagnose:
                     kv.trace = []
-            tokens = list(engine.decode(logits, len(ids), params, GenerationStats(), kv=kv))
+            stats = GenerationStats()
+            tokens = list(engine.decode(logits, len(ids), params, stats, kv=kv))
             answer = tok.decode(tokens)
+            # cut: the answer ran into max_tokens (or the context's end) before it ended
             rows.append({"policy": name, "task": sample.task, "length": sample.length,
                          "prompt_tokens": len(ids), "depth": sample.depth,
-                         "score": sample.score(answer), "answer": answer.strip()[:200]})
+                         "score": sample.score(answer), "answer": answer.strip()[:200],
+                         "cut": stats.finish_reason == "length"})
             if kv is not None and kv.trace:
                 first_step = [t for t in kv.trace if t.n == len(ids) + 1]
                 exact = (dense_k, dense_v)  # the prefill's rows (an int8 store rounds them)
@@ -143,10 +146,13 @@ def evaluate(llm: LLM, samples: list[Sample], grid: list[Policy],
 
 
 def accuracy_table(rows: list[dict]) -> list[str]:
-    """Policy x task accuracy (%), per length and over all, policies in first-seen order."""
+    """Policy x task accuracy (%), per length and over all, policies in first-seen order;
+    'cut' counts the answers that hit max_tokens before they ended (scored as they were),
+    and a warning line follows the table when there are any."""
     lengths = sorted({r["length"] for r in rows})
     w = max([24, *(len(r["policy"]) + 1 for r in rows)])
-    lines = [f"{'policy':<{w}}{'length':>7}" + "".join(f"{t:>11}" for t in TASKS) + f"{'avg':>8}"]
+    lines = [f"{'policy':<{w}}{'length':>7}" + "".join(f"{t:>11}" for t in TASKS) + f"{'avg':>8}"
+             + f"{'cut':>9}"]
     first = rows[0]["policy"] if rows else None
     for length in lengths:  # prompts behind each cell
         mine = [r for r in rows if r["policy"] == first and r["length"] == length]
@@ -156,8 +162,14 @@ def accuracy_table(rows: list[dict]) -> list[str]:
         for length in lengths + ["all"]:
             mine = [r for r in rows if r["policy"] == name and length in ("all", r["length"])]
             accs = [_mean([r["score"] for r in mine if r["task"] == t]) for t in TASKS]
+            cut = f"{sum(r.get('cut', False) for r in mine)}/{len(mine)}"
             lines.append(f"{name:<{w}}{length!s:>7}" + "".join(f"{100 * a:>11.1f}" for a in accs)
-                         + f"{100 * _mean([a for a in accs if a == a]):>8.1f}")
+                         + f"{100 * _mean([a for a in accs if a == a]):>8.1f}{cut:>9}")
+    cut = sum(r.get("cut", False) for r in rows)
+    if cut:
+        lines.append(f"warning: {cut} of {len(rows)} answers hit max_tokens before they ended "
+                     "and were scored cut short: raise --max-tokens (default 48) if the "
+                     "scores look low")
     return lines
 
 
@@ -223,26 +235,29 @@ def main(argv: list[str] | None = None) -> int:
                         "each (e.g. rank=32,sketch_dtype=int4 host_dtype=int8)")
     p.add_argument("--ablate-budget", type=float, default=0.02,
                    help="top_k of the --ablate rows (share of the prompt, or tokens)")
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--max-tokens", type=int, default=48,
+                   help="new tokens per answer; the table's 'cut' column counts answers "
+                        "that hit it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/eval", help="folder for PNGs and results.json")
     args = p.parse_args(argv)
+    SamplingParams(max_tokens=args.max_tokens)  # refuse a bad --max-tokens before any load
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.report:
         return report(args.report, out)
     shard, shards = _shard(args.shard)
 
-    llm = LLM(args.model, config=args.config)
-    if llm.config.kv.policy != "dense":  # prefill state is shared: the engine runs dense
-        llm = LLM(args.model, config=llm.config.replace(kv={"policy": "dense"},
-                                                         index={"kind": "lowrank"}))
-    need = max(args.lengths) + args.max_tokens + 1
-    if llm.config.runtime.max_context_tokens < need:
-        llm = LLM(args.model, config=llm.config.replace(runtime={"max_context_tokens": need}))
-    grid = policy_grid(llm.config.kv, args.budgets, args.policies, args.indexes,
+    # one engine, dense (prefill state is shared by every row), long enough for all
+    cfg = EngineConfig.load(args.config)
+    grid = policy_grid(cfg.kv, args.budgets, args.policies, args.indexes,
                        ablate_tail=args.ablate_tail, ablations=args.ablate,
                        ablate_budget=args.ablate_budget)
+    need = max(args.lengths) + args.max_tokens + 1
+    cfg = cfg.replace(kv={"policy": "dense"}, index={"kind": "lowrank"},
+                      runtime={"max_context_tokens": max(need,
+                                                         cfg.runtime.max_context_tokens)})
+    llm = LLM(args.model, config=cfg)
     samples = make_samples(args.lengths, args.depths, args.per_task, args.seed,
                            args.niah_per_depth)[shard::shards]
     diagnose = next((s for s in reversed(samples) if s.task == "niah"), None)
@@ -266,8 +281,7 @@ def report(folders: list[str], out: Path) -> int:
     for folder in folders:
         path = Path(folder) / "results.json"
         if not path.is_file():
-            raise SystemExit(f"error: {path} not found: pass folders an eval run wrote "
-                             "(its --out)")
+            raise ConfigError(f"{path} not found: pass folders an eval run wrote (its --out)")
         rows += json.loads(path.read_text())["rows"]
     pngs = heatmaps(rows, out)
     prompts = len(rows) // len({r["policy"] for r in rows})
@@ -281,9 +295,9 @@ def _shard(spec: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
-        raise SystemExit(f"error: --shard {spec!r}: write I/N, e.g. 0/4") from None
+        raise ConfigError(f"--shard {spec!r}: write I/N, e.g. 0/4") from None
     if not 0 <= i < n:
-        raise SystemExit(f"error: --shard {spec}: need 0 <= I < N")
+        raise ConfigError(f"--shard {spec}: need 0 <= I < N")
     return i, n
 
 

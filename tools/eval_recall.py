@@ -132,8 +132,8 @@ def plot(all_res: dict, path: Path, target: float) -> None:
             ax.plot(vis, r["recall"].min(axis=1), "x--", color=line.get_color(),
                     label=f"{kind} worst head")
         ax.axhline(target, color="gray", lw=0.8)
-        ax.set(xscale="log", xlabel="% of keys visited (distances / N)", ylabel="recall@100",
-               title=f"N = {n}")
+        ax.set(xscale="log", xlabel="distances computed / N keys, % (can pass 100)",
+               ylabel="recall@100", title=f"N = {n}")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

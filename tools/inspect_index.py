@@ -5,7 +5,9 @@ index (its kind from the manifest) and every other index kind built fresh over t
 keys, searched with the context's held-out probe queries (the last prompt positions,
 never in the build sample); truth is exact top-k over the head's indexed keys. Prints one
 table (the % visited where mean and worst-head recall reach the target, build seconds,
-bytes, graph degree) and writes a PNG of the recall/visited curves.
+bytes, graph degree) and writes a PNG of the recall/visited curves. "% visited" is the
+distances computed per query over the indexed keys, entry points, centroids and HNSW upper
+levels included: it can pass 100%.
 
     retrieval-attn inspect ctx/ --layers 0 10 20 --k 100
 """
@@ -19,8 +21,9 @@ import numpy as np
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import load_file
 
-from retrieval_attn.context import ContextError, check_files
-from retrieval_attn.index.ann_retriever import INDEX_CLASSES
+from retrieval_attn.context import ContextError, check_files, read_manifest
+from retrieval_attn.errors import ConfigError
+from retrieval_attn.index.ann_retriever import INDEX_CLASSES, PIP_NAMES, missing_modules
 from retrieval_attn.tools.eval_recall import KNOBS, evaluate_head, first_reaching, plot
 
 KIND_NAMES = {"attention": "attention-aware", "hybrid": "attention-aware"}
@@ -28,13 +31,35 @@ KIND_NAMES = {"attention": "attention-aware", "hybrid": "attention-aware"}
 
 def inspect(path: Path, layers: list[int] | None, kinds: list[str], k: int) -> dict:
     """-> {"n", "rows": {kind: {recall, visited [knob, heads], build_s, bytes, degree}}}."""
-    manifest = check_files(path)
+    manifest = read_manifest(path)  # its layout, before any library or file is read
     spec, kv, index = manifest["spec"], manifest["kv"], manifest["index"]
-    if index["kind"] == "lowrank":
+    if index.get("kind") == "lowrank":
         raise ContextError(f"{path} was saved with index.kind lowrank: no host index to "
                            "inspect (save it with index.kind attention, faiss-hnsw, ...)")
+    needed = [index.get("kind")] + ["attention" if kind == "attention-aware" else kind
+                                    for kind in kinds]
+    missing = missing_modules(needed)
+    if missing:
+        raise ConfigError(f"inspect needs {' and '.join(missing)} to search the indexes, not "
+                          f"installed: pip install {' '.join(PIP_NAMES[m] for m in missing)} "
+                          "(or retrieval-attn[index])")
     n = len(manifest["prompt_token_ids"])
     lo, hi = kv["sink_tokens"], max(kv["sink_tokens"], n + 1 - kv["window_tokens"])
+    L = spec["num_layers"]
+    bad = [layer for layer in layers or [] if not 0 <= layer < L]
+    if bad:
+        raise ContextError(f"--layers {' '.join(map(str, bad))}: the model of {path} has {L} "
+                           f"layers; give layers 0 to {L - 1}")
+    unsaved = [layer for layer in (layers if layers is not None else range(L))
+               if f"index/layer{layer:03d}.safetensors" not in manifest["files"]]
+    if unsaved:
+        raise ContextError(f"{path} holds no index of layer(s) {unsaved[:8]} (saved before "
+                           "they were built): pass --layers of the saved ones")
+    if not 1 <= k <= (hi - lo) // 2:
+        raise ContextError(f"--k is {k}, but each head of {path} indexes {hi - lo} keys: give "
+                           f"--k 1 to {(hi - lo) // 2} (recall@k over more than half the keys "
+                           "says nothing of an index)")
+    check_files(path)
     G = spec["num_heads"] // spec["num_kv_heads"]
     keys_all = load_file(str(path / "kv.safetensors"))["k"]  # [L, Hkv, n, D]
     queries = load_np(str(path / "queries.safetensors"))
@@ -50,8 +75,7 @@ def inspect(path: Path, layers: list[int] | None, kinds: list[str], k: int) -> d
                      if name.startswith(f"h{h}.")}
             saved = INDEX_CLASSES[index["kind"]].from_state(state, xb)
             q = [np.ascontiguousarray(probe[g]) for g in range(h * G, (h + 1) * G)]
-            res = evaluate_head(kinds, xb, build_q[h], q, min(k, hi - lo),
-                                prebuilt={saved_kind: saved})
+            res = evaluate_head(kinds, xb, build_q[h], q, k, prebuilt={saved_kind: saved})
             for kind, r in res.items():
                 row = rows.setdefault(kind, {"recall": [], "visited": [], "build_s": 0.0,
                                              "bytes": 0, "degree": []})
@@ -71,6 +95,10 @@ def table(result: dict, k: int, target: float) -> str:
     out = [f"{result['n']} indexed keys per head; recall@{k} over "
            f"{next(iter(result['rows'].values()))['recall'].shape[1]} query heads x probe "
            f"queries; saved index: {result['saved']}",
+           f"mean/worst>={target}: distances computed per query, as % of the indexed keys, "
+           f"where the mean/worst head's recall first reaches {target};",
+           "  entry points, centroids and HNSW upper levels count too: over 100% is more "
+           "work than an exact scan",
            f"{'index':<16} {'mean>=' + str(target):>10} {'worst>=' + str(target):>11} "
            f"{'best mean':>9} {'build s':>8} {'MB':>7} {'mean deg':>8} {'no in-edge':>10}"]
     for kind, r in result["rows"].items():
@@ -91,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("context", type=Path, help="a folder written by LLM.save_context")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="default: all")
     p.add_argument("--indexes", nargs="+", default=list(KNOBS), choices=list(KNOBS))
-    p.add_argument("--k", type=int, default=100)
-    p.add_argument("--target", type=float, default=0.9)
+    p.add_argument("--k", type=int, default=100,
+                   help="recall@k: at most half the keys a head indexes")
+    p.add_argument("--target", type=float, default=0.9, help="recall to reach, in (0, 1]")
     p.add_argument("--plot", type=Path, default=None,
                    help="PNG path (default: CONTEXT/inspect.png)")
     args = p.parse_args(argv)
+    if not 0 < args.target <= 1:
+        raise ConfigError(f"--target is {args.target}: a recall in (0, 1], e.g. 0.9")
     result = inspect(args.context, args.layers, args.indexes, args.k)
     print(table(result, args.k, args.target))
     path = args.plot or args.context / "inspect.png"

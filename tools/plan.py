@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from retrieval_attn.config import KV_POLICIES, EngineConfig
+from retrieval_attn.engine.engine import check_for_model
 from retrieval_attn.errors import ConfigError, RetrievalAttnError
 from retrieval_attn.model.spec import NAMED_SHAPES
 from retrieval_attn.planner import (
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                         "config's, or 1 when searching)")
     p.add_argument("--write", type=Path, default=None, help="write the config to this YAML")
     args = p.parse_args(argv)
+    _check_flags(args)
 
     if args.config is not None:
         cfg = EngineConfig.load(args.config)
@@ -97,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is None:
         path = _model_path(args.model)
         spec = spec_for(path)
+        if args.lookahead_from:  # the searched configs all have it: refuse it once, here
+            check_for_model(EngineConfig.from_dict(
+                {"kv": {"lookahead_from": args.lookahead_from}}), spec, path)
         cfg = search_config(
             spec, args.context, gpu, host, device_type=device, model_path=path,
             policy=args.policy, dtype=args.dtype, top_k=args.top_k, window_tokens=args.window,
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             else parse_bytes(args.max_kv_gpu_mem))
     else:
         spec = spec_for(cfg.model.path, cfg.model.cache_dir)
+    check_for_model(cfg, spec, str(cfg.model.path or "the embedded model"))
     if args.batch is not None:
         cfg = cfg.replace(runtime={"max_batch": args.batch})
     plan = plan_memory(spec, cfg, device)
@@ -123,9 +129,34 @@ def main(argv: list[str] | None = None) -> int:
     text = to_yaml(cfg, header=f"retrieval-attn plan: {summary}")
     print(f"\nconfig ({summary}):\n{text}", end="")
     if args.write is not None:
-        args.write.write_text(text)
+        try:
+            args.write.write_text(text)
+        except OSError as e:
+            raise ConfigError(f"plan: cannot write --write {args.write}: {e.strerror or e}; "
+                              "give a file path in a folder you can write to") from None
         print(f"wrote {args.write}")
     return 0
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse impossible flags before any model is read or config searched."""
+    for flag, value in (("--chunk", args.chunk), ("--max-rank", args.max_rank),
+                        ("--top-k", args.top_k), ("--rerank-factor", args.rerank_factor),
+                        ("--select-block", args.select_block), ("--batch", args.batch),
+                        ("--context", args.context)):
+        if value is not None and value < 1:
+            raise ConfigError(f"plan: {flag} is {value}: it must be a positive number")
+    if args.lookahead_from < 0:
+        raise ConfigError(f"plan: --lookahead-from is {args.lookahead_from}: use 0 (off) or "
+                          "the first layer to look ahead for (1 or more)")
+    if args.write is not None:
+        folder = args.write.parent
+        if args.write.is_dir():
+            raise ConfigError(f"plan: --write {args.write} is a folder: give a YAML file path, "
+                              f"e.g. {args.write / 'plan.yaml'}")
+        if not folder.is_dir():
+            raise ConfigError(f"plan: --write {args.write}: the folder {folder} does not "
+                              "exist; create it first or write elsewhere")
 
 
 def _model_path(model: str) -> str:

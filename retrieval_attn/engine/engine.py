@@ -13,6 +13,7 @@ from retrieval_attn.config import EngineConfig, IndexConfig, KVConfig
 from retrieval_attn.engine.runner import ModelRunner
 from retrieval_attn.errors import ConfigError, RequestError
 from retrieval_attn.model.loader import LoadedModel
+from retrieval_attn.model.spec import ModelSpec
 from retrieval_attn.offload.make import make_kv_policy
 from retrieval_attn.offload.policy import KVPolicy
 from retrieval_attn.sampling import SamplingParams, sample
@@ -29,16 +30,30 @@ class GenerationStats:
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
 
 
+def check_for_model(config: EngineConfig, spec: ModelSpec, source: str) -> None:
+    """Cross checks of a config against the model's shape (config.py checks each setting
+    alone): run as soon as the shape is known, before the weights load and any prefill."""
+    if spec.sliding_window is not None and config.runtime.max_context_tokens > spec.sliding_window:
+        raise ConfigError(f"{source} uses sliding-window attention over "
+                          f"{spec.sliding_window} tokens, which this engine does not "
+                          f"implement: set runtime.max_context_tokens <= "
+                          f"{spec.sliding_window}")
+    _check_lookahead(config.kv, spec, source)
+
+
+def _check_lookahead(kv: KVConfig, spec: ModelSpec, source: str) -> None:
+    if kv.lookahead_from >= spec.num_layers:
+        raise ConfigError(f"kv.lookahead_from is {kv.lookahead_from} but {source} has "
+                          f"{spec.num_layers} layers (0 to {spec.num_layers - 1}): use 1 to "
+                          f"{spec.num_layers - 1}, or 0 for no lookahead")
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.loaded, self.config = loaded, config
         spec, rt = loaded.spec, config.runtime
         self.max_tokens = rt.max_context_tokens
-        if spec.sliding_window is not None and self.max_tokens > spec.sliding_window:
-            raise ConfigError(f"{loaded.source} uses sliding-window attention over "
-                              f"{spec.sliding_window} tokens, which this engine does not "
-                              f"implement: set runtime.max_context_tokens <= "
-                              f"{spec.sliding_window}")
+        check_for_model(config, spec, loaded.source)
         if self.max_tokens > spec.max_position_embeddings:
             LOG.warning("runtime.max_context_tokens %d exceeds the %d positions %s was "
                         "trained for: expect degraded output past that length",
@@ -52,6 +67,7 @@ class Engine:
         """A KV policy for this model; index None = the low-rank retriever (no host index)."""
         spec, weight = self.loaded.spec, self.loaded.model.embed.weight
         rt = self.config.runtime
+        _check_lookahead(kv, spec, self.loaded.source)
         policy = make_kv_policy(kv, spec.num_layers, spec.num_heads, spec.num_kv_heads,
                                 spec.head_dim, self.max_tokens, weight.device, weight.dtype,
                                 index, rt.progress_bar, rt.max_batch)

@@ -34,6 +34,10 @@ class Tokenizer:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise RequestError(f"chat message {m!r} must be a dict with 'role' and "
                                    "'content'")
+            for key in ("role", "content"):
+                if not isinstance(m[key], str):
+                    raise RequestError(f"chat message {m!r}: its {key!r} is "
+                                       f"{type(m[key]).__name__}; it must be a string")
         text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # The template already writes any BOS it wants.
         return list(self.hf(text, add_special_tokens=False)["input_ids"])

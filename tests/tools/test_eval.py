@@ -7,7 +7,8 @@ import json
 import pytest
 
 from retrieval_attn.config import KVConfig
-from retrieval_attn.tools.eval_longctx import main, policy_grid
+from retrieval_attn.errors import ConfigError
+from retrieval_attn.tools.eval_longctx import TASKS, accuracy_table, main, policy_grid
 
 pytest.importorskip("faiss")
 
@@ -33,6 +34,9 @@ def test_eval_runs_an_index_policy_beside_dense(tmp_path, capsys):
         assert f"\n{name} " in table
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert len(rows) == 5 * 3  # five tasks, three policies
+    assert all(isinstance(r["cut"], bool) for r in rows)
+    if any(r["cut"] for r in rows):  # 6 tokens cut most answers: the table says so
+        assert "answers hit max_tokens" in table
     diagnostics = json.loads((tmp_path / "results.json").read_text())["diagnostics"]
     assert "retrieval+attention@0.1" in diagnostics
 
@@ -64,8 +68,30 @@ def test_report_merges_shards_into_one_table(tmp_path, capsys):
 
 
 def test_report_names_a_folder_without_results(tmp_path):
-    with pytest.raises(SystemExit, match="results.json not found"):
+    with pytest.raises(ConfigError, match="results.json not found"):
         main(["--report", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_cut_answers_are_counted_and_warned_of():
+    """--max-tokens 16 scored 0.0 on every task without a word (issue 27)"""
+    rows = [{"policy": "dense", "task": t, "length": 4096, "depth": 0.5, "score": 0.0,
+             "cut": t != "niah"} for t in TASKS]
+    lines = accuracy_table(rows)
+    assert lines[0].split()[-1] == "cut"
+    assert lines[1].split()[-1] == "4/5"
+    assert lines[-1].startswith("warning: 4 of 5 answers hit max_tokens")
+    assert not accuracy_table([dict(r, cut=False) for r in rows])[-1].startswith("warning")
+    # results.json of runs before the column: no cut answers known
+    assert accuracy_table([{k: v for k, v in r.items() if k != "cut"} for r in rows])[1] \
+        .split()[-1] == "0/5"
+
+
+def test_bad_max_tokens_is_refused_before_the_model_loads(capsys, tmp_path):
+    from retrieval_attn.tools.cli import main as cli
+
+    assert cli(["eval", "--model", "/no/such", "--max-tokens", "0",
+                "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: max_tokens is 0")
 
 
 def test_policy_grid_ablates_the_tail_estimate():
