@@ -13,6 +13,21 @@ from retrieval_attn.tools.eval_longctx import TASKS, accuracy_table, main, polic
 pytest.importorskip("faiss")
 
 
+def test_ablation_rows_set_their_keys_at_their_budget():
+    grid = policy_grid(KVConfig(), [0.05], ["retrieval"],
+                       ablations=["rank=32,sketch_dtype=int4", "tail_estimate=false"],
+                       ablate_budget=0.02)
+    names = [name for name, _, _ in grid]
+    assert names == ["dense", "retrieval@0.05", "retrieval[rank=32,sketch_dtype=int4]@0.02",
+                     "retrieval[tail_estimate=false]@0.02"]
+    cfg = grid[2][1]
+    assert (cfg.policy, cfg.top_k, cfg.rank, cfg.sketch_dtype) == ("retrieval", 0.02, 32, "int4")
+    assert grid[3][1].tail_estimate is False
+    for bad in ("rank", "no_such_key=1", "rank=33,sketch_dtype=int4"):
+        with pytest.raises(ConfigError, match="--ablate"):
+            policy_grid(KVConfig(), [0.05], ablations=[bad])
+
+
 def test_policy_grid_names_every_row():
     grid = policy_grid(KVConfig(), [0.05, 0.02], ["retrieval", "quest"], ["attention"])
     names = [name for name, _, _ in grid]
@@ -33,7 +48,7 @@ def test_eval_runs_an_index_policy_beside_dense(tmp_path, capsys):
     for name in ("dense", "retrieval@0.1", "retrieval+attention@0.1"):
         assert f"\n{name} " in table
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert len(rows) == 5 * 3  # five tasks, three policies
+    assert len(rows) == len(TASKS) * 3  # a prompt of each task, three policies
     assert all(isinstance(r["cut"], bool) for r in rows)
     if any(r["cut"] for r in rows):  # 6 tokens cut most answers: the table says so
         assert "answers hit max_tokens" in table
@@ -76,14 +91,16 @@ def test_cut_answers_are_counted_and_warned_of():
     """--max-tokens 16 scored 0.0 on every task without a word (issue 27)"""
     rows = [{"policy": "dense", "task": t, "length": 4096, "depth": 0.5, "score": 0.0,
              "cut": t != "niah"} for t in TASKS]
+    n = len(TASKS)
     lines = accuracy_table(rows)
     assert lines[0].split()[-1] == "cut"
-    assert lines[1].split()[-1] == "4/5"
-    assert lines[-1].startswith("warning: 4 of 5 answers hit max_tokens")
+    assert lines[1].split()[:2] == ["(prompts)", "4096"]  # then a prompt of each task
+    assert lines[2].split()[-1] == f"{n - 1}/{n}"
+    assert lines[-1].startswith(f"warning: {n - 1} of {n} answers hit max_tokens")
     assert not accuracy_table([dict(r, cut=False) for r in rows])[-1].startswith("warning")
     # results.json of runs before the column: no cut answers known
-    assert accuracy_table([{k: v for k, v in r.items() if k != "cut"} for r in rows])[1] \
-        .split()[-1] == "0/5"
+    assert accuracy_table([{k: v for k, v in r.items() if k != "cut"} for r in rows])[2] \
+        .split()[-1] == f"0/{n}"
 
 
 def test_bad_max_tokens_is_refused_before_the_model_loads(capsys, tmp_path):
