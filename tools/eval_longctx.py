@@ -80,21 +80,25 @@ def policy_grid(base: KVConfig, budgets: list[float], policies: list[str] = POLI
                          for kind in indexes]
     top_k = int(ablate_budget) if ablate_budget >= 1 else ablate_budget
     for spec in ablations:
+        label, _, keys = spec.rpartition(":")  # LABEL:KEY=VALUE,... names the row LABEL
         try:
             cfg = dataclasses.replace(base, policy="retrieval", top_k=top_k,
-                                      **parse_ablation(spec))
+                                      **parse_ablation(keys))
         except ConfigError as e:
             raise ConfigError(f"--ablate {spec!r}: {e}") from None
-        grid.append((f"retrieval[{spec}]@{ablate_budget:g}", cfg, None))
+        grid.append((f"{label or 'retrieval'}[{keys if not label else ''}]@{ablate_budget:g}"
+                     .replace("[]", ""), cfg, None))
     return grid
 
 
 def evaluate(llm: LLM, samples: list[Sample], grid: list[Policy],
              max_tokens: int, diagnose: Sample | None,
-             checkpoint: Path | None = None) -> tuple[list[dict], dict]:
+             checkpoint: Path | None = None, with_rank_recall: bool = False
+             ) -> tuple[list[dict], dict]:
     """Rows (policy, task, score, ...) of every sample under every policy; with a
     checkpoint path, the rows so far are written there after each sample, so a run cut
-    short keeps what it scored."""
+    short keeps what it scored. Per-layer diagnostics of every sparse row on the
+    diagnose sample, and its sketch's recall by rank if with_rank_recall."""
     engine, tok = llm.engine, llm.tokenizer
     params = SamplingParams(max_tokens=max_tokens)
     overhead = len(llm.encode([{"role": "user", "content": "x"}])) + 8
@@ -134,7 +138,7 @@ def evaluate(llm: LLM, samples: list[Sample], grid: list[Policy],
                 first_step = [t for t in kv.trace if t.n == len(ids) + 1]
                 exact = (dense_k, dense_v)  # the prefill's rows (an int8 store rounds them)
                 diagnostics[name] = layer_diagnostics(first_step, kv, cfg, exact)
-                if cfg.policy == "retrieval":
+                if cfg.policy == "retrieval" and with_rank_recall:
                     diagnostics[f"rank-recall {name}"] = rank_recall(first_step, kv, cfg,
                                                                      exact=exact)
         print(f"[{i + 1}/{len(samples)}] {sample.task} {len(ids)} tok: " + " ".join(
@@ -219,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard", default="0/1", metavar="I/N",
                    help="score only every N-th sample from the I-th: N processes with "
                         "I = 0..N-1 split one run; --report merges their results")
+    p.add_argument("--slice", default=":", metavar="A:B",
+                   help="score only samples A..B-1 of the run (samples go round the tasks "
+                        "in turn, so a slice holds each task alike): splits a long run "
+                        "over several invocations; --report merges them")
+    p.add_argument("--rank-recall", action="store_true",
+                   help="also print the diagnosed prompt's recall by sketch rank (slow)")
     p.add_argument("--report", nargs="+", metavar="DIR", default=None,
                    help="print the table (and heat-maps in --out) of saved results.json "
                         "folders, merged; runs no model")
@@ -232,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run retrieval without kv.tail_estimate at every budget")
     p.add_argument("--ablate", nargs="*", default=[], metavar="KEY=VALUE[,...]",
                    help="retrieval rows at --ablate-budget with these kv settings, one row "
-                        "each (e.g. rank=32,sketch_dtype=int4 host_dtype=int8)")
+                        "each (e.g. rank=32,sketch_dtype=int4 host_dtype=int8); "
+                        "LABEL:KEY=VALUE,... names the row LABEL")
     p.add_argument("--ablate-budget", type=float, default=0.02,
                    help="top_k of the --ablate rows (share of the prompt, or tokens)")
     p.add_argument("--max-tokens", type=int, default=48,
@@ -258,11 +269,12 @@ def main(argv: list[str] | None = None) -> int:
                       runtime={"max_context_tokens": max(need,
                                                          cfg.runtime.max_context_tokens)})
     llm = LLM(args.model, config=cfg)
-    samples = make_samples(args.lengths, args.depths, args.per_task, args.seed,
-                           args.niah_per_depth)[shard::shards]
+    samples = by_turns(make_samples(args.lengths, args.depths, args.per_task, args.seed,
+                                    args.niah_per_depth))[shard::shards][_slice(args.slice)]
     diagnose = next((s for s in reversed(samples) if s.task == "niah"), None)
     rows, diagnostics = evaluate(llm, samples, grid, args.max_tokens, diagnose,
-                                 checkpoint=out / "results.json")
+                                 checkpoint=out / "results.json",
+                                 with_rank_recall=args.rank_recall)
     pngs = heatmaps(rows, out)
     for name, table in diagnostics.items():
         print(f"\n{name} (one {diagnose.length}-token NIAH prompt, first decode step)")
@@ -289,6 +301,31 @@ def report(folders: list[str], out: Path) -> int:
     print(f"\naccuracy (%), {prompts} prompts from {len(folders)} run(s)")
     print("\n".join(accuracy_table(rows)))
     return 0
+
+
+def by_turns(samples: list[Sample]) -> list[Sample]:
+    """The samples taking each task in turn (first of each task, then second, ...),
+    each length's in order: any slice of a run holds every task alike."""
+    out = []
+    for length in dict.fromkeys(s.length for s in samples):
+        queues = {}
+        for s in samples:
+            if s.length == length:
+                queues.setdefault(s.task, []).append(s)
+        while any(queues.values()):
+            out += [q.pop(0) for q in queues.values() if q]
+    return out
+
+
+def _slice(spec: str) -> slice:
+    a, sep, b = spec.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return slice(int(a) if a else None, int(b) if b else None)
+    except ValueError:
+        raise ConfigError(f"--slice {spec!r}: write A:B (either may be empty), e.g. 0:20") \
+            from None
 
 
 def _shard(spec: str) -> tuple[int, int]:
