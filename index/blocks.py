@@ -7,7 +7,7 @@ over a 28-layer 1M-token store, K of 4096 scattered rows per head took 197 µs a
 K of candidates then V of the final set, 429 vs 202 µs with the candidates in runs and
 the final set chosen among them position by position (LowRankRetriever). The price is
 accuracy: runs are ranked by their summed sketch shares, so a strong position beside weak
-neighbours may be left out (README, accuracy).
+neighbours may be left out (docs/results.md).
 
 Blocks are aligned at `lo` (the first offloaded position, past the sinks): block j holds
 positions [lo + j·P, lo + j·P + P). Only blocks wholly before `hi` (the start of the

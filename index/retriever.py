@@ -96,7 +96,7 @@ class LowRankRetriever:
     head's shares are normalised by the previous step's log-sum-exp over the region (the
     same layer's; none at a prompt's first step) log-added to this step's window lse,
     instead of this step's exact one, which would take a second pass over the sketch
-    (kernels.select_scores, lse_state; README: one-pass scoring).
+    (kernels.select_scores, lse_state; docs/design.md: one-pass scoring).
     """
 
     def __init__(self, sketch: KeySketch, head_dim: int, rerank_factor: int = 1,

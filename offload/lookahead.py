@@ -46,7 +46,7 @@ class LookaheadSelect:
         reads from the host, then the top-k and the host reads of the candidates' keys
         beside its MLP. The window's lse leaves out this step's token (not written yet),
         and the layer's tail estimate is the guess's (_start_tail): approximations of the
-        guess, checked against dense attention (README). Without a re-rank
+        guess, checked against dense attention (docs/results.md). Without a re-rank
         (kv.rerank_factor 1) the guess's choice is final: the side stream then also reads
         the chosen K, V and computes the tail's partial sums, and attend(layer) is left the
         attention and the merges."""

@@ -91,33 +91,33 @@ class KVConfig:
     top_k: int | float = 0.05  # tokens retrieved per kv head: int = count, float = share of prompt
     rank: int = 16  # retrieval: PCA dimensions per kv head of the low-rank key sketch
     # retrieval: how the sketch stores its projected keys: auto (runtime.dtype), int8 or
-    # int4 (per-dim scales). At equal bytes int4 of rank 4r ranks best: README, accuracy.
+    # int4 (per-dim scales). At equal bytes int4 of rank 4r ranks best: docs/results.md.
     sketch_dtype: str = "auto"
     rerank_factor: int = 4  # retrieval: re-score top_k * factor candidates exactly; 1 = off
     # retrieval: positions per selection unit; P > 1 picks aligned runs of P tokens, which
-    # the GPU reads from host memory ~2x faster at 1M, at some accuracy per token (README)
+    # the GPU reads from host memory ~2x faster at 1M, at some accuracy per token (docs/config.md)
     select_block: int = 1
     # retrieval with select_block > 1 and re-ranking: choose the final top_k as whole runs
     # by their summed exact shares, so that values are read in runs too (~2x faster than
-    # single rows at 1M), instead of position by position (README)
+    # single rows at 1M), instead of position by position (docs/config.md)
     rerank_blocks: bool = False
     # retrieval: passes over the sketch per decode step. 1 normalises the shares by the
-    # previous step's log-sum-exp over the region (README: one-pass scoring); 2 computes
+    # previous step's log-sum-exp over the region (docs/design.md: one-pass scoring); 2 computes
     # this step's exactly first, reading the sketch twice
     score_passes: int = 1
     # where the full K, V of past tokens live (every policy but dense): auto keeps them
     # in runtime.dtype; int8 keeps each row as integers with a float16 scale (on the
     # device), half the host memory and half the bytes each decode step reads over PCIe,
-    # at some accuracy (README: int8 host store). Needs index.kind lowrank
+    # at some accuracy (docs/config.md: kv.host_dtype). Needs index.kind lowrank
     host_dtype: str = "auto"
     # where that store lives: host (pinned host memory, read over PCIe: what lets a 1M
     # context fit) or device (the GPU's memory, read from HBM: faster decode where the
     # budget has room, e.g. an int8 store of Llama-3-8B at 256K-512K on an 80 GB GPU;
-    # README, config reference). Needs index.kind lowrank
+    # docs/config.md). Needs index.kind lowrank
     store_on: str = "host"
     # retrieval: layers from this one on choose their re-rank candidates early, with a
     # guess at their queries from the previous layer's input, while that layer runs; the
-    # re-rank takes the real queries (README: lookahead). With rerank_factor 1 the guess's
+    # re-rank takes the real queries (docs/design.md: lookahead). With rerank_factor 1 the guess's
     # choice is final, read and its tail begun beside that layer too. 0 = off
     lookahead_from: int = 0
     # retrieval with lookahead: the share of the GPU's SMs its sketch scoring pass takes.
@@ -125,7 +125,7 @@ class KVConfig:
     # waits for SMs; below 1 leaves them room. With the store on the device that layer's
     # re-rank, reads and attention are kernels that need SMs: 0.75 was 0.4-0.6 ms/token
     # faster for Llama-3-8B at 256K-512K (H100, H200). With the store on the host it waits
-    # on PCIe instead, and 1 is faster (the 1m-single-gpu preset: ~0.6 ms/token; README)
+    # on PCIe instead, and 1 is faster (the 1m-single-gpu preset: docs/results.md)
     lookahead_sm_share: float = 1.0
     page_tokens: int = 16  # quest: tokens per page
     tail_estimate: bool = True  # retrieval: add the unselected tokens' attention, estimated

@@ -64,7 +64,7 @@ CHUNK_CHOICES = (8192, 4096, 2048, 1024, 512, 256, 128)  # prefill_chunk_tokens 
 SEARCH_CHUNK_TOKENS = 2048
 SEARCH_HEADROOM = 0.05  # share of each budget search_config leaves free
 # kv.lookahead_sm_share search_config sets with the store on the device and lookahead on
-# (Llama-3-8B 256K-512K, H100 and H200: 0.4-0.6 ms/token faster than 1; README)
+# (Llama-3-8B 256K-512K, H100 and H200: docs/results.md)
 DEVICE_LOOKAHEAD_SM_SHARE = 0.75
 
 

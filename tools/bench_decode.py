@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--top-k", type=int, default=2048)
     # defaults: the int8 rank-64 sketch the presets had until their int4 one (sketch=int4;
-    # kept, so that the README's earlier commands still time what they timed)
+    # kept, so that docs/results.md's earlier commands still time what they timed)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--sketch-dtype", default="int8", choices=["auto", "int8", "int4"])
     p.add_argument("--select-block", type=int, default=1,

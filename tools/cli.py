@@ -8,8 +8,10 @@ import logging
 import sys
 
 from retrieval_attn import LLM, RequestOutput, SamplingParams, __version__
+from retrieval_attn.config import preset_names
 from retrieval_attn.context import SavedContext, check_target, read_manifest
 from retrieval_attn.errors import RetrievalAttnError
+from retrieval_attn.model.loader import model_names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,9 +130,10 @@ def _guarded(run) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="default",
-                   help="preset name (default, cpu-small) or a YAML file")
+                   help=f"preset name ({', '.join(preset_names())}) or a YAML file")
     p.add_argument("--model", default=None,
-                   help="HF checkpoint dir or .gguf file (default: the config's model)")
+                   help="HF checkpoint dir, .gguf file, or a model name "
+                        f"({', '.join(model_names())}); default: the config's model")
 
 
 def _generate(llm: LLM, args: argparse.Namespace, params: SamplingParams) -> int:

@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=SEARCH_CHUNK_TOKENS,
                    help="largest runtime.prefill_chunk_tokens to consider")
     p.add_argument("--no-tail-estimate", action="store_true",
-                   help="kv.tail_estimate false when searching (measured +3.2 ms/token at "
-                        "1M on an H100; the long-context presets keep it)")
+                   help="kv.tail_estimate false when searching (it costs decode time: "
+                        "docs/results.md; the long-context presets keep it)")
     p.add_argument("--rerank-factor", type=int, default=4,
                    help="kv.rerank_factor when searching (memory barely depends on it)")
     p.add_argument("--select-block", type=int, default=1,

@@ -5,7 +5,7 @@ to choose l's re-rank candidates early (offload/lookahead.py). The guess is RMSN
 query projection and RoPE: three launches and a bfloat16 weight read of H·D·C·2 bytes a
 layer in PyTorch. Here it is one launch over an int8 copy of the weights (the norm's
 weight folded in, a float32 scale per row): half the bytes. The real queries re-rank the
-candidates, so the guess's rounding only moves which candidates are read (README:
+candidates, so the guess's rounding only moves which candidates are read (docs/design.md:
 accuracy of the int8 guess).
 
 Where it runs: CUDA when x is on a CUDA device; the Triton interpreter on the CPU when

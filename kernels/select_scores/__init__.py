@@ -96,7 +96,7 @@ def select_scores(
             pass): shares and mass are normalised by the region's log-sum-exp at the
             previous step, log-added to other_lse (required then), and this step's exact
             one is left in the state for the next. A head's lse moves little from one
-            token to the next, and only the heads' relative weights depend on it (README:
+            token to the next, and only the heads' relative weights depend on it (docs/design.md:
             one-pass scoring). None yet (-inf) normalises by other_lse alone.
         block: 1, or P: return the shares summed per aligned block of P positions
             [lo + j·P, lo + j·P + P) instead (block_sums_ref), what a block selection ranks

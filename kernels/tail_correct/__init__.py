@@ -41,7 +41,7 @@ MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a row are padded t
 NUM_WARPS = 8
 MERGE_WARPS = 4
 DOT_PRECISION = "ieee"  # the partial sums' float32 dots
-MERGE_TILE = 64  # partials the merge reads per step (README: 32 and 128 measured)
+MERGE_TILE = 64  # partials the merge reads per step (32 and 128 were slower: docs/experiments.md)
 
 
 class TailPartials(NamedTuple):

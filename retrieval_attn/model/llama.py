@@ -66,7 +66,7 @@ class Block(nn.Module):
         layer's hidden state gives a close guess (the residual stream changes little from
         one layer to the next). With prepare_guess's int8 weights, a decode token's (T = 1)
         in one kernel (kernels.guess_query: half the weight bytes; the guess only chooses
-        which tokens the layer reads, checked against dense attention in README): the
+        which tokens the layer reads, checked against dense attention in docs/results.md): the
         Triton kernel on a GPU, its reference elsewhere (not the interpreter, which tests
         may have switched on for the whole process: it made a CPU decode ~10x slower)."""
         if self.guess is not None and x.shape[1] == 1:

@@ -44,6 +44,11 @@ class LoadedModel:
     checkpoint_dir: Path | None = None  # the HF-layout directory the weights came from
 
 
+def model_names() -> list[str]:
+    """The models LLM(model=NAME) takes by name (model/named.py, and the embedded one)."""
+    return [EMBEDDED_NAME, *NAMED_MODELS]
+
+
 def embedded_model_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -82,7 +87,7 @@ def checkpoint_dir(path: str | Path | None, cache_dir: str | Path) -> Path:
     else:
         src = embedded_model_path() if path is None else Path(path).expanduser()
     if not src.exists():
-        names = ", ".join([EMBEDDED_NAME, *NAMED_MODELS])
+        names = ", ".join(model_names())
         raise ModelLoadError(f"model path {src} does not exist: pass a HF checkpoint "
                              f"directory, a .gguf file, a model name ({names}), or leave "
                              "the path out for the embedded SmolLM2 model")
