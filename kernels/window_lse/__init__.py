@@ -19,6 +19,10 @@ __all__ = ["window_lse", "window_lse_ref"]
 # 8.68 / 9.04 / 8.89 / 8.84, 128 with 8 8.94 / 8.96 / 8.86 / 8.98, 64 with 4 (before)
 # 9.02 / 8.78 / 9.14 / 9.08; 32 with 4 9.20 / 9.22 / 9.17
 BLOCK_S = 256
+# ... but a tile's keys stay within these bytes (bfloat16 keys of 128 dims: 256 slots):
+# float32 keys of 128 dims in 256-slot tiles asked for 264 KiB of shared memory, past a
+# Hopper SM's 227 KiB (Qwen2.5-Coder-1.5B in float32)
+TILE_BYTES = 256 * 128 * 2
 MIN_HEAD_ROWS = 16  # tl.dot needs >= 16 rows: the G heads of a row are padded to this
 NUM_WARPS = 8
 
@@ -48,6 +52,7 @@ def window_lse(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
         q, k, valid.reshape(1), valid if skip is None else skip.reshape(1), out, g,
         k.shape[1], scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0),
-        D=d, G_PAD=max(MIN_HEAD_ROWS, next_power_of_2(g)), BLOCK_S=BLOCK_S,
+        D=d, G_PAD=max(MIN_HEAD_ROWS, next_power_of_2(g)),
+        BLOCK_S=max(16, min(BLOCK_S, TILE_BYTES // (d * k.element_size()))),
         DOT_F32=dot_f32, HAS_SKIP=skip is not None, num_warps=NUM_WARPS)
     return out
