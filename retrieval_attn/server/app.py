@@ -24,20 +24,21 @@ from retrieval_attn.api import LLM
 from retrieval_attn.server.executor import LLMExecutor
 from retrieval_attn.server.metrics import Metrics
 from retrieval_attn.server.protocol import ChatCompletionRequest, CompletionRequest
-from retrieval_attn.server.scheduler import Scheduler
+from retrieval_attn.server.scheduler import Executor, Scheduler
 from retrieval_attn.server.serving import APIError, OpenAIServing
 
 LOG = logging.getLogger("retrieval_attn.server")
 
 
 def build_app(llm: LLM, model_name: str, max_waiting: int = 64,
-              default_max_tokens: int = 16) -> FastAPI:
+              default_max_tokens: int = 16, executor: Executor | None = None) -> FastAPI:
     """The server's ASGI app over a loaded LLM; its engine worker starts with the app's
-    lifespan (uvicorn) and stops with it."""
+    lifespan (uvicorn) and stops with it. executor: what runs the sequences (default
+    LLMExecutor(llm); tests pass a fake)."""
     scheduler: Scheduler
     metrics = Metrics(lambda: scheduler.num_running, lambda: scheduler.num_waiting,
                       lambda: _kv_bytes(llm))
-    scheduler = Scheduler(LLMExecutor(llm), max_waiting, metrics)
+    scheduler = Scheduler(executor or LLMExecutor(llm), max_waiting, metrics)
     serving = OpenAIServing(llm, scheduler, model_name, default_max_tokens, metrics.rejected)
 
     async def lifespan(app: FastAPI):

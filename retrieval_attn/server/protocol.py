@@ -39,6 +39,7 @@ class _Sampling(BaseModel):
     top_k: StrictInt | None = None  # not OpenAI's; vLLM's (send it through extra_body)
     seed: StrictInt | None = None
     stop: StrictStr | list[StrictStr] | None = None
+    ignore_eos: StrictBool | None = None  # vLLM's: decode past end of text (benchmarks)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt = 1
@@ -50,7 +51,7 @@ class _Sampling(BaseModel):
         default max_tokens where it left that out."""
         out: dict[str, Any] = {"max_tokens": self.max_tokens if self.max_tokens is not None
                                else default_max_tokens}
-        for name in ("temperature", "top_p", "top_k", "seed", "stop"):
+        for name in ("temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
