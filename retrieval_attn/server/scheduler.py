@@ -192,10 +192,9 @@ class Scheduler:
                     self._schedule()
                 if self.running:
                     self._postprocess(self.executor.step(self.running))
-        except BaseException as e:  # the engine is broken: /health turns 503
+        except Exception as e:  # noqa: BLE001 - the engine is broken: /health turns 503
             LOG.exception("the engine worker stopped")
             self.error = e
-            raise
         finally:
             for seq in list(self.waiting) + self.running:
                 self._finish(seq, "error", "the server is shutting down")
