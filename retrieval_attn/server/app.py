@@ -21,9 +21,14 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Mount
 
 from retrieval_attn.api import LLM
+from retrieval_attn.server.contexts import ContextStore
 from retrieval_attn.server.executor import LLMExecutor
 from retrieval_attn.server.metrics import Metrics
-from retrieval_attn.server.protocol import ChatCompletionRequest, CompletionRequest
+from retrieval_attn.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ContextRequest,
+)
 from retrieval_attn.server.scheduler import Executor, Scheduler
 from retrieval_attn.server.serving import APIError, OpenAIServing
 
@@ -39,12 +44,15 @@ def build_app(llm: LLM, model_name: str, max_waiting: int = 64,
     metrics = Metrics(lambda: scheduler.num_running, lambda: scheduler.num_waiting,
                       lambda: _kv_bytes(llm))
     scheduler = Scheduler(executor or LLMExecutor(llm), max_waiting, metrics)
-    serving = OpenAIServing(llm, scheduler, model_name, default_max_tokens, metrics.rejected)
+    contexts = ContextStore(llm, scheduler)
+    serving = OpenAIServing(llm, scheduler, model_name, default_max_tokens, metrics.rejected,
+                            contexts)
 
     async def lifespan(app: FastAPI):
         scheduler.start()
         yield
         scheduler.stop()
+        contexts.close()
 
     app = FastAPI(title="retrieval-attn", lifespan=lifespan)
     app.state.scheduler, app.state.metrics = scheduler, metrics  # for tests and tools
@@ -58,6 +66,21 @@ def build_app(llm: LLM, model_name: str, max_waiting: int = 64,
     async def chat(req: ChatCompletionRequest, request: Request):
         return _send(await serving.chat(req, _request_id(request),
                                         _disconnect_watch(request)))
+
+    @app.post("/v1/contexts")
+    async def create_context(req: ContextRequest):
+        return _send(await contexts.create(req))
+
+    @app.get("/v1/contexts")
+    async def list_contexts():
+        return contexts.list()
+
+    @app.delete("/v1/contexts/{context_id}")
+    async def delete_context(context_id: str):
+        try:
+            return contexts.delete(context_id)
+        except APIError as e:
+            return _error(e)
 
     @app.get("/v1/models")
     async def models():

@@ -29,7 +29,9 @@ class LLMExecutor:
         """One new token of seq (its first step prefills), with the text now safe to show;
         text flushed at the end rides with the last token."""
         if seq.state is None:
-            seq.state = self.llm.steps({"prompt_token_ids": seq.prompt_ids}, seq.params)
+            # a shared context is loaded again for each request (one sequence at a time)
+            seq.state = self.llm.steps({"prompt_token_ids": seq.prompt_ids}, seq.params,
+                                       after=seq.context)
         text, token = "", None
         try:
             while token is None:

@@ -11,6 +11,7 @@ loop stays as it is.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import threading
@@ -134,6 +135,7 @@ class Scheduler:
         self.executor, self.max_waiting, self.observer = executor, max_waiting, observer
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -148,6 +150,15 @@ class Scheduler:
                                 f"server's --max-waiting is {self.max_waiting}): retry later")
             self.waiting.append(seq)
             self._cv.notify()
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run fn on the worker thread once no sequence is running (engine work outside
+        a request: prefilling a shared context); its result or error lands in the future."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            self.calls.append((fn, fut))
+            self._cv.notify()
+        return fut
 
     def abort(self, seq: Sequence) -> None:
         """Cancel a request (its client left): it is freed at the worker's next turn."""
@@ -185,12 +196,16 @@ class Scheduler:
         try:
             while True:
                 with self._cv:
-                    while not self._stop and not self.waiting and not self.running:
+                    while not (self._stop or self.waiting or self.running or self.calls):
                         self._cv.wait()
                     if self._stop:
                         break
-                    self._schedule()
-                if self.running:
+                    call = self.calls.popleft() if self.calls and not self.running else None
+                    if call is None:
+                        self._schedule()
+                if call is not None:
+                    _run_call(*call)
+                elif self.running:
                     self._postprocess(self.executor.step(self.running))
         except Exception as e:  # noqa: BLE001 - the engine is broken: /health turns 503
             LOG.exception("the engine worker stopped")
@@ -198,6 +213,8 @@ class Scheduler:
         finally:
             for seq in list(self.waiting) + self.running:
                 self._finish(seq, "error", "the server is shutting down")
+            for _, fut in self.calls:
+                fut.cancel()
 
     def _schedule(self) -> None:
         """(lock held) Drop cancelled sequences; admit waiting ones while there is room."""
@@ -254,6 +271,15 @@ class Scheduler:
         if self.observer is not None:
             self.observer.finished(seq)
         log_request(seq)
+
+
+def _run_call(fn: Callable[[], Any], fut: concurrent.futures.Future) -> None:
+    if not fut.set_running_or_notify_cancel():
+        return
+    try:
+        fut.set_result(fn())
+    except Exception as e:  # noqa: BLE001 - handed to the caller
+        fut.set_exception(e)
 
 
 def log_request(seq: Sequence, log: Callable[..., None] = LOG.info) -> None:

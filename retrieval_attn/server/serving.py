@@ -41,9 +41,10 @@ def bad_request(message: str, param: str | None = None) -> APIError:
 
 class OpenAIServing:
     def __init__(self, llm: LLM, scheduler: Scheduler, model_name: str,
-                 default_max_tokens: int = 16, on_reject: Callable[[], None] | None = None
-                 ) -> None:
+                 default_max_tokens: int = 16, on_reject: Callable[[], None] | None = None,
+                 contexts: Any = None) -> None:
         self.llm, self.scheduler, self.model_name = llm, scheduler, model_name
+        self.contexts = contexts  # a ContextStore (server/contexts.py), or None
         self.default_max_tokens = default_max_tokens
         self.max_context_tokens = llm.config.runtime.max_context_tokens
         self.on_reject = on_reject or (lambda: None)
@@ -68,7 +69,7 @@ class OpenAIServing:
             if req.echo:
                 raise bad_request("echo is not supported", "echo")
             ids = await self._encode(prompt if isinstance(prompt, str)
-                                     else {"prompt_token_ids": prompt}, "prompt")
+                                     else {"prompt_token_ids": prompt}, "prompt", req.context)
             seq = self._submit(req, ids, request_id or f"cmpl-{uuid.uuid4().hex}")
         except APIError as e:
             self.on_reject()
@@ -85,7 +86,7 @@ class OpenAIServing:
                 messages = [{"role": m.role, "content": m.text()} for m in req.messages]
             except ValueError as e:
                 raise bad_request(str(e), "messages") from None
-            ids = await self._encode(messages, "messages")
+            ids = await self._encode(messages, "messages", req.context)
             seq = self._submit(req, ids, request_id or f"chatcmpl-{uuid.uuid4().hex}")
         except APIError as e:
             self.on_reject()
@@ -96,13 +97,21 @@ class OpenAIServing:
 
     # ----- shared -----
 
-    async def _encode(self, prompt: Any, param: str) -> list[int]:
+    async def _encode(self, prompt: Any, param: str, context: str | None) -> list[int]:
+        """The prompt's token ids, checked (with the shared context's before them, if any)."""
+        before = self._context(context).prompt_token_ids if context is not None else []
         try:  # a long document would hold up the event loop: tokenize beside it
             ids = await asyncio.to_thread(self.llm.encode, prompt)
-            self.llm.engine.check_prompt(ids)
+            self.llm.engine.check_prompt(list(before) + ids)
         except RetrievalAttnError as e:
             raise bad_request(str(e), param) from None
         return ids
+
+    def _context(self, context_id: str):
+        if self.contexts is None:
+            raise APIError(404, f"the context {context_id!r} does not exist",
+                           "not_found_error", "context")
+        return self.contexts.get(context_id).saved
 
     def _submit(self, req, ids: list[int], request_id: str) -> Sequence:
         if req.model is not None and req.model != self.model_name:
@@ -112,14 +121,12 @@ class OpenAIServing:
         if req.n != 1:
             raise bad_request(f"n is {req.n}: this server returns one choice per request",
                               "n")
-        if req.context is not None:
-            raise APIError(404, f"the context {req.context!r} does not exist",
-                           "not_found_error", "context")
         try:
             params = SamplingParams(**req.sampling_kwargs(self.default_max_tokens))
         except RetrievalAttnError as e:
             raise bad_request(str(e), _param_of(str(e))) from None
-        seq = Sequence(request_id, ids, params, RequestStream(asyncio.get_running_loop()))
+        seq = Sequence(request_id, ids, params, RequestStream(asyncio.get_running_loop()),
+                       self._context(req.context) if req.context is not None else None)
         try:
             self.scheduler.submit(seq)
         except QueueFull as e:
@@ -207,6 +214,8 @@ class OpenAIServing:
 
 def _usage(seq: Sequence) -> dict[str, int]:
     n = len(seq.prompt_ids)
+    if seq.context is not None:  # the shared context's tokens are part of the prompt
+        n += len(seq.context.prompt_token_ids)
     return {"prompt_tokens": n, "completion_tokens": seq.new_tokens,
             "total_tokens": n + seq.new_tokens}
 

@@ -281,3 +281,42 @@ def _wait(cond, seconds: float = 10) -> None:
     while not cond():
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+DOC = ("Notes from the harbor office. The ferry to the island leaves at seven. The lighthouse "
+       "keeper is named Ada Brook. The harbor's oldest boat is painted green. ")
+
+
+def test_shared_context_answers_each_question_like_generate(server, cpu_llm):
+    """one prefill of a document; three questions at once, each decoded on top of it,
+    equal LLM.generate over the document's tokens + the question's"""
+    r = server.http.post("/v1/contexts", json={"prompt": DOC})
+    assert r.status_code == 200, r.text
+    ctx = r.json()
+    doc_ids = cpu_llm.encode(DOC)
+    assert ctx["id"].startswith("ctx-") and ctx["prompt_tokens"] == len(doc_ids)
+    assert [c["id"] for c in server.http.get("/v1/contexts").json()["data"]] == [ctx["id"]]
+    questions = ["Q: When does the ferry leave? A:", "Q: Who keeps the lighthouse? A:",
+                 "Q: What color is the oldest boat? A:"]
+    want = [cpu_llm.generate({"prompt_token_ids": doc_ids + cpu_llm.encode(q)},
+                             SamplingParams(max_tokens=6))[0].text for q in questions]
+    client = server.openai()
+
+    def ask(q: str):
+        return client.completions.create(model=MODEL, prompt=q, max_tokens=6, temperature=0,
+                                         extra_body={"context": ctx["id"]})
+
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(ask, questions))
+    assert [g.choices[0].text for g in got] == want
+    assert got[0].usage.prompt_tokens == len(doc_ids) + len(cpu_llm.encode(questions[0]))
+
+    gone = server.http.delete(f"/v1/contexts/{ctx['id']}")
+    assert gone.status_code == 200 and gone.json()["deleted"] is True
+    assert server.http.get("/v1/contexts").json()["data"] == []
+    for r in (server.http.delete(f"/v1/contexts/{ctx['id']}"),
+              server.http.post("/v1/completions", json={"model": MODEL, "prompt": "hi",
+                                                        "context": ctx["id"]})):
+        assert r.status_code == 404 and r.json()["error"]["param"] == "context"
+    bad = server.http.post("/v1/contexts", json={"path": "/nonexistent/ctx"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "path"
