@@ -143,6 +143,24 @@ class LLM:
             yield piece
         return self._output(prompt, ids, "".join(pieces), new_ids, stats)
 
+    def steps(self, prompt: Prompt, params: SamplingParams | None = None,
+              after: SavedContext | None = None
+              ) -> Generator[tuple[int | None, str], None, RequestOutput]:
+        """Yield (token id, text piece) for each new token as it is decoded, for servers
+        that count tokens and time each one. The piece is the text now safe to show, maybe
+        '' (held back while it could start a stop string or ends in half a character);
+        text still held when decoding ends comes last as (None, rest). The generator's
+        return value is the whole RequestOutput; closing it early ends the request, and the
+        engine is free for the next one. after: a saved context (load_context) the prompt
+        continues: its KV state is loaded and the prompt's tokens are decoded on top."""
+        params = _check_params(params)
+        ids = self._encode(prompt)
+        stats, new_ids, pieces = GenerationStats(), [], []
+        for token, piece in self._steps(ids, params, stats, new_ids, prompt, after):
+            pieces.append(piece)
+            yield token, piece
+        return self._output(prompt, ids, "".join(pieces), new_ids, stats)
+
     def save_context(self, prompt: Prompt, path: str | Path, overwrite: bool = False) -> Path:
         """Prefill a prompt and write its KV state (host store, low-rank keys, every
         layer's index, waiting for index builds) to the folder path. A folder that holds
@@ -174,23 +192,31 @@ class LLM:
 
     def _pieces(self, ids: list[int], params: SamplingParams, stats: GenerationStats,
                 new_ids: list[int], prompt: Prompt | None = None) -> Iterator[str]:
-        decode = self.tokenizer.decode if self.tokenizer else _no_text
-        text = TextAssembler(decode, params.stop)
-        gen = (self.engine.generate_from_context(prompt, params, stats)
-               if isinstance(prompt, SavedContext)
-               else self.engine.generate_ids(ids, params, stats))
-        for token in gen:
-            new_ids.append(token)
-            piece = text.add(token)
+        for _, piece in self._steps(ids, params, stats, new_ids, prompt):
             if piece:
                 yield piece
+
+    def _steps(self, ids: list[int], params: SamplingParams, stats: GenerationStats,
+               new_ids: list[int], prompt: Prompt | None = None,
+               after: SavedContext | None = None) -> Iterator[tuple[int | None, str]]:
+        decode = self.tokenizer.decode if self.tokenizer else _no_text
+        text = TextAssembler(decode, params.stop)
+        if after is not None:
+            gen = self.engine.generate_from_context(after, params, stats, suffix=ids)
+        elif isinstance(prompt, SavedContext):
+            gen = self.engine.generate_from_context(prompt, params, stats)
+        else:
+            gen = self.engine.generate_ids(ids, params, stats)
+        for token in gen:
+            new_ids.append(token)
+            yield token, text.add(token)
             if text.stopped:
                 gen.close()
                 stats.finish_reason = "stop"
                 break
         rest = text.flush()
         if rest:
-            yield rest
+            yield None, rest
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, SavedContext):

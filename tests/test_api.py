@@ -171,3 +171,19 @@ def test_engine_refuses_an_index_without_its_library(cpu_llm, monkeypatch):
     with pytest.raises(ConfigError, match="index.kind is hnswlib, which needs hnswlib"):
         cpu_llm.engine.make_policy(KVConfig(policy="retrieval"),
                                    IndexConfig(kind="hnswlib", builder="inline"))
+
+
+def test_steps_give_each_token_with_its_text(cpu_llm):
+    """LLM.steps (the server's per-token feed): one (id, piece) per new token, then any
+    held-back text as (None, rest); ids and text equal generate's"""
+    params = SamplingParams(max_tokens=8, stop=["Paris"])
+    steps = cpu_llm.steps(CAPITAL, params)
+    got = []
+    with pytest.raises(StopIteration) as done:
+        while True:
+            got.append(next(steps))
+    want = cpu_llm.generate(CAPITAL, params)[0]
+    assert [t for t, _ in got if t is not None] == want.token_ids
+    assert all(t is not None for t, _ in got[:-1])
+    assert "".join(p for _, p in got) == want.text == done.value.value.text
+    assert done.value.value.finish_reason == want.finish_reason

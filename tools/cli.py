@@ -1,5 +1,5 @@
-"""retrieval-attn: command-line entry point (generate, niah, eval, plan, check-plan, bench,
-save-context, inspect)."""
+"""retrieval-attn: command-line entry point (generate, serve, niah, eval, plan, check-plan,
+bench, save-context, inspect)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from retrieval_attn import LLM, RequestOutput, SamplingParams, __version__
 from retrieval_attn.config import preset_names
 from retrieval_attn.context import SavedContext, check_target, read_manifest
-from retrieval_attn.errors import RetrievalAttnError
+from retrieval_attn.errors import RequestError, RetrievalAttnError
 from retrieval_attn.model.loader import model_names
 
 
@@ -65,6 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--stop", action="append", default=[],
                      help="stop string: generation ends before it (repeatable)")
 
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: /v1/completions, "
+                           "/v1/chat/completions, /v1/models, /health, /metrics (needs the "
+                           "serve extra: pip install 'retrieval-attn[serve]')")
+    _common(serve)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; "
+                            "0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--max-waiting", type=int, default=64,
+                       help="requests that may wait for the engine; more are answered 429 "
+                            "(default 64)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the name clients pass as `model` (default: the model file's or "
+                            "folder's name; GET /v1/models lists it)")
+
     niah = sub.add_parser("niah", help="needle-in-a-haystack demo on the shipped essays")
     _common(niah)
     niah.add_argument("--length", type=int, nargs="+", default=[4096],
@@ -97,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         # bad flags, paths and contexts are refused before the model loads
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "generate":
             params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                     top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -163,6 +180,20 @@ def summary(out: RequestOutput) -> str:
     return (f"[finish: {out.finish_reason} ({why}); {t.generated_tokens} new tokens; "
             f"{prefill} {t.prompt_tokens} tokens in {t.prefill_s:.2f} s "
             f"({t.prefill_tokens_per_s:.0f} tok/s); decode {t.decode_tokens_per_s:.1f} tok/s]")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.max_waiting < 1:
+        raise RequestError(f"--max-waiting is {args.max_waiting}: it must be at least 1")
+    if not 0 <= args.port < 65536:
+        raise RequestError(f"--port is {args.port}: it must be in 0..65535")
+    try:  # the server's packages are an optional extra: import them only here
+        from retrieval_attn.server.app import serve
+    except ImportError as e:
+        raise RequestError(f"retrieval-attn serve needs {e.name}: install the serve extra, "
+                           "pip install 'retrieval-attn[serve]'") from None
+    return serve(args.model, args.config, args.host, args.port, args.max_waiting,
+                 args.served_model_name)
 
 
 def _niah(llm: LLM, args: argparse.Namespace) -> int:

@@ -156,15 +156,23 @@ class Engine:
             s.decode_s = time.perf_counter() - t1
         return out
 
-    def generate_from_context(self, ctx, params: SamplingParams,
-                              stats: GenerationStats) -> Iterator[int]:
-        """Like generate_ids, with the prompt's KV state loaded from a saved context."""
+    def generate_from_context(self, ctx, params: SamplingParams, stats: GenerationStats,
+                              suffix: list[int] | tuple[int, ...] = ()) -> Iterator[int]:
+        """Like generate_ids, with the prompt's KV state loaded from a saved context; suffix
+        (token ids) is fed after it one decode step a token (a question asked of a shared
+        document: it attends to the context as decoded tokens do, through the policy)."""
         from retrieval_attn.context import restore_context
 
+        pos = len(ctx.prompt_token_ids)
+        if suffix:
+            self.check_prompt(list(ctx.prompt_token_ids) + list(suffix))
         t0 = time.perf_counter()
         logits = restore_context(self, ctx)
-        stats.prompt_tokens, stats.prefill_s = len(ctx.prompt_token_ids), time.perf_counter() - t0
-        yield from self.decode(logits, len(ctx.prompt_token_ids), params, stats)
+        for token in suffix:
+            logits = self.runner.decode(token, pos)
+            pos += 1
+        stats.prompt_tokens, stats.prefill_s = pos, time.perf_counter() - t0
+        yield from self.decode(logits, pos, params, stats)
 
     def decode(self, logits: torch.Tensor, pos: int, params: SamplingParams,
                stats: GenerationStats, kv: KVPolicy | None = None) -> Iterator[int]:

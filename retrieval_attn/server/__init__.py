@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (retrieval-attn serve); needs the serve extra."""
