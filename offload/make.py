@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from retrieval_attn.config import IndexConfig, KVConfig
+from retrieval_attn.config import IndexConfig, KVConfig, check_for_shape, check_sections
 from retrieval_attn.offload.dense import DenseKV
 from retrieval_attn.offload.sparse import SparseKV
 
@@ -19,7 +19,10 @@ def make_kv_policy(cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads:
                    head_dim: int, max_tokens: int, device: torch.device,
                    dtype: torch.dtype, index: IndexConfig | None = None,
                    progress: bool = False, batch: int = 1) -> DenseKV | SparseKV:
-    """The policy cfg names, sized for `batch` sequences decoded together."""
+    """The policy cfg names, sized for `batch` sequences decoded together; cfg and index
+    checked against each other and the model's shape first (config.py's rules)."""
+    check_sections(cfg, index or IndexConfig(), batch)
+    check_for_shape(cfg, num_layers, head_dim, "the model")
     if policy_class(cfg.policy) is DenseKV:
         return DenseKV(num_layers, batch, num_kv_heads, max_tokens, head_dim, device, dtype)
     return SparseKV(cfg, num_layers, num_heads, num_kv_heads, head_dim, max_tokens, device,

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from retrieval_attn.config import IndexConfig, KVConfig
-from retrieval_attn.errors import ConfigError
 from retrieval_attn.index.ann_retriever import AnnRetriever
 from retrieval_attn.index.build_service import IndexBuildService
 from retrieval_attn.index.quest import QuestRetriever
@@ -65,31 +64,14 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
                  head_dim: int, max_tokens: int, device: torch.device,
                  dtype: torch.dtype, index: IndexConfig | None = None,
                  progress: bool = False, batch: int = 1) -> None:
-        if cfg.policy == "retrieval" and cfg.rank > head_dim:
-            raise ConfigError(f"kv.rank is {cfg.rank} but the model's head_dim is {head_dim}: "
-                              f"use a rank <= {head_dim}")
+        # the config's rules (config.check_sections, check_for_shape) were checked by
+        # whoever made cfg and index into a policy (make_kv_policy)
         self.cfg = cfg
         self.L, self.H, self.Hkv, self.D = num_layers, num_heads, num_kv_heads, head_dim
         self.B, rows = batch, batch * num_kv_heads  # rows: the kv heads of every sequence
         self.seq = 0  # the sequence being prefilled
         self.max_tokens, self.device, self.dtype = max_tokens, device, dtype
         self.index_cfg = index or IndexConfig()
-        if batch > 1 and cfg.policy == "retrieval" and self.index_cfg.kind != "lowrank":
-            raise ConfigError(f"index.kind {self.index_cfg.kind} serves one sequence at a "
-                              f"time, and runtime.max_batch is {batch}: use index.kind "
-                              "lowrank for batched decode, or runtime.max_batch 1")
-        if cfg.lookahead_from and cfg.policy == "retrieval" and self.index_cfg.kind != "lowrank":
-            raise ConfigError(f"kv.lookahead_from guesses the low-rank retriever's queries, "
-                              f"and index.kind is {self.index_cfg.kind}: use "
-                              "kv.lookahead_from 0, or index.kind lowrank")
-        if cfg.host_dtype == "int8" and self.index_cfg.kind != "lowrank":
-            raise ConfigError(f"index.kind {self.index_cfg.kind} re-ranks with float keys "
-                              "from the host store, and kv.host_dtype is int8: use "
-                              "kv.host_dtype auto, or index.kind lowrank")
-        if cfg.store_on == "device" and self.index_cfg.kind != "lowrank":
-            raise ConfigError(f"index.kind {self.index_cfg.kind} searches keys in host "
-                              "memory, and kv.store_on is device: use kv.store_on host, or "
-                              "index.kind lowrank")
         on_device = cfg.store_on == "device"
         self.store = KVStore(num_layers, rows, max_tokens, head_dim, dtype,
                              pin=device.type == "cuda" and not on_device,

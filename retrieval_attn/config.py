@@ -221,14 +221,7 @@ class EngineConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
 
     def __post_init__(self) -> None:
-        if self.index.kind != "lowrank" and self.kv.select_block > 1:
-            raise ConfigError(f"kv.select_block is {self.kv.select_block} but index.kind is "
-                              f"{self.index.kind}: host indexes return single tokens; set "
-                              "kv.select_block: 1 or index.kind: lowrank")
-        if self.index.kind != "lowrank" and self.kv.policy != "retrieval":
-            raise ConfigError(f"index.kind is {self.index.kind} but kv.policy is "
-                              f"{self.kv.policy}: host indexes serve kv.policy retrieval; "
-                              "set kv.policy: retrieval or index.kind: lowrank")
+        check_sections(self.kv, self.index, self.runtime.max_batch)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, source: str = "config") -> EngineConfig:
@@ -280,6 +273,49 @@ class EngineConfig:
                                   f"{', '.join(merged)}")
             merged[name].update(values)
         return EngineConfig.from_dict(merged)
+
+
+
+def check_sections(kv: KVConfig, index: IndexConfig, max_batch: int = 1) -> None:
+    """The rules between sections (each dataclass checks its own fields): what EngineConfig
+    checks when it is made, and make_kv_policy for a policy made from parts."""
+    if index.kind != "lowrank" and kv.select_block > 1:
+        raise ConfigError(f"kv.select_block is {kv.select_block} but index.kind is "
+                          f"{index.kind}: host indexes return single tokens; set "
+                          "kv.select_block: 1 or index.kind: lowrank")
+    if index.kind != "lowrank" and kv.policy != "retrieval":
+        raise ConfigError(f"index.kind is {index.kind} but kv.policy is "
+                          f"{kv.policy}: host indexes serve kv.policy retrieval; "
+                          "set kv.policy: retrieval or index.kind: lowrank")
+    if kv.policy != "retrieval" or index.kind == "lowrank":
+        return
+    if max_batch > 1:
+        raise ConfigError(f"index.kind {index.kind} serves one sequence at a time, and "
+                          f"runtime.max_batch is {max_batch}: use index.kind lowrank for "
+                          "batched decode, or runtime.max_batch 1")
+    if kv.lookahead_from:
+        raise ConfigError(f"kv.lookahead_from guesses the low-rank retriever's queries, and "
+                          f"index.kind is {index.kind}: use kv.lookahead_from 0, or index.kind "
+                          "lowrank")
+    if kv.host_dtype == "int8":
+        raise ConfigError(f"index.kind {index.kind} re-ranks with float keys from the host "
+                          "store, and kv.host_dtype is int8: use kv.host_dtype auto, or "
+                          "index.kind lowrank")
+    if kv.store_on == "device":
+        raise ConfigError(f"index.kind {index.kind} searches keys in host memory, and "
+                          "kv.store_on is device: use kv.store_on host, or index.kind lowrank")
+
+
+def check_for_shape(kv: KVConfig, num_layers: int, head_dim: int, source: str) -> None:
+    """kv's rules against a model's shape, checked as soon as the shape is known (before
+    the weights load)."""
+    if kv.policy == "retrieval" and kv.rank > head_dim:
+        raise ConfigError(f"kv.rank is {kv.rank} but {source}'s head_dim is {head_dim}: "
+                          f"use a rank <= {head_dim}")
+    if kv.lookahead_from >= num_layers:
+        raise ConfigError(f"kv.lookahead_from is {kv.lookahead_from} but {source} has "
+                          f"{num_layers} layers (0 to {num_layers - 1}): use 1 to "
+                          f"{num_layers - 1}, or 0 for no lookahead")
 
 
 def preset_names() -> list[str]:

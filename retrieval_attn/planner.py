@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import yaml
 
-from retrieval_attn.config import EngineConfig
+from retrieval_attn.config import EngineConfig, check_for_shape
 from retrieval_attn.errors import ConfigError
 from retrieval_attn.kernels.select_scores import kernel_scores
 from retrieval_attn.model.spec import ModelSpec
@@ -167,9 +167,7 @@ def plan_memory(spec: ModelSpec, config: EngineConfig, device_type: str,
     if device_type not in ("cuda", "cpu"):
         raise ConfigError(f"device type {device_type!r}: plan for 'cuda' or 'cpu'")
     rt, kv = config.runtime, config.kv
-    if kv.policy == "retrieval" and kv.rank > spec.head_dim:
-        raise ConfigError(f"kv.rank is {kv.rank} but the model's head_dim is {spec.head_dim}: "
-                          f"use a rank <= {spec.head_dim}")
+    check_for_shape(kv, spec.num_layers, spec.head_dim, "the model")
     N = rt.max_context_tokens
     n = min(prompt_tokens or N, N)
     L, H, Hkv, D = spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim

@@ -389,3 +389,34 @@ def test_rerank_blocks_needs_runs_and_a_rerank():
     cfg = EngineConfig.from_dict({"kv": {"policy": "retrieval", "rerank_blocks": True,
                                          "select_block": 4, "rerank_factor": 2}})
     assert cfg.kv.rerank_blocks
+
+
+@pytest.mark.parametrize("kv, index, batch, says", [
+    ({"select_block": 4}, {"kind": "attention"}, 1, "host indexes return single tokens"),
+    ({"policy": "dense"}, {"kind": "attention"}, 1, "host indexes serve kv.policy retrieval"),
+    ({}, {"kind": "attention"}, 2, "use index.kind lowrank for batched decode"),
+    ({"lookahead_from": 2}, {"kind": "hnswlib"}, 1, "use kv.lookahead_from 0"),
+    ({"host_dtype": "int8"}, {"kind": "faiss-ivf"}, 1, "use kv.host_dtype auto"),
+    ({"store_on": "device"}, {"kind": "hybrid"}, 1, "use kv.store_on host"),
+])
+def test_every_cross_section_rule_is_refused_when_the_config_is_made(kv, index, batch, says):
+    """All rules between sections live in config.check_sections, run when an EngineConfig
+    is made (before any weights load), and by make_kv_policy for policies made from parts."""
+    data = {"kv": {"policy": "retrieval", **kv}, "index": index,
+            "runtime": {"max_batch": batch}}
+    with pytest.raises(ConfigError, match=says):
+        EngineConfig.from_dict(data)
+
+
+def test_shape_rules_are_refused_before_the_weights_load(monkeypatch):
+    """kv.rank past head_dim and kv.lookahead_from past the last layer: refused by LLM
+    after reading the model's shape, before loading its weights."""
+    from retrieval_attn import LLM
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the config was checked")
+
+    monkeypatch.setattr("retrieval_attn.api.load_model", no_weights)
+    for kv, says in (({"rank": 65}, "head_dim is 64"), ({"lookahead_from": 30}, "30 layers")):
+        with pytest.raises(ConfigError, match=says):
+            LLM(config={"runtime": {"device": "cpu"}, "kv": {"policy": "retrieval", **kv}})

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from retrieval_attn.config import EngineConfig, IndexConfig, KVConfig
+from retrieval_attn.config import EngineConfig, IndexConfig, KVConfig, check_for_shape
 from retrieval_attn.engine.runner import ModelRunner
 from retrieval_attn.errors import ConfigError, RequestError
 from retrieval_attn.model.loader import LoadedModel
@@ -38,14 +38,7 @@ def check_for_model(config: EngineConfig, spec: ModelSpec, source: str) -> None:
                           f"{spec.sliding_window} tokens, which this engine does not "
                           f"implement: set runtime.max_context_tokens <= "
                           f"{spec.sliding_window}")
-    _check_lookahead(config.kv, spec, source)
-
-
-def _check_lookahead(kv: KVConfig, spec: ModelSpec, source: str) -> None:
-    if kv.lookahead_from >= spec.num_layers:
-        raise ConfigError(f"kv.lookahead_from is {kv.lookahead_from} but {source} has "
-                          f"{spec.num_layers} layers (0 to {spec.num_layers - 1}): use 1 to "
-                          f"{spec.num_layers - 1}, or 0 for no lookahead")
+    check_for_shape(config.kv, spec.num_layers, spec.head_dim, source)
 
 
 class Engine:
@@ -67,7 +60,7 @@ class Engine:
         """A KV policy for this model; index None = the low-rank retriever (no host index)."""
         spec, weight = self.loaded.spec, self.loaded.model.embed.weight
         rt = self.config.runtime
-        _check_lookahead(kv, spec, self.loaded.source)
+        check_for_shape(kv, spec.num_layers, spec.head_dim, self.loaded.source)
         policy = make_kv_policy(kv, spec.num_layers, spec.num_heads, spec.num_kv_heads,
                                 spec.head_dim, self.max_tokens, weight.device, weight.dtype,
                                 index, rt.progress_bar, rt.max_batch)

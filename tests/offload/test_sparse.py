@@ -155,8 +155,8 @@ def test_rank_above_head_dim_is_refused():
     from retrieval_attn.errors import ConfigError
 
     with pytest.raises(ConfigError, match="head_dim"):
-        SparseKV(KVConfig(policy="retrieval", rank=32), 1, 2, 1, 16, 64,
-                 torch.device("cpu"), torch.float32)
+        make_kv_policy(KVConfig(policy="retrieval", rank=32), 1, 2, 1, 16, 64,
+                       torch.device("cpu"), torch.float32)
 
 
 def test_unsorted_selection_when_every_step_fills_top_k():
