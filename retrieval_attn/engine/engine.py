@@ -11,12 +11,13 @@ import torch
 
 from retrieval_attn.config import EngineConfig, IndexConfig, KVConfig, check_for_shape
 from retrieval_attn.engine.runner import ModelRunner
+from retrieval_attn.engine.sequence import Sequence
 from retrieval_attn.errors import ConfigError, RequestError
 from retrieval_attn.model.loader import LoadedModel
 from retrieval_attn.model.spec import ModelSpec
 from retrieval_attn.offload.make import make_kv_policy
 from retrieval_attn.offload.policy import KVPolicy
-from retrieval_attn.sampling import SamplingParams, sample
+from retrieval_attn.sampling import SamplingParams
 
 LOG = logging.getLogger(__name__)
 
@@ -116,28 +117,18 @@ class Engine:
             raise RequestError("batched prompts decode in lockstep and must have one "
                                f"length; got {sorted({len(p) for p in prompts})} tokens")
         last = [self.prefill(ids, stats[seq], seq) for seq, ids in enumerate(prompts)]
-        eos = set() if params.ignore_eos or self.loaded.tokenizer is None \
-            else self.loaded.tokenizer.eos_token_ids
-        # one generator per sequence, drawn only while it is live: a seeded prompt samples
-        # the same tokens in a batch as alone
-        gens = [torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-                for _ in prompts]
+        seqs = [Sequence(params, self._eos(), self.max_tokens, s) for s in stats]
         out: list[list[int]] = [[] for _ in prompts]
         live = list(range(len(prompts)))
         t1, pos = time.perf_counter(), n
         tokens = [0] * len(prompts)
         while True:
-            for seq in live:
-                tokens[seq] = sample(last[seq], params, gens[seq])
+            for seq in live:  # drawn only while live: as the sequence alone
+                tokens[seq] = seqs[seq].sample(last[seq])
             for seq in list(live):
-                if tokens[seq] in eos:
-                    stats[seq].finish_reason = "stop"
-                    live.remove(seq)
-                    continue
-                out[seq].append(tokens[seq])
-                stats[seq].generated_tokens += 1
-                if len(out[seq]) >= params.max_tokens or pos + 1 >= self.max_tokens:
-                    stats[seq].finish_reason = "length"
+                if seqs[seq].accept(tokens[seq], pos):
+                    out[seq].append(tokens[seq])
+                if seqs[seq].done:
                     live.remove(seq)
             if not live:
                 break
@@ -167,6 +158,10 @@ class Engine:
         stats.prompt_tokens, stats.prefill_s = pos, time.perf_counter() - t0
         yield from self.decode(logits, pos, params, stats)
 
+    def _eos(self) -> set[int]:
+        tokenizer = self.loaded.tokenizer
+        return set() if tokenizer is None else tokenizer.eos_token_ids
+
     def decode(self, logits: torch.Tensor, pos: int, params: SamplingParams,
                stats: GenerationStats, kv: KVPolicy | None = None) -> Iterator[int]:
         """Sample from the prompt's last logits [V], then decode until a stop.
@@ -174,25 +169,19 @@ class Engine:
         pos is the prompt length; kv, if given, replaces the engine's policy for these
         steps (used to compare policies on one prefill).
         """
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        eos = set() if params.ignore_eos or self.loaded.tokenizer is None \
-            else self.loaded.tokenizer.eos_token_ids
+        seq = Sequence(params, self._eos(), self.max_tokens, stats)
         own_kv = self.runner.kv
         if kv is not None:
             self.runner.kv = kv
         t1 = time.perf_counter()
         try:
-            token = sample(logits, params, gen)
+            token = seq.sample(logits)
             while True:
-                if token in eos:
-                    stats.finish_reason = "stop"
+                if seq.accept(token, pos):
+                    yield token
+                if seq.done:
                     break
-                stats.generated_tokens += 1
-                yield token
-                if stats.generated_tokens >= params.max_tokens or pos + 1 >= self.max_tokens:
-                    stats.finish_reason = "length"
-                    break
-                token = sample(self.runner.decode(token, pos), params, gen)
+                token = seq.sample(self.runner.decode(token, pos))
                 pos += 1
                 stats.decode_s = time.perf_counter() - t1
         finally:
