@@ -60,7 +60,7 @@ class LookaheadSelect:
             # the slot this step's token goes to holds an older token until attend(layer)
             # (or already this one, when a graph's capture repeats the step): left out
             hi, window, newest = self._step_bounds(layer, step)
-            sel, window_lse = self.selector, self._window_lse(layer, qg, window, newest)
+            sel, window_lse = self.selector, self.window_lse(layer, qg, window, newest)
             found = sel.candidates(layer, qg, self.cfg.sink_tokens, hi, self.budget,
                                    window_lse, self.cfg.lookahead_sm_share)
             scores = (sel.last_total, sel.last_mass, sel.last_query)

@@ -171,7 +171,7 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
             guess_lse = ahead.window_lse
             ready = ahead.ready  # final, and read with its tail on the side stream
         else:
-            window_lse = self._window_lse(layer, qg, window)
+            window_lse = self.window_lse(layer, qg, window)
             args = (layer, qg, lo, hi, self.budget, window_lse)
             if hasattr(self.selector, "select_with_keys"):  # re-ranking may have read K
                 sel, count, k_sel = self.selector.select_with_keys(*args)
@@ -305,7 +305,7 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
             self._bounds_step = step
         return self._bounds
 
-    def _window_lse(self, layer: int, qg: torch.Tensor, filled: torch.Tensor,
+    def window_lse(self, layer: int, qg: torch.Tensor, filled: torch.Tensor,
                     skip: torch.Tensor | None = None) -> torch.Tensor:
         """Log-sum-exp [B·Hkv, G] of the scaled scores over the filled window slots, but
         slot skip [1] when given (the Triton kernel on a GPU; its reference elsewhere, not
