@@ -306,7 +306,7 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
         return self._bounds
 
     def window_lse(self, layer: int, qg: torch.Tensor, filled: torch.Tensor,
-                    skip: torch.Tensor | None = None) -> torch.Tensor:
+                   skip: torch.Tensor | None = None) -> torch.Tensor:
         """Log-sum-exp [B·Hkv, G] of the scaled scores over the filled window slots, but
         slot skip [1] when given (the Triton kernel on a GPU; its reference elsewhere, not
         the interpreter)."""
