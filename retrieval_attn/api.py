@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from retrieval_attn.config import EngineConfig
-from retrieval_attn.context import SavedContext, open_context, prepare_target, save_context
+from retrieval_attn.context import SavedContext, check_target, open_context, save_context
 from retrieval_attn.engine import Engine, GenerationStats, TextAssembler
 from retrieval_attn.engine.engine import check_for_model
 from retrieval_attn.errors import ConfigError, RequestError
@@ -166,7 +166,7 @@ class LLM:
         layer's index, waiting for index builds) to the folder path. A folder that holds
         a saved context or other files is refused unless overwrite."""
         ids = self._encode(prompt)
-        prepare_target(path, overwrite)  # before the prefill: a bad path loses no work
+        check_target(path, overwrite)  # before the prefill: a bad path loses no work
         logits = self.engine.prefill(ids, GenerationStats())
         return save_context(self.engine, ids, logits, path, overwrite)
 

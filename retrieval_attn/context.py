@@ -63,7 +63,7 @@ def check_target(path: str | Path, overwrite: bool = False) -> Path:
             raise ContextError(f"{path} already holds a saved context: choose another folder, "
                                "or pass overwrite=True (CLI: --overwrite) to replace it")
         if any(e.name != "index" or not e.is_dir() or any(e.iterdir())
-               for e in path.iterdir()):  # prepare_target's own empty index/ is no content
+               for e in path.iterdir()):  # an empty index/ (a save cut short) is no content
             raise ContextError(f"{path} is not empty (and holds no saved context): choose a "
                                "new or empty folder, or pass overwrite=True (CLI: --overwrite) "
                                "to write into it")

@@ -71,9 +71,10 @@ def merge_tail(out: torch.Tensor, lse_att: torch.Tensor, total_lse: torch.Tensor
     not finite (the sketch scored past float32's range), adds nothing."""
     tail, mass = tail.float(), mass.float()[..., None]
     ok = (mass > 0) & torch.isfinite(mass) & torch.isfinite(tail).all(-1, keepdim=True)
-    log_mass = torch.log(torch.where(ok, mass, 1.0))
-    w = torch.where(ok, torch.sigmoid((total_lse - lse_att).float()[..., None] + log_mass), 0.0)
-    mean = torch.where(ok, tail / torch.where(ok, mass, 1.0), 0.0)
+    safe = torch.where(ok, mass, 1.0)
+    w = torch.where(ok, torch.sigmoid((total_lse - lse_att).float()[..., None] + safe.log()),
+                    0.0)
+    mean = torch.where(ok, tail / safe, 0.0)
     return (out.float() + w * (mean - out.float())).to(out.dtype)
 
 

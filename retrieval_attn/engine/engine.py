@@ -11,13 +11,12 @@ import torch
 
 from retrieval_attn.config import EngineConfig, IndexConfig, KVConfig, check_for_shape
 from retrieval_attn.engine.runner import ModelRunner
-from retrieval_attn.engine.sequence import Sequence
 from retrieval_attn.errors import ConfigError, RequestError
 from retrieval_attn.model.loader import LoadedModel
 from retrieval_attn.model.spec import ModelSpec
 from retrieval_attn.offload.make import make_kv_policy
 from retrieval_attn.offload.policy import KVPolicy
-from retrieval_attn.sampling import SamplingParams
+from retrieval_attn.sampling import RequestSampler, SamplingParams
 
 LOG = logging.getLogger(__name__)
 
@@ -61,7 +60,6 @@ class Engine:
         """A KV policy for this model; index None = the low-rank retriever (no host index)."""
         spec, weight = self.loaded.spec, self.loaded.model.embed.weight
         rt = self.config.runtime
-        check_for_shape(kv, spec.num_layers, spec.head_dim, self.loaded.source)
         policy = make_kv_policy(kv, spec.num_layers, spec.num_heads, spec.num_kv_heads,
                                 spec.head_dim, self.max_tokens, weight.device, weight.dtype,
                                 index, rt.progress_bar, rt.max_batch)
@@ -117,18 +115,18 @@ class Engine:
             raise RequestError("batched prompts decode in lockstep and must have one "
                                f"length; got {sorted({len(p) for p in prompts})} tokens")
         last = [self.prefill(ids, stats[seq], seq) for seq, ids in enumerate(prompts)]
-        seqs = [Sequence(params, self._eos(), self.max_tokens, s) for s in stats]
+        samplers = [RequestSampler(params, self._eos(), self.max_tokens, s) for s in stats]
         out: list[list[int]] = [[] for _ in prompts]
         live = list(range(len(prompts)))
         t1, pos = time.perf_counter(), n
         tokens = [0] * len(prompts)
         while True:
             for seq in live:  # drawn only while live: as the sequence alone
-                tokens[seq] = seqs[seq].sample(last[seq])
+                tokens[seq] = samplers[seq].sample(last[seq])
             for seq in list(live):
-                if seqs[seq].accept(tokens[seq], pos):
+                if samplers[seq].accept(tokens[seq], pos):
                     out[seq].append(tokens[seq])
-                if seqs[seq].done:
+                if samplers[seq].done:
                     live.remove(seq)
             if not live:
                 break
@@ -169,19 +167,19 @@ class Engine:
         pos is the prompt length; kv, if given, replaces the engine's policy for these
         steps (used to compare policies on one prefill).
         """
-        seq = Sequence(params, self._eos(), self.max_tokens, stats)
+        sampler = RequestSampler(params, self._eos(), self.max_tokens, stats)
         own_kv = self.runner.kv
         if kv is not None:
             self.runner.kv = kv
         t1 = time.perf_counter()
         try:
-            token = seq.sample(logits)
+            token = sampler.sample(logits)
             while True:
-                if seq.accept(token, pos):
+                if sampler.accept(token, pos):
                     yield token
-                if seq.done:
+                if sampler.done:
                     break
-                token = seq.sample(self.runner.decode(token, pos))
+                token = sampler.sample(self.runner.decode(token, pos))
                 pos += 1
                 stats.decode_s = time.perf_counter() - t1
         finally:
