@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="score only samples A..B-1 of the run (samples go round the tasks "
                         "in turn, so a slice holds each task alike): splits a long run "
                         "over several invocations; --report merges them")
+    p.add_argument("--no-diagnostics", action="store_true",
+                   help="skip the per-layer diagnostics of the last NIAH prompt (they "
+                        "decode it without CUDA graphs): for all but one of parallel runs")
     p.add_argument("--rank-recall", action="store_true",
                    help="also print the diagnosed prompt's recall by sketch rank (slow)")
     p.add_argument("--report", nargs="+", metavar="DIR", default=None,
@@ -271,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(args.model, config=cfg)
     samples = by_turns(make_samples(args.lengths, args.depths, args.per_task, args.seed,
                                     args.niah_per_depth))[shard::shards][_slice(args.slice)]
-    diagnose = next((s for s in reversed(samples) if s.task == "niah"), None)
+    diagnose = None if args.no_diagnostics else next(
+        (s for s in reversed(samples) if s.task == "niah"), None)
     rows, diagnostics = evaluate(llm, samples, grid, args.max_tokens, diagnose,
                                  checkpoint=out / "results.json",
                                  with_rank_recall=args.rank_recall)

@@ -115,3 +115,12 @@ def test_policy_grid_ablates_the_tail_estimate():
     grid = policy_grid(KVConfig(), [0.05], ["retrieval"], ablate_tail=True)
     assert [(n, c.tail_estimate) for n, c, _ in grid[1:]] == [
         ("retrieval@0.05", True), ("retrieval-notail@0.05", False)]
+
+
+def test_no_diagnostics_skips_the_traced_prompt(tmp_path):
+    assert main(["--config", "cpu-small", "--lengths", "700", "--depths", "0.5",
+                 "--per-task", "0", "--budgets", "0.1", "--policies", "retrieval",
+                 "--no-diagnostics", "--max-tokens", "4", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["policy"] for r in saved["rows"]] == ["dense", "retrieval@0.1"]
+    assert saved["diagnostics"] == {}
