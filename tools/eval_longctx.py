@@ -93,9 +93,10 @@ def policy_grid(base: KVConfig, budgets: list[float], policies: list[str] = POLI
 
 def evaluate(llm: LLM, samples: list[Sample], grid: list[Policy],
              max_tokens: int, diagnose: Sample | None,
-             checkpoint: Path | None = None, with_rank_recall: bool = False
-             ) -> tuple[list[dict], dict]:
-    """Rows (policy, task, score, ...) of every sample under every policy; with a
+             checkpoint: Path | None = None, with_rank_recall: bool = False,
+             sample_ids: list[int] | None = None) -> tuple[list[dict], dict]:
+    """Rows (policy, task, score, ...) of every sample under every policy, each with its
+    sample's id (sample_ids[i], default i: what pairs a row with dense's); with a
     checkpoint path, the rows so far are written there after each sample, so a run cut
     short keeps what it scored. Per-layer diagnostics of every sparse row on the
     diagnose sample, and its sketch's recall by rank if with_rank_recall."""
@@ -130,7 +131,8 @@ def evaluate(llm: LLM, samples: list[Sample], grid: list[Policy],
             tokens = list(engine.decode(logits, len(ids), params, stats, kv=kv))
             answer = tok.decode(tokens)
             # cut: the answer ran into max_tokens (or the context's end) before it ended
-            rows.append({"policy": name, "task": sample.task, "length": sample.length,
+            rows.append({"policy": name, "sample": i if sample_ids is None else sample_ids[i],
+                         "task": sample.task, "length": sample.length,
                          "prompt_tokens": len(ids), "depth": sample.depth,
                          "score": sample.score(answer), "answer": answer.strip()[:200],
                          "cut": stats.finish_reason == "length"})
@@ -174,6 +176,29 @@ def accuracy_table(rows: list[dict]) -> list[str]:
         lines.append(f"warning: {cut} of {len(rows)} answers hit max_tokens before they ended "
                      "and were scored cut short: raise --max-tokens (default 48) if the "
                      "scores look low")
+    return lines
+
+
+def agreement_table(rows: list[dict]) -> list[str]:
+    """Each policy against dense on the same prompts: how many answers equal dense's, and
+    on how many prompts it scored below (lost) or above (gained) dense, with the net
+    points. Averages hide a loss on one prompt behind a lucky gain on another; this
+    does not. Rows pair by their 'sample' id."""
+    dense = {r["sample"]: r for r in rows if r["policy"] == "dense"}
+    w = max([24, *(len(r["policy"]) + 1 for r in rows)])
+    lines = [f"{'against dense':<{w}}{'same answer':>14}{'lost':>7}{'gained':>8}{'net':>8}"]
+    for name in dict.fromkeys(r["policy"] for r in rows):
+        if name == "dense":
+            continue
+        pairs = [(r, dense[r["sample"]]) for r in rows
+                 if r["policy"] == name and r["sample"] in dense]
+        if not pairs:
+            continue
+        same = sum(r["answer"] == d["answer"] for r, d in pairs)
+        lost = sum(r["score"] < d["score"] for r, d in pairs)
+        gained = sum(r["score"] > d["score"] for r, d in pairs)
+        net = 100 * sum(r["score"] - d["score"] for r, d in pairs) / len(pairs)
+        lines.append(f"{name:<{w}}{f'{same}/{len(pairs)}':>14}{lost:>7}{gained:>8}{net:>8.1f}")
     return lines
 
 
@@ -272,13 +297,15 @@ def main(argv: list[str] | None = None) -> int:
                       runtime={"max_context_tokens": max(need,
                                                          cfg.runtime.max_context_tokens)})
     llm = LLM(args.model, config=cfg)
-    samples = by_turns(make_samples(args.lengths, args.depths, args.per_task, args.seed,
-                                    args.niah_per_depth))[shard::shards][_slice(args.slice)]
+    every = by_turns(make_samples(args.lengths, args.depths, args.per_task, args.seed,
+                                  args.niah_per_depth))
+    ids = list(range(len(every)))[shard::shards][_slice(args.slice)]
+    samples = [every[i] for i in ids]
     diagnose = None if args.no_diagnostics else next(
         (s for s in reversed(samples) if s.task == "niah"), None)
     rows, diagnostics = evaluate(llm, samples, grid, args.max_tokens, diagnose,
                                  checkpoint=out / "results.json",
-                                 with_rank_recall=args.rank_recall)
+                                 with_rank_recall=args.rank_recall, sample_ids=ids)
     pngs = heatmaps(rows, out)
     for name, table in diagnostics.items():
         print(f"\n{name} (one {diagnose.length}-token NIAH prompt, first decode step)")
@@ -288,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\naccuracy (%), {llm.loaded.source}, window {kv.window_tokens} + {kv.sink_tokens} "
           f"sinks, rank {kv.rank}, rerank x{kv.rerank_factor}, {len(samples)} prompts")
     print("\n".join(accuracy_table(rows)))
+    print("\n" + "\n".join(agreement_table(rows)))
     return 0
 
 
@@ -298,12 +326,16 @@ def report(folders: list[str], out: Path) -> int:
         path = Path(folder) / "results.json"
         if not path.is_file():
             raise ConfigError(f"{path} not found: pass folders an eval run wrote (its --out)")
-        rows += json.loads(path.read_text())["rows"]
+        mine = json.loads(path.read_text())["rows"]
+        size = len({r["policy"] for r in mine})  # rows saved before ids: one block a prompt
+        rows += [r if "sample" in r else dict(r, sample=f"{folder}#{i // size}")
+                 for i, r in enumerate(mine)]
     pngs = heatmaps(rows, out)
     prompts = len(rows) // len({r["policy"] for r in rows})
     print(f"heat-maps: {', '.join(str(p) for p in pngs)}")
     print(f"\naccuracy (%), {prompts} prompts from {len(folders)} run(s)")
     print("\n".join(accuracy_table(rows)))
+    print("\n" + "\n".join(agreement_table(rows)))
     return 0
 
 

@@ -8,7 +8,13 @@ import pytest
 
 from retrieval_attn.config import KVConfig
 from retrieval_attn.errors import ConfigError
-from retrieval_attn.tools.eval_longctx import TASKS, accuracy_table, main, policy_grid
+from retrieval_attn.tools.eval_longctx import (
+    TASKS,
+    accuracy_table,
+    agreement_table,
+    main,
+    policy_grid,
+)
 
 pytest.importorskip("faiss")
 
@@ -123,4 +129,30 @@ def test_no_diagnostics_skips_the_traced_prompt(tmp_path):
                  "--no-diagnostics", "--max-tokens", "4", "--out", str(tmp_path)]) == 0
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["policy"] for r in saved["rows"]] == ["dense", "retrieval@0.1"]
+    assert [r["sample"] for r in saved["rows"]] == [0, 0]
     assert saved["diagnostics"] == {}
+
+
+def test_agreement_pairs_each_row_with_dense_on_its_prompt():
+    """A loss on one prompt and a gain on another cancel in the average, not here."""
+    def row(policy, sample, score, answer):
+        return {"policy": policy, "sample": sample, "task": "niah", "length": 4096,
+                "score": score, "answer": answer}
+    rows = [row("dense", 0, 1.0, "a"), row("retrieval@0.02", 0, 0.0, "b"),
+            row("dense", 1, 0.0, "c"), row("retrieval@0.02", 1, 1.0, "d"),
+            row("dense", 2, 0.5, "e"), row("retrieval@0.02", 2, 0.5, "e")]
+    header, line = agreement_table(rows)
+    assert header.split()[-4:] == ["answer", "lost", "gained", "net"]
+    assert line.split() == ["retrieval@0.02", "1/3", "1", "1", "0.0"]
+
+
+def test_report_pairs_rows_saved_without_sample_ids(tmp_path, capsys):
+    """results.json written before rows carried their sample: one block of rows a prompt"""
+    rows = [{"policy": p, "task": "niah", "length": 700, "depth": 0.5, "score": s,
+             "answer": a} for p, s, a in [("dense", 1.0, "x"), ("retrieval@0.1", 1.0, "x"),
+                                          ("dense", 1.0, "y"), ("retrieval@0.1", 0.0, "z")]]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps({"rows": rows}))
+    assert main(["--report", str(tmp_path / "a"), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].split() == ["retrieval@0.1", "1/2", "1", "0", "-50.0"]
