@@ -19,10 +19,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("openai")
 
 import httpx  # noqa: E402
-import uvicorn  # noqa: E402
 
 from retrieval_attn import SamplingParams  # noqa: E402
-from retrieval_attn.server.app import bind, build_app  # noqa: E402
+from retrieval_attn.server.app import build_app, serve_in_thread  # noqa: E402
 from retrieval_attn.server.scheduler import StepOutput  # noqa: E402
 
 MODEL = "smollm2"
@@ -46,21 +45,9 @@ class Running:
 
 @contextmanager
 def start_server(llm, **kwargs) -> Iterator[Running]:
-    sock = bind("127.0.0.1", 0)
     app = build_app(llm, MODEL, **kwargs)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    with httpx.Client(base_url=url, timeout=120) as http:
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=120) as http:
         yield Running(url, app, http)
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
 
 
 @pytest.fixture(scope="module")
