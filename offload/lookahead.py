@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from retrieval_attn.index.base import Selection
 from retrieval_attn.index.retriever import Candidates, LowRankRetriever
 from retrieval_attn.offload.policy import AttnStep
 
@@ -25,8 +26,7 @@ class Lookahead(NamedTuple):
     """A layer's candidates chosen early (SparseKV.lookahead)."""
 
     step: AttnStep  # the decode step they were chosen for
-    found: object  # LowRankRetriever.candidates' answer
-    scores: tuple  # the selector's (last_total, last_mass, last_query) after choosing
+    found: Candidates | Selection  # LowRankRetriever.candidates' answer
     window_lse: torch.Tensor  # [B·Hkv, G] the guess's over the window (the tail's weight)
     done: torch.cuda.Event | None  # recorded on the side stream when they are ready
     # without a re-rank (kv.rerank_factor 1) the guess's choice is final, and the side
@@ -63,17 +63,14 @@ class LookaheadSelect:
             sel, window_lse = self.selector, self.window_lse(layer, qg, window, newest)
             found = sel.candidates(layer, qg, self.cfg.sink_tokens, hi, self.budget,
                                    window_lse, self.cfg.lookahead_sm_share)
-            scores = (sel.last_total, sel.last_mass, sel.last_query)
             ready = None
             if not isinstance(found, Candidates):  # final: read it and start its tail now
-                positions, count, _ = found
-                ready = (*self._read_selected(layer, positions),
-                         self._tail_parts(layer, positions, count, step.positions,
-                                          window_lse))
+                ready = (*self._read_selected(layer, found.positions),
+                         self._tail_parts(layer, found, step.positions, window_lse))
             done = torch.cuda.Event() if qg.is_cuda else None
             if done is not None:
                 done.record()
-            return Lookahead(step, found, scores, window_lse, done, ready)
+            return Lookahead(step, found, window_lse, done, ready)
 
         if self.device.type != "cuda":
             self._ahead[layer] = choose()
@@ -86,13 +83,11 @@ class LookaheadSelect:
             self._ahead[layer] = choose()
 
     def _join_lookahead(self, ahead: Lookahead, qg: torch.Tensor, hi: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """attend's selection from the candidates lookahead chose: (positions, count, keys
-        or None). The selector's last scores (for the tail) become the guess's."""
+                        ) -> Selection:
+        """attend's selection from the candidates lookahead chose (its sketch scores, for
+        the tail, are the guess's)."""
         if ahead.done is not None:  # this layer's lookahead only: the next one runs on
             torch.cuda.current_stream().wait_event(ahead.done)
-        sel = self.selector
-        sel.last_total, sel.last_mass, sel.last_query = ahead.scores
         if isinstance(ahead.found, Candidates):
-            return sel.rerank(qg, hi, ahead.found)
+            return self.selector.rerank(qg, hi, ahead.found)
         return ahead.found

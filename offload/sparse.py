@@ -27,6 +27,7 @@ import torch
 
 from retrieval_attn.config import IndexConfig, KVConfig
 from retrieval_attn.index.ann_retriever import AnnRetriever
+from retrieval_attn.index.base import Selection
 from retrieval_attn.index.build_service import IndexBuildService
 from retrieval_attn.index.quest import QuestRetriever
 from retrieval_attn.index.retriever import LowRankRetriever
@@ -78,18 +79,27 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
                              quantized=cfg.host_dtype == "int8", scale_device=device,
                              rows_device=device if on_device else None)
         self.sketch: LowRankKeys | None = None
-        self.selector: LowRankRetriever | QuestRetriever | None = None
+        self.selector: LowRankRetriever | QuestRetriever | AnnRetriever | None = None
+        self.tail: TailEstimate | None = None
+        lowrank_index = self.index_cfg.kind == "lowrank"
         if cfg.policy == "retrieval":
             self.sketch = LowRankKeys(num_layers, rows, max_tokens, head_dim,
                                       cfg.rank, device, dtype, cfg.sketch_dtype)
-            self.selector = LowRankRetriever(self.sketch, head_dim, cfg.rerank_factor,
-                                             self._exact_keys, cfg.select_block,
-                                             reuse_lse=cfg.score_passes == 1,
-                                             rerank_blocks=cfg.rerank_blocks)
-            # hi = pos + 1 - W at most (_step_bounds): the last W positions stay in the window
-            self.selector.region_end = max_tokens - cfg.window_tokens
-            # a device store: attend gathers the chosen K with their V (one launch, not two)
-            self.selector.chosen_keys = not on_device
+            if cfg.tail_estimate and lowrank_index:
+                self.tail = TailEstimate(num_layers, rows, max_tokens, head_dim, device, dtype)
+            self.selector = LowRankRetriever(
+                self.sketch, head_dim, cfg.rerank_factor, self._exact_keys, cfg.select_block,
+                reuse_lse=cfg.score_passes == 1, rerank_blocks=cfg.rerank_blocks,
+                # hi = pos + 1 - W at most (_step_bounds): the last W positions stay in
+                # the window
+                region_end=max_tokens - cfg.window_tokens,
+                # a device store: attend gathers the chosen K with their V (one launch)
+                chosen_keys=not on_device,
+                tail_chunk=TAIL_CHUNK if self.tail is not None else 0,
+                # the scoring pass sums the tail's chunk term itself (one read of the sums
+                # and masses less); a window this long leaves every chunk with mass full
+                tail_sums=(self.tail.sums if self.tail is not None and device.type == "cuda"
+                           and cfg.window_tokens >= TAIL_CHUNK else None))
         elif cfg.policy == "quest":
             self.selector = QuestRetriever(num_layers, rows, max_tokens, head_dim,
                                            cfg.page_tokens, device, dtype)
@@ -98,21 +108,13 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
                               and cfg.host_dtype == "int8" and cfg.policy == "retrieval")
         self.ann: AnnRetriever | None = None
         self.builder: IndexBuildService | None = None
-        if cfg.policy == "retrieval" and self.index_cfg.kind != "lowrank":
+        if cfg.policy == "retrieval" and not lowrank_index:
             ic = self.index_cfg
             self.ann = AnnRetriever(ic.kind, self.store.k, self.selector, head_dim,
                                     ic.search_ef, ic.search_threads)
             self.selector = self.ann
             self.builder = IndexBuildService(ic.kind, ic.builder, ic.ray_address,
                                              progress=progress)
-        self.tail: TailEstimate | None = None
-        if cfg.policy == "retrieval" and cfg.tail_estimate and self.ann is None:
-            self.tail = TailEstimate(num_layers, rows, max_tokens, head_dim, device, dtype)
-            self.selector.tail_chunk = TAIL_CHUNK
-            if device.type == "cuda" and cfg.window_tokens >= TAIL_CHUNK:
-                # the scoring pass sums the tail's chunk term itself (one read of the sums
-                # and masses less); a window this long leaves every chunk with mass full
-                self.selector.tail_sums = lambda layer: self.tail.sums[layer]
         self._queries: dict[int, list[torch.Tensor]] = {}  # layer -> [H, m, D] host chunks
         self.build_queries: dict[int, np.ndarray] = {}  # layer -> [Hkv, G·M, D]
         self.probe_queries: dict[int, list[torch.Tensor]] = {}  # layer -> [H, p, D] chunks
@@ -159,7 +161,7 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
             self.selector.append(layer, pos, k1)
         lo, (hi, window, _) = self.cfg.sink_tokens, self._step_bounds(layer, step)
         qg = q[:, :, 0].reshape(rows, self.H // self.Hkv, self.D)  # [B·Hkv, G, D]
-        k_sel = guess_lse = ready = None
+        k_sel = guess_lse = ready = found = None
         # candidates chosen early for this step (lookahead); a step interrupted after its
         # lookahead leaves one for another step, which is dropped here
         ahead = self._ahead.pop(layer, None)
@@ -167,20 +169,18 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
             sel = torch.zeros(rows, 0, dtype=torch.long, device=q.device)
             count = torch.zeros(1, dtype=torch.int32, device=q.device)
         elif ahead is not None and ahead.step is step:  # re-rank them
-            sel, count, k_sel = self._join_lookahead(ahead, qg, hi)
+            found = self._join_lookahead(ahead, qg, hi)
+            sel, count, k_sel = found.positions, found.count, found.keys
             guess_lse = ahead.window_lse
             ready = ahead.ready  # final, and read with its tail on the side stream
         else:
             window_lse = self.window_lse(layer, qg, window)
-            args = (layer, qg, lo, hi, self.budget, window_lse)
-            if hasattr(self.selector, "select_with_keys"):  # re-ranking may have read K
-                sel, count, k_sel = self.selector.select_with_keys(*args)
-            else:
-                sel, count = self.selector.select(*args)  # [B·Hkv, K], [1]
+            found = self.selector.select(layer, qg, lo, hi, self.budget, window_lse)
+            sel, count, k_sel = found.positions, found.count, found.keys  # [B·Hkv, K], [1]
         if ready is not None:
             k_sel, v_sel, finish_tail = ready
         else:
-            finish_tail = self._start_tail(layer, sel, count, pos, guess_lse)
+            finish_tail = self._start_tail(layer, found, pos, guess_lse)
             if k_sel is None:
                 k_sel, v_sel = self._read_selected(layer, sel)
             else:  # values only: half the host reads (a host store; selector.chosen_keys)
@@ -242,46 +242,46 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
                             scales=(keys.scale, values.scale) if quantized else None,
                             dtype=self.dtype if quantized else None)
 
-    def _tail_parts(self, layer: int, sel: torch.Tensor, count: torch.Tensor,
-                    pos: torch.Tensor, guess_window_lse: torch.Tensor | None = None
+    def _tail_parts(self, layer: int, found: Selection | None, pos: torch.Tensor,
+                    guess_window_lse: torch.Tensor | None = None
                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
         """The tail estimate of this step (offload/tail.py), started on the current stream
         -> merge(out, lse) of the exact part (out [B·Hkv, G, D], lse [B·Hkv, G]), or None
         without a tail or a scored sketch this step. The sketch's mass per chunk came from
-        the selection's own scoring pass.
+        the selection's own scoring pass (found: the retriever's answer).
 
         Where a guess at the query scored the sketch (lookahead; guess_window_lse [B·Hkv,
         G] its window lse), the tail's weight against the exact part comes from the guess
         alone (TailEstimate.start)."""
-        if not self._tail_scored():
+        if not self._tail_scored(found):
             return None
-        s = self.selector
-        scores = self.sketch.scores_at(layer, s.last_query, sel)  # [R, G, K]
-        return self.tail.start(layer, s.last_mass, s.last_total, sel, scores, count, pos,
+        sel = found.positions
+        scores = self.sketch.scores_at(layer, found.query, sel)  # [R, G, K]
+        return self.tail.start(layer, found.mass, found.total, sel, scores, found.count, pos,
                                self.D**-0.5, guess_window_lse)
 
-    def _tail_scored(self) -> bool:
+    def _tail_scored(self, found: Selection | None) -> bool:
         """Whether this step has a tail to estimate: the selection scored the sketch."""
-        return (self.tail is not None and self.selector.last_total is not None
-                and self.selector.last_mass is not None)
+        return (self.tail is not None and found is not None and found.total is not None
+                and found.mass is not None)
 
-    def _start_tail(self, layer: int, sel: torch.Tensor, count: torch.Tensor,
-                    pos: torch.Tensor, guess_window_lse: torch.Tensor | None = None
+    def _start_tail(self, layer: int, found: Selection | None, pos: torch.Tensor,
+                    guess_window_lse: torch.Tensor | None = None
                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
         """_tail_parts on a side stream (on a GPU), beside the value gather (host reads,
         which leave the SMs idle); the merge it returns joins that stream first (the fork
         and join are captured by a CUDA graph too)."""
-        if not sel.is_cuda:
-            return self._tail_parts(layer, sel, count, pos, guess_window_lse)
-        if not self._tail_scored():
+        if found is None or not found.positions.is_cuda:
+            return self._tail_parts(layer, found, pos, guess_window_lse)
+        if not self._tail_scored(found):
             return None
         main = torch.cuda.current_stream()
         if self._side is None:
-            self._side = torch.cuda.Stream(sel.device)
+            self._side = torch.cuda.Stream(found.positions.device)
         side = self._side
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            merge = self._tail_parts(layer, sel, count, pos, guess_window_lse)
+            merge = self._tail_parts(layer, found, pos, guess_window_lse)
 
         def finish(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
             main.wait_stream(side)
