@@ -110,7 +110,7 @@ class PromptIngest:
         extra = self.budget if self.cfg.policy == "streaming" else 0
         self.window = WindowCache(self.L, self.B * self.Hkv, self.cfg.sink_tokens,
                                   self.cfg.window_tokens + extra, self.D, self.device,
-                                  self.dtype)
+                                  self.dtype, with_slot=self.cfg.lookahead_from > 0)
         # The offloaded region [sinks, pos + 1 - W) only grows while decoding: what it
         # holds at the first step settles how every step selects (a CUDA graph is
         # captured per prompt).

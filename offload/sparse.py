@@ -30,15 +30,14 @@ from retrieval_attn.index.ann_retriever import AnnRetriever
 from retrieval_attn.index.base import Selection
 from retrieval_attn.index.build_service import IndexBuildService
 from retrieval_attn.index.quest import QuestRetriever
-from retrieval_attn.index.retriever import LowRankRetriever
-from retrieval_attn.kernels.append_token import append_token, append_token_ref, window_slot
+from retrieval_attn.index.retriever import Candidates, LowRankRetriever
+from retrieval_attn.kernels.append_token import append_token, append_token_ref
 from retrieval_attn.kernels.gather_kv import gather_k, gather_kv, gather_kv_ref
 from retrieval_attn.kernels.sparse_attention import sparse_attention, sparse_attention_ref
-from retrieval_attn.kernels.window_lse import window_lse, window_lse_ref
 from retrieval_attn.offload.dense import DenseKV
 from retrieval_attn.offload.host_index import HostIndexFeed
 from retrieval_attn.offload.kv_store import KVStore, StoreRows
-from retrieval_attn.offload.lookahead import Lookahead, LookaheadSelect
+from retrieval_attn.offload.lookahead import AheadChoice, Lookahead, Ready
 from retrieval_attn.offload.lowrank import LowRankKeys
 from retrieval_attn.offload.policy import AttnStep
 from retrieval_attn.offload.prompt_ingest import PromptIngest
@@ -58,7 +57,7 @@ class TraceEntry:
     selected: torch.Tensor  # [Hkv, K] positions attended besides the window
 
 
-class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
+class SparseKV(PromptIngest, HostIndexFeed):
     layer_major = True  # a layer's K, V leave the device as soon as its prefill is done
 
     def __init__(self, cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads: int,
@@ -90,8 +89,8 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
             self.selector = LowRankRetriever(
                 self.sketch, head_dim, cfg.rerank_factor, self._exact_keys, cfg.select_block,
                 reuse_lse=cfg.score_passes == 1, rerank_blocks=cfg.rerank_blocks,
-                # hi = pos + 1 - W at most (_step_bounds): the last W positions stay in
-                # the window
+                # hi = pos + 1 - W at most (WindowCache.step_bounds): the last W
+                # positions stay in the window
                 region_end=max_tokens - cfg.window_tokens,
                 # a device store: attend gathers the chosen K with their V (one launch)
                 chosen_keys=not on_device,
@@ -124,12 +123,11 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
         self.budget = self.prompt_tokens = 0
         self.state_version = 0
         self.trace: list[TraceEntry] | None = None  # set to [] to record decode steps
-        self._bounds_step: AttnStep | None = None  # the step _bounds were computed for
-        self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None
         self._side: torch.cuda.Stream | None = None  # the tail's partials run on it
-        # kv.lookahead_from: what lookahead chose per layer, on its own stream
-        self._ahead: dict[int, Lookahead] = {}
-        self._ahead_stream: torch.cuda.Stream | None = None
+        # kv.lookahead_from: layers choosing their candidates early, on a side stream
+        self.ahead: Lookahead | None = None
+        if cfg.lookahead_from and isinstance(self.selector, LowRankRetriever):
+            self.ahead = Lookahead(cfg.lookahead_from, device)
         self._gather, self._attention = _ops(device)
 
     @property
@@ -138,8 +136,39 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
         while tracing, which reads positions on the host."""
         return self.trace is None and self.ann is None  # host search syncs every step
 
-    # -- request lifecycle -------------------------------------------------------------
-    # -- attention ---------------------------------------------------------------------
+    def lookahead(self, layer: int, guess: Callable[[], torch.Tensor], step: AttnStep
+                  ) -> None:
+        """Choose layer's re-rank candidates now, with guess() -> q [B, H, 1, D] (its
+        queries as computed from layer - 1's input), for attend(layer) to re-rank with the
+        real ones (kv.lookahead_from; offload/policy.py, offload/lookahead.py). On a GPU
+        it all runs on a side stream beside layer - 1: the sketch scoring (HBM-bound)
+        beside layer - 1's value reads from the host, then the top-k and the host reads of
+        the candidates' keys beside its MLP. The window's lse leaves out this step's token
+        (not written yet), and the layer's tail estimate is the guess's (_start_tail):
+        approximations of the guess, checked against dense attention (docs/results.md).
+        Without a re-rank (kv.rerank_factor 1) the guess's choice is final: the side
+        stream then also reads the chosen K, V and computes the tail's partial sums, and
+        attend(layer) is left the attention and the merges."""
+        if self.prefill_kv is None and self.ahead is not None and self.ahead.covers(layer):
+            self.ahead.start(layer, lambda: self._choose_early(layer, guess, step))
+
+    def _choose_early(self, layer: int, guess: Callable[[], torch.Tensor], step: AttnStep
+                      ) -> AheadChoice:
+        q = guess()  # [B, H, 1, D]
+        qg = q[:, :, 0].reshape(q.shape[0] * self.Hkv, self.H // self.Hkv, self.D)
+        # the slot this step's token goes to holds an older token until attend(layer) (or
+        # already this one, when a graph's capture repeats the step): left out
+        hi, window, newest = self.window.step_bounds(layer, step)
+        window_lse = self.window.lse(layer, qg, window, newest)
+        found = self.selector.candidates(layer, qg, self.cfg.sink_tokens, hi, self.budget,
+                                         window_lse, self.cfg.lookahead_sm_share)
+        ready = None
+        if not isinstance(found, Candidates):  # final: read it and start its tail now
+            keys, values = self._read_selected(layer, found.positions)
+            ready = Ready(keys, values,
+                          self._tail_parts(layer, found, step.positions, window_lse))
+        return AheadChoice(step, found, window_lse, ready)
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                step: AttnStep) -> torch.Tensor:
         if self.prefill_kv is not None:  # prefill: exact, one layer at a time
@@ -159,26 +188,28 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
         self._append(layer, pos, k1[:, 0], v1[:, 0])
         if isinstance(self.selector, QuestRetriever):
             self.selector.append(layer, pos, k1)
-        lo, (hi, window, _) = self.cfg.sink_tokens, self._step_bounds(layer, step)
+        lo = self.cfg.sink_tokens
+        hi, window, _ = self.window.step_bounds(layer, step)
         qg = q[:, :, 0].reshape(rows, self.H // self.Hkv, self.D)  # [B·Hkv, G, D]
         k_sel = guess_lse = ready = found = None
-        # candidates chosen early for this step (lookahead); a step interrupted after its
-        # lookahead leaves one for another step, which is dropped here
-        ahead = self._ahead.pop(layer, None)
+        # candidates chosen early for this step (lookahead)
+        ahead = self.ahead.take(layer, step) if self.ahead is not None else None
         if self.selector is None:
             sel = torch.zeros(rows, 0, dtype=torch.long, device=q.device)
             count = torch.zeros(1, dtype=torch.int32, device=q.device)
-        elif ahead is not None and ahead.step is step:  # re-rank them
-            found = self._join_lookahead(ahead, qg, hi)
+        elif ahead is not None:  # re-rank them (their sketch scores are the guess's)
+            found = ahead.found
+            if isinstance(found, Candidates):
+                found = self.selector.rerank(qg, hi, found)
             sel, count, k_sel = found.positions, found.count, found.keys
             guess_lse = ahead.window_lse
             ready = ahead.ready  # final, and read with its tail on the side stream
         else:
-            window_lse = self.window_lse(layer, qg, window)
+            window_lse = self.window.lse(layer, qg, window)
             found = self.selector.select(layer, qg, lo, hi, self.budget, window_lse)
             sel, count, k_sel = found.positions, found.count, found.keys  # [B·Hkv, K], [1]
         if ready is not None:
-            k_sel, v_sel, finish_tail = ready
+            k_sel, v_sel, finish_tail = ready.keys, ready.values, ready.merge
         else:
             finish_tail = self._start_tail(layer, found, pos, guess_lse)
             if k_sel is None:
@@ -288,30 +319,6 @@ class SparseKV(PromptIngest, HostIndexFeed, LookaheadSelect):
             return merge(out, lse)
 
         return finish
-
-    def _step_bounds(self, layer: int, step: AttnStep
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(hi, filled window slots, the step's token's window slot), [1] each on the
-        device: the end of the offloaded region, the window's filled slots once this
-        step's token is in, and (for lookahead only, else None) the slot it goes to. They
-        depend on the position alone, so layer 0 computes them and later layers of the
-        step reuse them (a step object seen first at a later layer computes them there)."""
-        if layer == 0 or self._bounds_step is not step:
-            pos = step.positions
-            newest = (window_slot(pos, self.window.S, self.window.W)
-                      if self.cfg.lookahead_from else None)
-            self._bounds = (torch.clamp(pos + 1 - self.window.W, min=self.cfg.sink_tokens),
-                            self.window.valid_slots(pos), newest)
-            self._bounds_step = step
-        return self._bounds
-
-    def window_lse(self, layer: int, qg: torch.Tensor, filled: torch.Tensor,
-                   skip: torch.Tensor | None = None) -> torch.Tensor:
-        """Log-sum-exp [B·Hkv, G] of the scaled scores over the filled window slots, but
-        slot skip [1] when given (the Triton kernel on a GPU; its reference elsewhere, not
-        the interpreter)."""
-        fn = window_lse if qg.is_cuda else window_lse_ref
-        return fn(qg, self.window.k[layer], filled, self.D**-0.5, skip)
 
     def _exact_keys(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
         return self._gather_rows(self.store.layer_rows(layer)[0], positions)  # [Hkv, C, D]
