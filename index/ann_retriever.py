@@ -140,6 +140,10 @@ class AnnRetriever:
     def install(self, layer: int, index: LayerIndex) -> None:
         self.layers[layer] = index
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Index graphs and the libraries' key copies, on the host."""
+        return {"host": sum(sum(ix.nbytes().values()) for ix in self.layers.values())}
+
     def select(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
                other_lse: torch.Tensor | None = None) -> Selection:
         """q [Hkv, G, D] -> Selection of positions [Hkv, k] int64 and count [1] int32, as

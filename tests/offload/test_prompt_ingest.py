@@ -38,7 +38,7 @@ def test_ingest_equals_the_prefill_hand_over(policy):
                          AttnStep(torch.arange(n), 0))
         prefilled.finish_layer(layer, n)
     prefilled.finish_prefill(n)
-    assert prefilled.prefill_kv is None and prefilled.prompt_tokens == n
+    assert not prefilled.prompt_ingest.prefilling and prefilled.prompt_tokens == n
 
     ingested = SparseKV(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
     ingested.ingest(k[:, 0, :, :n], v[:, 0, :, :n])

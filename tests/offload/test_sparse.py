@@ -172,12 +172,12 @@ def test_unsorted_selection_when_every_step_fills_top_k():
     def run(force_order):
         torch.manual_seed(0)
         kv = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
-        begin = kv._begin
+        prepare = kv.selector.prepare
 
-        def begin_then_order(n):
-            begin(n)
+        def prepare_then_order(region, top):
+            prepare(region, top)
             kv.selector.ordered = kv.selector.ordered or force_order
-        kv._begin = begin_then_order
+        kv.selector.prepare = prepare_then_order
         return kv, run_policy(kv, q, k, v, 60)
 
     kv, unsorted = run(False)
@@ -382,9 +382,9 @@ def test_a_device_store_gathers_the_chosen_keys_with_their_values():
                        host_dtype="int8", store_on=place)
         kv = make_kv_policy(cfg, L, h, hkv, d, n, torch.device("cpu"), torch.float32)
         assert kv.selector.chosen_keys == (place == "host")
-        calls, gather = [], kv._gather
-        kv._gather = lambda *a, calls=calls, gather=gather, **kw: (calls.append(1)
-                                                                   or gather(*a, **kw))
+        calls, gather = [], kv.store.gather
+        kv.store.gather = lambda *a, calls=calls, gather=gather: (calls.append(1)
+                                                                  or gather(*a))
         outs[place] = run_policy(kv, q, k, v, prompt)
         pairs[place] = len(calls)
     assert pairs == {"host": 0, "device": (n - prompt) * L}
