@@ -176,7 +176,7 @@ class AnnRetriever:
         for h in range(hkv):
             ids = np.concatenate([s.result()[1] for s in searches[h]])  # [G, k], -1 = none
             reranks.append(self.pool.submit(
-                self._rerank, layer, h, index, ids, qn[h], lse[h], hi_i, count,
+                self.rerank_head, layer, h, index, ids, qn[h], lse[h], hi_i, count,
                 None if extra is None else extra[h, :count]))
         picked = [j.result() for j in reranks]
         self.search_s += time.perf_counter() - t0
@@ -197,9 +197,9 @@ class AnnRetriever:
         found = self.fallback.select(layer, q, lo, hi, k, other_lse)
         return Selection(found.positions, found.count)
 
-    def _rerank(self, layer: int, h: int, index: LayerIndex, ids: np.ndarray, q: np.ndarray,
-                other_lse: torch.Tensor, hi: int, count: int,
-                extra: torch.Tensor | None) -> torch.Tensor | None:
+    def rerank_head(self, layer: int, h: int, index: LayerIndex, ids: np.ndarray,
+                    q: np.ndarray, other_lse: torch.Tensor, hi: int, count: int,
+                    extra: torch.Tensor | None) -> torch.Tensor | None:
         """One kv head: its G searches' local ids [G, k] and queries q [G, D] -> the best
         `count` positions [count] in [lo, hi), by exact attention shares."""
         cand = np.unique(ids[ids >= 0]) + index.lo

@@ -62,6 +62,12 @@ class KVStore:
     def quantized(self) -> bool:
         return self.k_scale is not None
 
+    @property
+    def pinned(self) -> bool:
+        """Whether host memory was registered with CUDA for the GPU to read (a host store
+        on a GPU machine)."""
+        return bool(self._registered)
+
     def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
         t = torch.zeros(shape, dtype=dtype)
         nbytes = t.numel() * t.element_size()

@@ -78,5 +78,14 @@ class PromptIngest:
         elif self.quest is not None:
             self.quest.build(layer, k, rows)
 
+    def restore_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+                      window: WindowCache) -> None:
+        """One layer of a saved prompt, k, v [B·Hkv, n, D] on the host: store, window and
+        Quest's pages (cheap to redo); the sketch comes saved (LowRankKeys.load_state)."""
+        self.store.write(layer, 0, k, v)
+        window.load(layer, k.to(self.device), v.to(self.device))
+        if self.quest is not None:
+            self.quest.build(layer, k)
+
     def memory_bytes(self) -> dict[str, int]:
         return self.scratch.memory_bytes() if self.scratch is not None else {}

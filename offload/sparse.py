@@ -206,6 +206,15 @@ class SparseKV:
         sequence seq, or [B·Hkv, n, D] of every sequence when seq is None."""
         self.prompt_ingest.write_layer(layer, k, v, self.window, seq)
 
+    def restore_prompt(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A saved prompt's K, V [L, B·Hkv, n, D] (post-RoPE, on the host) as this policy's
+        state, after start_request(n): all of it but what comes saved on its own (the
+        sketch: self.sketch.load_state; host indexes: self.index_feed). finish_prefill
+        comes next."""
+        self.begin_prompt(k.shape[2])
+        for layer in range(self.L):
+            self.prompt_ingest.restore_layer(layer, k[layer], v[layer], self.window)
+
     def begin_prompt(self, n: int) -> None:
         """A prompt of n tokens arrives: size the budget and a fresh window for it (its
         K, V come next, layer by layer). Streaming spends the top_k budget on a longer

@@ -126,10 +126,7 @@ def save_context(engine, prompt_ids: list[int], logits: torch.Tensor, path: str 
         put("kv.safetensors", {"k": torch.stack([k for k, _ in rows]),
                                "v": torch.stack([v for _, v in rows])})
         if kv.sketch is not None:
-            s = kv.sketch
-            scale = {"scale": s.scale.cpu()} if s.sketch != "auto" else {}
-            put("lowrank.safetensors", {"mean": s.mean.cpu(), "basis": s.basis.cpu(),
-                                        "keys": s.keys[:, :, :n].contiguous().cpu(), **scale})
+            put("lowrank.safetensors", kv.sketch.state(n))
         if kv.index_feed is not None:
             kv.install_ready(wait=True)  # every layer's index, not a partial set
             put("queries.safetensors", kv.index_feed.saved_queries(), numpy=True)
@@ -256,19 +253,9 @@ def restore_context(engine, ctx: SavedContext) -> torch.Tensor:
         kv.k[:, 0, :, :n] = k.to(kv.k.device, kv.k.dtype)
         kv.v[:, 0, :, :n] = v.to(kv.v.device, kv.v.dtype)
     elif isinstance(kv, SparseKV):
-        kv.begin_prompt(n)
-        for layer in range(kv.L):
-            kv.store.write(layer, 0, k[layer], v[layer])
-            kv.window.load(layer, k[layer].to(kv.device), v[layer].to(kv.device))
-            if kv.sketch is None and kv.selector is not None:
-                kv.selector.build(layer, k[layer])  # quest page bounds: cheap to redo
-        if kv.sketch is not None:
-            s, saved = kv.sketch, load_file(str(path / "lowrank.safetensors"))
-            s.mean.copy_(saved["mean"])
-            s.basis.copy_(saved["basis"])
-            s.keys[:, :, :n].copy_(saved["keys"])
-            if s.sketch != "auto":  # kv.sketch_dtype is checked equal with the manifest
-                s.scale.copy_(saved["scale"])
+        kv.restore_prompt(k, v)
+        if kv.sketch is not None:  # kv.sketch_dtype is checked equal with the manifest
+            kv.sketch.load_state(load_file(str(path / "lowrank.safetensors")))
         if kv.index_feed is not None:
             kv.index_feed.load_queries(load_np(str(path / "queries.safetensors")))
             for layer in range(kv.L):

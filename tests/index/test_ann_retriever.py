@@ -138,6 +138,6 @@ def test_split_searches_pick_what_one_search_per_head_picks(threads, head):
     index = ret.layers[0]
     for h in range(HKV):
         _, ids = index.heads[h].search_fast(q[h].numpy(), k, int(ret.search_ef * k))
-        want = ret._rerank(0, h, index, ids, q[h].numpy(), torch.full((G,), float("-inf")),
+        want = ret.rerank_head(0, h, index, ids, q[h].numpy(), torch.full((G,), float("-inf")),
                            1300, k, None)
         assert pos[h].tolist() == want.tolist()
