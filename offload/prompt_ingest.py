@@ -80,10 +80,13 @@ class PromptIngest:
 
     def restore_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                       window: WindowCache) -> None:
-        """One layer of a saved prompt, k, v [B·Hkv, n, D] on the host: store, window and
-        Quest's pages (cheap to redo); the sketch comes saved (LowRankKeys.load_state)."""
+        """One layer of a saved prompt, k, v [B·Hkv, n, D] on the host: store, window, the
+        tail's chunk sums and Quest's pages (cheap to redo); the sketch comes saved
+        (LowRankKeys.load_state)."""
         self.store.write(layer, 0, k, v)
         window.load(layer, k.to(self.device), v.to(self.device))
+        if self.tail is not None:
+            self.tail.build(layer, v)
         if self.quest is not None:
             self.quest.build(layer, k)
 

@@ -52,10 +52,11 @@ def test_ingest_equals_the_prefill_hand_over(policy):
 def test_restored_state_decodes_as_the_prefilled_one(policy, sketch):
     """A saved context's way back (retrieval_attn/context.py): the prompt's K, V as the
     store reads them (restore_prompt) and the sketch's saved state (load_state) leave the
-    state prefill left: the same decode outputs, bit for bit."""
+    state prefill left, the tail estimate's chunk sums included: the same decode outputs,
+    bit for bit."""
     torch.manual_seed(0)
     cfg = KVConfig(policy=policy, sink_tokens=2, window_tokens=8, top_k=10, rank=8,
-                   rerank_factor=2, page_tokens=8, sketch_dtype=sketch, tail_estimate=False)
+                   rerank_factor=2, page_tokens=8, sketch_dtype=sketch)
     n, T = 70, 80
     q = torch.randn(1, H, T, D)
     k, v = torch.randn(L, 1, HKV, T, D), torch.randn(L, 1, HKV, T, D)
