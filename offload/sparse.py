@@ -26,7 +26,7 @@ then the layer is served by the low-rank retriever.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -83,29 +83,13 @@ class SparseKV:
         self.window: WindowCache | None = None  # made for each prompt (begin_prompt)
         self.sketch: LowRankKeys | None = None
         self.tail: TailEstimate | None = None
-        self.lowrank: LowRankRetriever | None = None
-        self.quest: QuestRetriever | None = None
-        self.ann: AnnRetriever | None = None
-        lowrank_index = self.index_cfg.kind == "lowrank"
         if cfg.policy == "retrieval":
             self.sketch = LowRankKeys(num_layers, rows, max_tokens, head_dim,
                                       cfg.rank, device, dtype, cfg.sketch_dtype)
-            if cfg.tail_estimate and lowrank_index:
+            if cfg.tail_estimate and self.index_cfg.kind == "lowrank":
                 self.tail = TailEstimate(num_layers, rows, max_tokens, head_dim, device, dtype)
-            self.lowrank = self._lowrank_retriever()
-        elif cfg.policy == "quest":
-            self.quest = QuestRetriever(num_layers, rows, max_tokens, head_dim,
-                                        cfg.page_tokens, device, dtype)
         self.index_feed: HostIndexFeed | None = None
-        if cfg.policy == "retrieval" and not lowrank_index:
-            ic = self.index_cfg
-            self.ann = AnnRetriever(ic.kind, self.store.k, self.lowrank, head_dim,
-                                    ic.search_ef, ic.search_threads)
-            self.index_feed = HostIndexFeed(ic, self.ann, self.store, num_kv_heads, head_dim,
-                                            cfg.sink_tokens, cfg.window_tokens, progress)
-        # the retriever that answers each decode step (None: streaming attends the window)
-        self.selector: LowRankRetriever | QuestRetriever | AnnRetriever | None = (
-            self.ann or self.lowrank or self.quest)
+        self._make_retrievers(progress)
         # an int8 store in GPU memory: the attention reads the selected rows by index
         self.indexed_reads = (on_device and device.type == "cuda"
                               and cfg.host_dtype == "int8" and cfg.policy == "retrieval")
@@ -120,6 +104,28 @@ class SparseKV:
         self.state_version = 0
         self.trace: list[TraceEntry] | None = None  # set to [] to record decode steps
         self._attention = sparse_attention if device.type == "cuda" else sparse_attention_ref
+
+    def _make_retrievers(self, progress: bool) -> None:
+        """The retrievers kv.policy and index.kind name, and `selector`, the one that
+        answers each decode step (None: streaming attends sinks and window only). A host
+        index (AnnRetriever, fed by a HostIndexFeed) falls back on the low-rank one."""
+        cfg, ic = self.cfg, self.index_cfg
+        self.lowrank: LowRankRetriever | None = None
+        self.quest: QuestRetriever | None = None
+        self.ann: AnnRetriever | None = None
+        self.selector: LowRankRetriever | QuestRetriever | AnnRetriever | None = None
+        if cfg.policy == "quest":
+            self.quest = self.selector = QuestRetriever(
+                self.L, self.B * self.Hkv, self.max_tokens, self.D, cfg.page_tokens,
+                self.device, self.dtype)
+        if cfg.policy != "retrieval":
+            return
+        self.lowrank = self.selector = self._lowrank_retriever()
+        if ic.kind != "lowrank":
+            self.ann = self.selector = AnnRetriever(ic.kind, self.store.k, self.lowrank,
+                                                    self.D, ic.search_ef, ic.search_threads)
+            self.index_feed = HostIndexFeed(ic, self.ann, self.store, self.Hkv, self.D,
+                                            cfg.sink_tokens, cfg.window_tokens, progress)
 
     def _lowrank_retriever(self) -> LowRankRetriever:
         cfg, tail = self.cfg, self.tail
@@ -182,7 +188,7 @@ class SparseKV:
         self.ingest_layers(((k[layer], v[layer]) + ((queries[layer],) if with_q else ())
                             for layer in range(self.L)), n)
 
-    def ingest_layers(self, layers, n: int) -> None:
+    def ingest_layers(self, layers: Iterable[tuple[torch.Tensor, ...]], n: int) -> None:
         """Like ingest, from an iterable of per-layer (k, v) [B·Hkv, n, D] (every
         sequence of the batch), or (k, v, q) with the layer's prompt queries q [H, n, D]
         for its host index: one layer at a time, so a caller never needs every layer's
