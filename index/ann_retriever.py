@@ -28,6 +28,7 @@ import torch
 
 from retrieval_attn.errors import ConfigError
 from retrieval_attn.index.attention_graph import AttentionAwareIndex
+from retrieval_attn.index.base import Retriever, Selection
 from retrieval_attn.index.faiss_ann import FaissHNSWIndex, FaissIVFIndex
 from retrieval_attn.index.hnswlib_ann import HnswlibIndex
 
@@ -121,7 +122,7 @@ class LayerIndex:
 class AnnRetriever:
     """Retriever over host indexes with a low-rank fallback (same select() contract)."""
 
-    def __init__(self, kind: str, keys: torch.Tensor, fallback, head_dim: int,
+    def __init__(self, kind: str, keys: torch.Tensor, fallback: Retriever, head_dim: int,
                  search_ef: float = 1.5, threads: int = 0) -> None:
         self.kind, self.keys = kind, keys  # keys: the host store's K [L, Hkv, N, D]
         self.fallback, self.scale, self.search_ef = fallback, head_dim**-0.5, search_ef
@@ -139,9 +140,14 @@ class AnnRetriever:
     def install(self, layer: int, index: LayerIndex) -> None:
         self.layers[layer] = index
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Index graphs and the libraries' key copies, on the host."""
+        return {"host": sum(sum(ix.nbytes().values()) for ix in self.layers.values())}
+
     def select(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
-               other_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [Hkv, G, D] -> (positions [Hkv, k] int64, count [1] int32), as LowRankRetriever.
+               other_lse: torch.Tensor | None = None) -> Selection:
+        """q [Hkv, G, D] -> Selection of positions [Hkv, k] int64 and count [1] int32, as
+        LowRankRetriever's (positions and count only: the caller reads their K and V).
 
         The host searches start as soon as q reaches the host, one job per (kv head, query
         head); hybrid's low-rank picks (GPU kernels) and the copy of the window's log-sum-exp
@@ -153,7 +159,7 @@ class AnnRetriever:
         count = max(0, min(hi_i - lo, k))
         if index is None or count == 0 or index.lo != lo:
             self.served["lowrank"] += 1
-            return self.fallback.select(layer, q, lo, hi, k, other_lse)
+            return self._fallback(layer, q, lo, hi, k, other_lse)
         t0 = time.perf_counter()
         qn = q.float().cpu().numpy()  # [Hkv, G, D]
         hkv, g = qn.shape[:2]
@@ -162,30 +168,38 @@ class AnnRetriever:
                      for i in range(g)] for h in range(hkv)]
         extra = None  # overlaps the searches: GPU kernels, then a copy
         if self.kind == "hybrid":
-            extra = self.fallback.select(layer, q, lo, hi, k, other_lse)[0].cpu()  # [Hkv, k]
+            found = self.fallback.select(layer, q, lo, hi, k, other_lse)
+            extra = found.positions.cpu()  # [Hkv, k]
         lse = (other_lse.float().cpu() if other_lse is not None
                else torch.full((hkv, g), float("-inf")))  # [Hkv, G]
         reranks = []
         for h in range(hkv):
             ids = np.concatenate([s.result()[1] for s in searches[h]])  # [G, k], -1 = none
             reranks.append(self.pool.submit(
-                self._rerank, layer, h, index, ids, qn[h], lse[h], hi_i, count,
+                self.rerank_head, layer, h, index, ids, qn[h], lse[h], hi_i, count,
                 None if extra is None else extra[h, :count]))
         picked = [j.result() for j in reranks]
         self.search_s += time.perf_counter() - t0
         if any(p is None for p in picked):  # too few candidates: rare, low-rank serves
             self.served["lowrank"] += 1
-            return self.fallback.select(layer, q, lo, hi, k, other_lse)
+            return self._fallback(layer, q, lo, hi, k, other_lse)
         self.served["index"] += 1
         out = torch.full((hkv, k), lo, dtype=torch.long)
         for h, p in enumerate(picked):
             out[h, :count] = p
-        return (out.to(q.device, non_blocking=True),
-                torch.tensor([count], dtype=torch.int32, device=q.device))
+        return Selection(out.to(q.device, non_blocking=True),
+                         torch.tensor([count], dtype=torch.int32, device=q.device))
 
-    def _rerank(self, layer: int, h: int, index: LayerIndex, ids: np.ndarray, q: np.ndarray,
-                other_lse: torch.Tensor, hi: int, count: int,
-                extra: torch.Tensor | None) -> torch.Tensor | None:
+    def _fallback(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
+                  other_lse: torch.Tensor | None) -> Selection:
+        """The low-rank retriever's positions and count (its keys and scores dropped: the
+        caller reads K and V as for an index's answer)."""
+        found = self.fallback.select(layer, q, lo, hi, k, other_lse)
+        return Selection(found.positions, found.count)
+
+    def rerank_head(self, layer: int, h: int, index: LayerIndex, ids: np.ndarray,
+                    q: np.ndarray, other_lse: torch.Tensor, hi: int, count: int,
+                    extra: torch.Tensor | None) -> torch.Tensor | None:
         """One kv head: its G searches' local ids [G, k] and queries q [G, D] -> the best
         `count` positions [count] in [lo, hi), by exact attention shares."""
         cand = np.unique(ids[ids >= 0]) + index.lo

@@ -1,9 +1,11 @@
 """QuestRetriever: the Quest baseline (page-level key bounds), a Retriever like the
-low-rank one (index/retriever.py): positions [Hkv, k] and a device-side count."""
+low-rank one (index/base.py): positions [Hkv, k] and a device-side count."""
 
 from __future__ import annotations
 
 import torch
+
+from retrieval_attn.index.base import Selection
 
 
 class QuestRetriever:
@@ -49,20 +51,22 @@ class QuestRetriever:
             self.kmax[layer].index_select(1, page), k))
 
     def select(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
-               other_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               other_lse: torch.Tensor | None = None) -> Selection:
+        """q [Hkv, G, D] -> the tokens of the top k // P pages (other_lse unused)."""
         first, pages = -(-lo // self.P), self.kmin.shape[2]  # first page wholly past lo
         n_pages = min(max(pages - first, 0), k // self.P)
         last = hi // self.P  # pages before this one end by hi
         count = (torch.clamp(last - first, 0, n_pages) * self.P).to(torch.int32)
         if n_pages <= 0:
-            return torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device), count
+            return Selection(torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device),
+                             count)
         kmin, kmax = self.kmin[layer, :, first:], self.kmax[layer, :, first:]  # [Hkv, P', D]
         qe = q[:, :, None, :]  # [Hkv, G, 1, D]
         bound = torch.maximum(qe * kmin[:, None], qe * kmax[:, None]).sum(-1).amax(dim=1)
         bound = bound.masked_fill(self.page_ids[first:] >= last, float("-inf"))
         top = bound.topk(n_pages, dim=-1).indices + first  # [Hkv, pages]
         offsets = torch.arange(self.P, device=q.device)
-        return (top[:, :, None] * self.P + offsets).reshape(q.shape[0], -1), count
+        return Selection((top[:, :, None] * self.P + offsets).reshape(q.shape[0], -1), count)
 
     def memory_bytes(self) -> dict[str, int]:
         n = 2 * self.kmin.numel() * self.kmin.element_size()

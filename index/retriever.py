@@ -1,11 +1,7 @@
-"""Retrievers: given a decode query, pick the top-k past tokens of each kv head.
+"""LowRankRetriever: given a decode query, pick the top-k past tokens of each kv head.
 
-A retriever sees positions [lo, hi): the offloaded region, neither sinks nor window. lo is
-fixed (the sink count); hi is a device tensor, because it grows every step and a CUDA
-graph must not bake it in. So scores cover the whole capacity [lo, N) with positions
->= hi masked out, and `select` returns fixed-size outputs plus a device-side count:
-positions [Hkv, k] (best first) and count [1], the number of leading entries that are
-real. Selection per kv head covers all G query heads of its GQA group: each head's scores
+The contract (positions [lo, hi), a device-side hi and count) is index/base.py's.
+Selection per kv head covers all G query heads of its GQA group: each head's scores
 become a softmax distribution and the group's distributions are summed, so every head's
 favourite tokens count equally.
 """
@@ -13,10 +9,11 @@ favourite tokens count equally.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from dataclasses import dataclass
 
 import torch
 
+from retrieval_attn.index.base import KeySketch, Selection
 from retrieval_attn.index.blocks import (
     block_sums,
     block_tokens,
@@ -28,19 +25,8 @@ from retrieval_attn.kernels.gather_kv import gather_k
 from retrieval_attn.kernels.rerank_shares import rerank_shares, rerank_shares_ref
 from retrieval_attn.kernels.select_scores import LseState
 from retrieval_attn.kernels.select_topk import select_topk, select_topk_values, topk_indices
-
-
-class KeySketch(Protocol):
-    capacity: int
-
-    def scores(self, layer: int, q: torch.Tensor, lo: int, hi: int) -> torch.Tensor: ...
-
-
-class Retriever(Protocol):
-    def select(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
-               other_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [Hkv, G, D] -> (positions [Hkv, k] int64 in [lo, N), count [1] int32)."""
-        ...
+from retrieval_attn.kernels.sketch_query import SketchQuery
+from retrieval_attn.kernels.tail_correct import ChunkTail
 
 
 def group_scores(scores: torch.Tensor, scale: float,
@@ -59,8 +45,10 @@ def group_scores(scores: torch.Tensor, scale: float,
     return torch.exp(logits - lse[..., None]).nan_to_num_(0.0).sum(dim=1)
 
 
-class Candidates(NamedTuple):
-    """Re-rank candidates read from the host (LowRankRetriever.candidates)."""
+@dataclass(frozen=True)
+class Candidates:
+    """Re-rank candidates read from the host (LowRankRetriever.candidates), and what the
+    sketch's scoring saw on the way (as in Selection)."""
 
     positions: torch.Tensor  # [R, C + P]: the C ranked, then P always kept (a partial run)
     keys: torch.Tensor  # [R, C + P, D] their exact keys
@@ -71,6 +59,8 @@ class Candidates(NamedTuple):
     # [1] candidates at or past it are not ranked: hi, or with runs the partial run's first
     # position (the partial run is kept anyway: a candidate run of ties may be that run)
     end: torch.Tensor
+    mass: torch.Tensor | ChunkTail | None = None  # Selection.mass
+    query: SketchQuery | None = None  # Selection.query
 
 
 def _mask_from(hi: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -81,8 +71,9 @@ class LowRankRetriever:
     """Top-k by low-rank scores on the GPU, optionally re-ranked with exact keys.
 
     With rerank_factor m > 1, the top k·m candidates by sketch score are re-scored with
-    their exact keys (gathered from the host store) and the best k kept: the sketch only
-    has to get the true top-k into a candidate list m times larger.
+    their exact keys (exact_keys(layer, positions [R, C]) -> [R, C, D], read from the
+    store) and the best k kept: the sketch only has to get the true top-k into a
+    candidate list m times larger.
 
     With block P > 1 the host rows it reads come in aligned runs of P positions
     (index/blocks.py): re-rank candidates are the runs of largest summed sketch shares,
@@ -97,12 +88,26 @@ class LowRankRetriever:
     same layer's; none at a prompt's first step) log-added to this step's window lse,
     instead of this step's exact one, which would take a second pass over the sketch
     (kernels.select_scores, lse_state; docs/design.md: one-pass scoring).
+
+    The other settings:
+    - region_end: positions at or past it never enter the offloaded region (the window
+      holds a prompt's newest tokens): their blocks are never chosen, so the top-k skips
+      them (fewer top-k stages where the capacity spills just past a chunk). None: the
+      sketch's capacity.
+    - chosen_keys: whether a re-rank's Selection carries its chosen tokens' keys (taken
+      from the candidates'). A caller whose store is in device memory passes False and
+      gathers their K with their V in one launch, on the decode's critical path.
+    - tail_chunk > 0: each scoring pass also sums the sketch's softmax mass per chunk of
+      tail_chunk positions (Selection.mass). With tail_sums too (V chunk sums
+      [L, R, M, D], offload/tail.py), the mass is instead the tail estimate's chunk term
+      summed in that pass (kernels.ChunkTail).
     """
 
     def __init__(self, sketch: KeySketch, head_dim: int, rerank_factor: int = 1,
                  exact_keys: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-                 block: int = 1, reuse_lse: bool = True,
-                 rerank_blocks: bool = False) -> None:
+                 block: int = 1, reuse_lse: bool = True, rerank_blocks: bool = False,
+                 region_end: int | None = None, chosen_keys: bool = True,
+                 tail_chunk: int = 0, tail_sums: torch.Tensor | None = None) -> None:
         if rerank_factor > 1 and exact_keys is None:
             raise ValueError("re-ranking needs exact_keys(layer, positions) -> keys")
         self.sketch, self.scale = sketch, head_dim**-0.5
@@ -110,35 +115,16 @@ class LowRankRetriever:
         self.block = block
         self.rerank_blocks = rerank_blocks
         self.reuse_lse = reuse_lse
+        self.region_end, self.chosen_keys = region_end, chosen_keys
+        self.tail_chunk, self.tail_sums = tail_chunk, tail_sums
         self.lse_state: dict[int, LseState] = {}  # per layer
         # blocks are picked only while the region holds the budget's whole blocks (see
         # prepare); a shorter region is attended whole, position by position
         self.use_blocks = False
-        self.positions: torch.Tensor | None = None  # [N] arange on the sketch's device
-        # the last select's per-head log-sum-exp [Hkv, G] over window + sketched region
-        # (None without other_lse): what a tail estimate normalises the sketch scores by
-        self.last_total: torch.Tensor | None = None
-        # set tail_chunk > 0 to have each select also keep the sketch's softmax mass per
-        # chunk of positions, last_mass [Hkv, G, ceil(N / tail_chunk)] (from the same pass);
-        # with tail_sums (layer -> V chunk sums [Hkv, M, D]) too, last_mass is instead the
-        # tail estimate's chunk term summed in that pass (kernels.ChunkTail)
-        self.tail_chunk = 0
-        self.tail_sums: Callable[[int], torch.Tensor] | None = None
-        self.last_mass = None
-        # whether a re-rank returns its chosen tokens' keys (taken from the candidates'):
-        # a caller whose store is in device memory sets it False and gathers their K with
-        # their V in one launch, on the decode's critical path, instead of two
-        self.chosen_keys = True
-        # the last select's query as the sketch scored it (LowRankKeys.query), for scoring
-        # the selected positions alike (a tail estimate)
-        self.last_query = None
-        # positions come back best first; a caller that knows every step fills all k
-        # slots (count == k) may set ordered False to skip sorting the top-k
+        # positions come back best first, unless prepare knows that every step fills all
+        # k slots (count == k): then nobody reads their order and the top-k skips sorting
         self.ordered = True
-        # positions at or past region_end never enter the offloaded region (the window
-        # holds a prompt's newest tokens): their blocks are never chosen, so the top-k
-        # skips them (fewer top-k stages where the capacity spills just past a chunk)
-        self.region_end: int | None = None
+        self.positions: torch.Tensor | None = None  # [N] arange on the sketch's device
         # (hi, (lo, blocks), partial block positions, count, its first) of the last hi seen
         self._partial: tuple | None = None
         self._runs: dict[tuple, torch.Tensor] = {}  # _run: (start, p, device) -> positions
@@ -157,27 +143,21 @@ class LowRankRetriever:
         self.ordered = region < slots_for(k, self.block)
 
     def select(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
-               other_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        positions, count, _ = self.select_with_keys(layer, q, lo, hi, k, other_lse)
-        return positions, count
-
-    def select_with_keys(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor,
-                         k: int, other_lse: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Like `select`, plus the chosen tokens' exact keys [Hkv, k, D] (the dtype
-        exact_keys returns) when re-ranking fetched them, else None: the caller then
-        needs only their values from the host store."""
+               other_lse: torch.Tensor | None = None) -> Selection:
+        """q [R, G, D] -> Selection: positions [R, K], count [1], and the chosen tokens'
+        exact keys [R, K, D] (the dtype exact_keys returns) when re-ranking fetched them
+        (and chosen_keys), else None: the caller then needs only their values."""
         found = self.candidates(layer, q, lo, hi, k, other_lse)
         return self.rerank(q, hi, found) if isinstance(found, Candidates) else found
 
     def candidates(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor, k: int,
                    other_lse: torch.Tensor | None = None, sm_share: float = 1.0
-                   ) -> Candidates | tuple[torch.Tensor, torch.Tensor, None]:
-        """The first half of select_with_keys: the sketch's re-rank candidates and their
-        exact keys, chosen with q, for `rerank` to finish; q may be a guess at the query
+                   ) -> Candidates | Selection:
+        """The first half of select: the sketch's re-rank candidates and their exact keys,
+        chosen with q, for `rerank` to finish; q may be a guess at the query
         (kv.lookahead_from), since the re-rank takes the real one. Where this step does
-        not re-rank, select_with_keys' answer (positions, count, None) instead. sm_share:
-        the share of the GPU's SMs the scoring pass takes (kv.lookahead_sm_share)."""
+        not re-rank, select's answer instead. sm_share: the share of the GPU's SMs the
+        scoring pass takes (kv.lookahead_sm_share)."""
         if self.use_blocks:
             return self._block_candidates(layer, q, lo, hi, k, other_lse, sm_share)
         k = slots_for(k, self.block)  # a region shorter than the blocks: attend it all
@@ -186,23 +166,24 @@ class LowRankRetriever:
             self.positions = torch.arange(n, device=q.device)
         k = min(k, n - lo)
         count = torch.clamp(hi - lo, 0, k).to(torch.int32)
-        if k <= 0:
-            self.last_total = self.last_mass = None  # nothing scored this step
-            return torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device), count, None
+        if k <= 0:  # nothing scored this step
+            return Selection(torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device),
+                             count)
         n_cand = min(n - lo, k * self.rerank_factor)
         rerank = n_cand > k and self.rerank_factor > 1
-        shares, total = self._shares(layer, q, lo, hi, other_lse, rerank, 1, sm_share)
-        self.last_total = total
+        shares, total, mass, query = self._shares(layer, q, lo, hi, other_lse, rerank, 1,
+                                                  sm_share)
         # Candidates for re-ranking need no order (an unsorted top-k is ~2.5x faster at 1M);
         # without re-ranking they are the answer, best first unless nobody needs the order.
         cand = shares.topk(n_cand, dim=-1, sorted=not rerank and self.ordered).indices + lo
         if not rerank:
-            return cand[:, :k], count, None
-        return Candidates(cand, self.exact_keys(layer, cand), count, total, n_cand, k, hi)
+            return Selection(cand[:, :k], count, None, total, mass, query)
+        return Candidates(cand, self.exact_keys(layer, cand), count, total, n_cand, k, hi,
+                          mass, query)
 
     def _block_candidates(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor,
                           k: int, other_lse: torch.Tensor | None, sm_share: float = 1.0
-                          ) -> Candidates | tuple[torch.Tensor, torch.Tensor, None]:
+                          ) -> Candidates | Selection:
         """candidates in aligned runs of P positions: the best blocks(k)·m runs by summed
         sketch shares, whose keys are read (fast: runs), then the partial block before hi
         (always kept); without re-ranking, the best blocks(k) runs themselves and the
@@ -213,8 +194,8 @@ class LowRankRetriever:
         live = (min(n, self.region_end or n) - lo) // P  # blocks that may be before hi
         n_cand = min(live, nb * self.rerank_factor)
         rerank = n_cand > nb and self.rerank_factor > 1
-        sums, total = self._shares(layer, q, lo, hi, other_lse, rerank, P, sm_share)
-        self.last_total = total
+        sums, total, mass, query = self._shares(layer, q, lo, hi, other_lse, rerank, P,
+                                                sm_share)
         top = _top_blocks(sums[:, :live], n_cand if rerank else nb)  # [R, blocks], no order
         part, count, first = self._partial_block(lo, hi, nb)
         C = top.shape[1] * P
@@ -222,22 +203,22 @@ class LowRankRetriever:
         block_tokens(top, lo, P, self._run(lo, P, top.device), out=every[:, :C])
         every[:, C:] = part  # the partial block after the chosen runs
         if not rerank:
-            return every, count, None
+            return Selection(every, count, None, total, mass, query)
         return Candidates(every, self.exact_keys(layer, every), count, total, C, nb * P,
-                          first)
+                          first, mass, query)
 
-    def rerank(self, q: torch.Tensor, hi: torch.Tensor, c: Candidates
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The second half of select_with_keys: the best of the candidates by their exact
-        shares under q [Hkv, G, D] (one by one; with rerank_blocks, the runs of largest
-        summed exact shares, whole), and any positions always kept -> (positions [Hkv, K],
-        count [1], their keys [Hkv, K, D], or None where chosen_keys is False)."""
+    def rerank(self, q: torch.Tensor, hi: torch.Tensor, c: Candidates) -> Selection:
+        """The second half of select: the best of the candidates by their exact shares
+        under q [R, G, D] (one by one; with rerank_blocks, the runs of largest summed exact
+        shares, whole), and any positions always kept -> Selection (positions [R, K],
+        count [1], their keys [R, K, D] or None where chosen_keys is False; the
+        candidates' total, mass and query)."""
         C, rows = c.ranked, q.shape[0]
         exact = self._exact_shares(q, c.keys[:, :C].to(q.dtype), c.positions[:, :C], c.end,
                                    c.total)
         if not self.use_blocks:
-            best = exact.topk(c.keep, dim=-1, sorted=self.ordered).indices  # [Hkv, k]
-            return c.positions.gather(1, best), c.count, self._chosen_keys(c, best)
+            best = exact.topk(c.keep, dim=-1, sorted=self.ordered).indices  # [R, k]
+            return self._chosen(c, c.positions.gather(1, best), best)
         P = self.block
         if self.rerank_blocks:  # the runs of largest exact mass, whole
             runs = _top_columns(exact.float().view(rows, -1, P).sum(-1), c.keep // P)
@@ -245,15 +226,18 @@ class LowRankRetriever:
             # the chosen candidates, then the partial block (the last P rows, keys too)
             take = torch.cat([best, self._run(C, P, best.device).expand(rows, P)],
                              dim=1)
-            return c.positions.gather(1, take), c.count, self._chosen_keys(c, take)
+            return self._chosen(c, c.positions.gather(1, take), take)
         # the chosen candidates and the partial block after them (the last P rows), with
         # their positions: one launch on a GPU
         take, positions = _top_columns_with(exact, c.keep, c.positions, P)
-        return positions, c.count, self._chosen_keys(c, take)
+        return self._chosen(c, positions, take)
 
-    def _chosen_keys(self, c: Candidates, take: torch.Tensor) -> torch.Tensor | None:
-        """The candidates' keys at take [Hkv, K] -> [Hkv, K, D], or None (chosen_keys)."""
-        return _take_rows(c.keys, take) if self.chosen_keys else None
+    def _chosen(self, c: Candidates, positions: torch.Tensor, take: torch.Tensor
+                ) -> Selection:
+        """The answer of a re-rank: positions [R, K] (the candidates' at take [R, K]), the
+        candidates' keys at take [R, K, D] (or None: chosen_keys), what the sketch saw."""
+        keys = _take_rows(c.keys, take) if self.chosen_keys else None
+        return Selection(positions, c.count, keys, c.total, c.mass, c.query)
 
     def _run(self, start: int, p: int, device: torch.device) -> torch.Tensor:
         """[P] = start .. start + P - 1, made once per start, size and device (block_tokens'
@@ -299,27 +283,27 @@ class LowRankRetriever:
 
     def _shares(self, layer: int, q: torch.Tensor, lo: int, hi: torch.Tensor,
                 other_lse: torch.Tensor | None, candidates: bool = False, block: int = 1,
-                sm_share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(group shares [Hkv, N - lo], or their sums per block of `block` positions
-        [Hkv, (N - lo) // block] (blocks.block_sums); total lse [Hkv, G] or None
-        without other_lse). Sketches with a fused `shares` (LowRankKeys) never store
-        [Hkv, G, N] scores, and on a GPU round them to bfloat16 when they only pick re-rank
-        candidates (a faster top-k there; on the CPU it would only change results).
-        sm_share: the share of the GPU's SMs a fused sketch's pass takes (others take
-        every SM)."""
+                sm_share: float = 1.0) -> tuple:
+        """(group shares [R, N - lo], or their sums per block of `block` positions
+        [R, (N - lo) // block] (blocks.block_sums); total lse [R, G] or None without
+        other_lse; the chunk mass (Selection.mass) or None; the sketch's query or None).
+        Sketches with a fused `shares` (LowRankKeys) never store [R, G, N] scores, and
+        on a GPU round them to bfloat16 when they only pick re-rank candidates (a faster
+        top-k there; on the CPU it would only change results). sm_share: the share of the
+        GPU's SMs a fused sketch's pass takes (others take every SM)."""
         n = self.sketch.capacity
         if hasattr(self.sketch, "shares"):
             dtype = torch.bfloat16 if candidates and q.is_cuda else torch.float32
             state = (self._lse_state(layer, q) if self.reuse_lse and other_lse is not None
                      else None)
-            self.last_query = self.sketch.query(layer, q)
-            sums = (self.tail_sums(layer) if self.tail_sums is not None and self.tail_chunk
+            query = self.sketch.query(layer, q)
+            sums = (self.tail_sums[layer] if self.tail_sums is not None and self.tail_chunk
                     else None)
             shares, lse, *mass = self.sketch.shares(layer, q, lo, hi, self.scale, other_lse,
                                                     self.tail_chunk, dtype, state, block,
-                                                    self.last_query, sums, sm_share)
-            self.last_mass = mass[0] if mass else None
-            return shares, (lse if other_lse is not None else None)
+                                                    query, sums, sm_share)
+            return (shares, (lse if other_lse is not None else None),
+                    mass[0] if mass else None, query)
         excluded = _mask_from(hi, self.positions[lo:])  # [N - lo]
         approx = self.sketch.scores(layer, q, lo, n).masked_fill(excluded, float("-inf"))
         total = None
@@ -327,7 +311,7 @@ class LowRankRetriever:
             total = torch.logaddexp(other_lse.float(),
                                     torch.logsumexp(approx.float() * self.scale, dim=-1))
         shares = group_scores(approx, self.scale, other_lse)
-        return (shares if block == 1 else block_sums(shares, lo, hi, block)), total
+        return (shares if block == 1 else block_sums(shares, lo, hi, block)), total, None, None
 
     def _lse_state(self, layer: int, q: torch.Tensor) -> LseState:
         """The layer's region lse of its previous steps (kernels.LseState)."""

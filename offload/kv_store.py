@@ -8,7 +8,13 @@ from typing import NamedTuple
 import torch
 
 from retrieval_attn.errors import ConfigError
-from retrieval_attn.kernels.gather_kv import dequantize_rows, quantize_rows
+from retrieval_attn.kernels.gather_kv import (
+    dequantize_rows,
+    gather_k,
+    gather_kv,
+    gather_kv_ref,
+    quantize_rows,
+)
 
 
 class KVStore:
@@ -55,6 +61,12 @@ class KVStore:
     @property
     def quantized(self) -> bool:
         return self.k_scale is not None
+
+    @property
+    def pinned(self) -> bool:
+        """Whether host memory was registered with CUDA for the GPU to read (a host store
+        on a GPU machine)."""
+        return bool(self._registered)
 
     def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
         t = torch.zeros(shape, dtype=dtype)
@@ -105,6 +117,36 @@ class KVStore:
         quantised), as the gather kernels read them."""
         return (StoreRows(self.k[layer], None if self.k_scale is None else self.k_scale[layer]),
                 StoreRows(self.v[layer], None if self.v_scale is None else self.v_scale[layer]))
+
+    def gather(self, layer: int, positions: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [R, K, D] of positions [R, K] in `dtype` (an int8 store's rows times their
+        scales), on positions' device: one gather_kv launch on a GPU, which reads pinned
+        host rows directly; its reference elsewhere (not the interpreter)."""
+        keys, values = self.layer_rows(layer)
+        fn, quantized = (gather_kv if positions.is_cuda else gather_kv_ref), self.quantized
+        return fn(keys.rows, values.rows, positions,
+                  scales=(keys.scale, values.scale) if quantized else None,
+                  dtype=self.dtype if quantized else None)
+
+    def gather_keys(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
+        """K [R, C, D] of positions [R, C] (a re-rank's candidates), as gather's."""
+        return self._gather_rows(self.layer_rows(layer)[0], positions)
+
+    def gather_values(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
+        """V [R, K, D] of positions [R, K], as gather's (where the keys are at hand)."""
+        return self._gather_rows(self.layer_rows(layer)[1], positions)
+
+    def _gather_rows(self, src: StoreRows, positions: torch.Tensor) -> torch.Tensor:
+        """One layer of K or of V, rows at positions [R, C] -> [R, C, D] in `dtype`. The
+        kernel on a GPU, else its reference (not the interpreter, which tests may have
+        switched on for the whole process: it made every CPU retrieval decode of the test
+        suite ~5x slower)."""
+        dtype = None if src.scale is None else self.dtype
+        if positions.is_cuda:
+            return gather_k(src.rows, positions, scale=src.scale, dtype=dtype)
+        scales = None if src.scale is None else (src.scale, src.scale)
+        return gather_kv_ref(src.rows, src.rows, positions, scales=scales, dtype=dtype)[0]
 
     def read(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [lo, hi) of a layer as K, V [Hkv, hi - lo, D] in `dtype` on the host

@@ -1,4 +1,4 @@
-"""LookaheadSelect: SparseKV choosing a layer's candidates early (kv.lookahead_from).
+"""Lookahead: a layer's re-rank candidates chosen one layer early (kv.lookahead_from).
 
 In a decode step the model hands the policy, as layer - 1 starts, a guess at layer's
 queries (computed from layer - 1's input: the residual stream changes little from one
@@ -6,93 +6,88 @@ layer to the next). The low-rank retriever's first half (sketch scoring, candida
 the host reads of the candidates' keys) then runs on a side stream beside layer - 1: its
 HBM-bound scoring beside that layer's latency-bound value reads, its key reads beside the
 MLP. attend(layer) waits for that layer's event only and re-ranks the candidates with the
-real queries. SparseKV holds the state (selector, window, cfg, _ahead, _ahead_stream);
-this class is its methods on it.
+real queries.
+
+The policy (SparseKV.lookahead) says what to choose; a Lookahead runs it on its own
+stream, keeps each layer's choice until attend takes it, and drops a choice left by an
+interrupted step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 
-from retrieval_attn.index.retriever import Candidates, LowRankRetriever
+from retrieval_attn.index.base import Selection
+from retrieval_attn.index.retriever import Candidates
 from retrieval_attn.offload.policy import AttnStep
 
+Merge = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # merge(out, lse) -> out
 
-class Lookahead(NamedTuple):
+
+@dataclass(frozen=True)
+class Ready:
+    """A final choice (kv.rerank_factor 1) as the side stream read it."""
+
+    # K, V [B·Hkv, K, D] of the chosen positions, or None, None where the attention reads
+    # them from the store by index (an int8 store in GPU memory)
+    keys: torch.Tensor | None
+    values: torch.Tensor | None
+    merge: Merge | None  # the tail's merge(out, lse), or None without a tail this step
+
+
+@dataclass(frozen=True)
+class AheadChoice:
     """A layer's candidates chosen early (SparseKV.lookahead)."""
 
     step: AttnStep  # the decode step they were chosen for
-    found: object  # LowRankRetriever.candidates' answer
-    scores: tuple  # the selector's (last_total, last_mass, last_query) after choosing
+    found: Candidates | Selection  # LowRankRetriever.candidates' answer
     window_lse: torch.Tensor  # [B·Hkv, G] the guess's over the window (the tail's weight)
-    done: torch.cuda.Event | None  # recorded on the side stream when they are ready
     # without a re-rank (kv.rerank_factor 1) the guess's choice is final, and the side
-    # stream also read it: (K, V [B·Hkv, K, D], or None, None where the attention reads
-    # them from the store by index; the tail's merge(out, lse), or None without a tail)
-    ready: tuple | None = None
+    # stream also read it
+    ready: Ready | None = None
+    done: torch.cuda.Event | None = None  # recorded on the side stream when it is ready
 
 
-class LookaheadSelect:
-    """Mixed into SparseKV: lookahead and its join (module docstring)."""
+class Lookahead:
+    """The choices made early, per layer, and the side stream that makes them."""
 
-    def lookahead(self, layer: int, guess: Callable[[], torch.Tensor], step: AttnStep) -> None:
-        """Choose layer's re-rank candidates now, with guess() -> q [B, H, 1, D] (its
-        queries as computed from layer - 1's input), for attend(layer) to re-rank with the
-        real ones (kv.lookahead_from; offload/policy.py). On a GPU it all runs on a side
-        stream beside layer - 1: the sketch scoring (HBM-bound) beside layer - 1's value
-        reads from the host, then the top-k and the host reads of the candidates' keys
-        beside its MLP. The window's lse leaves out this step's token (not written yet),
-        and the layer's tail estimate is the guess's (_start_tail): approximations of the
-        guess, checked against dense attention (docs/results.md). Without a re-rank
-        (kv.rerank_factor 1) the guess's choice is final: the side stream then also reads
-        the chosen K, V and computes the tail's partial sums, and attend(layer) is left the
-        attention and the merges."""
-        if (self.prefill_kv is not None or not 0 < self.cfg.lookahead_from <= layer
-                or not isinstance(self.selector, LowRankRetriever)):
-            return
+    def __init__(self, first_layer: int, device: torch.device) -> None:
+        self.first_layer, self.device = first_layer, device
+        self.pending: dict[int, AheadChoice] = {}  # layer -> its choice for attend
+        self.stream: torch.cuda.Stream | None = None
 
-        def choose() -> Lookahead:
-            q = guess()  # [B, H, 1, D]
-            qg = q[:, :, 0].reshape(q.shape[0] * self.Hkv, self.H // self.Hkv, self.D)
-            # the slot this step's token goes to holds an older token until attend(layer)
-            # (or already this one, when a graph's capture repeats the step): left out
-            hi, window, newest = self._step_bounds(layer, step)
-            sel, window_lse = self.selector, self.window_lse(layer, qg, window, newest)
-            found = sel.candidates(layer, qg, self.cfg.sink_tokens, hi, self.budget,
-                                   window_lse, self.cfg.lookahead_sm_share)
-            scores = (sel.last_total, sel.last_mass, sel.last_query)
-            ready = None
-            if not isinstance(found, Candidates):  # final: read it and start its tail now
-                positions, count, _ = found
-                ready = (*self._read_selected(layer, positions),
-                         self._tail_parts(layer, positions, count, step.positions,
-                                          window_lse))
-            done = torch.cuda.Event() if qg.is_cuda else None
-            if done is not None:
-                done.record()
-            return Lookahead(step, found, scores, window_lse, done, ready)
+    def covers(self, layer: int) -> bool:
+        """Whether this layer's candidates are chosen early (kv.lookahead_from)."""
+        return 0 < self.first_layer <= layer
 
+    def start(self, layer: int, choose: Callable[[], AheadChoice]) -> None:
+        """Run choose() now and keep its choice for take(layer). On a GPU it runs on the
+        side stream, after the work queued so far on the current one, and an event marks
+        the end of its work."""
         if self.device.type != "cuda":
-            self._ahead[layer] = choose()
+            self.pending[layer] = choose()
             return
-        if self._ahead_stream is None:  # high priority: its few blocks of host reads
-            # start as soon as any SM frees up, and wait on the link beside the MLP's
-            self._ahead_stream = torch.cuda.Stream(self.device, priority=-1)
-        self._ahead_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._ahead_stream):
-            self._ahead[layer] = choose()
+        if self.stream is None:  # high priority: its few blocks of host reads start as
+            # soon as any SM frees up, and wait on the link beside the MLP's
+            self.stream = torch.cuda.Stream(self.device, priority=-1)
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            choice = choose()
+            done = torch.cuda.Event()
+            done.record()
+            self.pending[layer] = dataclasses.replace(choice, done=done)
 
-    def _join_lookahead(self, ahead: Lookahead, qg: torch.Tensor, hi: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """attend's selection from the candidates lookahead chose: (positions, count, keys
-        or None). The selector's last scores (for the tail) become the guess's."""
-        if ahead.done is not None:  # this layer's lookahead only: the next one runs on
-            torch.cuda.current_stream().wait_event(ahead.done)
-        sel = self.selector
-        sel.last_total, sel.last_mass, sel.last_query = ahead.scores
-        if isinstance(ahead.found, Candidates):
-            return sel.rerank(qg, hi, ahead.found)
-        return ahead.found
+    def take(self, layer: int, step: AttnStep) -> AheadChoice | None:
+        """This layer's choice for this step, or None. The current stream waits for that
+        layer's work only (the next layer's runs on). A choice left by another step (one
+        interrupted after its lookahead) is dropped."""
+        choice = self.pending.pop(layer, None)
+        if choice is None or choice.step is not step:
+            return None
+        if choice.done is not None:
+            torch.cuda.current_stream().wait_event(choice.done)
+        return choice

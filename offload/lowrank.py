@@ -96,6 +96,23 @@ class LowRankKeys:
             self.keys[layer, heads, i:i + part.shape[1]] = sketch_storage(
                 part, scale, self.keys.dtype)
 
+    def state(self, n: int) -> dict[str, torch.Tensor]:
+        """The sketch of a prompt's n tokens, on the host, as a saved context keeps it:
+        mean [L, R, D], basis [L, R, D, r], keys [L, R, n, r] (uint8 [.., r / 2] packed
+        int4), and for an integer sketch scale [L, R, r]."""
+        scale = {"scale": self.scale.cpu()} if self.sketch != "auto" else {}
+        return {"mean": self.mean.cpu(), "basis": self.basis.cpu(),
+                "keys": self.keys[:, :, :n].contiguous().cpu(), **scale}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """state()'s tensors back into the sketch (its n from keys [L, R, n, ·])."""
+        n = state["keys"].shape[2]
+        self.mean.copy_(state["mean"])
+        self.basis.copy_(state["basis"])
+        self.keys[:, :, :n].copy_(state["keys"])
+        if self.sketch != "auto":
+            self.scale.copy_(state["scale"])
+
     def layer(self, layer: int) -> SketchLayer:
         """One layer's sketch (views), as kernels.append_token writes decode tokens into it."""
         return SketchLayer(self.mean[layer], self.basis[layer], self.scale[layer],

@@ -22,9 +22,11 @@ partials: out = (out_h + r_h tail_h) / (1 + r_h sum_c m_hc), r_h = exp(lse_h - l
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
+from retrieval_attn.index.base import Selection
 from retrieval_attn.kernels.append_token import TailLayer, add_to_tail
 from retrieval_attn.kernels.tail_correct import (
     SPLITS,  # the chunk axis is summed in SPLITS pieces
@@ -35,7 +37,11 @@ from retrieval_attn.kernels.tail_correct import (
     tail_partials,
 )
 
+if TYPE_CHECKING:
+    from retrieval_attn.offload.lowrank import LowRankKeys
+
 CHUNK = 64  # tokens per value chunk: V sums take 1/CHUNK of V's rows on the GPU
+Merge = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # merge(out, lse_att) -> out
 
 
 def sums_dtype(value_bytes: int) -> torch.dtype:
@@ -70,6 +76,8 @@ class TailEstimate:
         # not count a token twice (every other decode-time write overwrites). Per row, so
         # that the fused append's programs (one a row) never race on it.
         self.last_pos = torch.full((num_layers, rows), -1, dtype=torch.long, device=device)
+        self.scale = head_dim**-0.5  # of the attention scores
+        self.side: torch.cuda.Stream | None = None  # estimate_beside's partials run on it
 
     def build(self, layer: int, v: torch.Tensor, heads: slice = slice(None)) -> None:
         """A prompt's values v [heads, n, D]: the chunk sums of those heads."""
@@ -134,6 +142,49 @@ class TailEstimate:
         parts = tail_partials(*args)
         return lambda out, lse_att: tail_merge(out, lse_att, parts, guess_window_lse)
 
+    def estimate(self, layer: int, found: Selection, sketch: LowRankKeys, pos: torch.Tensor,
+                 guess_window_lse: torch.Tensor | None = None) -> Merge | None:
+        """`start` for a decode step's selection, on the current stream: its chunk mass
+        and total lse from the retriever's scoring pass, its positions' sketch scores
+        (scored as the pass scored them) -> merge(out, lse_att), or None where the
+        selection scored no sketch this step (nothing to estimate). found: the retriever's
+        answer for this layer, positions [R, K]; pos [1] the step's position."""
+        if not scored(found):
+            return None
+        sel = found.positions
+        scores = sketch.scores_at(layer, found.query, sel)  # [R, G, K]
+        return self.start(layer, found.mass, found.total, sel, scores, found.count, pos,
+                          self.scale, guess_window_lse)
+
+    def estimate_beside(self, layer: int, found: Selection, sketch: LowRankKeys,
+                        pos: torch.Tensor, guess_window_lse: torch.Tensor | None = None
+                        ) -> Merge | None:
+        """`estimate` on a side stream (on a GPU), beside the value gather (host reads,
+        which leave the SMs idle); the merge it returns joins that stream first (the fork
+        and join are captured by a CUDA graph too)."""
+        if not found.positions.is_cuda:
+            return self.estimate(layer, found, sketch, pos, guess_window_lse)
+        if not scored(found):
+            return None
+        main = torch.cuda.current_stream()
+        if self.side is None:
+            self.side = torch.cuda.Stream(found.positions.device)
+        side = self.side
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            merge = self.estimate(layer, found, sketch, pos, guess_window_lse)
+
+        def finish(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+            main.wait_stream(side)
+            return merge(out, lse)
+
+        return finish
+
     def memory_bytes(self) -> dict[str, int]:
         n = self.sums.numel() * self.sums.element_size()
         return {"gpu" if self.sums.is_cuda else "host": n}
+
+
+def scored(found: Selection) -> bool:
+    """Whether a selection scored the sketch this step: a tail to estimate."""
+    return found.total is not None and found.mass is not None

@@ -126,16 +126,13 @@ def save_context(engine, prompt_ids: list[int], logits: torch.Tensor, path: str 
         put("kv.safetensors", {"k": torch.stack([k for k, _ in rows]),
                                "v": torch.stack([v for _, v in rows])})
         if kv.sketch is not None:
-            s = kv.sketch
-            scale = {"scale": s.scale.cpu()} if s.sketch != "auto" else {}
-            put("lowrank.safetensors", {"mean": s.mean.cpu(), "basis": s.basis.cpu(),
-                                        "keys": s.keys[:, :, :n].contiguous().cpu(), **scale})
-        if kv.ann is not None:
+            put("lowrank.safetensors", kv.sketch.state(n))
+        if kv.index_feed is not None:
             kv.install_ready(wait=True)  # every layer's index, not a partial set
-            put("queries.safetensors", kv.saved_queries(), numpy=True)
-            for layer, index in sorted(kv.ann.layers.items()):
+            put("queries.safetensors", kv.index_feed.saved_queries(), numpy=True)
+            for layer, states in kv.index_feed.index_states().items():
                 arrays = {f"h{h}.{k}": np.ascontiguousarray(v)
-                          for h, st in enumerate(index.states) for k, v in st.items()}
+                          for h, st in enumerate(states) for k, v in st.items()}
                 put(f"index/layer{layer:03d}.safetensors", arrays, numpy=True)
     elif isinstance(kv, DenseKV):
         put("kv.safetensors", {"k": kv.k[:, 0, :, :n].contiguous().cpu(),
@@ -245,7 +242,6 @@ def open_context(engine, path: str | Path) -> SavedContext:
 
 def restore_context(engine, ctx: SavedContext) -> torch.Tensor:
     """Load a checked context into the engine's policy -> the prompt's last logits [V]."""
-    from retrieval_attn.index.ann_retriever import LayerIndex
     from retrieval_attn.offload.dense import DenseKV
     from retrieval_attn.offload.sparse import SparseKV
 
@@ -257,27 +253,11 @@ def restore_context(engine, ctx: SavedContext) -> torch.Tensor:
         kv.k[:, 0, :, :n] = k.to(kv.k.device, kv.k.dtype)
         kv.v[:, 0, :, :n] = v.to(kv.v.device, kv.v.dtype)
     elif isinstance(kv, SparseKV):
-        kv._begin(n)
-        for layer in range(kv.L):
-            kv.store.write(layer, 0, k[layer], v[layer])
-            kv.window.load(layer, k[layer].to(kv.device), v[layer].to(kv.device))
-            if kv.sketch is None and kv.selector is not None:
-                kv.selector.build(layer, k[layer])  # quest page bounds: cheap to redo
-        if kv.sketch is not None:
-            s, saved = kv.sketch, load_file(str(path / "lowrank.safetensors"))
-            s.mean.copy_(saved["mean"])
-            s.basis.copy_(saved["basis"])
-            s.keys[:, :, :n].copy_(saved["keys"])
-            if s.sketch != "auto":  # kv.sketch_dtype is checked equal with the manifest
-                s.scale.copy_(saved["scale"])
-        if kv.ann is not None:
-            for name, q in load_np(str(path / "queries.safetensors")).items():
-                part, layer = name.split(".")
-                if part == "build":
-                    kv.build_queries[int(layer)] = q.astype(np.float32)
-                else:
-                    kv.probe_queries[int(layer)] = [torch.from_numpy(q).float()]
-            lo, hi = kv._index_range(n)
+        kv.restore_prompt(k, v)
+        if kv.sketch is not None:  # kv.sketch_dtype is checked equal with the manifest
+            kv.sketch.load_state(load_file(str(path / "lowrank.safetensors")))
+        if kv.index_feed is not None:
+            kv.index_feed.load_queries(load_np(str(path / "queries.safetensors")))
             for layer in range(kv.L):
                 f = path / f"index/layer{layer:03d}.safetensors"
                 if not f.is_file():
@@ -285,8 +265,7 @@ def restore_context(engine, ctx: SavedContext) -> torch.Tensor:
                 arrays = load_np(str(f))
                 states = [{name.split(".", 1)[1]: a for name, a in arrays.items()
                            if name.startswith(f"h{h}.")} for h in range(kv.Hkv)]
-                kv.ann.install(layer, LayerIndex.from_states(
-                    kv.ann.kind, lo, states, list(kv._index_keys(layer, lo, hi))))
+                kv.index_feed.install(layer, states)
     kv.finish_prefill(n)
     return load_file(str(path / "logits.safetensors"))["logits"].to(kv_device(engine))
 

@@ -147,6 +147,18 @@ def test_int8_host_store_round_trips(llm, tmp_path):
                                                                  scale)
 
 
+@pytest.mark.slow
+def test_a_fresh_engine_decodes_a_loaded_context_as_the_one_that_saved_it(llm, tmp_path):
+    """The tail estimate's chunk sums are not saved but rebuilt from the loaded values: an
+    engine that never prefilled the prompt generates the tokens of the one that did, and
+    holds the same sums."""
+    small, path, want = _save_lowrank(llm, tmp_path / "tail", {"top_k": 0.02})
+    fresh = LLM(config=small.config)
+    assert fresh.generate(fresh.load_context(path), PARAMS)[0].token_ids == want
+    assert small.generate(small.load_context(path), PARAMS)[0].token_ids == want
+    assert torch.equal(fresh.engine.kv.tail.sums, small.engine.kv.tail.sums)
+
+
 # ---------------------------------------------------------------- issue 27: bad folders
 
 

@@ -51,8 +51,8 @@ def layer_recall(k: torch.Tensor, q_decode: torch.Tensor, rank: int, sketch: str
         logits = q @ k.transpose(1, 2) * d**-0.5  # [Hkv, G, n]
         truth = _true_topk(torch.softmax(logits, -1), lo, hi, budget)
         window_lse = torch.cat([logits[..., :lo], logits[..., hi:]], -1).logsumexp(-1)
-        sel, count = retriever.select(0, q, lo, torch.tensor([hi]), budget, window_lse)
-        recalls.append(_recall(sel[:, :int(count)], truth))
+        found = retriever.select(0, q, lo, torch.tensor([hi]), budget, window_lse)
+        recalls.append(_recall(found.positions[:, :int(found.count)], truth))
     return float(np.mean(recalls))
 
 

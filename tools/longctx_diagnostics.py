@@ -101,12 +101,11 @@ def rank_recall(entries: list[TraceEntry], kv: SparseKV, cfg: KVConfig,
             lo, hi = kv.window.offloaded_range(e.n)
             truth = _true_topk(probs, lo, hi, kv.budget)
             q = e.q.float().cpu().reshape(kv.Hkv, -1, kv.D)
-            wlse = kv.window_lse(e.layer, e.q.reshape(kv.Hkv, -1, kv.D),
-                                  torch.tensor([e.n - 1], device=e.q.device)).cpu()
+            wlse = kv.window.lse(e.layer, e.q.reshape(kv.Hkv, -1, kv.D),
+                                 torch.tensor([e.n - 1], device=e.q.device)).cpu()
             for name, retriever in retrievers.items():
-                sel, count = retriever.select(e.layer, q, lo, torch.tensor([hi]), kv.budget,
-                                              wlse)
-                got[name].append(_recall(sel[:, :int(count)], truth))
+                found = retriever.select(e.layer, q, lo, torch.tensor([hi]), kv.budget, wlse)
+                got[name].append(_recall(found.positions[:, :int(found.count)], truth))
         rows.append({"rank": rank, **{m: sum(v) / len(v) for m, v in got.items()}})
     names = list(rows[0])[1:] if rows else []
     lines = [f"{'rank':>6}" + "".join(f"{'recall' if n == 'plain' else 'rerank ' + n:>12}"

@@ -28,9 +28,14 @@ def test_lookahead_with_a_budget_of_everything_decodes_as_dense(rerank):
     assert [b.guess is not None for b in model.layers] == [
         i >= 3 for i in range(len(model.layers))]
     kv.ingest(dense.k[:, 0, :, :len(ids)].clone(), dense.v[:, 0, :, :len(ids)].clone())
-    used = []
-    join = kv._join_lookahead
-    kv._join_lookahead = lambda *a: used.append(a[0].ready is not None) or join(*a)
+    used, take = [], kv.ahead.take
+
+    def record(layer, step):  # whether each choice attend takes was final (read ahead)
+        choice = take(layer, step)
+        if choice is not None:
+            used.append(choice.ready is not None)
+        return choice
+    kv.ahead.take = record
     got = list(engine.decode(logits, len(ids), params, GenerationStats(), kv=kv))
     assert got == want
     steps = len(want) - 1  # the first token comes from the prefill's logits

@@ -17,6 +17,7 @@ from retrieval_attn.index.ann_retriever import (
     build_head_index,
     build_layer_states,
 )
+from retrieval_attn.index.base import Selection
 
 pytest.importorskip("faiss")
 pytest.importorskip("hnswlib")
@@ -75,7 +76,7 @@ class _Fallback:
     def select(self, layer, q, lo, hi, k, other_lse=None):
         self.calls += 1
         pos = torch.arange(lo, lo + k).expand(q.shape[0], k)
-        return pos, torch.tensor([min(int(hi) - lo, k)], dtype=torch.int32)
+        return Selection(pos, torch.tensor([min(int(hi) - lo, k)], dtype=torch.int32))
 
 
 def _setup(kind, head, lo=4, hi=1200):
@@ -98,7 +99,8 @@ def test_select_finds_the_exact_group_top_k(kind, head):
     keys, ret, fb = _setup(kind, head, lo, hi_index)
     q = torch.from_numpy(np.stack([xq[:G], xq[G:2 * G]]))  # [Hkv, G, D]
     hi = torch.tensor([1300])  # 100 decoded tokens left the window since the build
-    pos, count = ret.select(0, q, lo, hi, k)
+    found = ret.select(0, q, lo, hi, k)
+    pos, count = found.positions, found.count
     assert pos.shape == (HKV, k) and int(count[0]) == k
     assert ret.served == {"index": 1, "lowrank": 0}
     assert fb.calls == (1 if kind == "hybrid" else 0)
@@ -132,10 +134,10 @@ def test_split_searches_pick_what_one_search_per_head_picks(threads, head):
     ret.pool = ThreadPoolExecutor(threads)
     q = torch.from_numpy(np.stack([xq[:G], xq[G:2 * G]]))  # [Hkv, G, D]
     hi = torch.tensor([1300])
-    pos, _ = ret.select(0, q, lo, hi, k)
+    pos = ret.select(0, q, lo, hi, k).positions
     index = ret.layers[0]
     for h in range(HKV):
         _, ids = index.heads[h].search_fast(q[h].numpy(), k, int(ret.search_ef * k))
-        want = ret._rerank(0, h, index, ids, q[h].numpy(), torch.full((G,), float("-inf")),
+        want = ret.rerank_head(0, h, index, ids, q[h].numpy(), torch.full((G,), float("-inf")),
                            1300, k, None)
         assert pos[h].tolist() == want.tolist()

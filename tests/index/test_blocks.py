@@ -76,13 +76,14 @@ def test_block_selection_against_brute_force(rank, rerank, with_lse):
     ret = LowRankRetriever(sketch, D, rerank, exact_keys, block=P, reuse_lse=False)
     ret.prepare(hi - lo, top)
     assert ret.use_blocks
-    pos, count, keys = ret.select_with_keys(0, q, lo, torch.tensor([hi]), top, other)
+    found = ret.select(0, q, lo, torch.tensor([hi]), top, other)
+    pos, count, keys = found.positions, found.count, found.keys
     assert pos.shape == (HKV, slots_for(top, P)) and count.tolist() == [5 * P + 0]
     chosen = pos[:, :5 * P]
     assert pos[:, 5 * P:].tolist() == [[150, 151, 152, 153]] * HKV  # partial: none < hi
     if rerank > 1:
         assert [set(r.tolist()) for r in chosen] == _truth(q, k, lo, hi, P, 5, other, False,
-                                                           ret.last_total)
+                                                           found.total)
         assert reads == [(HKV, 48 * P + P)]  # all blocks to the capacity, and the partial
         torch.testing.assert_close(keys, k.gather(1, pos[..., None].expand(-1, -1, D)))
     else:
@@ -90,7 +91,8 @@ def test_block_selection_against_brute_force(rank, rerank, with_lse):
         assert [set(((r - lo) // P).tolist()) for r in chosen] == _truth(
             q, k, lo, hi, P, 5, other, True)
         assert keys is None and not reads
-    pos2, count2, _ = ret.select_with_keys(0, q, lo, torch.tensor([hi + 3]), top, other)
+    again = ret.select(0, q, lo, torch.tensor([hi + 3]), top, other)
+    pos2, count2 = again.positions, again.count
     assert count2.tolist() == [5 * P + 3]  # three positions of the partial block are in
     assert pos2[:, 5 * P:].tolist() == [[150, 151, 152, 153]] * HKV
     # no position twice: the partial block may be a candidate run too (a tie at -1), and
@@ -107,18 +109,19 @@ def test_region_end_skips_only_blocks_that_can_never_be_chosen(rerank):
     lo, hi, P, top = 6, 150, 4, 18
     k[:, hi - P:hi] = 3 * q.sum(1, keepdim=True)  # the last whole block [146, 150) wins
     sketch, exact_keys, reads = _sketch_and_reads(k, D)
-    ret = LowRankRetriever(sketch, D, rerank, exact_keys, block=P, reuse_lse=False)
-    ret.region_end = hi
+    ret = LowRankRetriever(sketch, D, rerank, exact_keys, block=P, reuse_lse=False,
+                           region_end=hi)
     ret.prepare(hi - lo, top)
     other = torch.randn(HKV, G)
-    pos, count, _ = ret.select_with_keys(0, q, lo, torch.tensor([hi]), top, other)
+    found = ret.select(0, q, lo, torch.tensor([hi]), top, other)
+    pos, count = found.positions, found.count
     chosen = pos[:, :5 * P]
     assert count.tolist() == [5 * P] and all(set(range(hi - P, hi)) <= set(r.tolist())
                                              for r in chosen)
     if rerank > 1:
         assert reads == [(HKV, 36 * P + P)]  # the 36 whole blocks before 150, the partial
         assert [set(r.tolist()) for r in chosen] == _truth(q, k, lo, hi, P, 5, other, False,
-                                                           ret.last_total)
+                                                           found.total)
     else:
         assert [set(((r - lo) // P).tolist()) for r in chosen] == _truth(
             q, k, lo, hi, P, 5, other, True)
@@ -136,11 +139,12 @@ def test_rerank_blocks_keeps_the_runs_of_largest_exact_mass_whole():
         1, pos[..., None].expand(-1, -1, D)), block=P, reuse_lse=False, rerank_blocks=True)
     ret.prepare(hi - lo, top)
     other = torch.randn(HKV, G)
-    pos, count, keys = ret.select_with_keys(0, q, lo, torch.tensor([hi]), top, other)
+    found = ret.select(0, q, lo, torch.tensor([hi]), top, other)
+    pos, count, keys = found.positions, found.count, found.keys
     chosen = pos[:, :5 * P]
     assert count.tolist() == [5 * P] and ((chosen - lo) % P == torch.arange(5 * P) % P).all()
     assert [set(((r - lo) // P).tolist()) for r in chosen] == _truth(
-        q, k, lo, hi, P, 5, other, True, ret.last_total)
+        q, k, lo, hi, P, 5, other, True, found.total)
     torch.testing.assert_close(keys, k.gather(1, pos[..., None].expand(-1, -1, D)))
 
 
@@ -159,7 +163,7 @@ def test_rerank_reads_candidate_keys_in_runs():
 
     ret = LowRankRetriever(sketch, D, 2, exact_keys, block=4)
     ret.prepare(150, 16)
-    pos, _, _ = ret.select_with_keys(0, q, 2, torch.tensor([152]), 16, torch.randn(HKV, G))
+    pos = ret.select(0, q, 2, torch.tensor([152]), 16, torch.randn(HKV, G)).positions
     runs = reads[0][:, :32]  # 8 candidate runs of 4, then the partial run
     assert ((runs - 2) % 4 == torch.arange(32) % 4).all()
     first = runs[:, ::4, None].expand(-1, -1, 4).reshape(HKV, 32)  # each run's start
@@ -174,6 +178,7 @@ def test_a_region_shorter_than_the_blocks_is_attended_whole():
     ret = LowRankRetriever(sketch, D, block=8)
     ret.prepare(30, 40)  # 40 tokens are 5 blocks; the region holds 30 positions
     assert not ret.use_blocks and ret.ordered
-    pos, count = ret.select(0, q, 4, torch.tensor([34]), 40)
+    found = ret.select(0, q, 4, torch.tensor([34]), 40)
+    pos, count = found.positions, found.count
     assert count.tolist() == [30] and pos.shape == (HKV, 48)
     assert [sorted(r[:30].tolist()) for r in pos] == [list(range(4, 34))] * HKV

@@ -1,5 +1,7 @@
 """Retrievers against exact top-k on the same queries and keys."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,7 +21,8 @@ def test_full_rank_sketch_selects_the_exact_topk():
     k, q = torch.randn(HKV, N, D), torch.randn(HKV, G, D)
     sketch = LowRankKeys(1, HKV, N, D, D, torch.device("cpu"), torch.float32)
     sketch.build(0, k)
-    got, count = LowRankRetriever(sketch, D).select(0, q, 10, torch.tensor([150]), 20)
+    found = LowRankRetriever(sketch, D).select(0, q, 10, torch.tensor([150]), 20)
+    got, count = found.positions, found.count
     want = exact_topk(q, k, 10, 150, 20)
     assert count.tolist() == [20]
     assert [set(r.tolist()) for r in got] == [set(r.tolist()) for r in want]
@@ -37,10 +40,10 @@ def test_rerank_recovers_recall_lost_by_a_small_rank():
         return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in pairs) / 20
 
     hi = torch.tensor([N])
-    plain = recall(LowRankRetriever(sketch, D).select(0, q, 0, hi, 10)[0])
+    plain = recall(LowRankRetriever(sketch, D).select(0, q, 0, hi, 10).positions)
     exact = LowRankRetriever(sketch, D, N, lambda layer, pos: k.gather(
         1, pos[..., None].expand(-1, -1, D)))
-    assert recall(exact.select(0, q, 0, hi, 10)[0]) == 1.0  # candidates = everything
+    assert recall(exact.select(0, q, 0, hi, 10).positions) == 1.0  # candidates = everything
     assert plain < 1.0
 
 
@@ -69,10 +72,12 @@ def test_quest_bounds_are_upper_bounds_and_pages_stay_inside_the_region():
                           q[:, :, None] * quest.kmax[0][:, None]).sum(-1)
     assert (bound >= true_max - 1e-5).all()
     # whole pages inside [13, 187): pages 2 .. 22
-    sel, count = quest.select(0, q, 13, torch.tensor([187]), 40)
+    found = quest.select(0, q, 13, torch.tensor([187]), 40)
+    sel, count = found.positions, found.count
     assert sel.shape == (HKV, 40) and count.tolist() == [40]
     assert sel.min() >= 16 and sel.max() < 184
-    sel, count = quest.select(0, q, 13, torch.tensor([40]), 40)  # only pages 2 .. 4 exist
+    found = quest.select(0, q, 13, torch.tensor([40]), 40)
+    sel, count = found.positions, found.count  # only pages 2 .. 4 exist
     assert count.tolist() == [24]
     assert sel[:, :24].min() >= 16 and sel[:, :24].max() < 40
 
@@ -81,7 +86,8 @@ def test_low_rank_selection_never_counts_positions_past_hi():
     k, q = torch.randn(HKV, N, D), torch.randn(HKV, G, D)
     sketch = LowRankKeys(1, HKV, N, D, 4, torch.device("cpu"), torch.float32)
     sketch.build(0, k)
-    sel, count = LowRankRetriever(sketch, D).select(0, q, 5, torch.tensor([12]), 20)
+    found = LowRankRetriever(sketch, D).select(0, q, 5, torch.tensor([12]), 20)
+    sel, count = found.positions, found.count
     assert count.tolist() == [7]
     assert sorted(sel[0, :7].tolist()) == list(range(5, 12))
 
@@ -107,7 +113,7 @@ def _fused_and_unfused(k, q, rank, top, rerank, hi, other_lse, dtype=torch.float
 
     got = [LowRankRetriever(s, d, rerank, exact, reuse_lse=False).select(
         0, q.to(dtype), 4, hi, top, other_lse) for s in (sketch, _Unfused(sketch))]
-    return got[0], got[1]
+    return [(found.positions, found.count) for found in got]
 
 
 def test_fused_shares_select_what_group_scores_selects():
@@ -139,9 +145,9 @@ def test_fused_selection_matches_the_torch_path_at_128k():
 
 
 @pytest.mark.parametrize("rerank_factor", [1, 4])
-def test_select_with_keys_hands_back_the_chosen_rows_exact_keys(rerank_factor):
+def test_select_hands_back_the_chosen_rows_exact_keys(rerank_factor):
     """With re-ranking, the chosen tokens' keys come back (a device gather of the candidates'
-    keys), equal to the store's rows; select gives the same positions. Without: None."""
+    keys), equal to the store's rows; selecting again gives the same. Without: None."""
     k, q = torch.randn(HKV, N, D), torch.randn(HKV, G, D)
     sketch = LowRankKeys(1, HKV, N, D, 4, torch.device("cpu"), torch.float32)
     sketch.build(0, k)
@@ -153,7 +159,8 @@ def test_select_with_keys_hands_back_the_chosen_rows_exact_keys(rerank_factor):
 
     ret = LowRankRetriever(sketch, D, rerank_factor, exact_keys, reuse_lse=False)
     hi, lse = torch.tensor([N - 20]), torch.randn(HKV, G)
-    pos, count, keys = ret.select_with_keys(0, q, 4, hi, 12, lse)
+    found = ret.select(0, q, 4, hi, 12, lse)
+    pos, count, keys = found.positions, found.count, found.keys
     assert pos.shape == (HKV, 12) and count.tolist() == [12]
     if rerank_factor == 1:
         assert keys is None and not reads
@@ -161,8 +168,8 @@ def test_select_with_keys_hands_back_the_chosen_rows_exact_keys(rerank_factor):
         assert reads == [(HKV, 48)]  # the candidates' keys, read once
         torch.testing.assert_close(keys, k.gather(1, pos[..., None].expand(-1, -1, D)),
                                    rtol=0, atol=0)
-    again, count2 = ret.select(0, q, 4, hi, 12, lse)
-    assert torch.equal(again, pos) and torch.equal(count2, count)
+    again = ret.select(0, q, 4, hi, 12, lse)
+    assert torch.equal(again.positions, pos) and torch.equal(again.count, count)
 
 
 def test_sparse_decode_with_reranked_keys_equals_gathering_k_and_v(monkeypatch):
@@ -187,14 +194,14 @@ def test_sparse_decode_with_reranked_keys_equals_gathering_k_and_v(monkeypatch):
 
     v_only = decode()
     keys_seen = []
-    plain = LowRankRetriever.select_with_keys
+    plain = LowRankRetriever.select
 
     def without_keys(self, *args):
-        pos, count, keys = plain(self, *args)
-        keys_seen.append(keys is not None)
-        return pos, count, None
+        found = plain(self, *args)
+        keys_seen.append(found.keys is not None)
+        return dataclasses.replace(found, keys=None)
 
-    monkeypatch.setattr(LowRankRetriever, "select_with_keys", without_keys)
+    monkeypatch.setattr(LowRankRetriever, "select", without_keys)
     both = decode()
     assert all(keys_seen) and len(keys_seen) == 11
     torch.testing.assert_close(v_only, both, rtol=0, atol=0)
@@ -220,16 +227,19 @@ def test_reused_lse_normalises_by_the_previous_steps_region():
         return [set(r.tolist()) for r in shares.topk(top).indices + lo], logits.logsumexp(-1)
 
     def select(q, hi, w):
-        return [set(r.tolist()) for r in ret.select(0, q, lo, torch.tensor([hi]), top, w)[0]]
+        found = ret.select(0, q, lo, torch.tensor([hi]), top, w)
+        return [set(r.tolist()) for r in found.positions], found.total
 
     for _ in range(2):  # the second prompt starts afresh
         ret.prepare(146, top)
         want1, region1 = truth(q1, 150, w1)
-        assert select(q1, 150, w1) == want1
-        torch.testing.assert_close(ret.last_total, w1)
+        got1, total1 = select(q1, 150, w1)
+        assert got1 == want1
+        torch.testing.assert_close(total1, w1)
         want2, _ = truth(q2, 151, torch.logaddexp(region1, w2))
-        assert select(q2, 151, w2) == want2 and select(q2, 151, w2) == want2
-        torch.testing.assert_close(ret.last_total, torch.logaddexp(region1, w2))
+        (got2, _), (again2, total2) = select(q2, 151, w2), select(q2, 151, w2)
+        assert got2 == want2 and again2 == want2
+        torch.testing.assert_close(total2, torch.logaddexp(region1, w2))
 
 
 def test_prepare_after_a_step_under_inference_mode():
@@ -242,8 +252,8 @@ def test_prepare_after_a_step_under_inference_mode():
     q, w = torch.randn(HKV, G, D), torch.randn(HKV, G)
     ret.prepare(146, 10)
     with torch.inference_mode():
-        first = ret.select(0, q, 4, torch.tensor([150]), 10, w)[0]
+        first = ret.select(0, q, 4, torch.tensor([150]), 10, w).positions
     ret.prepare(146, 10)
     assert not ret.lse_state
-    again = ret.select(0, q, 4, torch.tensor([150]), 10, w)[0]
+    again = ret.select(0, q, 4, torch.tensor([150]), 10, w).positions
     assert torch.equal(first, again)

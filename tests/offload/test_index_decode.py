@@ -46,7 +46,7 @@ def test_decode_runs_during_ray_build_and_matches_inline(cpu_llm):
     steps = llm.engine.generate_ids(ids, params, GenerationStats())
     got = [next(steps) for _ in range(4)]
     # decode did not wait: steps ran on the low-rank retriever while builds were pending
-    assert kv.builder.pending == llm.loaded.spec.num_layers
+    assert kv.index_feed.pending == llm.loaded.spec.num_layers
     assert kv.ann.served == {"index": 0, "lowrank": 3 * llm.loaded.spec.num_layers}
     ray.kill(holder)
     kv.install_ready(wait=True)

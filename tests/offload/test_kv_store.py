@@ -80,7 +80,7 @@ def test_store_on_the_device_reads_back_on_the_host_and_counts_as_gpu(quantized)
     stores = [KVStore(L, Hkv, N, D, torch.bfloat16, pin=rows is None, quantized=quantized,
                       scale_device="cuda", rows_device=rows) for rows in (None, "cuda")]
     host, device = stores
-    assert device.k.is_cuda and not device._registered and host.k.is_pinned()
+    assert device.k.is_cuda and not device.pinned and host.pinned and host.k.is_pinned()
     for store in stores:
         store.write(1, 0, k, v)
     torch.cuda.synchronize()

@@ -126,3 +126,19 @@ def test_kernel_shares_of_a_quantised_sketch_match_its_scores(sketch, rank):
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-4)
     want = torch.exp(logits * scale - want_lse[..., None]).sum(1)
     torch.testing.assert_close(shares[:, :n - 604], want, rtol=1e-3, atol=1e-8)
+
+
+@pytest.mark.parametrize("sketch", ["auto", "int8", "int4"])
+def test_state_round_trips_a_prompts_sketch(sketch):
+    """state(n) is what a saved context keeps (the first n positions' keys, the scale only
+    for integer sketches); load_state puts it back into a sketch that never saw the keys:
+    the same scores."""
+    k, q = _keys()
+    n = 250
+    built = LowRankKeys(1, HKV, N, D, 16, CPU, torch.float32, sketch)
+    built.build(0, k[:, :n])
+    state = built.state(n)
+    assert state["keys"].shape[2] == n and ("scale" in state) == (sketch != "auto")
+    loaded = LowRankKeys(1, HKV, N, D, 16, CPU, torch.float32, sketch)
+    loaded.load_state(state)
+    assert torch.equal(loaded.scores(0, q, 0, n), built.scores(0, q, 0, n))

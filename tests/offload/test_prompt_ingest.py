@@ -38,12 +38,41 @@ def test_ingest_equals_the_prefill_hand_over(policy):
                          AttnStep(torch.arange(n), 0))
         prefilled.finish_layer(layer, n)
     prefilled.finish_prefill(n)
-    assert prefilled.prefill_kv is None and prefilled.prompt_tokens == n
+    assert not prefilled.prompt_ingest.prefilling and prefilled.prompt_tokens == n
 
     ingested = SparseKV(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
     ingested.ingest(k[:, 0, :, :n], v[:, 0, :, :n])
     assert ingested.budget == prefilled.budget
     torch.testing.assert_close(decode(ingested, q, k, v, n), decode(prefilled, q, k, v, n),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("policy, sketch", [("retrieval", "auto"), ("retrieval", "int4"),
+                                           ("quest", "auto")])
+def test_restored_state_decodes_as_the_prefilled_one(policy, sketch):
+    """A saved context's way back (retrieval_attn/context.py): the prompt's K, V as the
+    store reads them (restore_prompt) and the sketch's saved state (load_state) leave the
+    state prefill left, the tail estimate's chunk sums included: the same decode outputs,
+    bit for bit."""
+    torch.manual_seed(0)
+    cfg = KVConfig(policy=policy, sink_tokens=2, window_tokens=8, top_k=10, rank=8,
+                   rerank_factor=2, page_tokens=8, sketch_dtype=sketch)
+    n, T = 70, 80
+    q = torch.randn(1, H, T, D)
+    k, v = torch.randn(L, 1, HKV, T, D), torch.randn(L, 1, HKV, T, D)
+    prefilled = SparseKV(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
+    prefilled.ingest(k[:, 0, :, :n], v[:, 0, :, :n])
+    rows = [prefilled.store.read(layer, 0, n) for layer in range(L)]
+    saved_k, saved_v = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+    restored = SparseKV(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
+    restored.start_request(n)
+    restored.restore_prompt(saved_k, saved_v)
+    if restored.sketch is not None:
+        restored.sketch.load_state(prefilled.sketch.state(n))
+    restored.finish_prefill(n)
+    assert restored.budget == prefilled.budget
+    torch.testing.assert_close(decode(restored, q, k, v, n), decode(prefilled, q, k, v, n),
                                rtol=0, atol=0)
 
 

@@ -1,5 +1,7 @@
 """SparseKV policies against exact dense attention on the same K, V."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -170,12 +172,12 @@ def test_unsorted_selection_when_every_step_fills_top_k():
     def run(force_order):
         torch.manual_seed(0)
         kv = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
-        begin = kv._begin
+        prepare = kv.selector.prepare
 
-        def begin_then_order(n):
-            begin(n)
+        def prepare_then_order(region, top):
+            prepare(region, top)
             kv.selector.ordered = kv.selector.ordered or force_order
-        kv._begin = begin_then_order
+        kv.selector.prepare = prepare_then_order
         return kv, run_policy(kv, q, k, v, 60)
 
     kv, unsorted = run(False)
@@ -246,13 +248,24 @@ def test_lookahead_with_a_budget_of_everything_is_exact(block, rerank):
     dense = run_policy(DenseKV(L, 1, HKV, N, D, torch.device("cpu"), torch.float32),
                        q, k, v, 50)
     kv = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
-    used = []
-    real_join = kv._join_lookahead
-    kv._join_lookahead = lambda *a: used.append(a[0]) or real_join(*a)
+    used = taken_choices(kv)
     sparse = run_policy(kv, q, k, v, 50, lambda t, layer: torch.randn(1, H, 1, D))
     assert len(used) == 20  # L = 2: layer 1 of each of the 20 decode steps looked ahead
     for a, b in zip(sparse, dense, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def taken_choices(kv):
+    """The choices attend takes from kv's lookahead (AheadChoice each), as it takes them."""
+    taken, take = [], kv.ahead.take
+
+    def record(layer, step):
+        choice = take(layer, step)
+        if choice is not None:
+            taken.append(choice)
+        return choice
+    kv.ahead.take = record
+    return taken
 
 
 def test_lookahead_scores_with_its_share_of_the_sms():
@@ -316,11 +329,11 @@ def _final_lookahead(device, side_reads=True):
     attend, ready = kv.attend, []
 
     def attend_here(layer, *a):
-        ahead = kv._ahead.get(layer)
+        ahead = kv.ahead.pending.get(layer)
         if ahead is not None:
-            ready.append(ahead.ready is not None and ahead.ready[2] is not None)  # tail too
+            ready.append(ahead.ready is not None and ahead.ready.merge is not None)  # tail
             if not side_reads:
-                kv._ahead[layer] = ahead._replace(ready=None)
+                kv.ahead.pending[layer] = dataclasses.replace(ahead, ready=None)
         return attend(layer, *a)
     kv.attend = attend_here
     outs = run_policy(kv, q, k, v, prompt,
@@ -347,11 +360,11 @@ def test_a_lookahead_left_by_another_step_is_dropped():
     kv = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
     run_policy(kv, q, k, v, 59)
     kv.lookahead(1, lambda: torch.randn(1, H, 1, D), AttnStep(torch.tensor([59]), 59))
-    assert 1 in kv._ahead  # an interrupted step: its layer 1 never attended
+    assert 1 in kv.ahead.pending  # an interrupted step: its layer 1 never attended
     step = AttnStep(torch.tensor([59]), 59)
-    kv._join_lookahead = None  # must not be reached
+    used = taken_choices(kv)  # none: the choice of another step is not used
     kv.attend(1, q[:, :, 59:60], k[:, :, 59:60], v[:, :, 59:60], step)
-    assert kv._ahead == {}
+    assert kv.ahead.pending == {} and used == []
 
 
 def test_a_device_store_gathers_the_chosen_keys_with_their_values():
@@ -369,9 +382,9 @@ def test_a_device_store_gathers_the_chosen_keys_with_their_values():
                        host_dtype="int8", store_on=place)
         kv = make_kv_policy(cfg, L, h, hkv, d, n, torch.device("cpu"), torch.float32)
         assert kv.selector.chosen_keys == (place == "host")
-        calls, gather = [], kv._gather
-        kv._gather = lambda *a, calls=calls, gather=gather, **kw: (calls.append(1)
-                                                                   or gather(*a, **kw))
+        calls, gather = [], kv.store.gather
+        kv.store.gather = lambda *a, calls=calls, gather=gather: (calls.append(1)
+                                                                  or gather(*a))
         outs[place] = run_policy(kv, q, k, v, prompt)
         pairs[place] = len(calls)
     assert pairs == {"host": 0, "device": (n - prompt) * L}
