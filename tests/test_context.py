@@ -108,6 +108,20 @@ def test_context_saved_before_a_setting_existed_loads_with_its_default(llm, save
         llm.load_context(path)
 
 
+def test_context_without_a_sketch_loads_whatever_its_sketch_settings(cpu_llm, tmp_path):
+    """A dense context holds no sketch: kv.rank and kv.sketch_dtype are not compared (a
+    context saved before their defaults changed still loads)."""
+    path = cpu_llm.save_context("hi", tmp_path / "dense")
+    m = json.loads((path / "manifest.json").read_text())
+    m["kv"].update(rank=8, sketch_dtype="int8")
+    (path / "manifest.json").write_text(json.dumps(m))
+    assert cpu_llm.load_context(path).prompt_token_ids == cpu_llm.encode("hi")
+    m["kv"]["window_tokens"] += 1  # other settings are still compared
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ContextError, match=r"other kv settings.*'window_tokens'"):
+        cpu_llm.load_context(path)
+
+
 def _save_lowrank(llm, path, kv):
     """An engine with kv's settings and the low-rank index, one 1200-token NIAH prompt
     saved to path -> (engine, path, the tokens it generates from the prompt)."""
