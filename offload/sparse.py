@@ -68,8 +68,8 @@ class SparseKV:
                  head_dim: int, max_tokens: int, device: torch.device,
                  dtype: torch.dtype, index: IndexConfig | None = None,
                  progress: bool = False, batch: int = 1) -> None:
-        # the config's rules (config.check_sections, check_for_shape) were checked by
-        # whoever made cfg and index into a policy (make_kv_policy)
+        # the config's rules (config.check_sections, check_for_shape) were checked, and
+        # kv.rank resolved, by whoever made cfg and index into a policy (make_kv_policy)
         self.cfg = cfg
         self.L, self.H, self.Hkv, self.D = num_layers, num_heads, num_kv_heads, head_dim
         self.B, rows = batch, batch * num_kv_heads  # rows: the kv heads of every sequence

@@ -69,11 +69,13 @@ class LLM:
         cfg = EngineConfig.load(config)
         if model is not None:
             cfg = cfg.replace(model={"path": str(model)})
-        self.config = cfg
         self.device, self.dtype = _resolve_device(cfg.runtime.device, cfg.runtime.dtype)
         # Refuse now, with numbers, rather than run out of memory halfway through a prompt.
         spec = spec_for(cfg.model.path, cfg.model.cache_dir)
         check_for_model(cfg, spec, str(cfg.model.path or "the embedded model"))
+        # the config this model runs: kv.rank None (half the head_dim) as a number, for
+        # everything that reads it later (saved contexts record it)
+        self.config = cfg = cfg.for_shape(spec.head_dim)
         if cfg.kv.policy == "retrieval" and cfg.index.kind != "lowrank":
             require_index_modules(cfg.index.kind)  # faiss, hnswlib: before the weights load
         check_budget(plan_memory(spec, cfg, self.device.type), *available_memory(self.device))

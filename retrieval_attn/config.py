@@ -89,10 +89,14 @@ class KVConfig:
     sink_tokens: int = 4  # first tokens always attended (attention sinks)
     window_tokens: int = 512  # most recent tokens always attended, kept exact on the device
     top_k: int | float = 0.05  # tokens retrieved per kv head: int = count, float = share of prompt
-    rank: int = 16  # retrieval: PCA dimensions per kv head of the low-rank key sketch
-    # retrieval: how the sketch stores its projected keys: auto (runtime.dtype), int8 or
-    # int4 (per-dim scales). At equal bytes int4 of rank 4r ranks best: docs/results.md.
-    sketch_dtype: str = "auto"
+    # retrieval: PCA dimensions per kv head of the low-rank key sketch; None = half the
+    # model's head_dim (resolve_for_shape fills it in once the shape is known)
+    rank: int | None = None
+    # retrieval: how the sketch stores its projected keys: int4 (two per byte), int8 (both
+    # with per-dim scales) or auto (runtime.dtype). At equal bytes a higher rank in fewer
+    # bits ranks better; on real models half the head dim in int4 answered like dense
+    # more often than rank 16 in the model's dtype (docs/results.md)
+    sketch_dtype: str = "int4"
     rerank_factor: int = 4  # retrieval: re-score top_k * factor candidates exactly; 1 = off
     # retrieval: positions per selection unit; P > 1 picks aligned runs of P tokens, which
     # the GPU reads from host memory ~2x faster at 1M, at some accuracy per token (docs/config.md)
@@ -144,7 +148,8 @@ class KVConfig:
                               "and must be in (0, 1); use an integer for a token count")
         if isinstance(self.top_k, int) and self.top_k < 1:
             raise ConfigError(f"kv.top_k is {self.top_k}: it must be >= 1 tokens")
-        if self.rank < 1 or self.rerank_factor < 1 or self.page_tokens < 1:
+        if ((self.rank is not None and self.rank < 1) or self.rerank_factor < 1
+                or self.page_tokens < 1):
             raise ConfigError("kv.rank, kv.rerank_factor and kv.page_tokens must be >= 1")
         if not 1 <= self.select_block <= MAX_SELECT_BLOCK:
             raise ConfigError(f"kv.select_block is {self.select_block}: use 1 (single "
@@ -171,9 +176,10 @@ class KVConfig:
         if self.sketch_dtype not in SKETCH_DTYPES:
             raise ConfigError(f"kv.sketch_dtype is {self.sketch_dtype!r}: valid values are "
                               f"{', '.join(SKETCH_DTYPES)}")
-        if self.sketch_dtype == "int4" and self.rank % 2:
-            raise ConfigError(f"kv.rank is {self.rank} with kv.sketch_dtype int4, which packs "
-                              "two dims per byte: use an even rank")
+        if self.sketch_dtype == "int4" and self.rank is not None and self.rank % 2:
+            raise ConfigError(f"kv.rank is {self.rank} with kv.sketch_dtype int4 (the "
+                              "default), which packs two dims per byte: use an even rank, "
+                              "or sketch_dtype: auto")
 
     def budget(self, prompt_tokens: int) -> int:
         """top_k as a token count for a prompt of this length."""
@@ -274,6 +280,9 @@ class EngineConfig:
             merged[name].update(values)
         return EngineConfig.from_dict(merged)
 
+    def for_shape(self, head_dim: int) -> EngineConfig:
+        """This config for a model of this head_dim: kv.rank filled in (resolve_for_shape)."""
+        return dataclasses.replace(self, kv=resolve_for_shape(self.kv, head_dim))
 
 
 def check_sections(kv: KVConfig, index: IndexConfig, max_batch: int = 1) -> None:
@@ -306,11 +315,24 @@ def check_sections(kv: KVConfig, index: IndexConfig, max_batch: int = 1) -> None
                           "kv.store_on is device: use kv.store_on host, or index.kind lowrank")
 
 
+def resolve_for_shape(kv: KVConfig, head_dim: int) -> KVConfig:
+    """kv with what depends on the model's shape filled in: kv.rank None (the default)
+    becomes half the head_dim, rounded down to an even rank for an int4 sketch. The one
+    place this happens: the policies (offload.make), the planner and LLM's config (which
+    saved contexts record) all read the rank from here."""
+    if kv.rank is not None:
+        return kv
+    rank = head_dim // 2
+    rank = max(2, rank - rank % 2) if kv.sketch_dtype == "int4" else max(1, rank)
+    return dataclasses.replace(kv, rank=rank)
+
+
 def check_for_shape(kv: KVConfig, num_layers: int, head_dim: int, source: str) -> None:
     """kv's rules against a model's shape, checked as soon as the shape is known (before
     the weights load)."""
-    if kv.policy == "retrieval" and kv.rank > head_dim:
-        raise ConfigError(f"kv.rank is {kv.rank} but {source}'s head_dim is {head_dim}: "
+    rank = resolve_for_shape(kv, head_dim).rank
+    if kv.policy == "retrieval" and rank > head_dim:
+        raise ConfigError(f"kv.rank is {rank} but {source}'s head_dim is {head_dim}: "
                           f"use a rank <= {head_dim}")
     if kv.lookahead_from >= num_layers:
         raise ConfigError(f"kv.lookahead_from is {kv.lookahead_from} but {source} has "

@@ -36,6 +36,12 @@ from retrieval_attn.config import IndexConfig, KVConfig
 from retrieval_attn.errors import ConfigError, RetrievalAttnError
 
 FORMAT, VERSION = "retrieval-attn-context", 1
+# A setting a manifest lacks was saved before the setting existed, with its default then:
+# the current default, except where it has changed since (kv.sketch_dtype was auto).
+FIRST_DEFAULTS = {"kv": {"sketch_dtype": "auto"}}
+# The low-rank sketch's settings: they shape the saved state of kv.policy retrieval only
+# (a context of another policy saved before their defaults changed still loads).
+SKETCH_KEYS = ("rank", "sketch_dtype")
 
 
 class ContextError(RetrievalAttnError):
@@ -227,8 +233,10 @@ def open_context(engine, path: str | Path) -> SavedContext:
     for section, now, default in (("kv", dataclasses.asdict(cfg.kv), KVConfig()),
                                   ("index", dataclasses.asdict(cfg.index), IndexConfig())):
         keys = ("kind",) if section == "index" else tuple(now)
-        # a setting added since the context was saved had its default then
-        saved = {k: manifest[section].get(k, getattr(default, k)) for k in keys}
+        if section == "kv" and now["policy"] != "retrieval":
+            keys = tuple(k for k in keys if k not in SKETCH_KEYS)
+        first = FIRST_DEFAULTS.get(section, {})
+        saved = {k: manifest[section].get(k, first.get(k, getattr(default, k))) for k in keys}
         diff = {k: (saved[k], now[k]) for k in keys if saved[k] != now[k]}
         if diff:
             raise ContextError(f"{path} was saved with other {section} settings "

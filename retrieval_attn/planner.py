@@ -162,10 +162,12 @@ def plan_memory(spec: ModelSpec, config: EngineConfig, device_type: str,
     """Every part's bytes for this model and config on device_type ("cuda" or "cpu").
 
     prompt_tokens (default: max_context_tokens, the upper bound) sizes what depends on the
-    prompt: a float top_k, prefill hidden states, masks and index builds.
+    prompt: a float top_k, prefill hidden states, masks and index builds. The plan's
+    config is config for this shape (EngineConfig.for_shape: kv.rank a number).
     """
     if device_type not in ("cuda", "cpu"):
         raise ConfigError(f"device type {device_type!r}: plan for 'cuda' or 'cpu'")
+    config = config.for_shape(spec.head_dim)
     rt, kv = config.runtime, config.kv
     check_for_shape(kv, spec.num_layers, spec.head_dim, "the model")
     N = rt.max_context_tokens
@@ -536,7 +538,7 @@ def search_config(spec: ModelSpec, context_tokens: int, gpu_bytes: int, host_byt
         elif cfg := first_fit({"policy": pol}):
             return cfg
     smallest = base.replace(runtime={"prefill_chunk_tokens": chunks[-1]},
-                            kv={"policy": order[-1], "rank": 1})
+                            kv={"policy": order[-1], "rank": 1, "sketch_dtype": "auto"})
     plan = plan_memory(spec, smallest, device_type)
     if plan.fits(gpu_bytes, host_bytes) and max_kv_gpu_bytes is not None:  # only the cap
         raise ConfigError(f"no config keeps the GPU KV state under {format_bytes(kv_cap)}: "

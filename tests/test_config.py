@@ -18,8 +18,10 @@ from retrieval_attn.config import (
     _build,
     _check_type,
     preset_names,
+    resolve_for_shape,
 )
 from retrieval_attn.errors import ConfigError
+from retrieval_attn.model.spec import NAMED_SHAPES
 
 
 def write_yaml(tmp_path, text: str, name: str = "engine.yaml"):
@@ -361,6 +363,40 @@ def test_int4_sketch_needs_an_even_rank():
     assert EngineConfig.from_dict({"kv": {"rank": 3, "sketch_dtype": "int8"}}).kv.rank == 3
 
 
+def test_odd_rank_with_the_default_int4_sketch_names_both_ways_out():
+    with pytest.raises(ConfigError, match=r"kv.rank is 5 with kv.sketch_dtype int4 \(the "
+                                          r"default\).*use an even rank, or sketch_dtype: auto"):
+        EngineConfig.from_dict({"kv": {"policy": "retrieval", "rank": 5}})
+    cfg = EngineConfig.from_dict({"kv": {"rank": 5, "sketch_dtype": "auto"}})
+    assert resolve_for_shape(cfg.kv, 64).rank == 5
+
+
+@pytest.mark.parametrize("shape", ["smollm2-135m", "llama-3-8b"])  # head_dim 64, 128
+def test_default_sketch_is_half_the_head_dim_in_int4(shape):
+    D = NAMED_SHAPES[shape].head_dim
+    cfg = EngineConfig.from_dict({"kv": {"policy": "retrieval"}})
+    assert (cfg.kv.rank, cfg.kv.sketch_dtype) == (None, "int4")  # resolved with the shape
+    kv = resolve_for_shape(cfg.kv, D)
+    assert (kv.rank, kv.sketch_dtype) == (D // 2, "int4")
+    assert cfg.for_shape(D).kv == kv
+    assert resolve_for_shape(kv, D) is kv  # resolving twice changes nothing
+    assert EngineConfig.from_dict({"kv": {"rank": None}}) == EngineConfig()  # YAML null
+
+
+@pytest.mark.parametrize("kv", [{"rank": 16}, {"rank": 16, "sketch_dtype": "auto"},
+                                {"rank": 128, "sketch_dtype": "int8"}])
+def test_explicit_rank_is_kept(kv):
+    cfg = KVConfig(policy="retrieval", **kv)
+    assert resolve_for_shape(cfg, 128) is cfg
+    assert EngineConfig(kv=cfg).for_shape(128).kv == cfg
+
+
+def test_default_rank_of_a_tiny_head_stays_valid():
+    """Half of a head_dim of 6 is 3: an int4 sketch takes 2 (even), a float one 3."""
+    assert resolve_for_shape(KVConfig(policy="retrieval"), 6).rank == 2
+    assert resolve_for_shape(KVConfig(policy="retrieval", sketch_dtype="auto"), 6).rank == 3
+
+
 @pytest.mark.parametrize("block", [0, 65])
 def test_select_block_range(block):
     with pytest.raises(ConfigError, match=f"kv.select_block is {block}: use 1"):
@@ -417,6 +453,6 @@ def test_shape_rules_are_refused_before_the_weights_load(monkeypatch):
         raise AssertionError("weights loaded before the config was checked")
 
     monkeypatch.setattr("retrieval_attn.api.load_model", no_weights)
-    for kv, says in (({"rank": 65}, "head_dim is 64"), ({"lookahead_from": 30}, "30 layers")):
+    for kv, says in (({"rank": 66}, "head_dim is 64"), ({"lookahead_from": 30}, "30 layers")):
         with pytest.raises(ConfigError, match=says):
             LLM(config={"runtime": {"device": "cpu"}, "kv": {"policy": "retrieval", **kv}})

@@ -41,8 +41,11 @@ def test_round_trip_reproduces_generation(llm, saved):
     out = llm.generate(ctx, PARAMS)[0]
     assert out.token_ids == want
     assert llm.engine.kv.ann.served["lowrank"] == 0  # indexes came from the files
-    files = json.loads((path / "manifest.json").read_text())["files"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    files = manifest["files"]
     assert "kv.safetensors" in files and "lowrank.safetensors" in files
+    # the default rank (null: half the head_dim) is recorded as the number the engine ran
+    assert manifest["kv"]["rank"] == llm.loaded.spec.head_dim // 2 == llm.engine.kv.sketch.rank
     assert sum(f.startswith("index/") for f in files) == llm.loaded.spec.num_layers
 
 
@@ -84,11 +87,11 @@ def test_truncated_or_missing_file_is_refused(llm, saved, tmp_path):
 def test_context_of_another_config_or_model_is_refused(llm, saved, tmp_path):
     path = _copy(saved[1], tmp_path)
     m = json.loads((path / "manifest.json").read_text())
-    m["kv"]["rank"] = 32
-    (path / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ContextError, match=r"other kv settings.*'rank': \(32, 16\)"):
-        llm.load_context(path)
     m["kv"]["rank"] = 16
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ContextError, match=r"other kv settings.*'rank': \(16, 32\)"):
+        llm.load_context(path)
+    m["kv"]["rank"] = 32
     m["spec"]["num_layers"] = 31
     (path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ContextError, match=r"another shape.*num_layers"):
@@ -99,13 +102,46 @@ def test_context_of_another_config_or_model_is_refused(llm, saved, tmp_path):
 def test_context_saved_before_a_setting_existed_loads_with_its_default(llm, saved, tmp_path):
     path = _copy(saved[1], tmp_path)
     m = json.loads((path / "manifest.json").read_text())
-    del m["kv"]["sketch_dtype"]  # as a context saved before kv.sketch_dtype existed
+    del m["kv"]["score_passes"]  # as a context saved before kv.score_passes existed
     (path / "manifest.json").write_text(json.dumps(m))
     assert llm.load_context(path).prompt_token_ids == llm.encode(saved[0])
-    m["kv"]["sketch_dtype"] = "int8"
+    # kv.sketch_dtype was auto when it was added: a context without it has a float sketch
+    del m["kv"]["sketch_dtype"]
     (path / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ContextError, match=r"'sketch_dtype': \('int8', 'auto'\)"):
+    with pytest.raises(ContextError, match=r"'sketch_dtype': \('auto', 'int4'\)"):
         llm.load_context(path)
+
+
+def test_context_without_a_sketch_loads_whatever_its_sketch_settings(cpu_llm, tmp_path):
+    """A dense context holds no sketch: kv.rank and kv.sketch_dtype are not compared (a
+    context saved before their defaults changed still loads)."""
+    path = cpu_llm.save_context("hi", tmp_path / "dense")
+    m = json.loads((path / "manifest.json").read_text())
+    m["kv"].update(rank=8, sketch_dtype="int8")
+    (path / "manifest.json").write_text(json.dumps(m))
+    assert cpu_llm.load_context(path).prompt_token_ids == cpu_llm.encode("hi")
+    m["kv"]["window_tokens"] += 1  # other settings are still compared
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ContextError, match=r"other kv settings.*'window_tokens'"):
+        cpu_llm.load_context(path)
+
+
+@pytest.mark.slow
+def test_context_of_the_earlier_default_sketch_loads_with_it_set(llm, tmp_path):
+    """A retrieval context saved with rank 16 in the model's dtype (the default until half
+    the head_dim in int4) keeps that rank, and loads with it set."""
+    old = {"rank": 16, "sketch_dtype": "auto"}
+    small = LLM(config=llm.config.replace(kv=old, index={"kind": "lowrank"}))
+    prompt = build_prompt(small, 400, 0.5, "1414213")
+    path = small.save_context(prompt, tmp_path / "retrieval")
+    m = json.loads((path / "manifest.json").read_text())
+    assert {k: m["kv"][k] for k in old} == old
+    del m["kv"]["sketch_dtype"]  # as saved before kv.sketch_dtype existed (auto then)
+    (path / "manifest.json").write_text(json.dumps(m))
+    assert small.load_context(path).prompt_token_ids == small.encode(prompt)
+    with pytest.raises(ContextError, match=r"'rank': \(16, 32\), 'sketch_dtype': "
+                                           r"\('auto', 'int4'\)"):
+        llm.load_context(path)  # the default sketch
 
 
 def _save_lowrank(llm, path, kv):

@@ -78,8 +78,8 @@ def test_smollm2_weights():
 
 
 def test_low_rank_and_window_arithmetic():
-    plan = plan_memory(QWEN, config("retrieval", rank=32, window_tokens=512, sink_tokens=4),
-                       "cuda")
+    plan = plan_memory(QWEN, config("retrieval", rank=32, sketch_dtype="auto",
+                                    window_tokens=512, sink_tokens=4), "cuda")
     N, L, Hkv, D = 1 << 20, 28, 4, 128
     assert part(plan, "kv: low-rank keys") == L * Hkv * (D + D * 32 + N * 32) * 2
     assert part(plan, "kv: window + sinks K,V") == 2 * L * Hkv * 516 * D * 2
@@ -87,6 +87,19 @@ def test_low_rank_and_window_arithmetic():
     assert part(plan, "prefill: one-layer K,V scratch") == 2 * Hkv * N * D * 2
     # pinned by registration, exactly: no power-of-two rounding part
     assert not [p for p in plan.parts if "rounding" in p.name]
+
+
+@pytest.mark.parametrize("spec", [QWEN, NAMED_SHAPES["smollm2-135m"]], ids=["D128", "D64"])
+def test_default_rank_is_planned_as_half_the_head_dim(spec):
+    """kv.rank None: the plan is the plan of rank head_dim / 2 in int4, and says so."""
+    r = spec.head_dim // 2
+    plan = plan_memory(spec, config("retrieval"), "cuda")
+    same = plan_memory(spec, config("retrieval", rank=r, sketch_dtype="int4"), "cuda")
+    assert plan.config.kv.rank == r and plan.parts == same.parts
+    assert f" r={r}" in plan.table()
+    with pytest.raises(ConfigError, match=f"kv.rank {r},.*lower kv.rank to {r // 2}"):
+        check_budget(plan, plan.peak("gpu") - part(plan, "kv: low-rank keys") // 4,
+                     128 * GiB)
 
 
 @pytest.mark.parametrize("policy,top_k", [("dense", 8), ("streaming", 0.25), ("quest", 12),
@@ -254,7 +267,8 @@ def test_sketch_bytes_are_what_low_rank_keys_allocates(sketch, rank):
 def test_quantised_sketch_of_the_same_bytes_costs_the_same():
     # int8 of rank 64 and int4 of rank 128 hold the bytes of bfloat16 rank 32, plus float32
     # basis and scales (< 1%)
-    bf16 = part(plan_memory(QWEN, config("retrieval", rank=32), "cuda"), "kv: low-rank keys")
+    bf16 = part(plan_memory(QWEN, config("retrieval", rank=32, sketch_dtype="auto"), "cuda"),
+                "kv: low-rank keys")
     for sketch, rank in (("int8", 64), ("int4", 128)):
         plan = plan_memory(QWEN, config("retrieval", rank=rank).replace(
             kv={"sketch_dtype": sketch}), "cuda")

@@ -43,10 +43,11 @@ def check_for_model(config: EngineConfig, spec: ModelSpec, source: str) -> None:
 
 class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        check_for_model(config, loaded.spec, loaded.source)
+        config = config.for_shape(loaded.spec.head_dim)  # kv.rank a number
         self.loaded, self.config = loaded, config
         spec, rt = loaded.spec, config.runtime
         self.max_tokens = rt.max_context_tokens
-        check_for_model(config, spec, loaded.source)
         if self.max_tokens > spec.max_position_embeddings:
             LOG.warning("runtime.max_context_tokens %d exceeds the %d positions %s was "
                         "trained for: expect degraded output past that length",

@@ -142,7 +142,8 @@ def test_retrieval_finds_a_planted_key():
 
 
 def test_memory_accounting_splits_gpu_state_from_host_store():
-    cfg = KVConfig(policy="retrieval", sink_tokens=4, window_tokens=8, top_k=4, rank=4)
+    cfg = KVConfig(policy="retrieval", sink_tokens=4, window_tokens=8, top_k=4, rank=4,
+                   sketch_dtype="auto")
     kv = SparseKV(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
     q, k, v = qkv(40)
     run_policy(kv, q, k, v, 40)
@@ -159,6 +160,15 @@ def test_rank_above_head_dim_is_refused():
     with pytest.raises(ConfigError, match="head_dim"):
         make_kv_policy(KVConfig(policy="retrieval", rank=32), 1, 2, 1, 16, 64,
                        torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_default_sketch_is_made_at_half_the_head_dim_in_int4(d):
+    """kv.rank None reaches the policy as a number (make_kv_policy resolves it)."""
+    kv = make_kv_policy(KVConfig(policy="retrieval"), 1, 2, 1, d, 64, torch.device("cpu"),
+                        torch.float32)
+    assert kv.cfg.rank == kv.sketch.rank == d // 2 and kv.sketch.sketch == "int4"
+    assert kv.sketch.keys.shape[-1] == d // 4  # two dims per byte
 
 
 def test_unsorted_selection_when_every_step_fills_top_k():

@@ -33,7 +33,7 @@ def test_exact_sketch_and_chunk_constant_values_give_dense_attention(dtype, tol)
     outs = {}
     for tail in (True, False):
         cfg = KVConfig(policy="retrieval", sink_tokens=2, window_tokens=16, top_k=12,
-                       rank=D, rerank_factor=2, tail_estimate=tail)
+                       rank=D, sketch_dtype="auto", rerank_factor=2, tail_estimate=tail)
         kv = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), dtype)
         assert (kv.tail is not None) == tail
         if tail:

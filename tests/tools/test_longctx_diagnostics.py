@@ -13,9 +13,10 @@ L, H, HKV, D, N, PROMPT = 2, 4, 2, 16, 256, 200
 
 
 def _first_step():
-    """A retrieval policy after a PROMPT-token prefill and one traced decode step."""
+    """A retrieval policy with a float sketch (rank_recall sketches in the config's
+    precision) after a PROMPT-token prefill and one traced decode step."""
     cfg = KVConfig(policy="retrieval", sink_tokens=2, window_tokens=16, top_k=20, rank=4,
-                   rerank_factor=2, tail_estimate=False)
+                   sketch_dtype="auto", rerank_factor=2, tail_estimate=False)
     kv = make_kv_policy(cfg, L, H, HKV, D, N, torch.device("cpu"), torch.float32)
     q, k, v = (torch.randn(1, h, PROMPT + 1, D) for h in (H, HKV, HKV))
     kv.start_request()
