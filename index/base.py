@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 if TYPE_CHECKING:  # types only: importing kernels here first would meet their import cycle
-    from retrieval_attn.kernels.sketch_query import SketchQuery
-    from retrieval_attn.kernels.tail_correct import ChunkTail
+    from retrieval_attn.kernels.formats import ChunkTail, SketchQuery
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,10 @@ from retrieval_attn.index.blocks import (
     partial_block,
     slots_for,
 )
+from retrieval_attn.kernels.formats import ChunkTail, LseState, SketchQuery
 from retrieval_attn.kernels.gather_kv import gather_k
 from retrieval_attn.kernels.rerank_shares import rerank_shares, rerank_shares_ref
-from retrieval_attn.kernels.select_scores import LseState
 from retrieval_attn.kernels.select_topk import select_topk, select_topk_values, topk_indices
-from retrieval_attn.kernels.sketch_query import SketchQuery
-from retrieval_attn.kernels.tail_correct import ChunkTail
 
 
 def group_scores(scores: torch.Tensor, scale: float,

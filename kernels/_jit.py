@@ -22,7 +22,7 @@ def log_add(a, b):
 
 @triton.jit
 def int4_nibbles(k, PLAIN: tl.constexpr):
-    """Packed int4 bytes k (select_scores/ref.py's format: a byte holds dims j and j + R/2,
+    """Packed int4 bytes k (kernels/formats.py: a byte holds dims j and j + R/2,
     each stored as v + 8) -> their (low, high) nibbles as int8 in [0, 15]. PLAIN: per-byte
     ops (the interpreter runs no inline PTX); else inline PTX masks and shifts four bytes
     an instruction (per byte, unpacking cost more than the int8 dots after it, H100)."""

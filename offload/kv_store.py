@@ -8,13 +8,8 @@ from typing import NamedTuple
 import torch
 
 from retrieval_attn.errors import ConfigError
-from retrieval_attn.kernels.gather_kv import (
-    dequantize_rows,
-    gather_k,
-    gather_kv,
-    gather_kv_ref,
-    quantize_rows,
-)
+from retrieval_attn.kernels.formats import dequantize_rows, quantize_rows
+from retrieval_attn.kernels.gather_kv import gather_k, gather_kv, gather_kv_ref
 
 
 class KVStore:

@@ -17,16 +17,17 @@ from __future__ import annotations
 import torch
 
 from retrieval_attn.config import SKETCH_DTYPES  # auto: the model's dtype
-from retrieval_attn.kernels.append_token import SketchLayer, sketch_rows, sketch_storage
-from retrieval_attn.kernels.append_token.ref import INT_MAX  # the integer sketches' largest values
-from retrieval_attn.kernels.select_scores import (
+from retrieval_attn.kernels.formats import (
+    INT_MAX,
     LseState,
-    select_scores,
-    select_scores_ref,
+    SketchLayer,
+    SketchQuery,
+    sketch_rows,
+    sketch_storage,
     sketch_values,
 )
+from retrieval_attn.kernels.select_scores import select_scores, select_scores_ref
 from retrieval_attn.kernels.sketch_query import (
-    SketchQuery,
     sketch_query,
     sketch_query_ref,
     sketch_scores_at,

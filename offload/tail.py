@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from retrieval_attn.index.base import Selection
-from retrieval_attn.kernels.append_token import TailLayer, add_to_tail
+from retrieval_attn.kernels.append_token import add_to_tail
+from retrieval_attn.kernels.formats import ChunkTail, TailLayer
 from retrieval_attn.kernels.tail_correct import (
-    SPLITS,  # the chunk axis is summed in SPLITS pieces
-    ChunkTail,
+    SPLITS,
     guess_lse_ref,
     tail_correct_ref,
     tail_merge,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from retrieval_attn.kernels.append_token import window_slot
+from retrieval_attn.kernels.formats import window_slot
 from retrieval_attn.kernels.window_lse import window_lse, window_lse_ref
 from retrieval_attn.offload.policy import AttnStep
 

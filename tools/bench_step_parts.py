@@ -183,7 +183,8 @@ def bench_scores(shape: str, n: int, rank: int, sketch_dtype: str, block: int,
     0 for a variant of other outputs)."""
     import importlib
 
-    from retrieval_attn.kernels.select_scores import LseState, select_scores
+    from retrieval_attn.kernels.formats import LseState
+    from retrieval_attn.kernels.select_scores import select_scores
     from retrieval_attn.offload.tail import CHUNK as TAIL_CHUNK
 
     ss = importlib.import_module("retrieval_attn.kernels.select_scores")

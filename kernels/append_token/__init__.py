@@ -14,18 +14,10 @@ one step from the reference's where the projection falls on a rounding boundary.
 import torch
 
 from retrieval_attn.kernels._launch import next_power_of_2, use_triton
-from retrieval_attn.kernels.append_token.ref import (
-    SketchLayer,
-    TailLayer,
-    add_to_tail,
-    append_token_ref,
-    sketch_rows,
-    sketch_storage,
-    window_slot,
-)
+from retrieval_attn.kernels.append_token.ref import add_to_tail, append_token_ref
+from retrieval_attn.kernels.formats import SketchLayer, TailLayer
 
-__all__ = ["SketchLayer", "TailLayer", "add_to_tail", "append_token", "append_token_ref",
-           "sketch_rows", "sketch_storage", "window_slot"]
+__all__ = ["add_to_tail", "append_token", "append_token_ref"]
 
 NUM_WARPS = 4
 
@@ -49,7 +41,7 @@ def append_token(
         store: (K, V) [R, N, D] in k's dtype: pinned host memory (written zero-copy) or on
             k's device. Positions must lie in [0, N) (not checked: no sync). int8 for a
             quantised store, with store_scale (K, V) [R, N] float16 on k's device: each
-            row is written as its integers and its scale (gather_kv.quantize_rows).
+            row is written as its integers and its scale (formats.quantize_rows).
         window: (K, V) [R, S + W, D] on k's device; sinks = S.
         tail: the layer's TailLayer (sums [R, M, D] float32, last [R] int64), or None.
         sketch: the layer's SketchLayer, or None. Rank r even with r / 2 a power of two

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from retrieval_attn.kernels._jit import round_half_even
-from retrieval_attn.kernels.gather_kv.ref import SCALE_MIN as _SCALE_MIN
+from retrieval_attn.kernels.formats import SCALE_MIN as _SCALE_MIN
 
 SCALE_MIN = tl.constexpr(_SCALE_MIN)  # a quantised store's smallest row scale
 

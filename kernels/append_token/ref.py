@@ -3,62 +3,18 @@
 One decode token's K, V [R, D] (R = batch · Hkv rows) go to every place a sparse decode
 keeps them: the host store, the window ring, the tail estimate's chunk sums of V, and the
 low-rank key sketch (projected onto the row's basis; rounded to its integers when the
-sketch is quantised, in the storage format of kernels.select_scores).
+sketch is quantised, in the storage format of kernels/formats.py).
 """
-
-from typing import NamedTuple
 
 import torch
 
-from retrieval_attn.kernels.gather_kv.ref import quantize_rows
-from retrieval_attn.kernels.select_scores.ref import pack_int4
-
-INT_MAX = {torch.int8: 127, torch.uint8: 7}  # int8, packed int4 (see select_scores/ref.py)
-
-
-class TailLayer(NamedTuple):
-    """One layer of a tail estimate: sums [R, M, D] float32 of V per chunk of `chunk`
-    positions, last [R] int64 the position last added to each row (-1: none): a graph's
-    warm-up and replay append the same token twice, and a sum must count it once."""
-
-    sums: torch.Tensor
-    last: torch.Tensor
-    chunk: int
-
-
-class SketchLayer(NamedTuple):
-    """One layer of a low-rank key sketch: mean [R, D], basis [R, D, r], per-dim integer
-    step scale [R, r] float32 (unread for a float sketch), keys [R, N, w]: int8 (w = r),
-    packed int4 uint8 (w = r / 2) or a float dtype (w = r)."""
-
-    mean: torch.Tensor
-    basis: torch.Tensor
-    scale: torch.Tensor
-    keys: torch.Tensor
-
-
-def window_slot(pos: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
-    """Slot of position pos in a window of `sinks` sinks and a ring of `window` recent
-    tokens (offload/window.py)."""
-    return torch.where(pos < sinks, pos, sinks + (pos - sinks) % window)
-
-
-def sketch_storage(projected: torch.Tensor, scale: torch.Tensor,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """float32 projections [R, n, r] -> a sketch's stored form in `dtype`: integers
-    projected / scale ([R, r] steps) rounded and saturated for int8 / packed int4 uint8,
-    a plain cast for a float dtype."""
-    if dtype.is_floating_point:
-        return projected.to(dtype)
-    top = INT_MAX[dtype]
-    ints = (projected / scale[:, None]).round_().clamp_(-top, top).to(torch.int8)
-    return ints if dtype == torch.int8 else pack_int4(ints)
-
-
-def sketch_rows(k: torch.Tensor, sketch: SketchLayer) -> torch.Tensor:
-    """k [R, D] -> the sketch's stored form [R, w] of (k - mean) @ basis, in float32."""
-    projected = (k.float() - sketch.mean.float())[:, None] @ sketch.basis.float()
-    return sketch_storage(projected, sketch.scale, sketch.keys.dtype)[:, 0]
+from retrieval_attn.kernels.formats import (
+    SketchLayer,
+    TailLayer,
+    quantize_rows,
+    sketch_rows,
+    window_slot,
+)
 
 
 def add_to_tail(pos: torch.Tensor, v: torch.Tensor, tail: TailLayer) -> None:

@@ -16,9 +16,9 @@ CPU and TRITON_INTERPRET=1 (tests); otherwise (CPU without the interpreter) the 
 import torch
 
 from retrieval_attn.kernels._launch import cdiv, next_power_of_2, use_triton
-from retrieval_attn.kernels.gather_kv.ref import dequantize_rows, gather_kv_ref, quantize_rows
+from retrieval_attn.kernels.gather_kv.ref import gather_kv_ref
 
-__all__ = ["dequantize_rows", "gather_k", "gather_kv", "gather_kv_ref", "quantize_rows"]
+__all__ = ["gather_k", "gather_kv", "gather_kv_ref"]
 
 # Rows per tile of a program.
 BLOCK_K = 16

@@ -2,6 +2,8 @@
 
 import torch
 
+from retrieval_attn.kernels.formats import dequantize_rows
+
 
 def gather_kv_ref(
     k_src: torch.Tensor,
@@ -33,23 +35,7 @@ def gather_kv_ref(
     return out
 
 
-def quantize_rows(x: torch.Tensor, scale_dtype: torch.dtype = torch.float16
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] float -> (ints [..., D] int8, scale [...] scale_dtype): each row's absmax
-    maps to 127 (the scale rounded to scale_dtype first, so that ints * scale is what is
-    read back; no smaller than scale_dtype's smallest normal number), rounded half to even.
-    float16 scales for the K, V store's rows; float32 for weights (kernels.quantize_guess)."""
-    top = x.float().abs().amax(dim=-1)
-    scale = (top / 127).clamp_min(torch.finfo(scale_dtype).tiny).to(scale_dtype)
-    ints = (x.float() / scale.float()[..., None]).round_().clamp_(-127, 127)
-    return ints.to(torch.int8), scale
 
 
-def dequantize_rows(ints: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
-                    ) -> torch.Tensor:
-    """ints [..., D] int8, scale [...] -> float32(ints) * float32(scale) in dtype."""
-    return (ints.float() * scale.float()[..., None]).to(dtype)
 
 
-# the smallest float16 row scale: a row of zeros stores zeros (a normal float16, 2**-14)
-SCALE_MIN = torch.finfo(torch.float16).tiny

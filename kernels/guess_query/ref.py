@@ -2,7 +2,7 @@
 
 import torch
 
-from retrieval_attn.kernels.gather_kv.ref import quantize_rows
+from retrieval_attn.kernels.formats import quantize_rows
 from retrieval_attn.kernels.rope.ref import rope_ref
 
 PIECE = 512  # rows quantised at a time

@@ -20,20 +20,11 @@ from retrieval_attn.kernels._launch import (
     sm_count,
     use_triton,
 )
-from retrieval_attn.kernels.select_scores.ref import (
-    LseState,
-    block_sums_ref,
-    pack_int4,
-    quantise_query,
-    select_scores_ref,
-    sketch_values,
-    unpack_int4,
-)
-from retrieval_attn.kernels.sketch_query import SketchQuery, sketch_query
-from retrieval_attn.kernels.tail_correct.ref import ChunkTail
+from retrieval_attn.kernels.formats import ChunkTail, LseState, SketchQuery
+from retrieval_attn.kernels.select_scores.ref import block_sums_ref, select_scores_ref
+from retrieval_attn.kernels.sketch_query import sketch_query
 
-__all__ = ["KEY_BITS", "LseState", "block_sums_ref", "kernel_scores", "pack_int4", "quantise_query",
-           "select_scores", "select_scores_ref", "sketch_values", "unpack_int4"]
+__all__ = ["KEY_BITS", "block_sums_ref", "kernel_scores", "select_scores", "select_scores_ref"]
 
 # positions per tile: with tiles of heads (TILES a dot), 64 beat 128 by ~10% at 512K and 1M
 # (H100, bench --scores); 256 made the one-pass scoring ~30% slower at 1M (H200, before)

@@ -11,7 +11,7 @@ largest score, and the sum of the shares' own exps in that frame), which `lse_st
 merges into the state the next step reads: the sketch is read once.
 q @ basis is computed by the wrapper in float32 and handed over as a hi + lo pair in the
 keys' dtype, so the scores come from tensor-core dots yet are float32-accurate.
-Quantised sketches (KEY_BITS 8: int8 keys; 4: two int4 per uint8 byte, ref.py's format) are
+Quantised sketches (KEY_BITS 8: int8 keys; 4: two int4 per uint8 byte, kernels/formats.py) are
 scored by int8 tensor-core dots against an int8 q @ basis: converting the keys to floats
 instead costs more than reading them (H100, 1M tokens, 28 layers: 19.6 ms for int4 of rank
 128 through float16, against 6.4 ms for bfloat16 of rank 32, the same bytes).
@@ -108,7 +108,7 @@ def _raw_scores(qa_hi, qa_lo, qb_hi, qb_lo, offset, Keys, h, n0, lo, hi, stride_
 
     Float keys: two tensor-core dots, hi and lo halves of q @ basis against the exact keys,
     accumulate in float32: the score is float32-accurate to about 2**-16 of
-    |q @ basis| |k|. Integer keys: q @ basis comes as int8 (ref.py, quantise_query) with
+    |q @ basis| |k|. Integer keys: q @ basis comes as int8 (ref.py, quantize_query) with
     its step, and one int8 dot scores it exactly. F32_DOT (float32 keys; the interpreter,
     whose low-precision dots are wrong in Triton 3.6) upcasts to float32."""
     W: tl.constexpr = R // 2 if KEY_BITS == 4 else R  # stored values per position

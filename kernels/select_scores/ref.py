@@ -1,66 +1,11 @@
 """Reference select_scores: plain float32 PyTorch, same signature and layout.
 
-Also the storage formats of a quantised sketch, which kernel and reference share:
-int8 keys [Hkv, N, r] hold integers in [-127, 127]; uint8 keys [Hkv, N, r / 2] hold two
-signed 4-bit integers in [-7, 7] per byte, dim j in the low nibble and dim j + r / 2 in the
-high one (so a kernel unpacks two contiguous halves, no shuffle), each stored plus 8.
-Either way the per-dim scales are folded into the basis by the caller, so scores need only
-the integers.
+Sketch storage and the one-pass state are in kernels/formats.py.
 """
-
-from typing import NamedTuple
 
 import torch
 
-INT4_OFFSET = 8
-
-
-class LseState(NamedTuple):
-    """What a one-pass select_scores normalises by, one per layer: lse [2, Hkv, G] float32,
-    the region's log-sum-exp at the step before the latest and at the latest, and hi [Hkv]
-    int64, the latest step's hi (-1: none), kept per kv head so that the kernel's program
-    of each head updates its own. A step of a new hi reads lse[1]; a repeat of
-    the latest step (a CUDA graph's warm-up and capture run a step more than once) reads
-    lse[0], so repeats select what the first run did."""
-
-    lse: torch.Tensor
-    hi: torch.Tensor
-
-    @classmethod
-    def empty(cls, hkv: int, g: int, device: torch.device | str) -> "LseState":
-        return cls(torch.full((2, hkv, g), float("-inf"), device=device),
-                   torch.full((hkv,), -1, dtype=torch.long, device=device))
-
-
-def pack_int4(values: torch.Tensor) -> torch.Tensor:
-    """int tensor [..., r] (r even) in [-7, 7] -> uint8 [..., r / 2]."""
-    if values.shape[-1] % 2:
-        raise ValueError(f"int4 packing needs an even last dim; got {values.shape[-1]}")
-    v = (values.to(torch.int16) + INT4_OFFSET).to(torch.uint8)
-    half = v.shape[-1] // 2
-    return v[..., :half] | (v[..., half:] << 4)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., r / 2] -> int8 [..., r] in [-8, 7] (pack_int4's inverse)."""
-    low = (packed & 15).to(torch.int8) - INT4_OFFSET
-    high = (packed >> 4).to(torch.int8) - INT4_OFFSET
-    return torch.cat([low, high], dim=-1)
-
-
-def quantise_query(qr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q @ basis [Hkv, G, r] float32 -> (int8 values [Hkv, G, r], step [Hkv] float32): what
-    an integer sketch is scored against (absmax per kv head, no host sync). Its rounding,
-    1/254 of the head's largest value, is no coarser than an int8 key's."""
-    step = qr.abs().amax(dim=(1, 2)).clamp_min(1e-30) / 127
-    return (qr / step[:, None, None]).round().clamp(-127, 127).to(torch.int8), step
-
-
-def sketch_values(keys: torch.Tensor) -> torch.Tensor:
-    """A sketch's keys as float32 [Hkv, N, r], whatever their storage (see above)."""
-    if keys.dtype == torch.uint8:
-        return unpack_int4(keys).float()
-    return keys.float()
+from retrieval_attn.kernels.formats import LseState, sketch_values
 
 
 def select_scores_ref(
@@ -91,7 +36,7 @@ def select_scores_ref(
     the sum of exp(scaled score - lse) over the positions of each chunk of `chunk` positions
     (positions [j·chunk, (j+1)·chunk), excluded ones counting 0). shares are computed in
     float32 and rounded to shares_dtype at the end. Integer keys are scored against
-    quantise_query's int8 q @ basis, as the kernel scores them. With lse_state (one pass,
+    quantize_query's int8 q @ basis, as the kernel scores them. With lse_state (one pass,
     see select_scores and LseState) the state's lse stands in for the region's, and the
     exact one is left in the state. With block P > 1 the first output is
     block_sums_ref of the float32 shares instead, rounded to shares_dtype. query: a

@@ -9,14 +9,10 @@ q @ basis falls on a rounding boundary.
 import torch
 
 from retrieval_attn.kernels._launch import next_power_of_2, use_triton
-from retrieval_attn.kernels.sketch_query.ref import (
-    SketchQuery,
-    sketch_query_ref,
-    sketch_scores_at_ref,
-)
+from retrieval_attn.kernels.formats import SketchQuery
+from retrieval_attn.kernels.sketch_query.ref import sketch_query_ref, sketch_scores_at_ref
 
-__all__ = ["SketchQuery", "sketch_query", "sketch_query_ref", "sketch_scores_at",
-           "sketch_scores_at_ref"]
+__all__ = ["sketch_query", "sketch_query_ref", "sketch_scores_at", "sketch_scores_at_ref"]
 
 BLOCK = 64  # positions per program of sketch_scores_at
 

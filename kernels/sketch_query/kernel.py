@@ -32,7 +32,7 @@ def sketch_query_kernel(
     const = tl.sum(q * tl.load(Mean + h * stride_mh + d).to(tl.float32)[None, :], axis=1)
     tl.store(Const + h * stride_ch + g, const, mask=g < G)
     out = Qr + h * stride_oh + g[:, None] * stride_og + j[None, :]
-    if INTEGER:  # absmax over the kv head's group, as select_scores/ref.py quantise_query
+    if INTEGER:  # absmax over the kv head's group, as formats.quantize_query
         step = tl.math.div_rn(tl.maximum(tl.max(tl.max(tl.abs(qr), axis=1), axis=0), 1e-30),
                               127.0)
         ints = round_half_even(tl.math.div_rn(qr, step))
@@ -49,7 +49,7 @@ def sketch_scores_at_kernel(
     Qr, Step, Const, Keys, Pos, Out, G, K,
     stride_qh, stride_qg, stride_ch, stride_kh, stride_kn, stride_ph, stride_oh, stride_og,
     R: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr,
-    PACKED: tl.constexpr,  # packed int4 keys [.., R / 2] (select_scores/ref.py's format)
+    PACKED: tl.constexpr,  # packed int4 keys [.., R / 2] (kernels/formats.py)
 ):
     """Scores [G, BLOCK] of a block of given positions: const + step · qr·keys[pos]. The
     products are float32 dots of integers below 2**24 (int8 sketches), so exact."""

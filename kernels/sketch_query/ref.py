@@ -2,27 +2,12 @@
 
 Score of sketched position n for query head (h, g): q·mean + (q @ basis)·keys[n]. Integer
 sketches are scored against q @ basis rounded to int8 with one step per kv head
-(select_scores/ref.py, quantise_query), float sketches against q @ basis in float32.
+(kernels/formats.py, quantize_query), float sketches against q @ basis in float32.
 """
-
-from typing import NamedTuple
 
 import torch
 
-from retrieval_attn.kernels.select_scores.ref import quantise_query, sketch_values
-
-
-class SketchQuery(NamedTuple):
-    """qr [Hkv, G, r]: q @ basis, int8 for an integer sketch (times step), else float32;
-    step [Hkv] float32 (ones for a float sketch); const [Hkv, G] float32: q·mean."""
-
-    qr: torch.Tensor
-    step: torch.Tensor
-    const: torch.Tensor
-
-    def values(self) -> torch.Tensor:
-        """q @ basis [Hkv, G, r] float32, as scored (the int8 rounding included)."""
-        return self.qr.float() * self.step[:, None, None]
+from retrieval_attn.kernels.formats import SketchQuery, quantize_query, sketch_values
 
 
 def sketch_query_ref(q: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor | None,
@@ -33,7 +18,7 @@ def sketch_query_ref(q: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor |
     qr = q.float() @ b
     const = (q.float() @ mean.float()[..., None])[..., 0]
     if integer:
-        ints, step = quantise_query(qr)
+        ints, step = quantize_query(qr)
         return SketchQuery(ints, step, const)
     return SketchQuery(qr, torch.ones(q.shape[0], device=q.device), const)
 
@@ -41,7 +26,7 @@ def sketch_query_ref(q: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor |
 def sketch_scores_at_ref(query: SketchQuery, keys: torch.Tensor,
                          positions: torch.Tensor) -> torch.Tensor:
     """Sketched q·k of given positions, float32, as select_scores scores them.
-    keys [Hkv, N, w] one layer of a sketch (select_scores/ref.py formats), positions
+    keys [Hkv, N, w] one layer of a sketch (kernels/formats.py), positions
     [Hkv, K] -> [Hkv, G, K]."""
     at = keys.gather(1, positions[..., None].expand(-1, -1, keys.shape[-1]))
     return torch.baddbmm(query.const[..., None], query.values(),

@@ -20,15 +20,15 @@ from retrieval_attn.kernels._launch import (
     sm_count,
     use_triton,
 )
+from retrieval_attn.kernels.formats import ChunkTail
 from retrieval_attn.kernels.tail_correct.ref import (
     SPLITS,
-    ChunkTail,
     chunk_tail_ref,
     guess_lse_ref,
     tail_correct_ref,
 )
 
-__all__ = ["ChunkTail", "TailPartials", "chunk_tail_ref", "guess_lse_ref", "tail_correct",
+__all__ = ["TailPartials", "chunk_tail_ref", "guess_lse_ref", "tail_correct",
            "tail_correct_ref", "tail_merge", "tail_partials"]
 
 # chunks, or selected tokens, per step of a program: the selected tokens' partials (on the

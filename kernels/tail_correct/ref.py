@@ -1,21 +1,14 @@
 """Reference tail_correct: plain float32 PyTorch, same signature and layout."""
 
-from typing import NamedTuple
-
 import torch
+
+from retrieval_attn.kernels.formats import ChunkTail
 
 SPLITS = 64  # the chunk axis is summed as SPLITS batched products: as one [G, M] @ [M, D]
 # product per kv head (M = 16K chunks at 1M) cuBLAS picked a kernel without split-K that
 # took 0.5 ms per layer on an H100
 
 
-class ChunkTail(NamedTuple):
-    """Partial sums of the tail's chunk term, sum_c mass_gc / filled_c · sums_c, and of
-    its mass: part_t [R, S, G_PAD, D] and part_m [R, S, G_PAD] float32 (G_PAD >= G, S
-    partials). tail_partials makes them, or select_scores in its pass (tail_sums)."""
-
-    part_t: torch.Tensor
-    part_m: torch.Tensor
 
 
 def chunk_tail_ref(mass: torch.Tensor, sums: torch.Tensor, chunk: int) -> ChunkTail:

@@ -3,14 +3,8 @@
 import pytest
 import torch
 
-from retrieval_attn.kernels.append_token import (
-    SketchLayer,
-    TailLayer,
-    append_token,
-    append_token_ref,
-    sketch_rows,
-)
-from retrieval_attn.kernels.select_scores.ref import unpack_int4
+from retrieval_attn.kernels.append_token import append_token, append_token_ref
+from retrieval_attn.kernels.formats import SketchLayer, TailLayer, sketch_rows, unpack_int4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 R, N, D, S, W, CHUNK = 3, 300, 32, 4, 16, 64
@@ -155,7 +149,7 @@ def test_real_shape_into_pinned_host_memory_from_a_cuda_graph():
 def test_quantised_store_rows_match_reference_and_read_back(dtype):
     """An int8 store: each row's integers and float16 scale, as quantize_rows makes them,
     and read back within half a step of the token."""
-    from retrieval_attn.kernels.gather_kv import dequantize_rows, quantize_rows
+    from retrieval_attn.kernels.formats import dequantize_rows, quantize_rows
 
     _, window, tail, sketch = _state(dtype, torch.int8, 16, True, DEVICE)
     store = [torch.zeros(R, N, D, dtype=torch.int8, device=DEVICE) for _ in range(2)]

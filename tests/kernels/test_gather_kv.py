@@ -169,7 +169,7 @@ def test_host_gather_in_head_groups(heads_per_span):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gather_of_a_quantised_store_dequantises(dtype):
     """int8 rows with a scale per row (device memory): rows come out as ints * scale."""
-    from retrieval_attn.kernels.gather_kv import dequantize_rows, quantize_rows
+    from retrieval_attn.kernels.formats import dequantize_rows, quantize_rows
 
     hkv, n, d, k = 3, 90, 64, 41
     src = [torch.randn(hkv, n, d) * 4 for _ in range(2)]
@@ -212,7 +212,7 @@ def test_gather_rejects_scales_of_a_float_store_or_without_a_dtype():
 
 @pytest.mark.gpu
 def test_gather_of_a_pinned_int8_store_at_a_real_shape():
-    from retrieval_attn.kernels.gather_kv import quantize_rows
+    from retrieval_attn.kernels.formats import quantize_rows
 
     hkv, n, d = 4, 1 << 18, 128
     ints, scale = quantize_rows(torch.randn(hkv, n, d, device="cuda"))

@@ -3,15 +3,14 @@
 import pytest
 import torch
 
-from retrieval_attn.kernels.select_scores import (
+from retrieval_attn.kernels.formats import (
     LseState,
     pack_int4,
-    quantise_query,
-    select_scores,
-    select_scores_ref,
+    quantize_query,
     sketch_values,
     unpack_int4,
 )
+from retrieval_attn.kernels.select_scores import select_scores, select_scores_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -191,7 +190,7 @@ def test_quantised_sketch_matches_reference(bits, lo, hi, n, chunk):
         torch.testing.assert_close(g_.cpu(), w, rtol=1e-4, atol=1e-7)
     # the reference scores the integers themselves, against an int8 q @ basis
     ints = keys.float() if bits == 8 else unpack_int4(keys).float()
-    qi, step = quantise_query(q @ basis)
+    qi, step = quantize_query(q @ basis)
     assert ((qi.float() * step[:, None, None] - q @ basis).abs()
             <= step[:, None, None] / 2 + 1e-6).all()
     logits = (qi.float() @ ints[:, lo:hi].transpose(1, 2) * step[:, None, None]
@@ -347,7 +346,7 @@ def test_tail_sums_give_the_chunk_term_of_the_mass(g, one_pass, sums_dtype):
     the V chunk sums (sum_c mass_gc · sums_c / chunk) and of the masses themselves, which
     add up to what the reference's masses give; shares and lse unchanged. bfloat16 sums
     (offload/tail.py's for 16-bit models) are read as float32."""
-    from retrieval_attn.kernels.tail_correct import ChunkTail
+    from retrieval_attn.kernels.formats import ChunkTail
 
     n, lo, hi = 2300, 4, 1800
     q, basis, mean, keys, other = _inputs(2, g, 32, 64, n, torch.float32, seed=g)
@@ -377,7 +376,7 @@ def test_tail_sums_give_the_chunk_term_of_the_mass(g, one_pass, sums_dtype):
 def test_a_share_of_the_sms_splits_the_pass_fewer_ways_to_the_same_result():
     """sm_share sizes the grid for that share of the SMs (kv.lookahead_sm_share): fewer
     splits of the positions, the same shares, lse, state and chunk term."""
-    from retrieval_attn.kernels.tail_correct import ChunkTail
+    from retrieval_attn.kernels.formats import ChunkTail
 
     # enough positions that a GPU's full grid has more splits than half of it has
     n = 40000 if DEVICE == "cuda" else 2300

@@ -131,8 +131,8 @@ def test_chunk_partials_made_elsewhere_merge_as_the_reference(with_guess):
     """tail_partials given the chunk term already summed (select_scores' tail_sums, which
     takes every chunk with mass as full) launches only the selected tokens' part; merged,
     the same as the reference."""
+    from retrieval_attn.kernels.formats import ChunkTail
     from retrieval_attn.kernels.tail_correct import (
-        ChunkTail,
         chunk_tail_ref,
         guess_lse_ref,
         tail_merge,

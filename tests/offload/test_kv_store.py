@@ -48,7 +48,7 @@ def test_registered_store_is_pinned_exact_and_read_by_the_kernels():
 
 
 def test_quantized_store_keeps_int8_rows_and_reads_back_within_half_a_step(monkeypatch):
-    from retrieval_attn.kernels.gather_kv import quantize_rows
+    from retrieval_attn.kernels.formats import quantize_rows
     from retrieval_attn.offload import kv_store
 
     monkeypatch.setattr(kv_store, "QUANTIZE_TOKENS", 4)  # several pieces per write

@@ -5,7 +5,7 @@ by build and by append, the fused shares equal to the scores they stand for."""
 import pytest
 import torch
 
-from retrieval_attn.kernels.select_scores import quantise_query, sketch_values, unpack_int4
+from retrieval_attn.kernels.formats import quantize_query, sketch_values, unpack_int4
 from retrieval_attn.offload.lowrank import LowRankKeys
 
 HKV, G, N, D = 2, 3, 300, 32
@@ -35,7 +35,7 @@ def test_quantised_scores_are_the_float_sketch_within_half_a_step(sketch):
     # |error| <= sum_d |q·basis_d| · scale_d / 2 + query step / 2 · sum_d |key_d|
     qr = q @ exact.basis[0]  # [Hkv, G, r]
     keys = sketch_values(quant.keys[0]) * quant.scale[0, :, None, :]  # [Hkv, N, r]
-    _, step = quantise_query(qr * quant.scale[0, :, None, :])
+    _, step = quantize_query(qr * quant.scale[0, :, None, :])
     bound = ((qr.abs() * quant.scale[0, :, None, :]).sum(-1, keepdim=True) / 2
              + step[:, None, None] / 2 * (keys / quant.scale[0, :, None, :]).abs().sum(-1)[
                  :, None, :])
