@@ -60,13 +60,15 @@ class PromptIngest:
         self.scratch = None  # the dense scratch is freed here
 
     def write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, window: WindowCache,
-                    seq: int | None = None) -> None:
+                    seq: int | None = None, fit_sketch: bool = True) -> None:
         """One layer's prompt K, V: store, window, tail sums, retriever index. k, v
-        [Hkv, n, D] of sequence seq, or [B·Hkv, n, D] of every sequence when seq is None."""
+        [Hkv, n, D] of sequence seq, or [B·Hkv, n, D] of every sequence when seq is None.
+        fit_sketch False: a saved context's layer, whose sketch comes saved
+        (LowRankKeys.load_state); the rest is cheap to redo."""
         if seq is None and self.B > 1:  # one sequence at a time: bounds the fit's temporaries
             for s in range(self.B):
                 rows = slice(s * self.Hkv, (s + 1) * self.Hkv)
-                self.write_layer(layer, k[rows], v[rows], window, s)
+                self.write_layer(layer, k[rows], v[rows], window, s, fit_sketch)
             return
         rows = slice(None) if seq is None else slice(seq * self.Hkv, (seq + 1) * self.Hkv)
         self.store.write(layer, 0, k, v, rows)
@@ -74,21 +76,10 @@ class PromptIngest:
         if self.tail is not None:
             self.tail.build(layer, v, rows)
         if self.sketch is not None:
-            self.sketch.build(layer, k, rows)
+            if fit_sketch:
+                self.sketch.build(layer, k, rows)
         elif self.quest is not None:
             self.quest.build(layer, k, rows)
-
-    def restore_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor,
-                      window: WindowCache) -> None:
-        """One layer of a saved prompt, k, v [B·Hkv, n, D] on the host: store, window, the
-        tail's chunk sums and Quest's pages (cheap to redo); the sketch comes saved
-        (LowRankKeys.load_state)."""
-        self.store.write(layer, 0, k, v)
-        window.load(layer, k.to(self.device), v.to(self.device))
-        if self.tail is not None:
-            self.tail.build(layer, v)
-        if self.quest is not None:
-            self.quest.build(layer, k)
 
     def memory_bytes(self) -> dict[str, int]:
         return self.scratch.memory_bytes() if self.scratch is not None else {}

@@ -219,7 +219,8 @@ class SparseKV:
         comes next."""
         self.begin_prompt(k.shape[2])
         for layer in range(self.L):
-            self.prompt_ingest.restore_layer(layer, k[layer], v[layer], self.window)
+            self.prompt_ingest.write_layer(layer, k[layer], v[layer], self.window,
+                                           fit_sketch=False)
 
     def begin_prompt(self, n: int) -> None:
         """A prompt of n tokens arrives: size the budget and a fresh window for it (its
