@@ -20,6 +20,8 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from retrieval_attn import LLM, SamplingParams
@@ -133,6 +135,22 @@ def offline(llm: LLM, prompts: list[str], max_tokens: int) -> tuple[list[str], f
     return texts, time.monotonic() - start, tokens
 
 
+@contextmanager
+def _server(llm: LLM, url: str | None, clients: int) -> Iterator[tuple[str, str]]:
+    """(base URL, model name) of the server to load: url's, or one started here over llm
+    for the run."""
+    if url is not None:
+        from openai import OpenAI
+
+        yield url, OpenAI(base_url=f"{url}/v1", api_key="unused").models.list().data[0].id
+        return
+    from retrieval_attn.server.app import build_app, model_name_of, serve_in_thread
+
+    name = model_name_of(llm)
+    with serve_in_thread(build_app(llm, name, max_waiting=max(64, clients))) as own:
+        yield own, name
+
+
 def percentile(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -199,21 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     expected, offline_s, offline_tokens = offline(llm, prompts, args.max_tokens)
     print(f"offline: {len(prompts)} prompts, {offline_tokens} tokens in {offline_s:.1f} s",
           flush=True)
-    start = time.monotonic()
-    if args.url is None:
-        from retrieval_attn.server.app import build_app, model_name_of, serve_in_thread
-
-        name = model_name_of(llm)
-        with serve_in_thread(build_app(llm, name, max_waiting=max(64, args.clients))) as url:
-            start = time.monotonic()
-            results = run_clients(url, name, requests, args.clients, args.rate,
-                                  args.max_tokens, args.duration)
-    else:
-        from openai import OpenAI
-
-        name = OpenAI(base_url=f"{args.url}/v1", api_key="unused").models.list().data[0].id
-        results = run_clients(args.url, name, requests, args.clients, args.rate,
-                              args.max_tokens, args.duration)
+    with _server(llm, args.url, args.clients) as (url, name):
+        start = time.monotonic()
+        results = run_clients(url, name, requests, args.clients, args.rate, args.max_tokens,
+                              args.duration)
     wall = time.monotonic() - start
     print(f"\n{args.clients} clients, prompts of {args.prompt_tokens} tokens, "
           f"{args.max_tokens} new tokens, {llm.loaded.source}")
